@@ -1,0 +1,282 @@
+"""One config system for every entry point: dataclasses loaded from YAML, overridden on the command line.
+
+An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune`` and ``export``;
+each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any command.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+# Backbone depth -> units per block (block1..block4). "resnet_tiny" is a narrow, shallow bottleneck
+# ResNet for tests and CPU demos whose behaviour does not depend on depth.
+BACKBONE_LAYERS = {
+    "resnet50": (3, 4, 6, 3),
+    "resnet101": (3, 4, 23, 3),
+    "resnet152": (3, 8, 36, 3),
+    "resnet_tiny": (1, 1, 1, 1),
+}
+BACKBONE_WIDTH = {"resnet50": 64, "resnet101": 64, "resnet152": 64, "resnet_tiny": 8}
+OUTPUT_STRIDES = (8, 16, 32)
+HEADS = ("paper", "torchvision")
+
+
+class ConfigError(ValueError):
+    """A config value a user wrote is not allowed; the message names the field and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """The whole model's options. Defaults are the paper's best ASPP model (Table 5, 77.21 mIoU)."""
+
+    backbone: str = "resnet101"
+    num_classes: int = 21
+    output_stride: int = 16
+    multi_grid: tuple = (1, 2, 4)
+    aspp_rates: tuple = (6, 12, 18)  # given for output stride 16; doubled at 8, halved at 32
+    image_pooling: bool = True
+    cascade_blocks: int = 0  # 0-3: the paper's block5..block7 (Section 3.2)
+    head: str = "paper"  # "paper" | "torchvision" (extra 3x3 conv + dropout, for torchvision weights)
+    aux_head: bool = False  # torchvision's FCN auxiliary head on block3
+    aspp_channels: int = 256
+
+    def __post_init__(self):
+        self.multi_grid = tuple(int(r) for r in self.multi_grid)
+        self.aspp_rates = tuple(int(r) for r in self.aspp_rates)
+        if self.backbone not in BACKBONE_LAYERS:
+            raise ConfigError(f"model.backbone={self.backbone!r} is unknown; allowed: {', '.join(BACKBONE_LAYERS)}")
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ConfigError(f"model.output_stride={self.output_stride} is not allowed; use one of 8, 16, 32")
+        if len(self.multi_grid) != 3 or any(r < 1 for r in self.multi_grid):
+            raise ConfigError(f"model.multi_grid={list(self.multi_grid)} must be 3 unit rates >= 1, e.g. [1, 2, 4]")
+        if any(r < 1 for r in self.aspp_rates):
+            raise ConfigError(f"model.aspp_rates={list(self.aspp_rates)}: every atrous rate must be >= 1")
+        if any(r % 2 for r in self.aspp_rates) and self.output_stride == 32:
+            raise ConfigError(f"model.aspp_rates={list(self.aspp_rates)} cannot be halved for output_stride 32; use even rates")
+        if not 0 <= self.cascade_blocks <= 3:
+            raise ConfigError(f"model.cascade_blocks={self.cascade_blocks} must be 0-3 (block5..block7)")
+        if self.head not in HEADS:
+            raise ConfigError(f"model.head={self.head!r} is unknown; allowed: {', '.join(HEADS)}")
+        if self.num_classes < 1:
+            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 1")
+        if self.head == "torchvision" and (self.multi_grid != (1, 1, 1) or self.cascade_blocks):
+            raise ConfigError("model.head='torchvision' has no Multi-Grid or cascaded blocks: "
+                              "set multi_grid [1, 1, 1] and cascade_blocks 0")
+
+    def rates_at(self, output_stride: Optional[int] = None) -> tuple:
+        """ASPP rates at an output stride: the configured (OS16) rates scaled by 16 / output_stride."""
+        os_ = output_stride or self.output_stride
+        return tuple(r * 16 // os_ for r in self.aspp_rates)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are augmented (the paper's protocol by default)."""
+
+    dataset: str = "synthetic"  # synthetic | voc | cityscapes | ade20k | folder
+    root: Optional[str] = None
+    train_split: str = "train"
+    val_split: str = "val"
+    crop_size: int = 513
+    scale_min: float = 0.5
+    scale_max: float = 2.0
+    flip: bool = True
+    ignore_index: int = 255
+    loader_workers: int = 2
+    # synthetic dataset
+    synthetic_size: int = 513  # side of generated images
+    synthetic_train: int = 1000
+    synthetic_val: int = 100
+    synthetic_classes: int = 6
+    seed: int = 0
+    # bootstrapping (paper Section 4.3): repeat images containing these class ids
+    bootstrap_classes: tuple = ()
+    bootstrap_repeat: int = 1
+    val_size: Optional[int] = None  # pad/crop val images to this for batching (None: whole image, batch 1)
+
+
+@dataclass
+class TrainConfig:
+    """The paper's training protocol (Section 4.1); batch_size is the global batch across workers."""
+
+    batch_size: int = 16
+    max_iterations: int = 30000
+    lr: float = 0.007
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    freeze_bn: bool = False
+    init_from: Optional[str] = None  # checkpoint to start from (stage 2)
+    pretrained_backbone: Optional[str] = None  # ImageNet ResNet .pth with torchvision keys
+    amp: str = "auto"  # auto | bf16 | fp16 | off
+    channels_last: bool = True
+    eval_interval: int = 1000
+    log_interval: int = 20
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    """How the run is laid out on Ray."""
+
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1
+    storage_path: str = "runs"
+    name: str = "deeplabv3"
+    max_failures: int = 3
+    collective_timeout_s: int = 120
+    placement_strategy: str = "PACK"
+    address: Optional[str] = None  # None: RAY_ADDRESS or an existing cluster, else a local one
+
+
+@dataclass
+class TuneConfig:
+    """What Ray Tune searches and how it schedules trials."""
+
+    space: str = "paper"  # a preset name or a YAML file
+    num_samples: int = 1
+    scheduler: str = "asha"  # asha | fifo
+    workers_per_trial: int = 2
+    max_concurrent: int = 1
+    max_iterations: Optional[int] = None
+    grace_period: int = 1  # evaluations before ASHA may stop a trial
+    reduction_factor: int = 2
+    metric: str = "val_miou"
+    output: str = "best.ckpt"
+    name: str = "search"
+
+
+@dataclass
+class ExportConfig:
+    """ONNX / TensorRT export and benchmarking defaults."""
+
+    output_stride: int = 8
+    dynamic: bool = True
+    opset: Optional[int] = None
+    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8
+    workspace_gb: float = 4.0
+    min_shape: str = "1x3x257x257"
+    opt_shape: str = "1x3x513x513"
+    max_shape: str = "4x3x1025x1025"
+    calib_images: int = 32
+    max_int8_miou_drop: float = 1.0
+    image_size: int = 513
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+
+SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "cluster": ClusterConfig,
+                   "tune": TuneConfig, "export": ExportConfig}
+SECTIONS = tuple(SECTION_CLASSES)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses -> dicts, tuples -> lists: what YAML and weights_only checkpoints can hold."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def _build(cls, values: dict, where: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**values)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def model_config_from_dict(values: dict) -> ModelConfig:
+    return _build(ModelConfig, values, "model")
+
+
+def experiment_from_dict(values: dict, where: str = "config") -> ExperimentConfig:
+    values = values or {}
+    unknown = sorted(set(values) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+    return ExperimentConfig(**{name: _build(cls, values.get(name), f"{where}: {name}")
+                               for name, cls in SECTION_CLASSES.items()})
+
+
+def _parse_value(text: str):
+    """A command-line value as YAML would read it: 8 -> int, [6,12,18] -> list, null -> None."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(values: dict, overrides: list) -> dict:
+    """Apply ``section.field=value`` strings to a plain config dict (in place) and return it."""
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or section not in SECTIONS:
+            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of {', '.join(SECTIONS)}")
+        values.setdefault(section, {})
+        if values[section] is None:
+            values[section] = {}
+        values[section][name] = _parse_value(raw)
+    return values
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> ExperimentConfig:
+    """Read a YAML experiment file (None: the embedded defaults) and apply ``--set`` overrides."""
+    values: dict = {}
+    where = "defaults"
+    if path:
+        p = Path(path)
+        where = str(p)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections, got {type(values).__name__}")
+    apply_overrides(values, overrides or [])
+    return experiment_from_dict(values, where)
+
+
+def save_config(cfg: ExperimentConfig, path) -> None:
+    """Write a config as YAML atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(path)
+
+
+def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    """The two config flags every command shares: --config FILE and repeated --set SECTION.FIELD=VALUE."""
+    parser.add_argument("--config", required=required, help="experiment YAML (sections model/data/train/cluster/tune/export)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override one config field, e.g. --set model.output_stride=8 (repeatable)")
