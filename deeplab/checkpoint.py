@@ -1,0 +1,156 @@
+"""One self-describing checkpoint format for every stage: model config, weights, optional training state.
+
+A file is a ``torch.save`` of plain containers and tensors only, so ``torch.load(weights_only=True)`` reads
+it without unpickling code. The model is rebuilt from the config in the file alone.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ConfigError, ExperimentConfig, ModelConfig, experiment_from_dict, model_config_from_dict, to_plain
+
+FORMAT = "deeplabv3-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as a checkpoint; the message is one line naming the file."""
+
+
+@dataclass
+class Checkpoint:
+    model: torch.nn.Module
+    config: ModelConfig
+    state: dict = field(default_factory=dict)
+    experiment: Optional[ExperimentConfig] = None
+    path: Optional[str] = None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _check_plain(value, where: str) -> None:
+    """Only what a weights-only load accepts; fail at save time, not when someone loads the file."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"checkpoint state {where}: key {k!r} is {type(k).__name__}, not str/int")
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (bool, int, float, str, torch.Tensor, torch.dtype, torch.Size))):
+        raise TypeError(f"checkpoint state {where}: {type(value).__name__} cannot be loaded weights-only; "
+                        "store tensors, numbers, strings, lists or dicts")
+
+
+def save_checkpoint(path, model: torch.nn.Module, cfg, **state) -> Path:
+    """Write ``model``'s weights with its config (ModelConfig, or ExperimentConfig whose .model is used).
+
+    ``state`` holds training state (iteration, optimizer, scheduler, metrics, rng, ...). Atomic: a temporary
+    file in the same folder is renamed over ``path``, so a reader never sees half a checkpoint.
+    """
+    path = Path(path)
+    experiment = cfg if isinstance(cfg, ExperimentConfig) else None
+    model_cfg = experiment.model if experiment else cfg
+    if not isinstance(model_cfg, ModelConfig):
+        raise TypeError(f"save_checkpoint: cfg must be a ModelConfig or ExperimentConfig, got {type(cfg).__name__}")
+    net = unwrap(model)
+    if getattr(net, "config", None) is not None:  # the model's own stride/rates win over a stale config
+        model_cfg = net.config
+        if experiment is not None:
+            experiment = ExperimentConfig(**{**experiment.__dict__, "model": model_cfg})
+    state = to_plain(state)
+    _check_plain(state, "state")
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": to_plain(model_cfg),
+        "experiment": to_plain(experiment) if experiment else None,
+        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "state": state,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def read_weights_file(path, map_location="cpu") -> dict:
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("\n")[0].strip()
+        detail = ""
+        for line in str(e).splitlines():
+            if "GLOBAL" in line or "Unsupported" in line:
+                detail = ": " + line.strip()[:160]
+                break
+        raise CheckpointError(f"{path}: refused, it holds pickled objects a weights-only load does not allow "
+                              f"(it could run code){detail or ': ' + reason[:160]}") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file: {first})") from None
+
+
+def load_checkpoint(path, map_location="cpu") -> Checkpoint:
+    """Rebuild the model from the file alone and load its weights; never unpickles code."""
+    from .model import build_model
+
+    payload = read_weights_file(path, map_location)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        hint = ""
+        if isinstance(payload, dict) and any(isinstance(k, str) and k.startswith(("conv1.", "backbone.")) for k in payload):
+            hint = " (a torchvision weights file? convert it with: python -m deeplab.import_torchvision FILE -o model.ckpt)"
+        raise CheckpointError(f"{path}: not a DeepLabv3 checkpoint{hint}")
+    if payload.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {payload['version']} is newer than this code "
+                              f"reads ({VERSION}); upgrade the project")
+    try:
+        cfg = model_config_from_dict(payload["model_config"])
+        experiment = experiment_from_dict(payload["experiment"]) if payload.get("experiment") else None
+    except (ConfigError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid model config in checkpoint ({e})") from None
+    model = build_model(cfg)
+    weights = payload.get("model")
+    if not isinstance(weights, dict):
+        raise CheckpointError(f"{path}: checkpoint has no weights")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(weights))
+    unexpected = sorted(set(weights) - set(own))
+    mismatched = [k for k in own.keys() & weights.keys() if tuple(own[k].shape) != tuple(weights[k].shape)]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(missing)} missing" if missing else "", f"{len(unexpected)} unexpected" if unexpected else "",
+                 f"{len(mismatched)} with other shapes" if mismatched else ""]
+        example = (missing or unexpected or mismatched)[0]
+        raise CheckpointError(f"{path}: weights were written for another architecture than its config "
+                              f"({cfg.backbone}, head={cfg.head}): {', '.join(p for p in parts if p)} keys, e.g. {example}")
+    model.load_state_dict(weights)
+    model.eval()
+    return Checkpoint(model=model, config=cfg, state=payload.get("state") or {}, experiment=experiment,
+                      path=str(path))
