@@ -150,6 +150,9 @@ class TuneConfig:
     metric: str = "val_miou"
     output: str = "best.ckpt"
     name: str = "search"
+    mode: str = "grid"  # grid: every combination of the space | sample: num_samples random picks from it
+    min_valid_weight: float = 0.15  # prune ASPP rates whose 3x3 filter keeps less (1/9: a 1x1 filter; Fig. 4)
+    max_failures: int = 2  # retries of a trial whose driver died (lost node); divergence is never retried
 
 
 @dataclass
