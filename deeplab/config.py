@@ -111,6 +111,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     freeze_bn: bool = False
+    bn_momentum: Optional[float] = None  # None: PyTorch's 0.1; the paper's BN decay 0.9997 is 0.0003
     init_from: Optional[str] = None  # checkpoint to start from (stage 2)
     pretrained_backbone: Optional[str] = None  # ImageNet ResNet .pth with torchvision keys
     amp: str = "auto"  # auto | bf16 | fp16 | off
@@ -170,6 +171,8 @@ class ExportConfig:
     calib_images: int = 32
     max_int8_miou_drop: float = 1.0
     image_size: int = 513
+    tolerance: float = 1e-3  # ONNX vs PyTorch: max |logit diff| / max(1, |largest logit|)
+    accuracy_images: int = 16  # held-out images for --check-accuracy (FP32 vs INT8/FP16 mIoU)
 
 
 @dataclass
