@@ -204,6 +204,11 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def _default(cls, name):
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
 def _build(cls, values: dict, where: str):
     if values is None:
         values = {}
@@ -213,6 +218,8 @@ def _build(cls, values: dict, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {k: tuple(v) if isinstance(v, list) and isinstance(_default(cls, k), tuple) else v
+              for k, v in values.items()}
     try:
         return cls(**values)
     except TypeError as e:

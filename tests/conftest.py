@@ -1,0 +1,14 @@
+import os
+
+import pytest
+import torch
+
+# Two cores are shared by torch, Ray workers and pytest; keep each process from oversubscribing.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_model_config():
+    from deeplab.config import ModelConfig
+
+    return ModelConfig(backbone="resnet_tiny", num_classes=5, aspp_channels=16)
