@@ -88,6 +88,7 @@ class DataConfig:
     flip: bool = True
     ignore_index: int = 255
     loader_workers: int = 2
+    num_classes: Optional[int] = None  # folder datasets without a classes.txt
     # synthetic dataset
     synthetic_size: int = 513  # side of generated images
     synthetic_train: int = 1000
