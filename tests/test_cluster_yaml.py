@@ -1,0 +1,121 @@
+"""The cluster YAMLs pass Ray's own validator offline, and never open Ray's ports to the internet."""
+import copy
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.check_config import check_file, security_problems, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+AWS = ROOT / "ray_cluster.yaml"
+ONPREM = ROOT / "cluster" / "onprem.yaml"
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Validation must not need the cloud: any connection attempt fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"validation tried to open a connection: {args[1:]}")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    with pytest.raises(AssertionError, match="tried to open a connection"):
+        socket.create_connection(("127.0.0.1", 9), timeout=1)  # the guard itself works
+
+
+def _load(path):
+    return yaml.safe_load(path.read_text())
+
+
+def test_aws_cluster_passes_rays_validator_offline(no_network):
+    prepared = validate(_load(AWS))
+    assert prepared["provider"]["type"] == "aws"
+    head = prepared["available_node_types"][prepared["head_node_type"]]
+    assert head["max_workers"] == 0
+    (worker_name,) = set(prepared["available_node_types"]) - {prepared["head_node_type"]}
+    worker = prepared["available_node_types"][worker_name]
+    assert worker["node_config"]["InstanceType"] in {"g5.12xlarge", "g5.48xlarge", "p4d.24xlarge", "p5.48xlarge"}
+    assert worker["min_workers"] == 0 and worker["max_workers"] > 0  # autoscaling GPU workers
+    # prepare_config merged setup_commands into both roles: torch, then the project, on every node
+    for role in ("head_setup_commands", "worker_setup_commands"):
+        cmds = " && ".join(prepared[role])
+        assert "ray[default,train,tune]" in cmds
+        assert cmds.index("torch==") < cmds.index("deeplabv3-ray @ git+")
+    assert "boto3" in " ".join(prepared["head_setup_commands"])  # our head commands replace Ray's default
+    head_start = " ".join(prepared["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+
+
+def test_onprem_cluster_passes_rays_validator_offline(no_network):
+    config = _load(ONPREM)
+    prepared = validate(config)
+    (node_type,) = prepared["available_node_types"].values()
+    n = len(config["provider"]["worker_ips"])
+    assert n >= 1 and node_type["min_workers"] == node_type["max_workers"] == n
+    assert prepared["provider"]["head_ip"] == config["provider"]["head_ip"]
+
+
+@pytest.mark.parametrize("path", [AWS, ONPREM], ids=["aws", "onprem"])
+def test_shipped_configs_keep_ray_ports_closed(path):
+    assert security_problems(_load(path)) == []
+    check_file(path)
+
+
+def _aws_with_rules(*rules):
+    config = _load(AWS)
+    config["provider"]["security_group"] = {"GroupName": "ray", "IpPermissions": list(rules)}
+    return config
+
+
+WORLD4 = {"IpRanges": [{"CidrIp": "0.0.0.0/0"}]}
+WORLD6 = {"Ipv6Ranges": [{"CidrIpv6": "::/0"}]}
+
+
+@pytest.mark.parametrize("rule,ports", [
+    ({"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, **WORLD4}, "8265"),
+    ({"IpProtocol": "tcp", "FromPort": 6000, "ToPort": 7000, **WORLD6}, "6379"),
+    ({"IpProtocol": "-1", **WORLD4}, "6379"),  # all traffic
+    ({"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535, "IpRanges": [{"CidrIp": "10.0.0.0/8"}, {"CidrIp": "0.0.0.0/0"}]}, "10001"),
+])
+def test_checker_catches_world_open_ray_ports(rule, ports):
+    problems = security_problems(_aws_with_rules(rule))
+    assert len(problems) == 1 and ports in problems[0] and "IpPermissions[0]" in problems[0]
+
+
+def test_checker_catches_gcp_firewall_and_missing_security_group():
+    gcp = {"provider": {"type": "gcp", "firewall": [
+        {"sourceRanges": ["0.0.0.0/0"], "allowed": [{"IPProtocol": "tcp", "ports": ["22", "8000-9000"]}]}]}}
+    assert "8265" in security_problems(gcp)[0]
+    config = _load(AWS)
+    del config["available_node_types"]["gpu_worker"]["node_config"]["SecurityGroupIds"]
+    (problem,) = security_problems(config)
+    assert "gpu_worker" in problem and "SecurityGroupIds" in problem
+
+
+def test_checker_allows_ssh_and_private_ranges():
+    ok = _aws_with_rules(
+        {"IpProtocol": "tcp", "FromPort": 22, "ToPort": 22, **WORLD4},
+        {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "IpRanges": [{"CidrIp": "203.0.113.7/32"}]},
+        {"IpProtocol": "-1", "UserIdGroupPairs": [{"GroupId": "sg-0123456789abcdef0"}]},
+    )
+    assert security_problems(ok) == []
+
+
+def test_cli_reports_each_file_and_fails_on_a_bad_one(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(_aws_with_rules({"IpProtocol": "tcp", "FromPort": 10001, "ToPort": 10001, **WORLD4})))
+    invalid = tmp_path / "invalid.yaml"
+    config = _load(ONPREM)
+    config["not_a_ray_field"] = 1
+    invalid.write_text(yaml.safe_dump(config))
+    out = subprocess.run([sys.executable, "-m", "cluster.check_config", str(AWS), str(bad), str(invalid)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert f"ok: {AWS}" in out.stdout
+    errors = out.stderr.strip().splitlines()
+    assert len(errors) == 2, out.stderr
+    assert str(bad) in errors[0] and "10001" in errors[0]
+    assert str(invalid) in errors[1] and "not_a_ray_field" in errors[1]
