@@ -1,0 +1,105 @@
+"""python -m deeplab.data check --format voc --root DIR [--split train]
+
+Validates a dataset before a long run: missing partners, unreadable or truncated images, decompression
+bombs, mask size != image size, label values outside the classes and 255, RGB masks where indexed ones are
+expected, empty splits. One line per problem naming the file, then a summary with the class-pixel
+histogram; exit status 1 when anything is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..config import ConfigError, add_config_args, load_config
+from .datasets import dataset_info, find_pairs, label_map
+from .io import DatasetError, load_pair
+
+
+def _check_one(pair, labels):
+    try:
+        _, mask = load_pair(pair[0], pair[1], labels)
+    except DatasetError as e:
+        return None, str(e)
+    counts = np.bincount(mask.ravel(), minlength=256)
+    return counts, None
+
+
+def check(cfg, split: str, workers: int = 4, out=sys.stdout, err=sys.stderr) -> int:
+    """Check one split of ``cfg`` (a DataConfig); print problems and a summary; return the problem count."""
+    info = dataset_info(cfg)
+    labels = label_map(cfg, info)
+    pairs, problems = find_pairs(cfg, split)
+    for line in problems:
+        print(line, file=out)
+    if not pairs:
+        problems.append("empty")
+        print(f"{cfg.root}: split {split!r} of the {cfg.dataset} dataset has no image/mask pairs", file=out)
+    totals = np.zeros(256, np.int64)
+    images_with = np.zeros(256, np.int64)
+    start = last = time.monotonic()
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # Pillow decodes without the GIL
+        for done, (counts, problem) in enumerate(pool.map(lambda p: _check_one(p, labels), pairs), 1):
+            if problem:
+                problems.append(problem)
+                print(problem, file=out, flush=True)
+            else:
+                totals += counts
+                images_with += counts > 0
+            now = time.monotonic()
+            if now - last > 2 or done == len(pairs):
+                rate = done / max(now - start, 1e-9)
+                print(f"\rchecked {done}/{len(pairs)} ({rate:.0f} images/s, ETA {(len(pairs) - done) / rate:.0f}s)",
+                      end="\n" if done == len(pairs) else "", file=err, flush=True)
+                last = now
+    pixels = totals.sum()
+    print(f"\n{cfg.dataset} {split}: {len(pairs)} image/mask pairs, {len(problems)} problem(s)", file=out)
+    if pixels:
+        print(f"{'id':>4}  {'class':<22}{'pixels':>14}{'share':>9}{'images':>9}", file=out)
+        ids = list(range(info.num_classes)) + [cfg.ignore_index]
+        for k in ids:
+            name = info.class_names[k] if k < info.num_classes else "(ignore)"
+            print(f"{k:>4}  {name[:21]:<22}{totals[k]:>14,}{100 * totals[k] / pixels:>8.2f}%{images_with[k]:>9}",
+                  file=out)
+        absent = [info.class_names[k] for k in range(info.num_classes) if totals[k] == 0]
+        if absent:
+            print(f"note: {len(absent)} class(es) never appear: {', '.join(absent[:10])}"
+                  f"{' ...' if len(absent) > 10 else ''}", file=out)
+    return len(problems)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deeplab.data", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check", help="validate a dataset split before a long run")
+    p.add_argument("--format", choices=["voc", "cityscapes", "ade20k", "folder"],
+                   help="dataset layout (default: data.dataset of the config)")
+    p.add_argument("--root", help="dataset folder (default: data.root of the config)")
+    p.add_argument("--split", default=None, help="split to check (default: data.train_split)")
+    p.add_argument("--num-classes", type=int, help="folder datasets without classes.txt")
+    p.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
+    add_config_args(p)
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides).data
+        if args.format:
+            cfg.dataset = args.format
+        if args.root:
+            cfg.root = args.root
+        if args.num_classes:
+            cfg.num_classes = args.num_classes
+        if cfg.dataset == "synthetic":
+            parser.error("check needs --format voc|cityscapes|ade20k|folder (synthetic data has no files)")
+        n = check(cfg, args.split or cfg.train_split, args.workers)
+    except (DatasetError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 1 if n else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Reading one image and one label mask. Every problem a user's files can have becomes a DatasetError whose
+message is one line naming the file, so `deeplab.data check`, the training loop and a DataLoader worker all
+say the same thing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture
+
+
+class DatasetError(ValueError):
+    """A dataset file or layout a user can fix; ``str(e)`` is one line naming the file."""
+
+    def __init__(self, message: str = "", *args):
+        # A DataLoader worker re-raises as DatasetError("Caught DatasetError in DataLoader worker ...\n
+        # Original Traceback ...\n...DatasetError: <line>"): keep only the line that names the file.
+        message = str(message)
+        if message.startswith("Caught ") and "\n" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split("DatasetError: ", 1)[-1]
+        super().__init__(message, *args)
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        im = Image.open(path)
+    except FileNotFoundError:
+        raise DatasetError(f"{path}: file not found") from None
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"{path}: refused as a decompression bomb ({_first_line(e)})") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable or truncated image ({_first_line(e)})") from None
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > limit:
+        im.close()
+        raise DatasetError(f"{path}: {im.width}x{im.height} pixels is over Pillow's decompression-bomb limit "
+                           f"({limit} pixels, PIL.Image.MAX_IMAGE_PIXELS)")
+    return im
+
+
+def read_image(path) -> np.ndarray:
+    """HxWx3 uint8 RGB."""
+    path = Path(path)
+    im = _open(path)
+    try:
+        with im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: unreadable or truncated image ({_first_line(e)})") from None
+
+
+def read_mask(path) -> np.ndarray:
+    """HxW uint8 class ids from an indexed (palette) or grayscale PNG. RGB masks are refused: their colours
+    are not class ids (convert them with the dataset's palette first)."""
+    path = Path(path)
+    im = _open(path)
+    try:
+        with im:
+            if im.mode in ("RGB", "RGBA", "CMYK", "YCbCr", "LA", "PA"):
+                raise DatasetError(f"{path}: mask is an {im.mode} image; expected an indexed (palette) or "
+                                   "grayscale PNG whose pixel values are class ids")
+            mask = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"{path}: unreadable or truncated mask ({_first_line(e)})") from None
+    if mask.ndim != 2:
+        raise DatasetError(f"{path}: mask has shape {mask.shape}; expected one channel of class ids")
+    if mask.dtype != np.uint8:
+        if mask.size and (mask.min() < 0 or mask.max() > 255):
+            raise DatasetError(f"{path}: mask values {int(mask.min())}..{int(mask.max())} do not fit class ids 0-255")
+        mask = mask.astype(np.uint8)
+    return mask
+
+
+class LabelMap:
+    """How a dataset's stored label values become training ids: a 256-entry lookup table plus which stored
+    values are legal at all (anything else is a defect the file must be named for)."""
+
+    def __init__(self, lut: np.ndarray, valid: np.ndarray, describe: str):
+        self.lut = lut.astype(np.uint8)
+        self.valid = valid.astype(bool)
+        self.describe = describe  # e.g. "class ids 0-20 or 255"
+
+    @classmethod
+    def identity(cls, num_classes: int, ignore_index: int = 255) -> "LabelMap":
+        lut = np.full(256, ignore_index, dtype=np.uint8)
+        lut[:num_classes] = np.arange(num_classes)
+        valid = np.zeros(256, dtype=bool)
+        valid[:num_classes] = True
+        valid[ignore_index] = True
+        return cls(lut, valid, f"class ids 0-{num_classes - 1} or {ignore_index}")
+
+    def apply(self, mask: np.ndarray, path) -> np.ndarray:
+        """Map stored values to training ids; raise naming the file when a value is not allowed."""
+        counts = np.bincount(mask.ravel(), minlength=256)
+        bad = np.flatnonzero((counts > 0) & ~self.valid)
+        if bad.size:
+            shown = ", ".join(str(v) for v in bad[:8]) + (" ..." if bad.size > 8 else "")
+            raise DatasetError(f"{path}: label values {shown} are not {self.describe}")
+        return self.lut[mask]
+
+
+def load_pair(image_path, mask_path, labels: LabelMap):
+    """(HxWx3 uint8 image, HxW uint8 training ids) with size and label checks."""
+    image = read_image(image_path)
+    mask = read_mask(mask_path)
+    if image.shape[:2] != mask.shape:
+        raise DatasetError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                           f"{Path(image_path).name} is {image.shape[1]}x{image.shape[0]}")
+    return image, labels.apply(mask, mask_path)
