@@ -1,0 +1,419 @@
+"""Benchmark every inference backend this machine has, on the same input, and their accuracy next to speed.
+
+    python export/bench.py --checkpoint best.ckpt               # output stride 8, 513x513, batch 1
+    python export/bench.py --set model.backbone=resnet101 --repeats 3 --batch 1 2
+
+Backends: PyTorch eager (fp32, channels_last, bf16 autocast, bf16 + channels_last; CUDA fp32/fp16 when there
+is a GPU), onnxruntime (CPU fp32 and INT8 Q/DQ; CUDA and TensorRT providers where they load) and TensorRT
+engines given with --engine. Each is warmed up, then all are timed interleaved (one call each per round,
+the order rotating) so a noisy shared machine slows them alike. Reported per backend and batch size:
+latency min/median/p90/p99, images/s, peak memory (process RSS on CPU and what one call adds to it; the CUDA
+allocator's peak on GPU, which misses onnxruntime's and TensorRT's own allocations),
+GFLOP/s against the model's FLOP count, the median ratio to eager fp32 and, on labelled validation images,
+mIoU and pixel agreement with fp32. Prints a table, writes bench.json and bench.png; says what it skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+if __package__ in (None, ""):  # `python export/bench.py`: make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def count_flops(model: torch.nn.Module, size: int) -> int:
+    """FLOPs of one forward pass on one size x size image (a multiply-add counts 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(1, 3, size, size))
+    return int(counter.get_total_flops())
+
+
+def percentile(values, q: float) -> float:
+    """Linear-interpolated percentile (numpy's default), q in [0, 100]."""
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def latency_stats(seconds: list) -> dict:
+    ms = [1000 * s for s in seconds]
+    return {"n": len(ms), "min_ms": min(ms), "median_ms": statistics.median(ms), "p90_ms": percentile(ms, 90),
+            "p99_ms": percentile(ms, 99), "mean_ms": statistics.fmean(ms)}
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process now (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+class PeakRSS:
+    """Samples RSS every few ms in a thread while active: the peak a backend reaches during its calls."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def __enter__(self):
+        self.start = self.peak = rss_bytes()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, rss_bytes())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+# ------------------------------------------------------------------------------------------ backends
+@dataclass
+class Backend:
+    """`prepare(x)` turns the fp32 NCHW CPU batch into this backend's input (untimed); `run(prepared)` is
+    timed and must return when the result is ready; `logits(x)` returns fp32 CPU logits for accuracy."""
+
+    name: str
+    prepare: Callable
+    run: Callable
+    device: str = "cpu"
+    note: str = ""
+    logits: Optional[Callable] = None
+    samples: dict = field(default_factory=dict)
+
+
+class Skip(Exception):
+    """A backend this machine cannot run; the message says why."""
+
+
+def torch_backends(model, cuda: bool) -> list:
+    """Eager PyTorch variants: fp32, channels_last, bf16 autocast (CPU), and fp32/fp16 on CUDA."""
+    out = []
+    cl = torch.channels_last
+
+    def make(name, net, dtype=None, memory_format=torch.contiguous_format, device="cpu", note=""):
+        def prepare(x):
+            return x.to(device).contiguous(memory_format=memory_format)
+
+        def run(x):
+            with torch.inference_mode(), torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                y = net(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return y
+
+        return Backend(name, prepare, run, device, note, logits=lambda x: run(prepare(torch.as_tensor(x))).float().cpu())
+
+    out.append(make("torch_fp32", model, note="eager, NCHW"))
+    model_cl = copy.deepcopy(model).to(memory_format=cl)
+    out.append(make("torch_channels_last", model_cl, memory_format=cl, note="eager, NHWC"))
+    out.append(make("torch_bf16", model, torch.bfloat16, note="autocast bf16, NCHW"))
+    out.append(make("torch_bf16_channels_last", model_cl, torch.bfloat16, memory_format=cl, note="autocast bf16, NHWC"))
+    if cuda:
+        gpu = copy.deepcopy(model).cuda()
+        out.append(make("cuda_fp32", gpu, device="cuda", note="eager on GPU"))
+        out.append(make("cuda_fp16", gpu, torch.float16, device="cuda", note="autocast fp16 on GPU"))
+    return out
+
+
+def ort_backend(name: str, onnx_path, provider: str, note: str) -> Backend:
+    from export.runtime import OnnxRunner, available_providers
+
+    if provider not in available_providers():
+        raise Skip(f"onnxruntime has no {provider} (available: {', '.join(available_providers())}; "
+                   "GPU providers come with onnxruntime-gpu)")
+    try:
+        runner = OnnxRunner(onnx_path, [provider])
+    except Exception as e:
+        raise Skip(f"{provider} did not load {Path(onnx_path).name}: {str(e).splitlines()[0][:200]}") from None
+    if runner.providers[0] != provider:
+        raise Skip(f"{provider} fell back to {runner.providers[0]}")
+    session, input_name = runner.session, runner.input_name
+    return Backend(name, prepare=lambda x: {input_name: np.ascontiguousarray(x.numpy(), np.float32)},
+                   run=lambda feed: session.run(None, feed), device="cuda" if provider != "CPUExecutionProvider" else "cpu",
+                   note=note, logits=lambda x: torch.from_numpy(runner(x)))
+
+
+def trt_backend(engine_path) -> Backend:
+    from export.runtime import EngineError, TensorRTRunner, read_sidecar
+
+    try:
+        runner = TensorRTRunner(engine_path)
+    except (EngineError, ImportError) as e:
+        raise Skip(str(e)) from None
+    precision = read_sidecar(engine_path).get("precision", "?")
+    return Backend(f"tensorrt_{Path(engine_path).stem}", prepare=lambda x: x.cuda(), run=runner, device="cuda",
+                   note=f"TensorRT engine ({precision})", logits=lambda x: runner(torch.as_tensor(x)).float().cpu())
+
+
+# ------------------------------------------------------------------------------------------ the run
+def interleaved(backends: list, inputs: dict, repeats: int, warmup: int, log=print) -> dict:
+    """Time each backend `repeats` times, one call per backend per round, order rotating each round."""
+    times = {b.name: [] for b in backends}
+    peaks = {b.name: 0 for b in backends}
+    extra = {b.name: 0 for b in backends}  # memory the call itself needs above what was resident before
+    for b in backends:
+        for _ in range(warmup):
+            b.run(inputs[b.name])
+    for r in range(repeats):
+        k = r % len(backends)
+        for b in backends[k:] + backends[:k]:
+            if b.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            with PeakRSS() as mem:
+                t0 = time.perf_counter()
+                b.run(inputs[b.name])
+                times[b.name].append(time.perf_counter() - t0)
+            if b.device == "cuda":
+                peaks[b.name] = max(peaks[b.name], torch.cuda.max_memory_allocated())
+            else:
+                peaks[b.name] = max(peaks[b.name], mem.peak)
+                extra[b.name] = max(extra[b.name], mem.peak - mem.start)
+        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{b.name} {1000 * times[b.name][-1]:.0f} ms" for b in backends))
+    return {"times": times, "peak_bytes": peaks, "extra_bytes": extra}
+
+
+def accuracy(backends: list, samples: list, num_classes: int, ignore_index: int, log=print) -> dict:
+    """mIoU of each backend on labelled images and its pixel agreement with the first (fp32) backend."""
+    from export.precision import evaluate
+
+    out, ref = {}, None
+    for b in backends:
+        if b.logits is None:
+            continue
+        r = evaluate(b.logits, samples, num_classes, ignore_index, ref)
+        if ref is None:
+            ref = r["preds"]
+        out[b.name] = {"miou": r["miou"], "agreement": r["agreement"]}
+        log(f"  {b.name}: mIoU {r['miou']:.2f}, agreement with {backends[0].name} {100 * r['agreement']:.2f}%")
+    base = out.get(backends[0].name, {}).get("miou")
+    for v in out.values():
+        v["miou_change"] = None if base is None else v["miou"] - base
+    return out
+
+
+def summarize(runs: dict, flops: int, backends: list, batch: int, reference: str = "torch_fp32") -> list:
+    rows = []
+    ref_med = statistics.median(runs["times"][reference]) if reference in runs["times"] else None
+    for b in backends:
+        t = runs["times"][b.name]
+        s = latency_stats(t)
+        med = s["median_ms"] / 1000
+        # ratio of medians of per-round ratios: robust to rounds where the whole machine was slow
+        if ref_med is not None:
+            per_round = [a / r for a, r in zip(t, runs["times"][reference])]
+            s["speedup_vs_fp32"] = 1 / statistics.median(per_round)
+        s.update(backend=b.name, note=b.note, device=b.device, batch=batch, images_per_s=batch / med,
+                 gflops_per_s=flops * batch / med / 1e9, peak_mib=runs["peak_bytes"][b.name] / 2**20,
+                 call_mib=runs["extra_bytes"][b.name] / 2**20)
+        rows.append(s)
+    return rows
+
+
+def format_table(rows: list, acc: dict) -> str:
+    head = (f"{'backend':<26}{'batch':>5}{'min ms':>9}{'median':>9}{'p90':>9}{'p99':>9}{'img/s':>8}"
+            f"{'GFLOP/s':>9}{'peak MiB':>9}{'+MiB':>7}{'x fp32':>8}{'mIoU':>7}{'dmIoU':>7}{'agree%':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        a = acc.get(r["backend"], {})
+        mi = f"{a['miou']:.2f}" if "miou" in a else "-"
+        dm = f"{a['miou_change']:+.2f}" if a.get("miou_change") is not None else "-"
+        ag = f"{100 * a['agreement']:.2f}" if "agreement" in a else "-"
+        sp = f"{r['speedup_vs_fp32']:.2f}" if "speedup_vs_fp32" in r else "-"
+        lines.append(f"{r['backend']:<26}{r['batch']:>5}{r['min_ms']:>9.1f}{r['median_ms']:>9.1f}{r['p90_ms']:>9.1f}"
+                     f"{r['p99_ms']:>9.1f}{r['images_per_s']:>8.2f}{r['gflops_per_s']:>9.1f}{r['peak_mib']:>9.0f}{r['call_mib']:>7.0f}"
+                     f"{sp:>8}{mi:>7}{dm:>7}{ag:>8}")
+    return "\n".join(lines)
+
+
+def plot(rows: list, path, title: str) -> None:
+    """Median latency per backend (bars, p90 whiskers), one group per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["backend"] for r in rows))
+    batches = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) * len(batches)), 4.5))
+    width = 0.8 / len(batches)
+    for j, bsz in enumerate(batches):
+        sel = {r["backend"]: r for r in rows if r["batch"] == bsz}
+        xs = [i + j * width for i, n in enumerate(names) if n in sel]
+        med = [sel[n]["median_ms"] / bsz for n in names if n in sel]
+        err = [(sel[n]["p90_ms"] - sel[n]["median_ms"]) / bsz for n in names if n in sel]
+        ax.bar(xs, med, width, yerr=[[0] * len(err), err], capsize=3, label=f"batch {bsz}")
+    ax.set_xticks([i + width * (len(batches) - 1) / 2 for i in range(len(names))])
+    ax.set_xticklabels(names, rotation=25, ha="right")
+    ax.set_ylabel("median latency per image (ms), whisker p90")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def parse_args(argv=None):
+    from deeplab.config import add_config_args
+
+    p = argparse.ArgumentParser(prog="python export/bench.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", help="DeepLabv3 checkpoint (default: the config's model with random weights)")
+    add_config_args(p)
+    p.add_argument("--output-stride", type=int, default=8)
+    p.add_argument("--size", type=int, default=None, help="square image side (default export.image_size, 513)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds per batch size (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per backend first (default 1)")
+    p.add_argument("--backends", help="comma-separated subset of backend names to run (default: all available)")
+    p.add_argument("--onnx", help="FP32 ONNX to use (default: exported from the model into --out)")
+    p.add_argument("--int8-onnx", help="INT8 Q/DQ ONNX to use (default: quantized from the FP32 ONNX)")
+    p.add_argument("--calib-images", type=int, default=8, help="calibration images for the INT8 ONNX (default 8)")
+    p.add_argument("--engine", action="append", default=[], help="TensorRT engine to include (repeatable)")
+    p.add_argument("--accuracy-images", type=int, default=4,
+                   help="labelled val images for mIoU / agreement per backend (0: skip; default 4)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.png and the ONNX files")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from deeplab import build_model, load_checkpoint
+    from deeplab.config import ConfigError, load_config
+
+    args = parse_args(argv)
+    log = print
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.checkpoint:
+            ckpt = load_checkpoint(args.checkpoint)
+            model, model_cfg = ckpt.model, ckpt.config
+            if not (args.config or args.overrides) and ckpt.experiment is not None:
+                cfg.data = ckpt.experiment.data
+        else:
+            model_cfg = cfg.model
+            model = build_model(model_cfg)
+        if args.repeats < 1 or any(b < 1 for b in args.batch):
+            raise ValueError("--repeats and --batch must be >= 1")
+    except (ValueError, ConfigError, FileNotFoundError) as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return 1
+    from export.to_onnx import build_metadata, export_model, prepare_model
+    from export import precision as prec
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = args.size or cfg.export.image_size
+    model = prepare_model(model, args.output_stride)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = torch.cuda.is_available()
+    want = set(args.backends.split(",")) if args.backends else None
+    skipped = {}
+    flops = count_flops(model, size)
+    log(f"{model_cfg.backbone}, output stride {args.output_stride}, {size}x{size}: {flops / 1e9:.1f} GFLOP per image; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'CUDA ' + torch.cuda.get_device_name() if cuda else 'no GPU'}")
+
+    backends = torch_backends(model, cuda)
+    if not cuda:
+        skipped["cuda_fp32, cuda_fp16"] = "no CUDA GPU (torch.cuda.is_available() is False)"
+
+    def wanted(name):
+        return want is None or name in want
+
+    # onnxruntime: the FP32 ONNX, its INT8 Q/DQ twin, and the GPU providers where this build has them
+    onnx_path = Path(args.onnx) if args.onnx else out / f"model_os{args.output_stride}.onnx"
+    need_onnx = any(wanted(n) for n in ("ort_cpu_fp32", "ort_cpu_int8", "ort_cuda_fp32", "ort_tensorrt_fp32"))
+    if need_onnx and not args.onnx:
+        log(f"exporting {onnx_path} (dynamic shapes)...")
+        export_model(model, onnx_path, build_metadata(model.config), torch.randn(2, 3, 65, 65))
+    int8_path = Path(args.int8_onnx) if args.int8_onnx else out / f"model_os{args.output_stride}.int8.onnx"
+    if wanted("ort_cpu_int8") and not args.int8_onnx:
+        calib = prec.sample_images(cfg.data, cfg.data.train_split, args.calib_images, size)
+        source = f"{cfg.data.dataset} train images"
+        if calib is None:
+            calib, source = torch.randn(args.calib_images, 3, size, size), "random noise (dataset did not load)"
+        log(f"INT8 calibration on {len(calib)} {source}")
+        prec.quantize_int8(onnx_path, int8_path, [c[None].numpy() for c in calib], log=log)
+    candidates = [("ort_cpu_fp32", onnx_path, "CPUExecutionProvider", "onnxruntime CPU fp32"),
+                  ("ort_cpu_int8", int8_path, "CPUExecutionProvider", "onnxruntime CPU INT8 Q/DQ (S8S8, per-channel)"),
+                  ("ort_cuda_fp32", onnx_path, "CUDAExecutionProvider", "onnxruntime CUDA"),
+                  ("ort_tensorrt_fp32", onnx_path, "TensorrtExecutionProvider", "onnxruntime TensorRT EP")]
+    for name, path, provider, note in candidates:
+        if not wanted(name):
+            continue
+        try:
+            backends.append(ort_backend(name, path, provider, note))
+        except Skip as e:
+            skipped[name] = str(e)
+    for engine in args.engine:
+        try:
+            backends.append(trt_backend(engine))
+        except Skip as e:
+            skipped[f"tensorrt {engine}"] = str(e)
+    if not args.engine:
+        skipped["tensorrt engines"] = "none given (--engine model.engine; build one with python -m export.to_tensorrt)"
+    backends = [b for b in backends if wanted(b.name)]
+    if not backends:
+        print("bench: error: no backend left to run (check --backends)", file=sys.stderr)
+        return 1
+
+    rows = []
+    for batch in args.batch:
+        x = prec.sample_images(cfg.data, cfg.data.val_split, batch, size)
+        x = x if x is not None else torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+        inputs = {b.name: b.prepare(x) for b in backends}
+        log(f"batch {batch}: {args.warmup} warm-up call(s) each, then {args.repeats} interleaved round(s) "
+            f"of {len(backends)} backends")
+        runs = interleaved(backends, inputs, args.repeats, args.warmup, log)
+        rows += summarize(runs, flops, backends, batch, backends[0].name)
+
+    acc = {}
+    if args.accuracy_images > 0:
+        try:
+            samples = prec.labelled_samples(cfg.data, cfg.data.val_split, args.accuracy_images)
+        except Exception as e:
+            skipped["accuracy"] = f"no labelled images ({str(e).splitlines()[0][:160]})"
+        else:
+            log(f"accuracy on {len(samples)} {cfg.data.dataset}/{cfg.data.val_split} image(s):")
+            acc = accuracy(backends, samples, model_cfg.num_classes, cfg.data.ignore_index, log)
+
+    print()
+    print(format_table(rows, acc))
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    result = {"model": model_cfg.backbone, "output_stride": args.output_stride, "size": size, "flops_per_image": flops,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows, "accuracy": acc,
+              "skipped": skipped, "checkpoint": args.checkpoint}
+    tmp = out / ".bench.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "bench.json")
+    plot(rows, out / "bench.png", f"DeepLabv3 {model_cfg.backbone} OS{args.output_stride} {size}x{size}")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Runners shared by predict, evaluate and bench: a TensorRT engine with torch CUDA tensors as its buffers
+(no pycuda), and an ONNX model in onnxruntime with execution providers tried in order.
+
+An engine runs only on the TensorRT version and GPU model that built it, so every engine has a JSON sidecar
+(``model.engine.json``) recording both; `TensorRTRunner` refuses an engine whose sidecar disagrees with the
+machine before TensorRT gets a chance to fail obscurely ("Version tag does not match").
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+# onnxruntime providers, fastest first; the CPU provider is always last and always available.
+DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+SIDECAR_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
+
+
+class EngineError(ValueError):
+    """An engine cannot run here (wrong GPU / TensorRT version, missing sidecar, no GPU); one-line message."""
+
+
+# ----------------------------------------------------------------------------------------------- sidecar
+def sidecar_path(engine_path) -> Path:
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_sidecar(engine_path, info: dict) -> Path:
+    """Write the engine's sidecar JSON atomically; `info` must hold at least SIDECAR_KEYS."""
+    missing = [k for k in SIDECAR_KEYS if k not in info]
+    if missing:
+        raise ValueError(f"sidecar for {engine_path} lacks {', '.join(missing)}")
+    path = sidecar_path(engine_path)
+    atomic_write_bytes(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    return path
+
+
+def read_sidecar(engine_path) -> dict:
+    path = sidecar_path(engine_path)
+    if not path.is_file():
+        raise EngineError(f"{engine_path}: no sidecar {path.name} next to the engine; rebuild it with "
+                          "python -m export.to_tensorrt (the sidecar records the GPU and TensorRT version it needs)")
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict) or any(k not in info for k in SIDECAR_KEYS):
+        raise EngineError(f"{path}: sidecar must be a JSON object with {', '.join(SIDECAR_KEYS)}")
+    return info
+
+
+def check_sidecar(info: dict, current: dict, engine_path="engine") -> None:
+    """Raise EngineError unless the engine was built for this GPU model, compute capability and TensorRT.
+
+    `current` is `device_info()` on this machine (a dict with the same keys; None where unknown)."""
+    if not current.get("gpu_name"):
+        raise EngineError(f"{engine_path}: no CUDA GPU here; a TensorRT engine needs the GPU it was built for "
+                          f"({info.get('gpu_name')})")
+    if not current.get("tensorrt_version"):
+        raise EngineError(f"{engine_path}: tensorrt is not installed; the engine needs TensorRT "
+                          f"{info.get('tensorrt_version')} (pip install tensorrt=={info.get('tensorrt_version')})")
+    wrong = []
+    labels = {"gpu_name": "GPU", "compute_capability": "compute capability", "tensorrt_version": "TensorRT"}
+    for key in SIDECAR_KEYS:
+        if str(info.get(key)) != str(current.get(key)):
+            wrong.append(f"{labels[key]} {info.get(key)} (here: {current.get(key)})")
+    if wrong:
+        raise EngineError(f"{engine_path}: built for {', '.join(wrong)}; an engine runs only where it was built: "
+                          "rebuild it here with python -m export.to_tensorrt")
+
+
+def device_info(device: int = 0) -> dict:
+    """This machine's GPU model, compute capability and TensorRT version (None where absent)."""
+    info = {"gpu_name": None, "compute_capability": None, "tensorrt_version": tensorrt_version()}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu_name"] = torch.cuda.get_device_name(device)
+            major, minor = torch.cuda.get_device_capability(device)
+            info["compute_capability"] = f"{major}.{minor}"
+    except Exception:  # a broken CUDA install reads as "no GPU"
+        pass
+    return info
+
+
+def tensorrt_version() -> Optional[str]:
+    try:
+        import tensorrt as trt
+    except Exception:
+        return None
+    return trt.__version__
+
+
+# --------------------------------------------------------------------------------------------- TensorRT
+# TensorRT DataType names -> torch dtypes (by name, so this table needs no tensorrt import).
+TRT_TO_TORCH = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "UINT8": "uint8",
+                "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+
+
+def torch_dtype_for(trt_dtype):
+    """torch dtype for a tensorrt.DataType (or its name)."""
+    import torch
+
+    name = getattr(trt_dtype, "name", str(trt_dtype)).rsplit(".", 1)[-1]
+    if name not in TRT_TO_TORCH:
+        raise EngineError(f"engine tensor type {name} is not supported by this runner")
+    return getattr(torch, TRT_TO_TORCH[name])
+
+
+class TensorRTRunner:
+    """Run a serialized engine on torch CUDA tensors: set_input_shape, set_tensor_address, execute_async_v3.
+
+    One image input (N, 3, H, W) and one logits output, as export.to_onnx writes them."""
+
+    def __init__(self, engine_path, device: int = 0, check: bool = True):
+        engine_path = Path(engine_path)
+        if not engine_path.is_file():
+            raise EngineError(f"{engine_path}: engine file not found")
+        self.path = engine_path
+        self.sidecar = read_sidecar(engine_path) if check or sidecar_path(engine_path).is_file() else {}
+        if check:
+            check_sidecar(self.sidecar, device_info(device), engine_path)
+        import tensorrt as trt
+        import torch
+
+        self._trt, self._torch = trt, torch
+        self.device = torch.device("cuda", device)
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"{engine_path}: TensorRT could not deserialize the engine (built by another "
+                              "TensorRT version or for another GPU?); rebuild it here")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.outputs = [n for n in names if n not in self.inputs]
+        if len(self.inputs) != 1 or len(self.outputs) != 1:
+            raise EngineError(f"{engine_path}: expected one input and one output, got {self.inputs} -> {self.outputs}")
+        self.input_dtype = torch_dtype_for(self.engine.get_tensor_dtype(self.inputs[0]))
+        self.output_dtype = torch_dtype_for(self.engine.get_tensor_dtype(self.outputs[0]))
+
+    def __call__(self, images):
+        """images: (N, 3, H, W) tensor (any device); returns logits on the GPU, as the engine's output dtype."""
+        torch = self._torch
+        x = images.to(self.device, self.input_dtype).contiguous()
+        name_in, name_out = self.inputs[0], self.outputs[0]
+        if not self.context.set_input_shape(name_in, tuple(x.shape)):
+            raise EngineError(f"{self.path}: input shape {tuple(x.shape)} is outside the engine's optimization "
+                              f"profile ({self.sidecar.get('shapes', 'see its sidecar')})")
+        out = torch.empty(tuple(self.context.get_tensor_shape(name_out)), dtype=self.output_dtype, device=self.device)
+        self.context.set_tensor_address(name_in, x.data_ptr())
+        self.context.set_tensor_address(name_out, out.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError(f"{self.path}: execute_async_v3 failed")
+        stream.synchronize()
+        return out
+
+
+# ------------------------------------------------------------------------------------------ onnxruntime
+def available_providers() -> list:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def pick_providers(wanted: Optional[Sequence[str]] = None, available: Optional[Sequence[str]] = None) -> list:
+    """The wanted providers (default: TensorRT, CUDA, CPU) that this onnxruntime build has, in order."""
+    wanted = list(wanted or DEFAULT_PROVIDERS)
+    available = list(available if available is not None else available_providers())
+    unknown = [p for p in wanted if not p.endswith("ExecutionProvider")]
+    if unknown:
+        raise ValueError(f"unknown onnxruntime provider(s) {', '.join(unknown)}; e.g. CPUExecutionProvider")
+    chosen = [p for p in wanted if p in available]
+    if not chosen:
+        raise ValueError(f"none of the providers {', '.join(wanted)} is available; this onnxruntime has "
+                         f"{', '.join(available)}")
+    return chosen
+
+
+class OnnxRunner:
+    """An ONNX model in onnxruntime. `providers` are tried in order; `.providers` says which ones loaded."""
+
+    def __init__(self, onnx_path, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None):
+        import onnxruntime as ort
+
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"{onnx_path}: ONNX file not found")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        self.path = onnx_path
+        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=pick_providers(providers))
+        self.providers = self.session.get_providers()
+        self.input_name = self.session.get_inputs()[0].name
+        self.input_type = self.session.get_inputs()[0].type  # e.g. "tensor(float)" or "tensor(float16)"
+
+    def __call__(self, images) -> np.ndarray:
+        """images: (N, 3, H, W) numpy array or CPU torch tensor; returns logits as float32 numpy."""
+        x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+        x = x.astype(np.float16 if self.input_type == "tensor(float16)" else np.float32, copy=False)
+        out = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})[0]
+        return out.astype(np.float32, copy=False)
+
+
+def load_runner(path, providers: Optional[Sequence[str]] = None):
+    """A runner for an .onnx file (onnxruntime) or a TensorRT engine (anything else with a sidecar)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return OnnxRunner(path, providers)
+    return TensorRTRunner(path)
