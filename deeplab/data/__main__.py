@@ -28,8 +28,9 @@ def _check_one(pair, labels):
     return counts, None
 
 
-def check(cfg, split: str, workers: int = 4, out=sys.stdout, err=sys.stderr) -> int:
+def check(cfg, split: str, workers: int = 4, out=None, err=None) -> int:
     """Check one split of ``cfg`` (a DataConfig); print problems and a summary; return the problem count."""
+    out, err = out or sys.stdout, err or sys.stderr
     info = dataset_info(cfg)
     labels = label_map(cfg, info)
     pairs, problems = find_pairs(cfg, split)

@@ -1,0 +1,154 @@
+"""Inference as the paper evaluates (Section 4, Tables 4 and 6): a chosen output stride, multi-scale inputs
+and left-right flips with softmax probabilities averaged, and sliding windows for images larger than a
+limit (Cityscapes is 1024x2048).
+
+``predict_logits`` returns scores whose softmax is the averaged probability; ``argmax(1)`` is the label map.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from contextlib import contextmanager
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .metrics import ConfusionMatrix
+
+PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+@contextmanager
+def output_stride_as(model, output_stride: Optional[int]):
+    """Run at ``output_stride`` (same weights), then put the model's own stride back."""
+    net = getattr(model, "module", model)
+    previous = getattr(net, "output_stride", None)
+    if output_stride is None or previous == output_stride:
+        yield model
+        return
+    if not hasattr(net, "set_output_stride"):
+        raise ValueError(f"{type(net).__name__} cannot change its output stride")
+    net.set_output_stride(output_stride)
+    try:
+        yield model
+    finally:
+        net.set_output_stride(previous)
+
+
+def scaled_size(size: int, scale: float) -> int:
+    """(size - 1) * scale + 1: keeps 513 = 16k + 1 sizes on the same grid (513 -> 257, 385, 641, ...)."""
+    return max(1, int(round((size - 1) * scale)) + 1)
+
+
+def _windows(length: int, window: int, stride: int) -> list:
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+def _forward(model, images: torch.Tensor, window) -> torch.Tensor:
+    """Softmax probabilities at the input size; tiles with 1/3 overlap when the input exceeds ``window``."""
+    n, _, h, w = images.shape
+    if window is None or (h <= window[0] and w <= window[1]):
+        return model(images).float().softmax(1)
+    wh, ww = min(window[0], h), min(window[1], w)
+    probs = None
+    counts = torch.zeros(1, 1, h, w, device=images.device)
+    for top in _windows(h, wh, max(1, math.ceil(wh * 2 / 3))):
+        for left in _windows(w, ww, max(1, math.ceil(ww * 2 / 3))):
+            p = model(images[:, :, top:top + wh, left:left + ww]).float().softmax(1)
+            if probs is None:
+                probs = torch.zeros(n, p.shape[1], h, w, device=images.device)
+            probs[:, :, top:top + wh, left:left + ww] += p
+            counts[:, :, top:top + wh, left:left + ww] += 1
+    return probs / counts
+
+
+@torch.no_grad()
+def predict_logits(model, images: torch.Tensor, output_stride: Optional[int] = None,
+                   scales: Sequence[float] = (1.0,), flip: bool = False, window=None) -> torch.Tensor:
+    """Class scores (N, C, H, W) for a batch of normalized images.
+
+    One scale, no flip, no window: the model's logits. Otherwise the log of the softmax probabilities
+    averaged over every scale, flip and window (the paper's multi-scale + flip inference), so softmax of the
+    result is that average and argmax is the prediction. ``window`` (int or (h, w)): images larger than
+    it are tiled with overlapping windows. The model's train/eval mode is left as the caller set it.
+    """
+    if isinstance(window, int):
+        window = (window, window)
+    scales = tuple(float(s) for s in scales) or (1.0,)
+    h, w = images.shape[-2:]
+    with output_stride_as(model, output_stride):
+        if scales == (1.0,) and not flip and (window is None or (h <= window[0] and w <= window[1])):
+            return model(images).float()
+        total = None
+        for s in scales:
+            x = images
+            if s != 1.0:
+                x = F.interpolate(images, size=(scaled_size(h, s), scaled_size(w, s)), mode="bilinear",
+                                  align_corners=False)
+            for flipped in ((False, True) if flip else (False,)):
+                xi = x.flip(-1) if flipped else x
+                p = _forward(model, xi, window)
+                if flipped:
+                    p = p.flip(-1)
+                if p.shape[-2:] != (h, w):
+                    p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+                total = p if total is None else total + p
+        count = len(scales) * (2 if flip else 1)
+        return (total / count).clamp_min(1e-12).log()
+
+
+class Progress:
+    """A one-line progress bar on stderr: done/total, rate, ETA (rewritten at most every half second)."""
+
+    def __init__(self, total: int, label: str = "", unit: str = "images", stream=sys.stderr, enabled: bool = True):
+        self.total, self.label, self.unit, self.stream, self.enabled = total, label, unit, stream, enabled
+        self.done, self.start, self.last = 0, time.monotonic(), 0.0
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < 0.5 and self.done < self.total):
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        frac = self.done / self.total if self.total else 1.0
+        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        print(f"\r{self.label} [{bar}] {self.done}/{self.total} {self.unit} {rate:.2f}/s ETA {eta:.0f}s",
+              end="\n" if self.done >= self.total else "", file=self.stream, flush=True)
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes: int, output_stride: Optional[int] = None,
+             scales: Sequence[float] = (1.0,), flip: bool = False, window=None, ignore_index: int = 255,
+             device=None, progress: bool = False, max_batches: Optional[int] = None) -> ConfusionMatrix:
+    """Confusion matrix of ``model`` over ``loader`` (batches of (images, masks)) at full label resolution.
+
+    Runs in eval mode and restores the previous mode. Does not all-reduce: in distributed evaluation each
+    worker evaluates its shard, then calls ``cm.all_reduce()``.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    cm = ConfusionMatrix(num_classes, ignore_index)
+    was_training = model.training
+    model.eval()
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    bar = Progress(total, "eval", "batches", enabled=progress)
+    try:
+        for i, (images, masks) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            images = images.to(device, non_blocking=True)
+            scores = predict_logits(model, images, output_stride, scales, flip, window)
+            cm.update(scores.argmax(1).cpu(), masks)
+            bar.update()
+    finally:
+        model.train(was_training)
+    return cm
