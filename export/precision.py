@@ -11,6 +11,7 @@ sees them.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
@@ -133,11 +134,19 @@ def quantize_int8(src, dst, calib: Sequence[np.ndarray], per_channel: bool = Tru
     t0 = time.time()
     log(f"calibrating INT8 on {sum(len(a) for a in calib)} image(s) ({method}, "
         f"{'per-channel' if per_channel else 'per-tensor'} weights, {'symmetric' if symmetric else 'asymmetric'})...")
+    root = logging.getLogger()
+    level = root.level
     try:
+        # quantize_static logs a root WARNING suggesting quant_pre_process, whose symbolic shape inference
+        # cannot handle the dynamic Resize of this model ("Incomplete symbolic shape inference"): silence it
+        root.setLevel(logging.ERROR)
         quantize_static(str(src), str(tmp), _calibration_reader(input_name, calib), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method],
-                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True})
+                        # biases stay float: TensorRT dequantizes only 8-bit (and lower) tensors, not int32
+                        extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
+                                       "QuantizeBias": False})
+        root.setLevel(level)
         model = onnx.load(str(tmp))
         # quantize_static keeps the source's metadata_props; record how this file was made
         from .to_onnx import read_metadata, set_metadata
@@ -151,6 +160,7 @@ def quantize_int8(src, dst, calib: Sequence[np.ndarray], per_channel: bool = Tru
         onnx.save(model, str(tmp))
         tmp.replace(dst)
     finally:
+        root.setLevel(level)
         tmp.unlink(missing_ok=True)
         for extra in dst.parent.glob(f".{dst.name}.tmp*"):
             extra.unlink(missing_ok=True)

@@ -1,0 +1,94 @@
+"""export/bench.py: its measuring helpers against plain references, and one real run of the script on a tiny
+model over every CPU backend (timings are printed by the script, never asserted)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deeplab import ModelConfig, build_model
+from export import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--set", "model.backbone=resnet_tiny", "--set", "model.aspp_channels=16", "--set", "model.num_classes=6",
+        "--set", "data.synthetic_size=65", "--set", "data.synthetic_val=2", "--set", "data.synthetic_train=2"]
+CPU_BACKENDS = {"torch_fp32", "torch_channels_last", "torch_bf16", "torch_bf16_channels_last", "ort_cpu_fp32",
+                "ort_cpu_int8"}
+
+
+def _conv_flops_by_hooks(model, size):
+    """2 x multiply-adds of every Conv2d, from its output shape: an independent count for FlopCounterMode."""
+    total = []
+
+    def hook(m, inp, out):
+        k = m.kernel_size[0] * m.kernel_size[1] * m.in_channels // m.groups
+        total.append(2 * out.numel() * k)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    return sum(total)
+
+
+def test_flop_count_matches_conv_arithmetic():
+    model = build_model(ModelConfig(backbone="resnet_tiny", aspp_channels=16, num_classes=6)).eval()
+    model.set_output_stride(8)
+    assert bench.count_flops(model, 65) == _conv_flops_by_hooks(model, 65)
+
+
+def test_latency_stats_against_numpy():
+    t = [0.010, 0.030, 0.020, 0.050, 0.040]
+    s = bench.latency_stats(t)
+    assert s["min_ms"] == pytest.approx(10) and s["median_ms"] == pytest.approx(30)
+    assert s["p90_ms"] == pytest.approx(np.percentile(np.array(t) * 1000, 90))
+    assert s["p99_ms"] == pytest.approx(np.percentile(np.array(t) * 1000, 99))
+
+
+def test_peak_rss_sees_a_temporary_allocation():
+    with bench.PeakRSS(interval=0.001) as mem:
+        block = np.ones(64 * 2**20, np.uint8)  # 64 MiB, touched
+        block[::4096] = 2
+        import time
+
+        time.sleep(0.02)
+        del block
+    assert mem.peak - mem.start >= 48 * 2**20
+
+
+def test_bench_script_runs_every_cpu_backend(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "export/bench.py", *TINY, "--size", "65", "--batch", "1", "2",
+                           "--repeats", "2", "--accuracy-images", "2", "--calib-images", "2", "--threads", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "bench.json").read_text())
+    rows = result["rows"]
+    assert {(r["backend"], r["batch"]) for r in rows} == {(b, n) for b in CPU_BACKENDS for n in (1, 2)}
+    for r in rows:
+        assert r["n"] == 2 and 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] <= r["p99_ms"]
+        assert r["images_per_s"] == pytest.approx(1000 * r["batch"] / r["median_ms"])
+        assert r["gflops_per_s"] == pytest.approx(result["flops_per_image"] * r["images_per_s"] / 1e9)
+        assert r["peak_mib"] > 0
+    assert all(r["speedup_vs_fp32"] == 1.0 for r in rows if r["backend"] == "torch_fp32")
+    acc = result["accuracy"]
+    assert set(acc) == CPU_BACKENDS
+    assert acc["torch_fp32"]["agreement"] == 1.0 and acc["torch_fp32"]["miou_change"] == 0.0
+    assert acc["torch_channels_last"]["agreement"] > 0.99 and acc["ort_cpu_fp32"]["agreement"] > 0.99
+    skipped = result["skipped"]
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in skipped["cuda_fp32, cuda_fp16"]
+        assert "CUDAExecutionProvider" in skipped["ort_cuda_fp32"]
+    assert "--engine" in skipped["tensorrt engines"]
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "torch_bf16_channels_last" in proc.stdout and "skipped ort_tensorrt_fp32" in proc.stdout
+
+
+def test_bench_help_as_module():
+    proc = subprocess.run([sys.executable, "-m", "export.bench", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and "--output-stride" in proc.stdout and "--batch" in proc.stdout

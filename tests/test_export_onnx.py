@@ -1,0 +1,192 @@
+"""ONNX export, INT8/FP16 variants and the to_tensorrt CPU path, on a tiny model with small synthetic images.
+
+One real `python -m export.to_tensorrt CKPT --precision int8` run (module fixture) exports the checkpoint at
+output stride 8, quantizes it and, with no GPU here, stops with exit code 2: the other tests check the files
+it left against PyTorch and against plain numpy references.
+"""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from deeplab import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from deeplab.config import DataConfig
+from deeplab.data import synthetic
+from export import precision as prec
+from export import to_tensorrt
+from export.runtime import OnnxRunner
+from export.to_onnx import check_parity, ExportError, read_metadata, to_plain_batchnorm
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = {"synthetic_size": 65, "synthetic_classes": 6, "synthetic_train": 8, "synthetic_val": 6}
+DATA_SETS = [a for k, v in DATA.items() for a in ("--set", f"data.{k}={v}")]
+
+
+def _randomize_bn(model):
+    """Non-trivial BatchNorm statistics, so folding BN into the convs is really exercised."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(n, generator=g) - 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone="resnet_tiny", aspp_channels=16, num_classes=6)  # trained at OS16
+    model = _randomize_bn(build_model(cfg)).eval()
+    ckpt = save_checkpoint(d / "tiny.ckpt", model, cfg, iteration=3, metrics={"val_miou": 0.5})
+    out = d / "out"
+    proc = subprocess.run([sys.executable, "-m", "export.to_tensorrt", str(ckpt), "--precision", "int8",
+                           "--calib-images", "4", "-o", str(out / "model.engine"), *DATA_SETS],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return {"dir": d, "ckpt": ckpt, "out": out, "proc": proc}
+
+
+def test_to_tensorrt_without_gpu_exits_2_with_one_line_and_keeps_cpu_artifacts(exported):
+    proc, out = exported["proc"], exported["out"]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("to_tensorrt: cannot build a TensorRT engine here"), proc.stderr
+    assert "tensorrt is not installed" in lines[0] or "no CUDA GPU" in lines[0]
+    # the CPU-side artifacts are there, the engine (and any half-written file) is not
+    assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx", "model.onnx"]
+    assert "argmax agreement" in proc.stdout  # parity was printed
+
+
+def test_onnx_is_dynamic_at_output_stride_8_with_metadata(exported):
+    model = onnx.load(str(exported["out"] / "model.onnx"))
+    onnx.checker.check_model(model)
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param != "" for d in dims] == [True, False, True, True] and dims[1].dim_value == 3
+    meta = read_metadata(model)
+    assert meta["output_stride"] == 8 and meta["aspp_rates"] == [12, 24, 36] and meta["multi_grid"] == [1, 2, 4]
+    assert meta["num_classes"] == 6 and meta["class_names"] == synthetic.class_names(6)
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert meta["val_miou"] == 0.5
+    ckpt = load_checkpoint(exported["ckpt"])
+    assert ModelConfig(**meta["model_config"]) == ckpt.model.set_output_stride(8).config
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph.node)  # folded
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 65, 65), (2, 3, 97, 81)])
+def test_onnxruntime_matches_pytorch(exported, shape):
+    model = load_checkpoint(exported["ckpt"]).model.set_output_stride(8).eval()
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    out = OnnxRunner(exported["out"] / "model.onnx")(x)
+    assert out.shape == ref.shape == (shape[0], 6, shape[2], shape[3])
+    assert np.abs(out - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
+    assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.999
+
+
+def test_sync_batchnorm_becomes_plain_batchnorm_with_same_outputs():
+    model = _randomize_bn(build_model(ModelConfig(backbone="resnet_tiny", aspp_channels=16, num_classes=3))).eval()
+    x = torch.randn(1, 3, 33, 33)
+    with torch.no_grad():
+        ref = model(x)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+    plain = to_plain_batchnorm(synced).eval()
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
+    with torch.no_grad():
+        assert torch.equal(plain(x), ref)
+
+
+def test_parity_check_fails_above_tolerance():
+    good = {"shape": [2, 3, 65, 65], "max_abs_diff": 1e-5, "max_abs_logit": 20.0, "argmax_agreement": 1.0}
+    check_parity([good], 1e-3)
+    with pytest.raises(ExportError, match="max \\|diff\\| 0.1"):
+        check_parity([{**good, "max_abs_diff": 0.1}], 1e-3)
+    with pytest.raises(ExportError, match="argmax agreement 0.9"):
+        check_parity([{**good, "argmax_agreement": 0.9}], 1e-3)
+
+
+def test_int8_qdq_is_symmetric_per_channel_and_runs(exported):
+    path = exported["out"] / "model.int8.onnx"
+    s = prec.qdq_summary(path)
+    assert s["quantize"] > 0 and s["dequantize"] >= s["quantize"]
+    assert s["nonzero_zero_points"] == [] and s["zero_point_dtypes"] == ["int8"]  # what TensorRT requires
+    assert s["per_channel_nodes"] >= s["conv"]  # every conv weight has one scale per output channel
+    meta = read_metadata(path)
+    assert meta["precision"] == "int8" and meta["quantization"]["calibration_images"] == 4
+    assert meta["output_stride"] == 8  # the FP32 model's metadata is kept
+    out = OnnxRunner(path)(np.zeros((2, 3, 65, 65), np.float32))
+    assert out.shape == (2, 6, 65, 65) and np.isfinite(out).all()
+
+
+def _naive_miou(preds, masks, num_classes, ignore=255):
+    """mIoU from scratch: per class |pred & gt| / |pred | gt| over valid pixels, mean over classes seen."""
+    ious = []
+    for c in range(num_classes):
+        inter = union = 0
+        for p, m in zip(preds, masks):
+            valid = m != ignore
+            inter += np.sum((p == c) & (m == c) & valid)
+            union += np.sum(((p == c) | (m == c)) & valid)
+        if union:
+            ious.append(inter / union)
+    return 100 * float(np.mean(ious))
+
+
+def test_fp16_and_int8_accuracy_measured_in_onnxruntime(exported, tmp_path):
+    fp32, int8 = exported["out"] / "model.onnx", exported["out"] / "model.int8.onnx"
+    fp16, used = prec.lowp_onnx(fp32, tmp_path / "model.fp16.onnx", "fp16", log=lambda *a: None)
+    assert used in ("onnxruntime.float16", "modelopt.autocast")
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(str(fp16)).graph.initializer)
+    data = DataConfig(**DATA)
+    samples = prec.labelled_samples(data, "val", 6)
+    report = prec.accuracy_report({"fp32": fp32, "fp16": fp16, "int8": int8}, samples, 6, log=lambda *a: None)
+    runner = OnnxRunner(fp32)
+    preds = [runner(img).argmax(1)[0] for img, _ in samples]
+    assert report["fp32"]["miou"] == pytest.approx(_naive_miou(preds, [m for _, m in samples], 6))
+    assert report["fp16"]["agreement"] >= 0.99 and abs(report["fp16"]["miou_drop"]) < 1.0
+    assert 0 <= report["int8"]["agreement"] <= 1
+    assert report["int8"]["miou_drop"] == pytest.approx(report["fp32"]["miou"] - report["int8"]["miou"])
+
+
+def test_bf16_onnx_without_modelopt_says_so(exported, tmp_path):
+    if prec.modelopt_autocast() is not None:
+        pytest.skip("ModelOpt is installed here")
+    with pytest.raises(ValueError, match="ModelOpt AutoCast"):
+        prec.lowp_onnx(exported["out"] / "model.onnx", tmp_path / "m.bf16.onnx", "bf16")
+    assert not (tmp_path / "m.bf16.onnx").exists()
+
+
+def test_check_accuracy_refuses_int8_drop_unless_forced(exported, tmp_path, capsys):
+    src = tmp_path / "model.onnx"
+    src.write_bytes((exported["out"] / "model.onnx").read_bytes())
+    common = [str(src), "--precision", "int8", "--calib-images", "2", "--check-accuracy", "--accuracy-images", "2",
+              "-o", str(tmp_path / "model.engine"), *DATA_SETS]
+    # a threshold no model can meet (a drop > -1000 points) must refuse the build
+    rc = to_tensorrt.main(common + ["--set", "export.max_int8_miou_drop=-1000"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "INT8 loses" in err[0] and "--force" in err[0]
+    assert not list(tmp_path.glob("*.engine*"))
+    rc = to_tensorrt.main(common + ["--set", "export.max_int8_miou_drop=-1000", "--force"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "model.int8.onnx" in err[0]
+    assert not list(tmp_path.glob("*.engine*"))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    for cmd in (["export.to_onnx", str(bad)], ["export.to_tensorrt", str(tmp_path / "missing.onnx")],
+                ["export.to_tensorrt", str(bad), "--opt-shape", "1x3x9999x513"]):
+        proc = subprocess.run([sys.executable, "-m", *cmd, "-o", str(tmp_path / "x.out")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / "x.out").exists()

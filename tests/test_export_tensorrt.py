@@ -1,0 +1,141 @@
+"""TensorRT logic that needs no GPU: profiles from flags, the TensorRT 10 / 11 build path, the sidecar that
+ties an engine to its GPU and TensorRT version, and onnxruntime provider order. Building and running a real
+engine needs an NVIDIA GPU and tensorrt, which CI does not have; a GPU machine's fields are written by hand
+here where a test needs "another machine"."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from export import runtime, to_tensorrt as trt_cli
+from export.runtime import EngineError, check_sidecar, read_sidecar, sidecar_path, write_sidecar
+
+H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "11.4.0.12"}
+
+
+def test_parse_shape_and_profile():
+    assert trt_cli.parse_shape("1x3x513x513") == (1, 3, 513, 513)
+    assert trt_cli.parse_shape("2,3,257,257") == (2, 3, 257, 257)
+    for bad in ("1x3x513", "1x3xax513", "0x3x513x513", "1x1x513x513"):
+        with pytest.raises(ValueError, match="--opt-shape"):
+            trt_cli.parse_shape(bad, "--opt-shape")
+    shapes = trt_cli.profile_shapes("1x3x257x257", "1x3x513x513", "4x3x1025x1025")
+    assert shapes == {"min": (1, 3, 257, 257), "opt": (1, 3, 513, 513), "max": (4, 3, 1025, 1025)}
+    with pytest.raises(ValueError, match="H must satisfy min <= opt <= max, got 257, 2000, 1025"):
+        trt_cli.profile_shapes("1x3x257x257", "1x3x2000x513", "4x3x1025x1025")
+    assert trt_cli.static_profile([1, 3, 513, 513]) == (1, 3, 513, 513)
+    assert trt_cli.static_profile([None, 3, 513, 513]) is None
+
+
+@pytest.mark.parametrize("version,path", [("10.0.1", "flags"), ("10.13.3.9", "flags"), ("11.0.0", "typed"),
+                                          ("11.4.0.12", "typed"), ("12.1", "typed")])
+def test_build_path_from_version(version, path):
+    assert trt_cli.build_path(version) == path
+
+
+def test_old_or_garbled_tensorrt_version():
+    with pytest.raises(trt_cli.Unsupported, match="TensorRT 8.6.1 is too old"):
+        trt_cli.build_path("8.6.1")
+    with pytest.raises(ValueError, match="cannot read a TensorRT version"):
+        trt_cli.build_path("unknown")
+
+
+def test_precision_lives_in_flags_on_10_and_in_the_onnx_on_11():
+    assert trt_cli.builder_flags("fp16", "flags") == ["FP16"]
+    assert trt_cli.builder_flags("bf16", "flags") == ["BF16"]
+    assert trt_cli.builder_flags("int8", "flags") == ["INT8", "FP16"]
+    assert trt_cli.builder_flags("fp32", "flags") == []
+    assert all(trt_cli.builder_flags(p, "typed") == [] for p in trt_cli.PRECISIONS)
+    # which ONNX the builder parses
+    assert [trt_cli.onnx_variant(p, "flags") for p in trt_cli.PRECISIONS] == ["fp32", "fp32", "fp32", "int8"]
+    assert [trt_cli.onnx_variant(p, "typed") for p in trt_cli.PRECISIONS] == ["fp32", "fp16", "bf16", "int8"]
+    assert [trt_cli.onnx_variant(p, None) for p in trt_cli.PRECISIONS] == ["fp32", "fp16", "bf16", "int8"]
+    with pytest.raises(ValueError, match="--precision"):
+        trt_cli.builder_flags("fp8", "flags")
+
+
+def test_this_machine_cannot_build_and_says_why():
+    reason = trt_cli.machine_blocker()
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    if has_trt and torch.cuda.is_available():
+        assert reason is None
+    else:
+        assert reason and ("tensorrt is not installed" in reason or "no CUDA GPU" in reason)
+
+
+def test_sidecar_roundtrip_is_atomic_and_complete(tmp_path):
+    onnx_file = tmp_path / "model.int8.onnx"
+    onnx_file.write_bytes(b"onnx bytes")
+    shapes = trt_cli.profile_shapes("1x3x257x257", "1x3x513x513", "4x3x1025x1025")
+    info = trt_cli.make_sidecar(H100, "int8", "typed", shapes, onnx_file, {"output_stride": 8},
+                                parity={"max_abs_diff": 0.01})
+    engine = tmp_path / "model.engine"
+    trt_cli.write_engine(engine, b"serialized", info)
+    assert engine.read_bytes() == b"serialized"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.engine", "model.engine.json", "model.int8.onnx"]
+    back = read_sidecar(engine)
+    assert back["onnx_sha256"] == hashlib.sha256(b"onnx bytes").hexdigest()
+    assert back["shapes"]["opt"] == [1, 3, 513, 513] and back["precision"] == "int8"
+    assert back["metadata"] == {"output_stride": 8} and back["parity"] == {"max_abs_diff": 0.01}
+    check_sidecar(back, dict(H100), engine)  # same machine: accepted
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("gpu_name", "NVIDIA A10G", "GPU NVIDIA H100 80GB HBM3 (here: NVIDIA A10G)"),
+    ("compute_capability", "8.6", "compute capability 9.0 (here: 8.6)"),
+    ("tensorrt_version", "10.13.3.9", "TensorRT 11.4.0.12 (here: 10.13.3.9)")])
+def test_mismatched_sidecar_is_refused(field, value, words):
+    with pytest.raises(EngineError) as e:
+        check_sidecar(H100, {**H100, field: value}, "model.engine")
+    msg = str(e.value)
+    assert words in msg and "rebuild it here" in msg and "\n" not in msg
+
+
+def test_no_gpu_or_no_tensorrt_is_refused():
+    with pytest.raises(EngineError, match="no CUDA GPU here"):
+        check_sidecar(H100, {"gpu_name": None, "compute_capability": None, "tensorrt_version": "11.4.0.12"})
+    with pytest.raises(EngineError, match="tensorrt is not installed"):
+        check_sidecar(H100, {**H100, "tensorrt_version": None})
+
+
+def test_runner_refuses_engine_before_touching_tensorrt(tmp_path):
+    engine = tmp_path / "model.engine"
+    engine.write_bytes(b"serialized")
+    with pytest.raises(EngineError, match="no sidecar model.engine.json"):
+        runtime.TensorRTRunner(engine)
+    sidecar_path(engine).write_text("{not json")
+    with pytest.raises(EngineError, match="not valid JSON"):
+        runtime.TensorRTRunner(engine)
+    write_sidecar(engine, H100)
+    here = runtime.device_info()
+    if here["gpu_name"] != H100["gpu_name"] or here["tensorrt_version"] != H100["tensorrt_version"]:
+        with pytest.raises(EngineError, match="model.engine"):
+            runtime.TensorRTRunner(engine)
+    with pytest.raises(ValueError, match="lacks tensorrt_version"):
+        write_sidecar(engine, {"gpu_name": "x", "compute_capability": "8.0"})
+
+
+def test_tensorrt_dtype_names_map_to_torch():
+    assert runtime.torch_dtype_for("DataType.FLOAT") is torch.float32
+    assert runtime.torch_dtype_for("HALF") is torch.float16
+    assert runtime.torch_dtype_for("BF16") is torch.bfloat16
+    with pytest.raises(EngineError, match="FP8"):
+        runtime.torch_dtype_for("FP8")
+
+
+def test_providers_kept_in_order_and_filtered():
+    avail = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.pick_providers(None, avail) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runtime.pick_providers(["CPUExecutionProvider", "CUDAExecutionProvider"], avail) == \
+        ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    with pytest.raises(ValueError, match="none of the providers TensorrtExecutionProvider"):
+        runtime.pick_providers(["TensorrtExecutionProvider"], avail)
+    with pytest.raises(ValueError, match="unknown onnxruntime provider"):
+        runtime.pick_providers(["cuda"], avail)
+    assert runtime.pick_providers()[-1] == "CPUExecutionProvider"  # this machine's onnxruntime
