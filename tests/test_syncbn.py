@@ -12,6 +12,7 @@ concatenated batch's gradient; under DDP with per-worker mean losses the AVERAGE
 ends up with the same parameters as one process trained on the concatenated batch.
 """
 import datetime
+import multiprocessing
 import socket
 
 import pytest
@@ -83,6 +84,7 @@ def _ddp_batches(step):
 
 
 def _worker(rank, port, out_dir):
+    torch.set_num_threads(1)  # two workers on a shared machine: no intra-op thread pools spinning
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     torch.manual_seed(0)
@@ -130,7 +132,13 @@ def ranks(tmp_path_factory):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(out)), nprocs=2, join=True)
+    # forkserver: torch (and the torch._dynamo modules DDP pulls in) is imported once by the server
+    # instead of once per spawned worker, which takes most of this test's time on a busy 2-core machine.
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "forkserver":
+        multiprocessing.get_context(method).set_forkserver_preload(
+            ["torch", "torch._dynamo", "torch.nn.parallel", "cluster.syncbn", __name__])
+    mp.start_processes(_worker, args=(port, str(out)), nprocs=2, join=True, start_method=method)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
 
@@ -275,3 +283,29 @@ def test_convert_revert_round_trip(device_type, cls):
         assert torch.equal(plain.state_dict()[k], v), k
     # and a plain checkpoint loads into the synchronized model with strict keys
     convert_sync_batchnorm(_convnet(), device_type).load_state_dict(before, strict=True)
+
+
+def test_deeplab_model_converts_and_reverts_without_changing_its_function():
+    from deeplab import ModelConfig, build_model
+
+    model = build_model(ModelConfig(backbone="resnet_tiny", num_classes=3, aspp_channels=16)).eval()
+    x = torch.randn(2, 3, 65, 65)
+    with torch.no_grad():
+        before = model(x)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    synced = convert_sync_batchnorm(model, "cpu")
+    assert sum(type(m) is SyncBatchNorm2d for m in synced.modules()) == n_bn > 0
+    synced.train()
+    synced(x).sum().backward()  # no process group: plain BatchNorm behaviour, trains
+    synced.eval()
+    plain = revert_sync_batchnorm(synced)
+    assert not any(isinstance(m, SyncBatchNorm2d) for m in plain.modules())
+    with torch.no_grad():
+        after = plain(x)
+    assert after.shape == before.shape == (2, 3, 65, 65)
+    assert not torch.equal(after, before)  # the training step moved the running statistics
+    # and the reverted model's state loads into a fresh plain model with identical outputs
+    fresh = build_model(ModelConfig(backbone="resnet_tiny", num_classes=3, aspp_channels=16)).eval()
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), after)
