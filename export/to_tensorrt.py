@@ -271,7 +271,10 @@ def run(args, log=print) -> int:
 
     # 3. accuracy of the reduced precision in onnxruntime --------------------------------------------
     accuracy = None
-    if args.check_accuracy and args.precision != "fp32" and args.precision in onnx_files:
+    if args.check_accuracy and args.precision == "bf16":
+        log("note: --check-accuracy skips bf16: onnxruntime's CPU provider has no bf16 Conv kernel; "
+            "python export/bench.py reports bf16 (torch autocast) accuracy instead")
+    elif args.check_accuracy and args.precision != "fp32" and args.precision in onnx_files:
         if num_classes is None:
             raise ValueError(f"{fp32_onnx}: no deeplab.num_classes metadata; export it with export.to_onnx")
         n = args.accuracy_images or ex.accuracy_images
