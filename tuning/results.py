@@ -1,0 +1,236 @@
+"""Search results a person reads at a glance: the paper's table (Markdown, CSV, printed), a plot, the best trial.
+
+A row is a plain dict per configuration, run or pruned: its values, final val mIoU, iterations run, whether
+ASHA stopped it early, wall time, status and the path of its best checkpoint.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+from pathlib import Path
+
+from deeplab.config import ConfigError, to_plain
+
+from . import spaces
+
+RAN = ("finished", "stopped early")  # statuses of trials that trained to a result worth comparing
+CSV_FIELDS = ("trial_id", "label", "multi_grid", "aspp_rates", "image_pooling", "crop_size", "output_stride",
+              "cascade_blocks", "lr", "seed", "miou", "best_miou", "iterations", "max_iterations", "stopped_early",
+              "wall_s", "status", "checkpoint")
+
+
+def _values(base, point: dict) -> dict:
+    """The paper's columns for a point: the point's values over the base config's (pruned points included)."""
+    try:
+        cfg = spaces.apply_point(base, point)
+    except ConfigError:
+        cfg = base
+    v = {"multi_grid": cfg.model.multi_grid, "aspp_rates": cfg.model.aspp_rates,
+         "image_pooling": cfg.model.image_pooling, "crop_size": cfg.data.crop_size,
+         "output_stride": cfg.model.output_stride, "cascade_blocks": cfg.model.cascade_blocks, "lr": cfg.train.lr,
+         "seed": cfg.train.seed, "max_iterations": cfg.train.max_iterations}
+    v.update({k: point[k] for k in v if k in point})
+    return to_plain(v)
+
+
+def _trial_statuses(grid) -> dict:
+    """trial id -> Tune status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED). ResultGrid has no public per-trial
+    status, so read it from the analysis it wraps."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return {t.trial_id: t.status for t in trials}
+
+
+def _error_line(error) -> str:
+    error = getattr(error, "cause", None) or error
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    for ln in lines:  # prefer our own one-line reasons over a traceback's first line
+        if "diverged" in ln:
+            return ln[ln.index("diverged"):]
+    return (lines[-1] if lines else type(error).__name__)[:200]
+
+
+def _best_checkpoint(df):
+    """The path of a trial's checkpoint with the highest val_miou that still exists on disk."""
+    if df is None or "checkpoint_path" not in df or "val_miou" not in df:
+        return None, None
+    rows = df.dropna(subset=["checkpoint_path", "val_miou"]).sort_values("val_miou", ascending=False)
+    for path, miou in zip(rows["checkpoint_path"], rows["val_miou"]):
+        if (Path(path) / "model.ckpt").is_file():
+            return str(path), float(miou)
+    return None, None
+
+
+def collect(grid, points: list, pruned: list, base) -> list:
+    """Rows in the space's order: every trial of the ResultGrid, then every pruned point with its reason."""
+    statuses = _trial_statuses(grid)
+    order = [to_plain(p) for p in points]
+    taken = set()
+    rows = []
+    for result in grid:
+        point = to_plain(result.config.get("point", {}))
+        index = next((i for i, p in enumerate(order) if p == point and i not in taken), len(order) + len(rows))
+        taken.add(index)
+        trial_id = Path(result.path).name
+        m = result.metrics or {}
+        v = _values(base, point)
+        iterations = m.get("iteration")
+        status = {"TERMINATED": "finished", "ERROR": "failed"}.get(statuses.get(trial_id), "")
+        if not status:
+            status = "failed" if result.error else (statuses.get(trial_id) or "pending").lower()
+        stopped = status == "finished" and iterations is not None and iterations < v["max_iterations"]
+        if stopped:
+            status = "stopped early"
+        if status == "failed":
+            status = f"failed: {_error_line(result.error)}" if result.error else "failed"
+        checkpoint, best_miou = _best_checkpoint(result.metrics_dataframe)
+        miou = m.get("val_miou")
+        rows.append({"index": index, "trial_id": trial_id, "label": spaces.describe(point), "point": point, **v,
+                     "miou": None if miou is None or not math.isfinite(miou) else float(miou), "best_miou": best_miou,
+                     "iterations": iterations, "stopped_early": stopped, "wall_s": m.get("time_total_s"),
+                     "status": status, "checkpoint": checkpoint})
+    rows.sort(key=lambda r: r["index"])
+    for point, reason in pruned:
+        point = to_plain(point)
+        rows.append({"trial_id": "", "label": spaces.describe(point), "point": point, **_values(base, point),
+                     "miou": None, "best_miou": None, "iterations": 0, "stopped_early": False, "wall_s": None,
+                     "status": f"pruned: {reason}", "checkpoint": None})
+    return rows
+
+
+def best(rows: list):
+    """The trial that ran with the highest final val mIoU and has a checkpoint on disk; None if there is none."""
+    ran = [r for r in rows if r["status"] in RAN and r["miou"] is not None and r["checkpoint"]]
+    return max(ran, key=lambda r: r["miou"]) if ran else None
+
+
+def asha_savings(rows: list):
+    """What early stopping saved, in trial-iterations, against running every trial that ran to its end."""
+    ran = [r for r in rows if r["status"] in RAN]
+    if not ran:
+        return None
+    done = sum(r["iterations"] or 0 for r in ran)
+    full = sum(r["max_iterations"] for r in ran)
+    stopped = sum(r["stopped_early"] for r in ran)
+    return (f"{len(ran)} trials trained {done} of {full} trial-iterations ({stopped} stopped early): early stopping "
+            f"saved {full - done} ({100 * (full - done) / max(full, 1):.0f}%) against running every trial to the end")
+
+
+def _tup(v) -> str:
+    return "(" + ", ".join(str(x) for x in v) + ")"
+
+
+def _fmt_time(s) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def table_columns(rows: list) -> list:
+    """(header, row -> text) pairs: the paper's columns, plus block/lr/seed when the search varies them."""
+    cols = [("Multi-Grid", lambda r: _tup(r["multi_grid"])), ("ASPP", lambda r: _tup(r["aspp_rates"])),
+            ("Image Pooling", lambda r: "yes" if r["image_pooling"] else "no"), ("Crop", lambda r: str(r["crop_size"])),
+            ("OS", lambda r: str(r["output_stride"]))]
+    varied = {k for r in rows for k in r["point"]}
+    if "cascade_blocks" in varied:
+        cols.append(("Blocks", lambda r: f"block{4 + r['cascade_blocks']}"))
+    if "lr" in varied:
+        cols.append(("lr", lambda r: f"{r['lr']:g}"))
+    if "seed" in varied:
+        cols.append(("Seed", lambda r: str(r["seed"])))
+    for key in sorted(k for k in varied if k not in spaces.SHORT_NAMES):
+        cols.append((key, lambda r, key=key: str(r["point"].get(key, ""))))
+    cols += [("mIoU", lambda r: "-" if r["miou"] is None else f"{100 * r['miou']:.2f}"),
+             ("Iterations", lambda r: f"{r['iterations'] or 0}/{r['max_iterations']}"),
+             ("Stopped early", lambda r: "yes" if r["stopped_early"] else ""),
+             ("Wall time", lambda r: _fmt_time(r["wall_s"])), ("Status", lambda r: r["status"])]
+    return cols
+
+
+def markdown(rows: list, title: str = "") -> str:
+    top = best(rows)
+    cols = table_columns(rows)
+    lines = [f"# {title}", ""] if title else []
+    lines += ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    for r in rows:
+        cells = [f(r).replace("|", "/") for _, f in cols]
+        if r is top:
+            cells[-5] = f"**{cells[-5]}**"  # the paper marks its best model in bold
+        lines.append("| " + " | ".join(cells) + " |")
+    saved = asha_savings(rows)
+    if top:
+        lines += ["", f"Best: {top['label']}, val mIoU {100 * top['miou']:.2f} (trial {top['trial_id']})."]
+    if saved:
+        lines += ["", saved[0].upper() + saved[1:] + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def to_csv(rows: list) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (" ".join(map(str, r[k])) if isinstance(r[k], list) else r[k]) for k in CSV_FIELDS})
+    return buf.getvalue()
+
+
+def plot(rows: list, path: Path, title: str = "") -> None:
+    """Horizontal bars of val mIoU per configuration; stopped-early lighter, failed and pruned marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    top = best(rows)
+    colors = {"finished": "#1f77b4", "stopped early": "#9ecae1"}
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.32 * len(rows)))
+    ys = list(range(len(rows)))[::-1]
+    values = [100 * r["miou"] if r["miou"] is not None else 0.0 for r in rows]
+    xmax = max(values + [1.0])
+    for y, r, x in zip(ys, rows, values):
+        status = r["status"].split(":")[0]
+        if status in colors:
+            ax.barh(y, x, color=colors[status], edgecolor="#d4a017" if r is top else "none", linewidth=2.5)
+            ax.text(x + 0.01 * xmax, y, f"{x:.2f}" + (" best" if r is top else "")
+                    + (f" ({r['iterations']} it)" if r["stopped_early"] else ""), va="center", fontsize=8)
+        else:
+            ax.text(0.01 * xmax, y, status, va="center", fontsize=8, color="#c0392b" if status == "failed" else "#777")
+    ax.set_yticks(ys)
+    ax.set_yticklabels([r["label"] for r in rows], fontsize=8)
+    ax.set_xlim(0, xmax * 1.25)
+    ax.set_xlabel("val mIoU (%)")
+    ax.set_title(title or "search", fontsize=10, loc="left")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    ax.legend(handles, list(colors), loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def write(rows: list, folder: Path, title: str = "") -> None:
+    """Print the table and write results.md, results.csv and results.png into the search folder."""
+    text = markdown(rows, title)
+    print(text, flush=True)
+    _atomic_text(folder / "results.md", text)
+    _atomic_text(folder / "results.csv", to_csv(rows))
+    plot(rows, folder / "results.png", title)
+
+
+def copy_checkpoint(checkpoint_dir: str, output: Path) -> None:
+    """Copy a trial checkpoint's model.ckpt to output atomically (temp name in the same folder, then rename)."""
+    src = Path(checkpoint_dir) / "model.ckpt"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, output)
