@@ -1,0 +1,146 @@
+"""Ray Train on a real multi-node Ray cluster on this machine (ray.cluster_utils.Cluster, 2 nodes).
+
+One cluster for the module. Runs use resnet_tiny on 65 px crops: behaviour, not accuracy.
+"""
+import json
+import os
+import signal
+import sys
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+from ray.train import UserCallback  # noqa: E402
+
+from deeplab import load_checkpoint  # noqa: E402
+from deeplab.config import load_config  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the callback below runs in the controller
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    saved = os.environ.pop("RAY_ADDRESS", None)  # never join someone else's cluster
+    # Ray Train's placement-group cleaner needs the dashboard's state API; others on this machine may hold 8265
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": _free_port()})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    cluster.connect()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+
+
+def tiny_config(tmp_path, name, **train):
+    cfg = load_config(None, [
+        "model.backbone=resnet_tiny", "model.aspp_channels=16", "model.num_classes=4",
+        "data.synthetic_classes=4", "data.synthetic_size=80", "data.crop_size=65",
+        "data.synthetic_train=16", "data.synthetic_val=4", "data.loader_workers=0",
+        "train.batch_size=4", "train.max_iterations=12", "train.eval_interval=4", "train.log_interval=4",
+        "train.lr=0.05", "train.amp=off",
+        "cluster.num_workers=2", "cluster.cpus_per_worker=1", "cluster.placement_strategy=STRICT_SPREAD",
+        "cluster.collective_timeout_s=30", "cluster.max_failures=2",
+        f"cluster.storage_path={tmp_path}", f"cluster.name={name}",
+    ])
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+class Log(UserCallback):
+    """Runs in the Ray Train controller: appends every report and every worker failure to a file."""
+
+    def __init__(self, path, kill_after_first_report_below=None):
+        self.path, self.kill_below = str(path), kill_after_first_report_below
+
+    def _write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self._write({"report": [m["iteration"] for m in metrics], "loss": metrics[0]["loss"],
+                     "checkpoint": checkpoint is not None})
+        if self.kill_below is not None:
+            pid = self._training_worker(self.kill_below)
+            self.kill_below = None  # once
+            os.kill(pid, signal.SIGKILL)  # as when a node dies: no cleanup, no exception in the worker
+            self._write({"killed": pid})
+
+    @staticmethod
+    def _training_worker(ancestor: int) -> int:
+        """A Ray Train worker process of *this* test's cluster (a descendant of the pytest process)."""
+        import psutil
+
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                if any(p.pid == ancestor for p in proc.parents()):
+                    return proc.pid
+        raise RuntimeError("no RayTrainWorker process found")
+
+    def after_exception(self, run_context, worker_exceptions):
+        self._write({"failure": {str(k): type(v).__name__ for k, v in worker_exceptions.items()}})
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_two_nodes_strict_spread_trains_and_writes_best_checkpoint(two_nodes, tmp_path):
+    from cluster.train import build_trainer, train
+
+    cfg = tiny_config(tmp_path, "spread")
+    assert build_trainer(cfg).scaling_config.placement_strategy == "STRICT_SPREAD"  # one worker per node
+    log = tmp_path / "log.jsonl"
+    result = train(cfg, callbacks=[Log(log)])
+    reports = [r for r in read_log(log) if "report" in r]
+    assert [r["report"] for r in reports] == [[4, 4], [8, 8], [12, 12]]  # every rank, once per evaluation
+    assert all(r["checkpoint"] for r in reports)
+    assert reports[-1]["loss"] < reports[0]["loss"]  # it learns
+    assert result.metrics["iteration"] == 12 and len(result.metrics["val_iou"]) == 4
+    for checkpoint, metrics in result.best_checkpoints:
+        ck = load_checkpoint(os.path.join(checkpoint.path, "model.ckpt"))
+        assert ck.state["metrics"]["val_miou"] == pytest.approx(metrics["val_miou"])
+        assert ck.experiment.data.crop_size == 65 and ck.config.backbone == "resnet_tiny"
+    best = load_checkpoint(tmp_path / "spread" / "best.ckpt")
+    assert best.state["metrics"]["val_miou"] == pytest.approx(max(m["val_miou"] for _, m in result.best_checkpoints))
+    assert list((tmp_path / "spread" / "tensorboard").iterdir())  # event files for TensorBoard
+
+
+def test_sigkilled_worker_is_replaced_and_the_run_resumes(two_nodes, tmp_path):
+    from cluster.train import build_trainer
+
+    cfg = tiny_config(tmp_path, "killed")
+    log = tmp_path / "log.jsonl"
+    result = build_trainer(cfg, callbacks=[Log(log, kill_after_first_report_below=os.getpid())]).fit()
+    records = read_log(log)
+    assert any("killed" in r for r in records) and any("failure" in r for r in records)
+    iterations = [r["report"][0] for r in records if "report" in r]
+    assert iterations == [4, 8, 12]  # resumed from iteration 4: the full count, nothing reported twice
+    assert result.metrics["iteration"] == 12
+
+
+def test_nan_loss_fails_the_run_without_retries(two_nodes, tmp_path):
+    from cluster.train import build_trainer
+
+    cfg = tiny_config(tmp_path, "nan", lr=1e12, max_iterations=40, eval_interval=40)
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(ray.train.TrainingFailedError, match=r"loss is (nan|inf) at iteration"):
+        build_trainer(cfg, callbacks=[Log(log)], max_failures=3).fit()
+    failures = [r for r in read_log(log) if "failure" in r]
+    assert len(failures) == 1  # not retried max_failures times
