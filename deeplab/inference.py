@@ -107,7 +107,7 @@ def predict_logits(model, images: torch.Tensor, output_stride: Optional[int] = N
 class Progress:
     """A one-line progress bar on stderr: done/total, rate, ETA (rewritten at most every half second)."""
 
-    def __init__(self, total: int, label: str = "", unit: str = "images", stream=sys.stderr, enabled: bool = True):
+    def __init__(self, total: int, label: str = "", unit: str = "images", stream=None, enabled: bool = True):
         self.total, self.label, self.unit, self.stream, self.enabled = total, label, unit, stream, enabled
         self.done, self.start, self.last = 0, time.monotonic(), 0.0
 
@@ -122,7 +122,7 @@ class Progress:
         bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         print(f"\r{self.label} [{bar}] {self.done}/{self.total} {self.unit} {rate:.2f}/s ETA {eta:.0f}s",
-              end="\n" if self.done >= self.total else "", file=self.stream, flush=True)
+              end="\n" if self.done >= self.total else "", file=self.stream or sys.stderr, flush=True)
 
 
 @torch.no_grad()

@@ -327,6 +327,9 @@ class _Segmentation(Dataset):
         return len(self.indices) if self.indices is not None else self.num_items()
 
     def __getitem__(self, position: int):
+        if not -len(self) <= position < len(self):
+            raise IndexError(f"sample {position} of a dataset of {len(self)}")
+        position %= len(self)
         index = self.indices[position] if self.indices is not None else position
         image, mask = self.load(index)
         try:
