@@ -124,3 +124,14 @@ def test_describe_reads_like_the_papers_rows():
     p = {"multi_grid": (1, 2, 4), "aspp_rates": (6, 12, 18), "image_pooling": True, "crop_size": 513,
          "output_stride": 16}
     assert spaces.describe(p) == "MG(1,2,4) ASPP(6,12,18)+IP crop 513 OS16"
+
+
+def test_explicit_points(tmp_path):
+    f = tmp_path / "points.yaml"
+    f.write_text("points:\n  - {crop_size: 65, aspp_rates: [1, 2, 3]}\n  - {lr: 1.0e+6}\n")
+    points = spaces.expand(spaces.load_space(str(f)))
+    assert points == [{"crop_size": 65, "aspp_rates": (1, 2, 3)}, {"lr": 1e6}]
+    with pytest.raises(ConfigError, match="cannot be mixed"):
+        spaces.load_space({"points": [{"lr": 0.1}], "crop_size": [65]})
+    with pytest.raises(ConfigError, match="unknown"):
+        spaces.load_space({"points": [{"bogus": 1}]})

@@ -11,6 +11,7 @@ is reachable as ``section.field``::
     cascade_blocks: [0]                              # model.cascade_blocks
     lr: [0.007]                                      # train.lr; in sample mode also {loguniform: [1e-4, 1e-2]}
 
+A space may instead list whole configurations, ``points: [{crop_size: 513, lr: 0.007}, ...]``.
 ``grid`` mode runs every combination (``num_samples`` times, each repeat with the next seed); ``sample`` mode
 draws ``num_samples`` points. A point is a plain dict {short name: value}; it becomes a full ExperimentConfig
 with :func:`apply_point`. :func:`prune` drops points that cannot work and says why.
@@ -56,22 +57,35 @@ MODES = ("grid", "sample")
 DISTRIBUTIONS = ("uniform", "loguniform")
 
 
-def _where(key: str) -> tuple:
+def _where(key: str, where: str = "search space") -> tuple:
     if key in SHORT_NAMES:
         return SHORT_NAMES[key]
     section, dot, name = key.partition(".")
     if not dot or section not in SECTIONS:
-        raise ConfigError(f"search space key {key!r} is unknown; use one of {', '.join(SHORT_NAMES)} "
+        raise ConfigError(f"{where}: key {key!r} is unknown; use one of {', '.join(SHORT_NAMES)} "
                           f"or SECTION.FIELD with SECTION one of {', '.join(SECTIONS)}")
     return section, name
+
+
+def _check_points(points, where: str) -> dict:
+    if not isinstance(points, list) or not points or not all(isinstance(p, dict) and p for p in points):
+        raise ConfigError(f"{where}: points: expected a non-empty list of mappings name -> value")
+    for p in points:
+        for key in p:
+            _where(key, where)
+    return {"points": [{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()} for p in points]}
 
 
 def _check_space(space: dict, where: str) -> dict:
     if not isinstance(space, dict) or not space:
         raise ConfigError(f"{where}: a search space is a non-empty mapping of name -> list of values")
+    if "points" in space:
+        if len(space) > 1:
+            raise ConfigError(f"{where}: 'points' lists whole configurations; it cannot be mixed with other keys")
+        return _check_points(space["points"], where)
     out = {}
     for key, values in space.items():
-        _where(key)
+        _where(key, where)
         if isinstance(values, dict):
             dist, bounds = next(iter(values.items())) if len(values) == 1 else (None, None)
             if dist not in DISTRIBUTIONS or not (isinstance(bounds, list) and len(bounds) == 2):
@@ -112,17 +126,22 @@ def expand(space: dict, mode: str = "grid", num_samples: int = 1, seed: int = 0)
         raise ConfigError(f"tune.mode={mode!r} is unknown; use grid or sample")
     if num_samples < 1:
         raise ConfigError(f"tune.num_samples={num_samples} must be >= 1")
+    if "points" in space:  # explicit configurations: grid runs each, sample draws from them
+        grid = [dict(p) for p in space["points"]]
+        space = {}
+    else:
+        grid = None
     ranges = {k: v for k, v in space.items() if isinstance(v, dict)}
     lists = {k: v for k, v in space.items() if not isinstance(v, dict)}
     if mode == "grid":
         if ranges:
             raise ConfigError(f"space key(s) {', '.join(ranges)} are ranges: use tune.mode=sample, or list values")
-        grid = [dict(zip(lists, combo)) for combo in itertools.product(*lists.values())]
+        grid = grid or [dict(zip(lists, combo)) for combo in itertools.product(*lists.values())]
         if num_samples == 1:
             return grid
         return [{**p, "seed": seed + i} for i in range(num_samples) for p in grid]
     rng = random.Random(seed)
-    grid = [dict(zip(lists, combo)) for combo in itertools.product(*lists.values())]
+    grid = grid or [dict(zip(lists, combo)) for combo in itertools.product(*lists.values())]
     picks = rng.sample(grid, num_samples) if num_samples <= len(grid) else [rng.choice(grid) for _ in range(num_samples)]
     points = []
     for p in picks:
