@@ -38,16 +38,6 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     return t.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def resize_pair(image: np.ndarray, mask: np.ndarray, height: int, width: int):
-    """Bilinear for the image, nearest for the mask: both map pixel centres the same way (Pillow), so the
-    pair stays aligned; labels are never interpolated into classes that are not there."""
-    if (height, width) == mask.shape:
-        return image, mask
-    image = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
-    mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
-    return image, mask
-
-
 def _place(image: np.ndarray, mask: np.ndarray, height: int, width: int, ignore_index: int):
     """Normalize and put the pair at the top-left of a height x width canvas: image 0 (the mean pixel after
     normalization), mask ``ignore_index``, so padding never counts as background."""
