@@ -123,3 +123,16 @@ def test_dry_run_lists_configurations_and_pruning_reasons(tmp_path, capsys):
     assert "8 configurations, 2 pruned, 6 to run" in out
     assert out.count("would run") == 6 and out.count("(paper Fig. 4)") == 2
     assert not list(tmp_path.iterdir())
+
+
+def test_divergence_is_found_however_ray_wraps_it():
+    from ray.train import ControllerError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    nan = FloatingPointError("loss is nan at iteration 7")
+    assert search_rates._divergence(ControllerError(nan)) == "loss is nan at iteration 7"
+    assert search_rates._divergence(WorkerGroupError("failed", {1: nan})) == "loss is nan at iteration 7"
+    wrapped = RuntimeError("worker died")
+    wrapped.__cause__ = nan
+    assert search_rates._divergence(wrapped) == "loss is nan at iteration 7"
+    assert search_rates._divergence(WorkerGroupError("failed", {0: RuntimeError("node lost")})) is None

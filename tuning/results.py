@@ -36,11 +36,11 @@ def _values(base, point: dict) -> dict:
     return to_plain(v)
 
 
-def _trial_statuses(grid) -> dict:
-    """trial id -> Tune status (TERMINATED, ERROR, PENDING, RUNNING, PAUSED). ResultGrid has no public per-trial
-    status, so read it from the analysis it wraps."""
+def _trials(grid) -> dict:
+    """trial id -> (Tune status: TERMINATED, ERROR, PENDING, RUNNING, PAUSED; config). ResultGrid has no public
+    per-trial status, and no config for a trial that never started, so read both from the analysis it wraps."""
     trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
-    return {t.trial_id: t.status for t in trials}
+    return {t.trial_id: (t.status, t.config) for t in trials}
 
 
 def _error_line(error) -> str:
@@ -65,21 +65,22 @@ def _best_checkpoint(df):
 
 def collect(grid, points: list, pruned: list, base) -> list:
     """Rows in the space's order: every trial of the ResultGrid, then every pruned point with its reason."""
-    statuses = _trial_statuses(grid)
+    trials = _trials(grid)
     order = [to_plain(p) for p in points]
     taken = set()
     rows = []
     for result in grid:
-        point = to_plain(result.config.get("point", {}))
+        trial_id = Path(result.path).name
+        tune_status, config = trials.get(trial_id, (None, None))
+        point = to_plain((result.config or config or {}).get("point", {}))
         index = next((i for i, p in enumerate(order) if p == point and i not in taken), len(order) + len(rows))
         taken.add(index)
-        trial_id = Path(result.path).name
         m = result.metrics or {}
         v = _values(base, point)
         iterations = m.get("iteration")
-        status = {"TERMINATED": "finished", "ERROR": "failed"}.get(statuses.get(trial_id), "")
+        status = {"TERMINATED": "finished", "ERROR": "failed"}.get(tune_status, "")
         if not status:
-            status = "failed" if result.error else (statuses.get(trial_id) or "pending").lower()
+            status = "failed" if result.error else (tune_status or "pending").lower()
         stopped = status == "finished" and iterations is not None and iterations < v["max_iterations"]
         if stopped:
             status = "stopped early"
