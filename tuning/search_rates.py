@@ -34,25 +34,28 @@ class TrialDiverged(RuntimeError):
     """The trial's loss went NaN/inf. Recorded as failed; retrying would diverge again, so it is not re-run."""
 
 
-def _diverged(error: BaseException) -> bool:
-    """Did a Ray Train run fail because a worker raised FloatingPointError (non-finite loss)?"""
-    seen = set()
-    stack = [error]
+def _divergence(error: BaseException):
+    """The worker's FloatingPointError message if a Ray Train run failed because the loss went NaN/inf, else None.
+    Ray wraps them (ControllerError.controller_failure, WorkerGroupError.worker_failures, RayTaskError.cause,
+    chained causes); walk them."""
+    seen, stack = set(), [error]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, FloatingPointError) or "FloatingPointError" in str(e):
-            return True
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+        if isinstance(e, FloatingPointError):
+            return (str(e).strip().splitlines() or ["non-finite loss"])[-1]
+        line = next((ln for ln in str(e).splitlines() if "FloatingPointError" in ln), None)
+        if line:
+            return line.split("FloatingPointError:")[-1].strip() or "non-finite loss"
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None)]
         stack += list((getattr(e, "worker_failures", None) or {}).values())
-    return False
+    return None
 
 
 def run_trial(config: dict, base: dict, runs_path: str) -> None:
     """One Tune trial: build the distributed trainer for this point and run it; Train reports go to Tune."""
-    import ray.train
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -66,10 +69,11 @@ def run_trial(config: dict, base: dict, runs_path: str) -> None:
     trainer = build_trainer(cfg, name=trial_id, storage_path=runs_path, callbacks=[TuneReportCallback()])
     try:
         trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        if not _diverged(e):
+    except Exception as e:  # TrainingFailedError, or the divergence itself raised by cluster.train's callback
+        reason = _divergence(e)
+        if reason is None:
             raise
-        message = f"diverged: non-finite loss ({spaces.describe(config['point'])}, lr {cfg.train.lr:g})"
+        message = f"diverged: {reason} (lr {cfg.train.lr:g})"
         tmp = marker.with_suffix(".tmp")
         tmp.write_text(message + "\n")
         os.replace(tmp, marker)
