@@ -37,13 +37,25 @@ def colorize(mask: np.ndarray, palette: np.ndarray, ignore_index: int = 255) -> 
     return lut[mask.astype(np.uint8)]
 
 
+def boundaries(mask: np.ndarray) -> np.ndarray:
+    """Pixels whose right or lower neighbour has another label (HxW bool)."""
+    edge = np.zeros(mask.shape, bool)
+    edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
+    edge[:-1] |= mask[:-1] != mask[1:]
+    return edge
+
+
 def overlay(image: np.ndarray, mask: np.ndarray, palette: np.ndarray, alpha: float = 0.5,
             ignore_index: int = 255, background: int | None = 0) -> np.ndarray:
-    """Blend class colours over the photo; ``background`` (class 0) and ignore pixels show the photo only."""
-    colors = colorize(mask, palette, ignore_index).astype(np.float32)
+    """Class colours blended over the photo, with each region's outline in its full colour so neighbouring
+    classes stay readable; ``background`` (class 0) and ignore pixels show the photo only."""
+    colors = colorize(mask, palette, ignore_index)
     keep = mask == ignore_index
     if background is not None:
         keep |= mask == background
-    out = image.astype(np.float32) * (1 - alpha) + colors * alpha
+    out = image.astype(np.float32) * (1 - alpha) + colors.astype(np.float32) * alpha
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    edge = boundaries(mask) & ~keep
+    out[edge] = colors[edge]
     out[keep] = image[keep]
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return out

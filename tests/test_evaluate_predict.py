@@ -17,7 +17,7 @@ from deeplab.data import build_dataset, normalize
 from deeplab.data.synthetic import render
 from deeplab.evaluate import main as evaluate_main
 from deeplab.inference import predict_logits
-from deeplab.palette import voc_palette
+from deeplab.palette import boundaries, voc_palette
 from deeplab.predict import main as predict_main
 
 
@@ -110,8 +110,10 @@ def test_predict_writes_labels_colors_and_overlay(synthetic_ckpt, tmp_path, caps
         assert over.shape == photo.shape
         assert np.array_equal(over[expected == 0], photo[expected == 0])  # background shows the photo
         fg = expected > 0
+        edge = boundaries(expected) & fg
         blend = (photo.astype(float) * 0.5 + voc_palette(4)[expected].astype(float) * 0.5)
-        assert np.abs(over[fg] - blend[fg]).max() <= 1
+        assert np.abs(over[fg & ~edge] - blend[fg & ~edge]).max() <= 1  # regions: half photo, half colour
+        assert np.array_equal(over[edge], voc_palette(4)[expected][edge])  # outlines: the class colour
     assert not list(out.glob(".*tmp"))  # nothing half-written
 
 
