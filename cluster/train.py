@@ -168,6 +168,8 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
             num_to_keep=1, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
         failure_config=ray.train.FailureConfig(max_failures=c.max_failures if max_failures is None else max_failures),
         callbacks=[*callbacks, _stop_on_divergence_callback()],  # last: the others still see the failure
+        # Train V2 reroutes print() through its logger *and* the original stream: each line twice
+        worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
     )
     return TorchTrainer(_train_fn, train_loop_config={"experiment": cfg.to_dict(), "log_dir": log_dir},
                         scaling_config=scaling, torch_config=TorchConfig(timeout_s=c.collective_timeout_s),
@@ -215,19 +217,47 @@ def _print_summary(cfg: ExperimentConfig, result, best_path: Optional[str]) -> N
         print(f"best checkpoint: {best_path}")
 
 
-def init_ray(cfg: ExperimentConfig) -> None:
-    """Join the cluster named by cluster.address / RAY_ADDRESS / a running local one, else start one."""
+def _port_in_use(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_ray(cfg: ExperimentConfig, local: bool = False, **kwargs) -> None:
+    """Join the cluster named by cluster.address / RAY_ADDRESS / a running local one, else start one
+    (``local``: always start a fresh local one). A local dashboard moves off 8265 when that port is taken."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=cfg.cluster.address)
+    if ray.is_initialized():
+        return
+    address = "local" if local else cfg.cluster.address
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        try:  # an existing cluster on this machine (ray start / ray up)
+            ray.init(address="auto", **kwargs)
+            return
+        except ConnectionError:
+            address = "local"
+    if address == "local" and _port_in_use(8265):
+        kwargs.setdefault("dashboard_port", _free_port())
+    ray.init(address=address, **kwargs)
 
 
-def train(cfg: ExperimentConfig, *, callbacks: list = ()):
+def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False):
     """Run the experiment to the end (resuming a previous run of the same name) and write best.ckpt.
-    ``callbacks``: extra Ray Train UserCallbacks (they run in the controller)."""
-    check_config(cfg)
-    preflight(cfg)
+    ``callbacks``: extra Ray Train UserCallbacks (they run in the controller); ``checked``: the config already
+    passed check_config and preflight."""
+    if not checked:
+        check_config(cfg)
+        preflight(cfg)
     init_ray(cfg)
     storage = resolve_storage_path(cfg.cluster.storage_path)
     run_dir = f"{storage.rstrip('/')}/{cfg.cluster.name}"
@@ -263,22 +293,23 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from deeplab.checkpoint import CheckpointError
-
-    try:
-        from deeplab.data import DatasetError
-    except ImportError:  # pragma: no cover - the data package always defines it
-        DatasetError = ValueError
-    import ray.train
+    from deeplab.data import DatasetError
 
     try:
         cfg = load_config(args.config, args.overrides)
         for flag in ("num_workers", "use_gpu", "cpus_per_worker", "storage_path", "name"):
             if getattr(args, flag) is not None:
                 setattr(cfg.cluster, flag, getattr(args, flag))
-        train(cfg)
+        check_config(cfg)
+        preflight(cfg)
     except (ConfigError, CheckpointError, DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+    import ray.train
+
+    try:
+        train(cfg, checked=True)
     except ray.train.TrainingFailedError as e:
         lines = [line for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "Error:" in line), lines[-1] if lines else type(e).__name__)

@@ -217,7 +217,21 @@ def build_model_for_training(cfg: ExperimentConfig, resume: Optional[str]) -> tu
                               f"{cfg.model.backbone} ({str(e).splitlines()[0]})") from None
     elif cfg.train.pretrained_backbone:
         load_backbone_weights(model, cfg.train.pretrained_backbone)
+    else:
+        _init_from_scratch(model)
     return model, None
+
+
+def _init_from_scratch(model: nn.Module) -> None:
+    """Without pretrained weights: each residual unit starts as identity (last BN scale 0, Goyal et al. 2017)
+    and the logits start near 0 (loss ln C), so the first iterations are not spent undoing huge outputs."""
+    for m in model.modules():
+        if hasattr(m, "bn3") and isinstance(m.bn3, nn.BatchNorm2d):
+            nn.init.zeros_(m.bn3.weight)
+    last = model.classifier[-1]
+    if isinstance(last, nn.Conv2d):
+        nn.init.normal_(last.weight, std=0.01)
+        nn.init.zeros_(last.bias)
 
 
 def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:

@@ -1,0 +1,111 @@
+"""The main job on the embedded default (``make demo``): train, evaluate at output stride 8, export, bench.
+
+1. local Ray, 2 CPU workers, DDP with synchronized BatchNorm, synthetic scenes: ResNet-50 DeepLabv3
+   trained from scratch with `cluster.train` (configs/demo.yaml) -> runs/demo/best.ckpt
+2. the best checkpoint evaluated on the validation set at output stride 16 (as trained) and 8 (paper: run at 8)
+3. if the export package is installed: ONNX at output stride 8 (checked against PyTorch in onnxruntime) and a
+   short benchmark of the backends it finds
+
+    python -m cluster.demo [--config configs/demo.yaml] [--set SECTION.FIELD=VALUE ...] [--resume]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
+    """mIoU of a checkpoint on its own experiment's validation set at each output stride."""
+    from torch.utils.data import DataLoader
+
+    from deeplab import load_checkpoint
+    from deeplab.data import build_dataset
+    from deeplab.inference import evaluate
+
+    ck = load_checkpoint(path)
+    loader = DataLoader(build_dataset(ck.experiment.data, ck.experiment.data.val_split, train=False), batch_size=1)
+    return {os_: evaluate(ck.model, loader, ck.config.num_classes, output_stride=os_).miou() for os_ in output_strides}
+
+
+def export_and_bench(best: str, out: str) -> None:
+    """ONNX export and a short benchmark, when the export package is there (imported lazily)."""
+    try:
+        from export.to_onnx import export_checkpoint
+    except ImportError as e:
+        print(f"skipping export: {e}")
+        return
+    onnx_path = os.path.join(out, "model_os8.onnx")
+    export_checkpoint(best, onnx_path, output_stride=8)
+    print(f"wrote {onnx_path}")
+    try:
+        from export import bench
+    except ImportError as e:
+        print(f"skipping the benchmark: {e}")
+        return
+    bench.main(["--checkpoint", best, "--onnx", onnx_path, "--size", "129", "--repeats", "3", "--accuracy-images", "4",
+                "--threads", "1", "--backends", "torch_fp32,torch_channels_last,ort_cpu_fp32", "--out", os.path.join(out, "bench")])
+
+
+def main(argv=None) -> int:
+    from deeplab.config import ConfigError, add_config_args, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue runs/demo if it exists (default: start it afresh)")
+    parser.add_argument("--skip-export", action="store_true", help="stop after training and evaluation")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config or os.path.join(ROOT, "configs", "demo.yaml"), args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from cluster.train import init_ray, resolve_storage_path, train
+
+    run_dir = os.path.join(resolve_storage_path(cfg.cluster.storage_path), cfg.cluster.name)
+    if os.path.isdir(run_dir) and not args.resume:
+        print(f"removing the previous demo run {run_dir} (--resume keeps it)")
+        shutil.rmtree(run_dir)
+    started = time.perf_counter()
+    os.environ.pop("RAY_ADDRESS", None)
+    init_ray(cfg, local=True)  # the demo's own local Ray, whatever else runs on this machine
+    print(f"[1/3] training {cfg.model.backbone} DeepLabv3 on {cfg.cluster.num_workers} CPU workers "
+          f"(synchronized BatchNorm), {cfg.train.max_iterations} iterations of batch {cfg.train.batch_size} "
+          f"at {cfg.data.crop_size}x{cfg.data.crop_size}", flush=True)
+    train(cfg)
+    import ray
+
+    ray.shutdown()  # free the cores for evaluation
+    trained = time.perf_counter()
+    best = os.path.join(run_dir, "best.ckpt")
+
+    import torch
+
+    torch.set_num_threads(1)  # small images: one thread avoids OpenMP spin-waits on a busy machine
+    print("[2/3] evaluating best.ckpt on the validation set at output stride 16 and 8", flush=True)
+    miou = evaluate_checkpoint(best)
+    for os_, value in miou.items():
+        print(f"  output stride {os_:2d}: val mIoU {value:.4f}")
+    evaluated = time.perf_counter()
+
+    if args.skip_export:
+        print("[3/3] export skipped (--skip-export)")
+    else:
+        print("[3/3] export to ONNX at output stride 8 and a short benchmark", flush=True)
+        export_and_bench(best, os.path.join(run_dir, "export"))
+    done = time.perf_counter()
+    print(f"\ndemo finished in {(done - started) / 60:.1f} min (training {(trained - started) / 60:.1f}, evaluation "
+          f"{(evaluated - trained) / 60:.1f}, export+bench {(done - evaluated) / 60:.1f}); "
+          f"val mIoU at output stride 8: {miou[8]:.4f}; best checkpoint {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
