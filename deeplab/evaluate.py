@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         info = dataset_info(data)
         if info.num_classes != ckpt.config.num_classes:
             raise ConfigError(f"{args.checkpoint}: the model predicts {ckpt.config.num_classes} classes but the "
-                              f"{data.dataset} dataset has {info.num_classes}")
+                              f"{data.dataset} dataset has {info.num_classes}; point --data at its dataset")
         if args.batch_size > 1 and not data.val_size:
             raise ConfigError(f"--batch-size {args.batch_size} needs equal-sized images: "
                               "--set data.val_size=513 (or the largest image side)")
