@@ -78,9 +78,14 @@ def collect(grid, points: list, pruned: list, base) -> list:
         m = result.metrics or {}
         v = _values(base, point)
         iterations = m.get("iteration")
-        status = {"TERMINATED": "finished", "ERROR": "failed"}.get(tune_status, "")
-        if not status:
-            status = "failed" if result.error else (tune_status or "pending").lower()
+        # A trial that trained to its end or was stopped by the scheduler has done=True in its last result; an
+        # interrupted search leaves running and pending trials TERMINATED in memory but never done.
+        if tune_status == "ERROR" or (result.error and tune_status != "TERMINATED"):
+            status = "failed"
+        elif m.get("done"):
+            status = "finished"
+        else:
+            status = "unfinished"
         stopped = status == "finished" and iterations is not None and iterations < v["max_iterations"]
         if stopped:
             status = "stopped early"

@@ -237,8 +237,11 @@ def main(argv=None) -> int:
 
 
 def _search(args) -> int:
+    import time
+
     from . import results
 
+    started = time.monotonic()
     cfg = _apply_flags(load_config(args.config, args.overrides), args)
     search_dir = Path(cfg.cluster.storage_path).expanduser().resolve() / cfg.tune.name
     state_file = search_dir / STATE_FILE
@@ -289,11 +292,12 @@ def _search(args) -> int:
     grid = tuner.fit()
 
     rows = results.collect(grid, kept, pruned, base)
-    unfinished = [r for r in rows if r["status"] in ("pending", "running", "paused")]
+    unfinished = [r for r in rows if r["status"] == "unfinished"]
     results.write(rows, search_dir, title=f"search {cfg.tune.name}: space {_space_name(full)}")
     saved = results.asha_savings(rows)
     if saved:
         print(f"[search] {saved}")
+    print(f"[search] wall time {results._fmt_time(time.monotonic() - started)} for this run of the search", flush=True)
     if unfinished:
         print(f"[search] interrupted with {len(unfinished)} of {len(kept)} trials unfinished; run the same command "
               f"(or add --resume) to continue", flush=True)
