@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .runtime import progress
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -117,7 +119,7 @@ def _calibration_reader(input_name: str, arrays: Sequence[np.ndarray]):
 
 
 def quantize_int8(src, dst, calib: Sequence[np.ndarray], per_channel: bool = True, symmetric: bool = True,
-                  method: str = "minmax", log: Callable = print) -> Path:
+                  method: str = "minmax", log: Callable = progress) -> Path:
     """FP32 ONNX -> INT8 Q/DQ ONNX (int8 weights per channel, int8 activations, zero points 0)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -207,7 +209,7 @@ def modelopt_autocast():
     return convert_to_mixed_precision
 
 
-def lowp_onnx(src, dst, precision: str = "fp16", backend: str = "auto", log: Callable = print) -> tuple:
+def lowp_onnx(src, dst, precision: str = "fp16", backend: str = "auto", log: Callable = progress) -> tuple:
     """FP32 ONNX -> FP16 or BF16 ONNX with float32 inputs/outputs; returns (path, backend used).
 
     backend: "modelopt" (AutoCast; FP16 or BF16), "onnxruntime" (FP16 only) or "auto" (ModelOpt if present)."""
@@ -288,7 +290,7 @@ def evaluate(predict: Callable, samples: Sequence, num_classes: int, ignore_inde
 
 
 def accuracy_report(models: Dict[str, object], samples: Sequence, num_classes: int, ignore_index: int = 255,
-                    reference: str = "fp32", log: Callable = print) -> dict:
+                    reference: str = "fp32", log: Callable = progress) -> dict:
     """Evaluate each named ONNX file (or callable) on the same samples; mIoU and drop vs `reference`."""
     from .runtime import OnnxRunner
 

@@ -19,6 +19,11 @@ DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUE
 SIDECAR_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
 
 
+def progress(*args) -> None:
+    """print, flushed: progress lines show at once even when stdout is a file or a pipe."""
+    print(*args, flush=True)
+
+
 class EngineError(ValueError):
     """An engine cannot run here (wrong GPU / TensorRT version, missing sidecar, no GPU); one-line message."""
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .runtime import progress
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 META_PREFIX = "deeplab."
@@ -200,7 +202,7 @@ def parity_inputs(sizes: Sequence[int], batch: int = 2, data_cfg=None, seed: int
 
 def export_checkpoint(ckpt_path, out_path, output_stride: int = 8, dynamic: bool = True, opset: Optional[int] = None,
                       parity_sizes: Sequence[int] = (97, 65), parity_batch: int = 2, tolerance: float = 1e-3,
-                      data_cfg=None, log=print) -> tuple:
+                      data_cfg=None, log=progress) -> tuple:
     """Checkpoint -> ONNX at `output_stride`; returns (path, metadata, parity rows). Atomic: a failed
     check leaves no file behind."""
     from deeplab.checkpoint import load_checkpoint

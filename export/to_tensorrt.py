@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .runtime import EngineError, atomic_write_bytes, device_info, sidecar_path, write_sidecar
+from .runtime import EngineError, atomic_write_bytes, device_info, progress, sidecar_path, write_sidecar
 
 PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 EXIT_UNSUPPORTED = 2  # this machine cannot build engines (no GPU / no tensorrt); not the user's mistake
@@ -125,7 +125,7 @@ def machine_blocker() -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------ building
 def build_engine(onnx_path, precision: str, shapes: Optional[dict], workspace_gb: float,
-                 input_name: str = "images", log=print) -> bytes:
+                 input_name: str = "images", log=progress) -> bytes:
     """Parse the ONNX and build a serialized engine (TensorRT 10 or 11); raises BuildError."""
     import tensorrt as trt
 
@@ -210,7 +210,7 @@ def _experiment(args, ckpt=None):
     return experiment_from_dict(values, args.config or "config")
 
 
-def run(args, log=print) -> int:
+def run(args, log=progress) -> int:
     from .to_onnx import export_checkpoint, read_metadata
     from . import precision as prec
 

@@ -64,7 +64,7 @@ def test_bench_script_runs_every_cpu_backend(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "export/bench.py", *TINY, "--size", "65", "--batch", "1", "2",
                            "--repeats", "2", "--accuracy-images", "2", "--calib-images", "2", "--threads", "1",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--backends", ",".join(sorted(CPU_BACKENDS)), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     rows = result["rows"]
@@ -82,13 +82,31 @@ def test_bench_script_runs_every_cpu_backend(tmp_path):
     skipped = result["skipped"]
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in skipped["cuda_fp32, cuda_fp16"]
-        assert "CUDAExecutionProvider" in skipped["ort_cuda_fp32"]
     assert "--engine" in skipped["tensorrt engines"]
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "torch_bf16_channels_last" in proc.stdout and "skipped ort_tensorrt_fp32" in proc.stdout
+    assert "torch_bf16_channels_last" in proc.stdout and "skipped tensorrt engines" in proc.stdout
+    assert result["recommendation"].startswith("fastest CPU path within 1.0 mIoU of fp32")
+    # a provider this onnxruntime lacks is skipped with the reason, not an error
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        with pytest.raises(bench.Skip, match="onnxruntime has no CUDAExecutionProvider"):
+            bench.ort_backend("ort_cuda_fp32", out / "model_os8.onnx", "CUDAExecutionProvider", "")
 
 
 def test_bench_help_as_module():
     proc = subprocess.run([sys.executable, "-m", "export.bench", "--help"], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "--output-stride" in proc.stdout and "--batch" in proc.stdout
+
+
+def test_recommendation_is_the_fastest_backend_that_keeps_accuracy():
+    def row(name, speedup, device="cpu", batch=1):
+        return {"backend": name, "speedup_vs_fp32": speedup, "device": device, "batch": batch, "median_ms": 100 / speedup}
+
+    rows = [row("torch_fp32", 1.0), row("torch_bf16", 3.0), row("ort_cpu_int8", 4.0), row("cuda_fp16", 50.0, "cuda"),
+            row("ort_cpu_int8", 9.0, batch=2)]
+    acc = {"torch_fp32": {"miou_change": 0.0}, "torch_bf16": {"miou_change": -0.4}, "ort_cpu_int8": {"miou_change": -2.5}}
+    assert bench.recommend(rows, acc, 1.0).startswith("fastest CPU path within 1.0 mIoU of fp32: torch_bf16 (3.00x")
+    assert "ort_cpu_int8 (4.00x" in bench.recommend(rows, acc, 3.0)
+    assert "accuracy not measured" in bench.recommend(rows, {}, 1.0)
