@@ -56,6 +56,9 @@ def check_config(cfg: ExperimentConfig) -> None:
     if c.cpus_per_worker <= 0:
         raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker} must be > 0")
     per_worker_batch(cfg.train.batch_size, c.num_workers)
+    for name in ("max_iterations", "eval_interval", "log_interval"):
+        if getattr(cfg.train, name) < 1:
+            raise ConfigError(f"train.{name}={getattr(cfg.train, name)} must be >= 1")
     if cfg.train.amp not in ("auto", "bf16", "fp16", "off", False):  # YAML reads `off` as false
         raise ConfigError(f"train.amp={cfg.train.amp!r} is unknown; allowed: auto, bf16, fp16, off")
     if cfg.train.amp == "fp16" and not c.use_gpu:
@@ -272,9 +275,13 @@ def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False)
 def preflight(cfg: ExperimentConfig) -> None:
     """Open the datasets and checkpoints once on the driver, so a bad path fails in one line here."""
     from deeplab.checkpoint import load_checkpoint
-    from deeplab.data import build_dataset
+    from deeplab.data import build_dataset, dataset_info
 
     cfg = _absolute_paths(cfg)
+    num_classes = dataset_info(cfg.data).num_classes
+    if num_classes != cfg.model.num_classes:
+        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data ({cfg.data.dataset}) has "
+                          f"{num_classes} classes")
     build_dataset(cfg.data, cfg.data.train_split, train=True)
     build_dataset(cfg.data, cfg.data.val_split, train=False)
     if cfg.train.init_from and not _is_remote(cfg.train.init_from):
