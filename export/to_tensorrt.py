@@ -132,7 +132,8 @@ def build_engine(onnx_path, precision: str, shapes: Optional[dict], workspace_gb
     path = build_path(trt.__version__)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # 10: explicit batch is the only mode; 11: always strongly typed
+    # 10: flags 0 = explicit batch, weakly typed (precision from builder flags); 11: always strongly typed
+    network = builder.create_network(0) if path == "flags" else builder.create_network()
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
