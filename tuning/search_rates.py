@@ -80,7 +80,7 @@ def run_trial(config: dict, base: dict, runs_path: str) -> None:
         raise TrialDiverged(message) from None
 
 
-def _progress_callback():
+def _progress_callback(max_iterations: int):
     """A Tune callback printing one line per finished, stopped or failed trial (ray imported only here)."""
     from ray.tune import Callback
 
@@ -94,7 +94,8 @@ def _progress_callback():
                   flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            self._line(trial, "finished")
+            done = (trial.last_result or {}).get("iteration", max_iterations)
+            self._line(trial, "finished" if done >= max_iterations else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
             self._line(trial, "failed")
@@ -159,7 +160,7 @@ def _build_tuner(cfg: ExperimentConfig, search_dir: Path, points: list, restore:
                                     trial_name_creator=_trial_dirname),
         run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures),
-                                  callbacks=[_progress_callback()], verbose=0),
+                                  callbacks=[_progress_callback(cfg.train.max_iterations)], verbose=0),
     )
 
 
