@@ -78,11 +78,12 @@ def collect(grid, points: list, pruned: list, base) -> list:
         m = result.metrics or {}
         v = _values(base, point)
         iterations = m.get("iteration")
-        # A trial that trained to its end or was stopped by the scheduler has done=True in its last result; an
-        # interrupted search leaves running and pending trials TERMINATED in memory but never done.
+        # A trial that trained to its end or was stopped by the scheduler has done=True in its last result (in
+        # memory only) and a runs/<id>.complete marker (survives a resume); an interrupted search leaves running
+        # and pending trials TERMINATED but never done.
         if tune_status == "ERROR" or (result.error and tune_status != "TERMINATED"):
             status = "failed"
-        elif m.get("done"):
+        elif m.get("done") or (Path(result.path).parent / "runs" / f"{trial_id}.complete").exists():
             status = "finished"
         else:
             status = "unfinished"

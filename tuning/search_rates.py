@@ -24,6 +24,7 @@ from . import spaces
 
 STATE_FILE = "search.json"  # what the search was started with: config, kept points, pruned points
 RUNS_DIR = "runs"  # Ray Train runs, one per trial, named after the trial id
+COMPLETE_SUFFIX = ".complete"  # runs/<trial_id>.complete: the trial ran to its end or was stopped by the scheduler
 
 
 class SearchError(Exception):
@@ -80,8 +81,12 @@ def run_trial(config: dict, base: dict, runs_path: str) -> None:
         raise TrialDiverged(message) from None
 
 
-def _progress_callback(max_iterations: int):
-    """A Tune callback printing one line per finished, stopped or failed trial (ray imported only here)."""
+def _progress_callback(max_iterations: int, runs_path: str):
+    """A Tune callback printing one line per finished, stopped or failed trial (ray imported only here).
+
+    It also leaves ``runs/<trial_id>.complete``: Tune's ``done`` flag lives only in memory (result.json and a
+    restored experiment lack it), so after a resume this marker is what tells a finished trial from one the
+    interrupt cut short."""
     from ray.tune import Callback
 
     class Progress(Callback):
@@ -95,6 +100,9 @@ def _progress_callback(max_iterations: int):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             done = (trial.last_result or {}).get("iteration", max_iterations)
+            marker = Path(runs_path) / f"{trial.trial_id}{COMPLETE_SUFFIX}"
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
             self._line(trial, "finished" if done >= max_iterations else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info):
@@ -160,7 +168,7 @@ def _build_tuner(cfg: ExperimentConfig, search_dir: Path, points: list, restore:
                                     trial_name_creator=_trial_dirname),
         run_config=tune.RunConfig(name=search_dir.name, storage_path=str(search_dir.parent),
                                   failure_config=tune.FailureConfig(max_failures=t.max_failures),
-                                  callbacks=[_progress_callback(cfg.train.max_iterations)], verbose=0),
+                                  callbacks=[_progress_callback(cfg.train.max_iterations, str(search_dir / RUNS_DIR))], verbose=0),
     )
 
 
