@@ -1,0 +1,52 @@
+"""Forward time of the model at output strides 16 and 8 (same weights), interleaved, median of repeats.
+
+    python -m deeplab.bench_model --backbone resnet101 --size 513 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from .config import ModelConfig
+from .model import build_model
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m deeplab.bench_model", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="resnet101")
+    p.add_argument("--size", type=int, default=513)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--strides", type=int, nargs="+", default=[16, 8])
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(ModelConfig(backbone=args.backbone)).eval()
+    x = torch.randn(args.batch, 3, args.size, args.size)
+    times = {s: [] for s in args.strides}
+    with torch.inference_mode():
+        for s in args.strides:  # warm-up each stride once
+            model.set_output_stride(s)(x)
+        for r in range(args.repeats):
+            for s in args.strides:  # interleaved: machine noise hits every stride alike
+                model.set_output_stride(s)
+                t = time.perf_counter()
+                model(x)
+                times[s].append(time.perf_counter() - t)
+            print(f"round {r + 1}/{args.repeats}: " + "  ".join(f"OS{s} {times[s][-1]:.2f}s" for s in args.strides),
+                  flush=True)
+    base = args.strides[0]
+    for s in args.strides:
+        ratio = statistics.median(b / a for a, b in zip(times[base], times[s]))
+        print(f"{args.backbone} OS{s} {args.size}x{args.size} batch {args.batch} fp32 ({torch.get_num_threads()} threads): "
+              f"median {statistics.median(times[s]):.2f}s, min {min(times[s]):.2f}s, median ratio to OS{base} {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
