@@ -12,3 +12,12 @@ def tiny_model_config():
     from deeplab.config import ModelConfig
 
     return ModelConfig(backbone="resnet_tiny", num_classes=5, aspp_channels=16)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is faster and immune to a busy machine's OpenMP contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -12,13 +12,7 @@ from deeplab import ConfusionMatrix, ModelConfig, build_model
 from deeplab.inference import PAPER_SCALES, evaluate, predict_logits, scaled_size
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to a busy machine's OpenMP contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LeftRight(nn.Module):
