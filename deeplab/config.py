@@ -282,15 +282,76 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
 
 
 def save_config(cfg: ExperimentConfig, path) -> None:
-    """Write a config as YAML atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    """Write a config as YAML atomically."""
+    from .fileio import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    """The two config flags every command shares: --config FILE and repeated --set SECTION.FIELD=VALUE."""
+@dataclass(frozen=True)
+class Alias:
+    """A shorthand flag for one config field: ``--num-workers 4`` means ``--set cluster.num_workers=4``.
+
+    The value goes through the same override path as ``--set`` (parsed as YAML, checked by the section's
+    dataclass), so a flag and its field can never disagree. ``switch``: a flag without a value that sets the
+    field to true; ``nargs="+"``: several values become a YAML list.
+    """
+
+    flag: str
+    key: str  # SECTION.FIELD
+    help: str = ""
+    nargs: Optional[str] = None
+    switch: bool = False
+    metavar: Optional[str] = None
+
+    def default(self):
+        section, name = self.key.split(".", 1)
+        return _default(SECTION_CLASSES[section], name)
+
+    def override(self, value) -> Optional[str]:
+        """The ``SECTION.FIELD=VALUE`` text for a parsed command-line value (None: flag not given)."""
+        if value is None:
+            return None
+        if self.switch:
+            return f"{self.key}=true"
+        if isinstance(value, list):
+            return f"{self.key}=[{', '.join(value)}]"
+        return f"{self.key}={value}"
+
+
+def add_config_args(parser: argparse.ArgumentParser, required: bool = False, aliases=()) -> None:
+    """The config flags every command shares: --config FILE, repeated --set SECTION.FIELD=VALUE, and the
+    command's shorthand ``aliases`` (each one config field; --help shows the field and its default)."""
     parser.add_argument("--config", required=required, help="experiment YAML (sections model/data/train/cluster/tune/export)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set model.output_stride=8 (repeatable)")
+    for alias in aliases:
+        section, name = alias.key.split(".", 1)
+        if section not in SECTION_CLASSES or name not in {f.name for f in fields(SECTION_CLASSES[section])}:
+            raise ValueError(f"alias {alias.flag}: {alias.key} is not a config field")
+        text = f"{alias.help} ({alias.key}; config default: {alias.default()})".lstrip()
+        if alias.switch:
+            parser.add_argument(alias.flag, action="store_const", const=True, default=None, help=text)
+        else:
+            parser.add_argument(alias.flag, nargs=alias.nargs, default=None, metavar=alias.metavar, help=text)
+    parser.set_defaults(_config_aliases=tuple(aliases))
+
+
+def config_overrides(args: argparse.Namespace) -> list:
+    """``--set`` items followed by the shorthand flags given, all as SECTION.FIELD=VALUE (later ones win)."""
+    items = list(getattr(args, "overrides", None) or [])
+    for alias in getattr(args, "_config_aliases", ()):
+        dest = alias.flag.lstrip("-").replace("-", "_")
+        item = alias.override(getattr(args, dest, None))
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def config_from_args(args: argparse.Namespace, base: Optional[ExperimentConfig] = None) -> ExperimentConfig:
+    """The experiment a command runs: ``--config`` (else ``base``, e.g. a checkpoint's own experiment, else the
+    defaults), then ``--set`` and the shorthand flags, through one override path."""
+    if getattr(args, "config", None) or base is None:
+        return load_config(getattr(args, "config", None), config_overrides(args))
+    values = apply_overrides(base.to_dict(), config_overrides(args))
+    return experiment_from_dict(values, "checkpoint config")
