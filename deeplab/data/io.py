@@ -10,10 +10,12 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
+from ..cli import UserError
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file or layout a user can fix; ``str(e)`` is one line naming the file."""
 
     def __init__(self, message: str = "", *args):
