@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .cli import UserError
+
 # Backbone depth -> units per block (block1..block4). "resnet_tiny" is a narrow, shallow bottleneck
 # ResNet for tests and CPU demos whose behaviour does not depend on depth.
 BACKBONE_LAYERS = {
@@ -26,7 +28,7 @@ OUTPUT_STRIDES = (8, 16, 32)
 HEADS = ("paper", "torchvision")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value a user wrote is not allowed; the message names the field and what is allowed."""
 
 
