@@ -33,8 +33,9 @@ if __package__ in (None, ""):  # `python export/bench.py`: make the project impo
 import numpy as np
 import torch
 
+from deeplab.cli import UserError, command
 from deeplab.config import Alias, add_config_args, config_from_args
-from deeplab.fileio import atomic_path, write_text_atomic
+from deeplab.fileio import atomic_path, ensure_dir, write_text_atomic
 
 log = logging.getLogger("export.bench")  # also when run as a script (__name__ is then "__main__")
 
@@ -336,7 +337,7 @@ def load_subject(args) -> tuple:
     ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
     cfg = config_from_args(args, base=ckpt.experiment if ckpt is not None else None)
     if args.repeats < 1 or any(b < 1 for b in args.batch):
-        raise ValueError("--repeats and --batch must be >= 1")
+        raise UserError("--repeats and --batch must be >= 1")
     model = ckpt.model if ckpt is not None else build_model(cfg.model)
     return prepare_model(model, cfg.export.output_stride), cfg
 
@@ -345,6 +346,7 @@ def onnx_backends(model, cfg, args, wanted: Callable, skipped: dict) -> list:
     """onnxruntime backends: the FP32 ONNX, its INT8 Q/DQ twin, the GPU providers this build has."""
     from export import precision as prec
     from export.metadata import build_metadata
+    from deeplab.data import DatasetError
     from export.samples import calibration_images
     from export.to_onnx import export_model
 
@@ -358,7 +360,7 @@ def onnx_backends(model, cfg, args, wanted: Callable, skipped: dict) -> list:
         n, size = cfg.export.calib_images, cfg.export.image_size
         try:
             calib, source = calibration_images(cfg.data, n, size), f"{cfg.data.dataset} train images"
-        except ValueError:
+        except DatasetError:
             calib, source = [torch.randn(1, 3, size, size).numpy() for _ in range(n)], "random noise (dataset did not load)"
         log.info(f"INT8 calibration on {len(calib)} {source}")
         prec.quantize_int8(onnx_path, int8_path, calib)
@@ -453,8 +455,7 @@ def benchmark(args) -> int:
     model, cfg = load_subject(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    ex, out = cfg.export, Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    ex, out = cfg.export, ensure_dir(args.out)
     flops = count_flops(model, ex.image_size)
     cuda = torch.cuda.is_available()
     log.info(f"{model.config.backbone}, output stride {ex.output_stride}, {ex.image_size}x{ex.image_size}: "
@@ -463,7 +464,7 @@ def benchmark(args) -> int:
     skipped = {}
     backends = all_backends(model, cfg, args, skipped)
     if not backends:
-        raise ValueError("no backend left to run (check --backends)")
+        raise UserError("no backend left to run (check --backends)")
     rows = time_backends(backends, cfg, args, flops)
     acc = measure_accuracy(backends, cfg, model.config.num_classes, skipped)
     report({"model": model.config.backbone, "output_stride": ex.output_stride, "size": ex.image_size,
@@ -473,11 +474,13 @@ def benchmark(args) -> int:
     return 0
 
 
+@command
 def main(argv=None) -> int:
-    from export.cli import run_command
+    from export.cli import show_progress
 
     args = parse_args(argv)
-    return run_command("bench", lambda: benchmark(args))
+    show_progress()
+    return benchmark(args)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,20 @@
-"""What every export command shares: progress lines on stdout (export's modules log them; a command shows
-them), and a user's mistake answered in one line with an exit code instead of a traceback."""
+"""What every export command shares beyond deeplab.cli's edge (one-line errors, Ctrl-C): its progress lines
+on stdout (export's modules log them; a command shows them), and the flag that sets a boolean field false."""
 from __future__ import annotations
 
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
-from deeplab.config import Alias, ConfigError
+from deeplab.cli import UserError
+from deeplab.config import Alias
 
-EXIT_FAILED = 1  # the input was wrong or a check failed
-EXIT_USAGE = 2  # a config value or flag is not allowed
-EXIT_INTERRUPTED = 130
+
+class ExportError(UserError, RuntimeError):
+    """An exported model failed a check (parity with PyTorch, accuracy); one line saying what and by how much."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -46,19 +49,3 @@ def show_progress(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
-
-
-def run_command(prog: str, command: Callable[[], int], failures: tuple = (ValueError, FileNotFoundError)) -> int:
-    """Run a command's body with progress shown; a mistake in ``failures`` is one line on stderr."""
-    show_progress()
-    try:
-        return command()
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted (no partial file is left)", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except ConfigError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except failures as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return EXIT_FAILED

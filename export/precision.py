@@ -19,12 +19,18 @@ from typing import Callable, Dict, Sequence
 import numpy as np
 import torch
 
+from deeplab.cli import UserError
 from deeplab.fileio import atomic_path
 
 from .metadata import read_metadata, set_metadata
 from .runtime import OnnxRunner
 
 log = logging.getLogger(__name__)
+
+
+class PrecisionError(UserError, ValueError):
+    """A reduced-precision model this machine or these settings cannot make; one line saying what to install
+    or change."""
 
 
 # ----------------------------------------------------------------------------------------------- INT8
@@ -56,9 +62,9 @@ def quantize_int8(src, dst, calib: Sequence[np.ndarray], per_channel: bool = Tru
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                "entropy": CalibrationMethod.Entropy}
     if method not in methods:
-        raise ValueError(f"calibration method {method!r} unknown; use one of {', '.join(methods)}")
+        raise PrecisionError(f"calibration method {method!r} unknown; use one of {', '.join(methods)}")
     if not calib:
-        raise ValueError("INT8 calibration needs at least one image")
+        raise PrecisionError("INT8 calibration needs at least one image")
     src, dst = Path(src), Path(dst)
     input_name = onnx.load(str(src), load_external_data=False).graph.input[0].name
     t0 = time.time()
@@ -138,12 +144,12 @@ def lowp_onnx(src, dst, precision: str = "fp16", backend: str = "auto") -> tuple
     import onnx
 
     if precision not in ("fp16", "bf16"):
-        raise ValueError(f"precision {precision!r}: use fp16 or bf16")
+        raise PrecisionError(f"precision {precision!r}: use fp16 or bf16")
     autocast = modelopt_autocast() if backend in ("auto", "modelopt") else None
     if backend == "modelopt" and autocast is None:
-        raise ValueError("ModelOpt is not installed (pip install 'nvidia-modelopt[onnx]'); it provides AutoCast")
+        raise PrecisionError("ModelOpt is not installed (pip install 'nvidia-modelopt[onnx]'); it provides AutoCast")
     if autocast is None and precision == "bf16":
-        raise ValueError("a BF16 ONNX needs ModelOpt AutoCast (pip install 'nvidia-modelopt[onnx]'); "
+        raise PrecisionError("a BF16 ONNX needs ModelOpt AutoCast (pip install 'nvidia-modelopt[onnx]'); "
                          "onnxruntime's converter does FP16 only")
     src, dst = Path(src), Path(dst)
     meta = read_metadata(src)

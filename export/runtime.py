@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from deeplab.cli import UserError
 from deeplab.fileio import write_text_atomic
 
 # onnxruntime providers, fastest first; the CPU provider is always last and always available.
@@ -20,7 +21,7 @@ DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUE
 SIDECAR_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
 
 
-class EngineError(ValueError):
+class EngineError(UserError, ValueError):
     """An engine cannot run here (wrong GPU / TensorRT version, missing sidecar, no GPU); one-line message."""
 
 

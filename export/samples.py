@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from deeplab.data import DatasetError
+
 def labelled_batches(data_cfg, split: str, n: int, start: int = 0) -> list:
     """Up to n labelled one-image batches from the data package's evaluation dataset."""
     from deeplab.data import build_dataset
@@ -23,7 +25,7 @@ def labelled_batches(data_cfg, split: str, n: int, start: int = 0) -> list:
         image, mask = ds[i][:2]
         out.append((torch.as_tensor(image).unsqueeze(0).float(), torch.as_tensor(mask).unsqueeze(0).long()))
     if not out:
-        raise ValueError(f"data split {split!r} has no images for calibration/accuracy")
+        raise DatasetError(f"data split {split!r} has no images for calibration/accuracy")
     return out
 
 
@@ -60,10 +62,10 @@ def folder_images(folder, n: int, size: int) -> list:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise ValueError(f"--calib-data {folder}: not a folder")
+        raise DatasetError(f"--calib-data {folder}: not a folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:n]
     if not files:
-        raise ValueError(f"--calib-data {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise DatasetError(f"--calib-data {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     out = []
     for f in files:
         image = Image.fromarray(read_image(f)).resize((size, size), Image.BILINEAR)
@@ -80,6 +82,6 @@ def calibration_images(data_cfg, n: int, size: Optional[int] = None, folder=None
         return [img.numpy() for img, _ in labelled_batches(data_cfg, data_cfg.train_split, n)]
     x = sample_images(data_cfg, data_cfg.train_split, n, size)
     if x is None:
-        raise ValueError(f"data.dataset={data_cfg.dataset}: the {data_cfg.train_split} split does not load "
+        raise DatasetError(f"data.dataset={data_cfg.dataset}: the {data_cfg.train_split} split does not load "
                          "for INT8 calibration; pass --calib-data FOLDER")
     return [img[None].numpy() for img in x]

@@ -23,20 +23,17 @@ import torch
 from torch import nn
 
 from deeplab.checkpoint import Checkpoint, load_checkpoint
+from deeplab.cli import command
 from deeplab.config import Alias, add_config_args, config_from_args
-from deeplab.fileio import atomic_path
+from deeplab.fileio import atomic_path, ensure_dir
 
-from .cli import SwitchOff, run_command
+from .cli import ExportError, SwitchOff, show_progress
 from .metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, dataset_meta, set_metadata
 from .runtime import OnnxRunner
 from .samples import parity_inputs
 
 log = logging.getLogger(__name__)
 MIN_ARGMAX_AGREEMENT = 0.99  # ties between near-equal logits may flip a few pixels; more is a real mismatch
-
-
-class ExportError(RuntimeError):
-    """Export produced a wrong or invalid model; one line saying what and by how much."""
 
 
 def prepare_model(model: nn.Module, output_stride: Optional[int] = None) -> nn.Module:
@@ -138,7 +135,7 @@ def export_checkpoint(ckpt, out_path, output_stride: int = 8, dynamic: bool = Tr
     Atomic: a failed check leaves no file behind."""
     model, meta, data_cfg = checkpoint_model(ckpt, output_stride, data_cfg)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_path.parent)
     example = torch.randn(2, 3, min(parity_sizes), min(parity_sizes))
     if not dynamic:  # a static model is exported, and checked, at the one shape it will see
         example = torch.randn(parity_batch, 3, parity_sizes[0], parity_sizes[0])
@@ -163,6 +160,7 @@ ALIASES = [Alias("--output-stride", "export.output_stride", "inference output st
            Alias("--tolerance", "export.tolerance", "max |logit diff| allowed, relative to max(1, |largest logit|)")]
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.to_onnx", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a DeepLabv3 checkpoint (e.g. best.ckpt)")
@@ -172,19 +170,16 @@ def main(argv=None) -> int:
     p.add_argument("--parity-batch", type=int, default=2, help="images per parity batch (default 2)")
     add_config_args(p, aliases=ALIASES)
     args = p.parse_args(argv)
-
-    def command() -> int:
-        ckpt = load_checkpoint(args.checkpoint)
-        cfg = config_from_args(args, base=ckpt.experiment)
-        ex = cfg.export
-        out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
-        _, meta, _ = export_checkpoint(ckpt, out, ex.output_stride, ex.dynamic, ex.opset,
-                                       args.parity_size, args.parity_batch, ex.tolerance, cfg.data)
-        print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, output stride {meta['output_stride']}, "
-              f"{meta['num_classes']} classes)")
-        return 0
-
-    return run_command("to_onnx", command, (ValueError, ExportError, FileNotFoundError))
+    show_progress()
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = config_from_args(args, base=ckpt.experiment)
+    ex = cfg.export
+    out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    _, meta, _ = export_checkpoint(ckpt, out, ex.output_stride, ex.dynamic, ex.opset, args.parity_size,
+                                   args.parity_batch, ex.tolerance, cfg.data)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, output stride {meta['output_stride']}, "
+          f"{meta['num_classes']} classes)")
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,24 +22,28 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from deeplab.cli import USAGE, UserError, command
 from deeplab.config import Alias, ExportConfig, add_config_args, config_from_args
-from deeplab.fileio import atomic_path
+from deeplab.fileio import atomic_path, ensure_dir
 
-from .cli import EXIT_USAGE, run_command
+from .cli import ExportError, show_progress
 from .metadata import read_metadata
-from .runtime import EngineError, device_info, sidecar_path, write_sidecar
+from .runtime import device_info, sidecar_path, write_sidecar
 
 log = logging.getLogger(__name__)
 PRECISIONS = ExportConfig.PRECISIONS
-EXIT_UNSUPPORTED = EXIT_USAGE  # this machine cannot build engines (no GPU / no tensorrt); not the user's mistake
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """TensorRT refused to parse or build; one line with TensorRT's reason."""
 
+    exit_code = 1
 
-class Unsupported(RuntimeError):
-    """This machine cannot build an engine; exit code 2."""
+
+class Unsupported(UserError, RuntimeError):
+    """This machine cannot build an engine (no GPU, no tensorrt); exit code 2, the CPU-side files are kept."""
+
+    exit_code = USAGE
 
 
 # ------------------------------------------------------------------------------------------ shapes
@@ -69,8 +73,6 @@ def build_path(version: str) -> str:
 def builder_flags(precision: str, path: str) -> list:
     """BuilderFlag names to set: none on the typed path; on TensorRT 10 the precision flags (INT8 also
     allows FP16 for the layers the Q/DQ ONNX leaves unquantized)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if path == "typed":
         return []
     return {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8", "FP16"]}[precision]
@@ -210,7 +212,7 @@ def precision_onnx(fp32_onnx: Path, cfg, args, path: Optional[str]) -> dict:
     if variant in ("fp16", "bf16") or (args.check_accuracy and ex.precision in ("fp16", "bf16")):
         try:
             files[ex.precision], _ = prec.lowp_onnx(fp32_onnx, Path(f"{stem}.{ex.precision}.onnx"), ex.precision)
-        except ValueError as e:
+        except prec.PrecisionError as e:
             if variant == ex.precision and path == "typed":
                 raise
             log.info(f"note: no {ex.precision} ONNX written: {e}")
@@ -231,7 +233,7 @@ def check_accuracy(onnx_files: dict, cfg, num_classes: Optional[int], force: boo
     if ex.precision == "fp32" or ex.precision not in onnx_files:
         return None
     if num_classes is None:
-        raise ValueError(f"{onnx_files['fp32']}: no deeplab.num_classes metadata; export it with export.to_onnx")
+        raise UserError(f"{onnx_files['fp32']}: no deeplab.num_classes metadata; export it with export.to_onnx")
     log.info(f"checking accuracy on {ex.accuracy_images} held-out image(s) of {cfg.data.dataset}/{cfg.data.val_split}...")
     batches = labelled_batches(cfg.data, cfg.data.val_split, ex.accuracy_images)
     accuracy = accuracy_report({k: onnx_files[k] for k in ("fp32", ex.precision)}, batches, num_classes,
@@ -241,7 +243,7 @@ def check_accuracy(onnx_files: dict, cfg, num_classes: Optional[int], force: boo
         msg = (f"INT8 loses {drop:.2f} mIoU points (> export.max_int8_miou_drop={ex.max_int8_miou_drop}); "
                "calibrate on more / more typical images (--calib-images, --calib-data) or pass --force")
         if not force:
-            raise ValueError(msg)
+            raise ExportError(msg)
         log.info(f"warning: {msg}; building anyway (--force)")
     return accuracy
 
@@ -272,11 +274,11 @@ def run(args) -> int:
 
     src = Path(args.source)
     if not src.is_file():
-        raise ValueError(f"{src}: no such file")
+        raise UserError(f"{src}: no such file")
     ckpt = None if src.suffix == ".onnx" else load_checkpoint(src)
     cfg = config_from_args(args, base=ckpt.experiment if ckpt is not None else None)
     engine_path = Path(args.output) if args.output else src.with_suffix(f".{cfg.export.precision}.engine")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_dir(engine_path.parent)
     blocker = machine_blocker()
     path = None
     if blocker is None:
@@ -306,6 +308,7 @@ ALIASES = [Alias("--precision", "export.precision", "fp32, fp16, bf16 or int8"),
            Alias("--workspace", "export.workspace_gb", "builder workspace in GiB", metavar="GIB")]
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.to_tensorrt", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a checkpoint (exported to ONNX first) or an ONNX file from export.to_onnx")
@@ -317,15 +320,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="build even if INT8 loses more than export.max_int8_miou_drop")
     add_config_args(p, aliases=ALIASES)
     args = p.parse_args(argv)
-
-    def command() -> int:
-        try:
-            return run(args)
-        except Unsupported as e:
-            print(f"to_tensorrt: {e}", file=sys.stderr)
-            return EXIT_UNSUPPORTED
-
-    return run_command("to_tensorrt", command, (ValueError, BuildError, EngineError, FileNotFoundError))
+    show_progress()
+    return run(args)
 
 
 if __name__ == "__main__":

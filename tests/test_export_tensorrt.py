@@ -52,8 +52,8 @@ def test_precision_lives_in_flags_on_10_and_in_the_onnx_on_11():
     assert [trt_cli.onnx_variant(p, "flags") for p in trt_cli.PRECISIONS] == ["fp32", "fp32", "fp32", "int8"]
     assert [trt_cli.onnx_variant(p, "typed") for p in trt_cli.PRECISIONS] == ["fp32", "fp16", "bf16", "int8"]
     assert [trt_cli.onnx_variant(p, None) for p in trt_cli.PRECISIONS] == ["fp32", "fp16", "bf16", "int8"]
-    with pytest.raises(ValueError, match="--precision"):
-        trt_cli.builder_flags("fp8", "flags")
+    with pytest.raises(ConfigError, match="export.precision='fp8' is unknown"):
+        ExportConfig(precision="fp8")
 
 
 def test_this_machine_cannot_build_and_says_why():
