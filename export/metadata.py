@@ -99,3 +99,22 @@ def read_metadata(onnx_model_or_path) -> dict:
     if not hasattr(model, "metadata_props"):
         model = onnx.load(str(onnx_model_or_path), load_external_data=False)
     return decode((p.key, p.value) for p in model.metadata_props)
+
+
+def set_ir_metadata(ov_model, meta: dict) -> None:
+    """Store `meta` in an OpenVINO model's rt_info under ``deeplab`` (``<rt_info><deeplab><num_classes ...>``)."""
+    for key, text in encode(meta).items():
+        ov_model.set_rt_info(text, ["deeplab", key[len(META_PREFIX):]])
+
+
+def read_ir_metadata(ov_model_or_path) -> dict:
+    """The ``deeplab`` rt_info of an OpenVINO model (or IR .xml file), JSON-decoded."""
+    model = ov_model_or_path
+    if not hasattr(model, "get_rt_info"):
+        import openvino as ov
+
+        model = ov.Core().read_model(str(ov_model_or_path))
+    if not model.has_rt_info("deeplab"):
+        return {}
+    section = model.get_rt_info()["deeplab"]
+    return decode((META_PREFIX + key, value.astype(str)) for key, value in section.items())

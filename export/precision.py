@@ -191,8 +191,9 @@ def _toposort(graph) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- accuracy
-def _evaluate(predict: Callable, batches, num_classes: int, ignore_index: int = 255):
-    """Private shim for deeplab.inference.evaluate(predict, batches, num_classes, ignore_index) until it lands."""
+def evaluate(predict: Callable, batches, num_classes: int, ignore_index: int = 255):
+    """Shim for deeplab.inference.evaluate(predict, batches, num_classes, ignore_index) until it lands; export
+    imports it from here only, so the switch is one line."""
     from deeplab import ConfusionMatrix
 
     cm = ConfusionMatrix(num_classes, ignore_index)
@@ -221,7 +222,7 @@ def accuracy_report(models: Dict[str, object], batches: Sequence, num_classes: i
         predict = model if callable(model) else OnnxRunner(model, ["CPUExecutionProvider"])
         preds = []
         t0 = time.time()
-        miou = 100 * _evaluate(_recording(predict, preds), batches, num_classes, ignore_index).miou()
+        miou = 100 * evaluate(_recording(predict, preds), batches, num_classes, ignore_index).miou()
         ref_preds = preds if ref_preds is None else ref_preds
         same = sum(int((p == r).sum()) for p, r in zip(preds, ref_preds))
         results[name] = {"miou": miou, "agreement": same / max(1, sum(p.numel() for p in preds))}

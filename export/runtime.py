@@ -1,5 +1,6 @@
 """Runners shared by predict, evaluate and bench: a TensorRT engine with torch CUDA tensors as its buffers
-(no pycuda), and an ONNX model in onnxruntime with execution providers tried in order.
+(no pycuda), an ONNX model in onnxruntime with execution providers tried in order, and an OpenVINO IR
+compiled per input shape.
 
 An engine runs only on the TensorRT version and GPU model that built it, so every engine has a JSON sidecar
 (``model.engine.json``) recording both; `TensorRTRunner` refuses an engine whose sidecar disagrees with the
@@ -22,7 +23,7 @@ SIDECAR_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
 
 
 class EngineError(UserError, ValueError):
-    """An engine cannot run here (wrong GPU / TensorRT version, missing sidecar, no GPU); one-line message."""
+    """A model file cannot run here (wrong GPU / TensorRT version, missing sidecar, no GPU, unreadable IR); one line."""
 
 
 # ----------------------------------------------------------------------------------------------- sidecar
@@ -165,6 +166,13 @@ class TensorRTRunner:
         return out
 
 
+def _reason(error: Exception) -> str:
+    """The informative line of a runtime's multi-line C++ exception text (not its "Exception from file:line")."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
+    return ((useful or lines or [type(error).__name__])[0])[:200]
+
+
 # ------------------------------------------------------------------------------------------ onnxruntime
 def available_providers() -> list:
     import onnxruntime as ort
@@ -186,6 +194,13 @@ def pick_providers(wanted: Optional[Sequence[str]] = None, available: Optional[S
     return chosen
 
 
+def _ort_load_errors(ort) -> tuple:
+    """The exception types onnxruntime raises for a file it cannot load (they derive from Exception only)."""
+    state = ort.capi.onnxruntime_pybind11_state
+    names = ("Fail", "InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NotImplemented")
+    return (RuntimeError,) + tuple(getattr(state, n) for n in names if hasattr(state, n))
+
+
 class OnnxRunner:
     """An ONNX model in onnxruntime. `providers` are tried in order; `.providers` says which ones loaded."""
 
@@ -201,7 +216,10 @@ class OnnxRunner:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.path = onnx_path
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=pick_providers(providers))
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=pick_providers(providers))
+        except _ort_load_errors(ort) as e:
+            raise EngineError(f"{onnx_path}: onnxruntime cannot load it ({_reason(e)})") from None
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type  # e.g. "tensor(float)" or "tensor(float16)"
@@ -214,9 +232,76 @@ class OnnxRunner:
         return out.astype(np.float32, copy=False)
 
 
+# ------------------------------------------------------------------------------------------- OpenVINO
+OPENVINO_HINTS = ("latency", "throughput")
+OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
+
+
+class OpenVINORunner:
+    """An OpenVINO IR (file or ov.Model) on the CPU. The CPU plugin is fastest on static shapes, so the model
+    is reshaped and compiled once per input shape and kept (the `cache` most recent shapes).
+
+    ``hint``: "latency" (one request at a time, all threads on it) or "throughput" (parallel streams).
+    ``precision``: the inference precision of layers that are not int8: "f32" (exact; the default, since
+    OpenVINO would otherwise pick bf16 on CPUs with AMX/avx512_bf16), "bf16" or "f16" where the CPU has them.
+    """
+
+    def __init__(self, model, threads: Optional[int] = None, hint: str = "latency", precision: str = "f32",
+                 device: str = "CPU", cache: int = 8):
+        import openvino as ov
+
+        if hint not in OPENVINO_HINTS or precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"OpenVINO hint {hint!r} / precision {precision!r}: use one of {OPENVINO_HINTS} / "
+                             f"{OPENVINO_PRECISIONS}")
+        self.core = ov.Core()
+        self.path = None
+        if isinstance(model, ov.Model):
+            model = model.clone()  # reshaping per input shape must not change the caller's model
+        else:
+            self.path = Path(model)
+            model = self._read(self.path)
+        self.model, self.device, self.cache = model, device, cache
+        self.config = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._compiled = {}  # input shape -> infer request, least recently used first
+
+    def _read(self, path: Path):
+        if not path.is_file() or not path.with_suffix(".bin").is_file():
+            raise EngineError(f"{path}: an OpenVINO IR needs {path.name} and {path.with_suffix('.bin').name} "
+                              "side by side")
+        try:
+            return self.core.read_model(str(path), str(path.with_suffix(".bin")))
+        except RuntimeError as e:
+            raise EngineError(f"{path}: not a readable OpenVINO IR ({_reason(e)})") from None
+
+    def request(self, shape: tuple):
+        """The infer request compiled for this input shape (compiled on first use)."""
+        shape = tuple(int(d) for d in shape)
+        request = self._compiled.pop(shape, None)
+        if request is None:
+            if len(self._compiled) >= self.cache:
+                self._compiled.pop(next(iter(self._compiled)))  # the least recently used shape
+            self.model.reshape({0: list(shape)})
+            request = self.core.compile_model(self.model, self.device, self.config).create_infer_request()
+        self._compiled[shape] = request  # most recently used last
+        return request
+
+    def __call__(self, images) -> np.ndarray:
+        """images: (N, 3, H, W) numpy array or CPU torch tensor; returns logits as float32 numpy."""
+        x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+        x = np.ascontiguousarray(x, np.float32)
+        request = self.request(x.shape)
+        request.infer({0: x})
+        return np.array(request.get_output_tensor(0).data, np.float32)  # a copy: the next call reuses the buffer
+
+
 def load_runner(path, providers: Optional[Sequence[str]] = None):
-    """A runner for an .onnx file (onnxruntime) or a TensorRT engine (anything else with a sidecar)."""
+    """A runner for an .onnx file (onnxruntime), an OpenVINO .xml IR or a TensorRT engine (anything else with
+    a sidecar)."""
     path = Path(path)
     if path.suffix == ".onnx":
         return OnnxRunner(path, providers)
+    if path.suffix == ".xml":
+        return OpenVINORunner(path)
     return TensorRTRunner(path)
