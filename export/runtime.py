@@ -166,6 +166,17 @@ class TensorRTRunner:
         return out
 
 
+def require(module: str, what: str):
+    """Import an optional runtime, or say in one line which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EngineError(f"{what} is not installed: pip install 'deeplabv3-ray[cpu]' (onnxruntime, OpenVINO, NNCF) "
+                          "or, on a GPU machine, 'deeplabv3-ray[gpu]' (onnxruntime-gpu, TensorRT); not both") from None
+
+
 def _reason(error: Exception) -> str:
     """The informative line of a runtime's multi-line C++ exception text (not its "Exception from file:line")."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
@@ -175,7 +186,7 @@ def _reason(error: Exception) -> str:
 
 # ------------------------------------------------------------------------------------------ onnxruntime
 def available_providers() -> list:
-    import onnxruntime as ort
+    ort = require("onnxruntime", "onnxruntime")
 
     return list(ort.get_available_providers())
 
@@ -205,7 +216,7 @@ class OnnxRunner:
     """An ONNX model in onnxruntime. `providers` are tried in order; `.providers` says which ones loaded."""
 
     def __init__(self, onnx_path, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None):
-        import onnxruntime as ort
+        ort = require("onnxruntime", "onnxruntime")
 
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
@@ -248,7 +259,7 @@ class OpenVINORunner:
 
     def __init__(self, model, threads: Optional[int] = None, hint: str = "latency", precision: str = "f32",
                  device: str = "CPU", cache: int = 8):
-        import openvino as ov
+        ov = require("openvino", "OpenVINO")
 
         if hint not in OPENVINO_HINTS or precision not in OPENVINO_PRECISIONS:
             raise ValueError(f"OpenVINO hint {hint!r} / precision {precision!r}: use one of {OPENVINO_HINTS} / "
