@@ -86,7 +86,6 @@ def _qdq_gemm_onnx(n: int) -> bytes:
     """An n x n x n GEMM as int8 Q/DQ ONNX (int8 activations and weights): what onnxruntime and OpenVINO run
     as an int8 kernel."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)

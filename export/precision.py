@@ -22,6 +22,7 @@ import torch
 from deeplab.cli import UserError
 from deeplab.fileio import atomic_path
 
+from .cli import ExportError
 from .metadata import read_metadata, set_metadata
 from .runtime import OnnxRunner
 
@@ -243,3 +244,15 @@ def accuracy_report(models: Dict[str, object], batches: Sequence, num_classes: i
     for name in results:
         results[name]["miou_drop"] = results[reference]["miou"] - results[name]["miou"]
     return results
+
+
+def gate_int8(report: dict, max_drop: float, force: bool) -> None:
+    """Refuse an INT8 model that loses more than `max_drop` mIoU points against FP32 (ExportError: nothing is
+    written), or only warn with --force."""
+    drop = report["int8"]["miou_drop"]
+    if drop > max_drop:
+        msg = (f"INT8 loses {drop:.2f} mIoU points (> export.max_int8_miou_drop={max_drop}); calibrate on more / "
+               "more typical images (--calib-images, --calib-data) or pass --force")
+        if not force:
+            raise ExportError(msg)
+        log.info(f"warning: {msg}; writing it anyway (--force)")

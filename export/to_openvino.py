@@ -15,7 +15,6 @@ temporary names and renamed bin first, xml last.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -26,10 +25,10 @@ from typing import Optional
 import numpy as np
 
 from deeplab.cli import UserError, command
-from deeplab.config import Alias, add_config_args, config_from_args
+from deeplab.config import Alias
 from deeplab.fileio import atomic_path, ensure_dir
 
-from .cli import ExportError, show_progress
+from .cli import parse_and_run, source_and_config, source_parser
 from .metadata import read_ir_metadata, read_metadata, set_ir_metadata
 
 log = logging.getLogger(__name__)
@@ -118,20 +117,14 @@ def quantize(model, calib: list, val_batches: Optional[list], max_drop: float, n
 
 def int8_gate(fp32_model, int8_model, val_batches: list, cfg, force: bool) -> dict:
     """FP32 vs INT8 IR mIoU through the one evaluator; refuses a drop above export.max_int8_miou_drop."""
-    from .precision import accuracy_report
+    from .precision import accuracy_report, gate_int8
     from .runtime import OpenVINORunner
 
     meta_classes = int(read_ir_metadata(fp32_model)["num_classes"])
     report = accuracy_report({"fp32": OpenVINORunner(fp32_model, precision="f32"),
                               "int8": OpenVINORunner(int8_model, precision="f32")},
                              val_batches, meta_classes, cfg.data.ignore_index)
-    drop, limit = report["int8"]["miou_drop"], cfg.export.max_int8_miou_drop
-    if drop > limit:
-        msg = (f"INT8 loses {drop:.2f} mIoU points (> export.max_int8_miou_drop={limit}); calibrate on more / "
-               "more typical images (--calib-images, --calib-data) or pass --force")
-        if not force:
-            raise ExportError(msg)
-        log.info(f"warning: {msg}; writing it anyway (--force)")
+    gate_int8(report, cfg.export.max_int8_miou_drop, force)
     return report
 
 
@@ -185,13 +178,7 @@ def make_int8(model, cfg, args) -> tuple:
 
 
 def run(args) -> int:
-    from deeplab.checkpoint import load_checkpoint
-
-    src = Path(args.source)
-    if not src.is_file():
-        raise UserError(f"{src}: no such file")
-    ckpt = None if src.suffix == ".onnx" else load_checkpoint(src)
-    cfg = config_from_args(args, base=ckpt.experiment if ckpt is not None else None)
+    src, ckpt, cfg = source_and_config(args)
     precision = cfg.export.precision
     if precision not in PRECISIONS:
         raise UserError(f"export.precision={precision!r}: an OpenVINO IR is fp32 or int8 (bf16/fp16 are runtime "
@@ -228,19 +215,10 @@ ALIASES = [Alias("--precision", "export.precision", "fp32 or int8"),
 
 @command
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.to_openvino", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="a checkpoint (exported to ONNX first) or an ONNX file from export.to_onnx")
-    p.add_argument("-o", "--output", metavar="MODEL.xml",
-                   help="IR to write, its weights beside it as MODEL.bin (default: SOURCE.xml / SOURCE.int8.xml)")
-    p.add_argument("--calib-data", metavar="FOLDER",
-                   help="folder of INT8 calibration images (default: the config's data section, train split)")
-    p.add_argument("--force", action="store_true", help="write an INT8 IR even if it loses more than "
-                   "export.max_int8_miou_drop")
-    add_config_args(p, aliases=ALIASES)
-    args = p.parse_args(argv)
-    show_progress()
-    return run(args)
-
+    p = source_parser("python -m export.to_openvino", __doc__.split("\n\n")[0],
+                      "IR to write as MODEL.xml, its weights beside it as MODEL.bin (default: SOURCE.xml / "
+                      "SOURCE.int8.xml)", "write an INT8 IR even if it loses more than export.max_int8_miou_drop")
+    return parse_and_run(p, ALIASES, argv, run)
 
 if __name__ == "__main__":
     sys.exit(main())
