@@ -144,6 +144,30 @@ def _process_group_of_one() -> None:
         dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
 
 
+def train_steps(args, dtype, memory_format) -> dict:
+    """Images/s of SGD steps on the full model with SyncBatchNorm (the process group of one) on the GPU."""
+    import torch
+
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build(args.backbone, 16)).cuda().train()
+    model = model.to(memory_format=memory_format)
+    opt = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(args.train_batch, 3, args.size, args.size, device="cuda").contiguous(memory_format=memory_format)
+    y = torch.randint(0, 21, (args.train_batch, args.size, args.size), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    torch.cuda.reset_peak_memory_stats()
+    m = measure(step, warmup=3, repeats=args.train_steps, sync=torch.cuda.synchronize)
+    m["images_per_s"] = 1000 * args.train_batch / m["median_ms"]
+    m["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return m
+
+
 def training(args) -> dict:
     import torch
 
@@ -151,26 +175,9 @@ def training(args) -> dict:
     out = {}
     for name, dtype, memory_format in (("fp32", None, torch.contiguous_format),
                                        ("amp_bf16_channels_last", torch.bfloat16, torch.channels_last)):
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build(args.backbone, 16)).cuda().train()
-        model = model.to(memory_format=memory_format)
-        opt = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=1e-4)
-        x = torch.randn(args.train_batch, 3, args.size, args.size, device="cuda").contiguous(memory_format=memory_format)
-        y = torch.randint(0, 21, (args.train_batch, args.size, args.size), device="cuda")
-
-        def step():
-            with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        m = measure(step, warmup=3, repeats=args.train_steps, sync=torch.cuda.synchronize)
-        m["images_per_s"] = 1000 * args.train_batch / m["median_ms"]
-        m["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        out[name] = m
-        print(f"  train {name}: {m['images_per_s']:.1f} images/s", flush=True)
-        del model, opt
+        out[name] = train_steps(args, dtype, memory_format)
         torch.cuda.empty_cache()
+        print(f"  train {name}: {out[name]['images_per_s']:.1f} images/s", flush=True)
     return out
 
 
