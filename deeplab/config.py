@@ -357,19 +357,6 @@ class TuneConfig(_Section):
         self._need_at_least(-1, "max_failures")
 
 
-def parse_shape(text: str, key: str = "shape") -> tuple:
-    """'1x3x513x513' -> (1, 3, 513, 513); ConfigError naming ``key`` otherwise."""
-    try:
-        shape = tuple(int(p) for p in str(text).lower().replace(",", "x").split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) != 4 or min(shape) < 1:
-        _fail(key, text, "must be 4 positive sizes NxCxHxW, e.g. 1x3x513x513")
-    if shape[1] != 3:
-        _fail(key, text, f"has {shape[1]} channels; the model takes 3 (RGB)")
-    return shape
-
-
 @dataclass
 class ExportConfig(_Section):
     """ONNX / TensorRT export and benchmarking defaults."""
@@ -390,19 +377,41 @@ class ExportConfig(_Section):
     tolerance: float = 1e-3  # ONNX vs PyTorch: max |logit diff| / max(1, |largest logit|)
     accuracy_images: int = 16  # held-out images for --check-accuracy (FP32 vs INT8/FP16 mIoU)
 
+    PRECISIONS: ClassVar[tuple] = PRECISIONS
+
     def check_values(self) -> None:
         self._need(self.output_stride in OUTPUT_STRIDES, "output_stride", "is not allowed; use one of 8, 16, 32")
         self._need(self.opset is None or self.opset >= 11, "opset", "must be >= 11 (or null: the exporter's default)")
         self._need_one_of("precision", PRECISIONS)
-        self._need(0 < self.workspace_gb < math.inf, "workspace_gb", "must be > 0")
-        shapes = [parse_shape(getattr(self, n), self._key(n)) for n in ("min_shape", "opt_shape", "max_shape")]
+        for name in ("workspace_gb", "tolerance"):
+            self._need(0 < getattr(self, name) < math.inf, name, "must be > 0")
+        self._need_at_least(1, "calib_images", "image_size")
+        self._need_at_least(0, "accuracy_images")  # 0: no accuracy check
+        self.profile()
+
+    @staticmethod
+    def parse_shape(name: str, text: str) -> tuple:
+        """'1x3x513x513' -> (1, 3, 513, 513); ConfigError naming export.<name> otherwise."""
+        try:
+            shape = tuple(int(p) for p in str(text).lower().replace(",", "x").split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 4 or min(shape) < 1:
+            _fail(f"export.{name}", text, "must be 4 positive sizes NxCxHxW, e.g. 1x3x513x513")
+        if shape[1] != 3:
+            _fail(f"export.{name}", text, f"has {shape[1]} channels; the model takes 3 (RGB)")
+        return shape
+
+    def profile(self) -> dict:
+        """The TensorRT optimization profile {"min", "opt", "max"} as NCHW tuples, each dim min <= opt <= max."""
+        shapes = {k: self.parse_shape(f"{k}_shape", getattr(self, f"{k}_shape")) for k in ("min", "opt", "max")}
         for i, dim in enumerate("NCHW"):
-            if not shapes[0][i] <= shapes[1][i] <= shapes[2][i]:
-                raise ConfigError(f"export.min_shape/opt_shape/max_shape: {dim} must satisfy min <= opt <= max, got "
-                                  f"{shapes[0][i]}, {shapes[1][i]}, {shapes[2][i]}",
+            lo, mid, hi = (shapes[k][i] for k in ("min", "opt", "max"))
+            if not lo <= mid <= hi:
+                raise ConfigError(f"export.min_shape/opt_shape/max_shape: {dim} must satisfy min <= opt <= max, "
+                                  f"got {lo}, {mid}, {hi}",
                                   ("export.min_shape", "export.opt_shape", "export.max_shape"))
-        self._need_at_least(1, "calib_images", "image_size", "accuracy_images")
-        self._need(self.tolerance > 0, "tolerance", "must be > 0")
+        return shapes
 
 
 # ---------------------------------------------------------------------------------------------------------
