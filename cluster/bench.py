@@ -63,10 +63,7 @@ def main(argv=None) -> int:
     if args.config is None:
         args.config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
     try:
-        cfg = _config(args)
-        from cluster.train import check_config
-
-        check_config(cfg)
+        cfg = _config(args).check()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
