@@ -17,6 +17,7 @@ from .config import ConfigError, ExperimentConfig, ModelConfig, experiment_from_
 
 FORMAT = "deeplabv3-checkpoint"
 VERSION = 1
+CHECKPOINT_FILE = "model.ckpt"
 
 
 class CheckpointError(ValueError):

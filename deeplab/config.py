@@ -137,6 +137,10 @@ class ClusterConfig:
     address: Optional[str] = None  # None: RAY_ADDRESS or an existing cluster, else a local one
 
 
+# Scalars deeplab.engine reports at every evaluation, which a search can rank trials by (tune.metric).
+SEARCH_METRICS = ("val_miou", "loss", "images_per_s", "lr", "iteration", "epoch")
+
+
 @dataclass
 class TuneConfig:
     """What Ray Tune searches and how it schedules trials."""
@@ -149,12 +153,20 @@ class TuneConfig:
     max_iterations: Optional[int] = None
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 2
-    metric: str = "val_miou"
+    metric: str = "val_miou"  # what ASHA ranks trials by, each trial's kept checkpoint and the best trial
+    metric_mode: str = "max"  # max | min: whether a higher metric is better
     output: str = "best.ckpt"
     name: str = "search"
     mode: str = "grid"  # grid: every combination of the space | sample: num_samples random picks from it
     min_valid_weight: float = 0.15  # prune ASPP rates whose 3x3 filter keeps less (1/9: a 1x1 filter; Fig. 4)
     max_failures: int = 2  # retries of a trial whose driver died (lost node); divergence is never retried
+
+    def __post_init__(self):
+        if self.metric not in SEARCH_METRICS:
+            raise ConfigError(f"tune.metric={self.metric!r} is not a metric training reports; use one of "
+                              f"{', '.join(SEARCH_METRICS)}")
+        if self.metric_mode not in ("max", "min"):
+            raise ConfigError(f"tune.metric_mode={self.metric_mode!r}: use max (higher is better) or min")
 
 
 @dataclass
