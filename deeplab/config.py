@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .cli import UserError
+
 # Backbone depth -> units per block (block1..block4). "resnet_tiny" is a narrow, shallow bottleneck
 # ResNet for tests and CPU demos whose behaviour does not depend on depth.
 BACKBONE_LAYERS = {
@@ -26,7 +28,7 @@ OUTPUT_STRIDES = (8, 16, 32)
 HEADS = ("paper", "torchvision")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value a user wrote is not allowed; the message names the field and what is allowed."""
 
 
@@ -186,6 +188,43 @@ class ExportConfig:
     image_size: int = 513
     tolerance: float = 1e-3  # ONNX vs PyTorch: max |logit diff| / max(1, |largest logit|)
     accuracy_images: int = 16  # held-out images for --check-accuracy (FP32 vs INT8/FP16 mIoU)
+
+    PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+    def __post_init__(self):
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ConfigError(f"export.output_stride={self.output_stride} is not allowed; use one of 8, 16, 32")
+        if self.precision not in self.PRECISIONS:
+            raise ConfigError(f"export.precision={self.precision!r} is unknown; allowed: {', '.join(self.PRECISIONS)}")
+        for name in ("workspace_gb", "tolerance", "calib_images", "image_size"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"export.{name}={getattr(self, name)} must be > 0")
+        if self.accuracy_images < 0:
+            raise ConfigError(f"export.accuracy_images={self.accuracy_images} must be >= 0")
+        self.profile()
+
+    @staticmethod
+    def parse_shape(name: str, text: str) -> tuple:
+        """'1x3x513x513' -> (1, 3, 513, 513); ConfigError naming export.<name> otherwise."""
+        try:
+            shape = tuple(int(p) for p in str(text).lower().replace(",", "x").split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 4 or any(d < 1 for d in shape):
+            raise ConfigError(f"export.{name}={text!r}: expected 4 positive sizes NxCxHxW, e.g. 1x3x513x513")
+        if shape[1] != 3:
+            raise ConfigError(f"export.{name}={text!r}: the model takes 3 channels (RGB), got {shape[1]}")
+        return shape
+
+    def profile(self) -> dict:
+        """The TensorRT optimization profile {"min", "opt", "max"} as NCHW tuples, each dim min <= opt <= max."""
+        shapes = {k: self.parse_shape(f"{k}_shape", getattr(self, f"{k}_shape")) for k in ("min", "opt", "max")}
+        for i, dim in enumerate("NCHW"):
+            lo, mid, hi = (shapes[k][i] for k in ("min", "opt", "max"))
+            if not lo <= mid <= hi:
+                raise ConfigError(f"export.min_shape/opt_shape/max_shape: {dim} must satisfy min <= opt <= max, "
+                                  f"got {lo}, {mid}, {hi}")
+        return shapes
 
 
 @dataclass

@@ -8,23 +8,20 @@ machine before TensorRT gets a chance to fail obscurely ("Version tag does not m
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from deeplab.cli import UserError
+from deeplab.fileio import write_text_atomic
 
 # onnxruntime providers, fastest first; the CPU provider is always last and always available.
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SIDECAR_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
 
 
-def progress(*args) -> None:
-    """print, flushed: progress lines show at once even when stdout is a file or a pipe."""
-    print(*args, flush=True)
-
-
-class EngineError(ValueError):
+class EngineError(UserError, ValueError):
     """An engine cannot run here (wrong GPU / TensorRT version, missing sidecar, no GPU); one-line message."""
 
 
@@ -34,26 +31,13 @@ def sidecar_path(engine_path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_sidecar(engine_path, info: dict) -> Path:
     """Write the engine's sidecar JSON atomically; `info` must hold at least SIDECAR_KEYS."""
     missing = [k for k in SIDECAR_KEYS if k not in info]
     if missing:
         raise ValueError(f"sidecar for {engine_path} lacks {', '.join(missing)}")
     path = sidecar_path(engine_path)
-    atomic_write_bytes(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    write_text_atomic(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
     return path
 
 
