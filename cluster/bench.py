@@ -16,6 +16,8 @@ import sys
 import tempfile
 import time
 
+from deeplab.cli import command
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The bench's own starting point, applied before the user's --set and flags (those win).
@@ -73,18 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv=None) -> int:
-    from deeplab.config import ConfigError
+    from cluster.train import check_config
 
     args = build_parser().parse_args(argv)
-    try:
-        cfg = _config(args)
-        from cluster.train import check_config
-
-        check_config(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = _config(args)
+    check_config(cfg)
 
     import ray
     import torch

@@ -16,6 +16,8 @@ import shutil
 import sys
 import time
 
+from deeplab.cli import command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -53,8 +55,9 @@ def export_and_bench(best: str, out: str) -> None:
                 "--threads", "1", "--backends", "torch_fp32,torch_channels_last,ort_cpu_fp32", "--out", os.path.join(out, "bench")])
 
 
+@command
 def main(argv=None) -> int:
-    from deeplab.config import ConfigError, add_config_args, config_from_args
+    from deeplab.config import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -64,11 +67,7 @@ def main(argv=None) -> int:
                         help="continue runs/demo if it exists (default: start it afresh)")
     parser.add_argument("--skip-export", action="store_true", help="stop after training and evaluation")
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
 
     from cluster.train import init_ray, resolve_storage_path, train
 

@@ -18,8 +18,9 @@ import os
 import sys
 from typing import Optional
 
+from deeplab.cli import command
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, experiment_from_dict
-from deeplab.fileio import copy_file_atomic
+from deeplab.fileio import copy_file_atomic, ensure_dir
 
 BEST_FILE = "best.ckpt"
 ALIASES = [
@@ -212,7 +213,7 @@ def copy_checkpoint(checkpoint_dir: str, destination: str, filesystem=None) -> s
 
     source = f"{checkpoint_dir}/{CHECKPOINT_FILE}"
     if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
+        ensure_dir(os.path.dirname(os.path.abspath(destination)))
         copy_file_atomic(source, destination)
     else:  # object stores replace an object in one step
         filesystem.copy_file(source, destination.split("://", 1)[-1])
@@ -333,22 +334,14 @@ def preflight(cfg: ExperimentConfig) -> None:
         load_checkpoint(cfg.train.init_from)
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, aliases=ALIASES)
-    args = parser.parse_args(argv)
-
-    from deeplab.checkpoint import CheckpointError
-    from deeplab.data import DatasetError
-
-    try:
-        cfg = config_from_args(args)
-        check_config(cfg)
-        preflight(cfg)
-    except (ConfigError, CheckpointError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(parser.parse_args(argv))
+    check_config(cfg)
+    preflight(cfg)
 
     import ray.train
 

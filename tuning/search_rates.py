@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from cluster.train import build_trainer, copy_checkpoint, divergence_reason, init_ray
+from deeplab.cli import UserError, command
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, \
     experiment_from_dict, save_config, to_plain
 from deeplab.fileio import write_text_atomic
@@ -41,8 +42,8 @@ ALIASES = [
 ]
 
 
-class SearchError(Exception):
-    """A problem a user can fix; main() prints it as one line and exits 2."""
+class SearchError(UserError):
+    """A problem a user can fix; printed as one line, exit 2."""
 
 
 class TrialDiverged(RuntimeError):
@@ -178,13 +179,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        return _search(args)
-    except (ConfigError, SearchError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return _search(parse_args(argv))
 
 
 def _plan(cfg: ExperimentConfig, search_dir: Path, args) -> tuple:
