@@ -322,6 +322,10 @@ class ClusterConfig(_Section):
         self._need_one_of("placement_strategy", PLACEMENT_STRATEGIES)
 
 
+# Scalars deeplab.engine reports at every evaluation, which a search can rank trials by (tune.metric).
+SEARCH_METRICS = ("val_miou", "loss", "images_per_s", "lr", "iteration", "epoch")
+
+
 @dataclass
 class TuneConfig(_Section):
     """What Ray Tune searches and how it schedules trials."""
@@ -336,7 +340,8 @@ class TuneConfig(_Section):
     max_iterations: Optional[int] = None
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 2
-    metric: str = "val_miou"
+    metric: str = "val_miou"  # what ASHA ranks trials by, each trial's kept checkpoint and the best trial
+    metric_mode: str = "max"  # max | min: whether a higher metric is better
     output: str = "best.ckpt"
     name: str = "search"
     mode: str = "grid"  # grid: every combination of the space | sample: num_samples random picks from it
@@ -350,7 +355,9 @@ class TuneConfig(_Section):
         self._need_one_of("scheduler", SCHEDULERS)
         self._need_one_of("mode", SEARCH_MODES)
         self._need(self.reduction_factor >= 2, "reduction_factor", "must be >= 2 (ASHA keeps 1/reduction_factor)")
-        self._need(bool(self.metric), "metric", "must name a reported metric, e.g. val_miou")
+        self._need(self.metric in SEARCH_METRICS, "metric",
+                   f"is not a metric training reports; use one of {', '.join(SEARCH_METRICS)}")
+        self._need_one_of("metric_mode", ("max", "min"))
         self._need(bool(self.output), "output", "must name the file best.ckpt is copied to")
         self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
         self._need(0 <= self.min_valid_weight <= 1, "min_valid_weight", "must be in [0, 1]")
