@@ -33,8 +33,9 @@ def dataset_meta(data_cfg, num_classes: int):
 
 
 def build_metadata(model_cfg, class_names: Optional[Sequence[str]] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   state: Optional[dict] = None, source: Optional[str] = None) -> dict:
-    """What a runtime needs besides the graph; values are JSON-encodable Python objects."""
+                   state: Optional[dict] = None, source: Optional[str] = None, data_cfg=None) -> dict:
+    """What a runtime needs besides the graph; values are JSON-encodable Python objects. ``data_cfg``: the
+    dataset the model was trained for, the default of ``export.evaluate`` as of ``deeplab.evaluate``."""
     names = list(class_names) if class_names else []
     if len(names) != model_cfg.num_classes:
         names = [f"class_{i}" for i in range(model_cfg.num_classes)]
@@ -60,6 +61,8 @@ def build_metadata(model_cfg, class_names: Optional[Sequence[str]] = None, mean=
         meta["val_miou"] = float(val_miou)
     if source:
         meta["source"] = source
+    if data_cfg is not None:
+        meta["data_config"] = to_plain(data_cfg)
     return meta
 
 

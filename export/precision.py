@@ -21,6 +21,7 @@ import torch
 
 from deeplab.cli import UserError
 from deeplab.fileio import atomic_path
+from deeplab.inference import evaluate
 
 from .cli import ExportError
 from .metadata import read_metadata, set_metadata
@@ -203,17 +204,6 @@ def _toposort(graph) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- accuracy
-def evaluate(predict: Callable, batches, num_classes: int, ignore_index: int = 255):
-    """Shim for deeplab.inference.evaluate(predict, batches, num_classes, ignore_index) until it lands; export
-    imports it from here only, so the switch is one line."""
-    from deeplab import ConfusionMatrix
-
-    cm = ConfusionMatrix(num_classes, ignore_index)
-    for images, masks in batches:
-        cm.update(torch.as_tensor(predict(images)).argmax(1), masks)
-    return cm
-
-
 def _recording(predict: Callable, preds: list) -> Callable:
     """`predict` that also keeps each batch's label map, for pixel agreement between backends."""
     def run(images):

@@ -127,7 +127,8 @@ def checkpoint_model(ckpt, output_stride: int, data_cfg=None) -> tuple:
         data_cfg = ckpt.experiment.data
     class_names, mean, std = dataset_meta(data_cfg, ckpt.config.num_classes)
     source = Path(ckpt.path).name if ckpt.path else None
-    return model, build_metadata(model.config, class_names, mean, std, ckpt.state, source=source), data_cfg
+    meta = build_metadata(model.config, class_names, mean, std, ckpt.state, source=source, data_cfg=data_cfg)
+    return model, meta, data_cfg
 
 
 def export_checkpoint(ckpt, out_path, output_stride: int = 8, dynamic: bool = True, opset: Optional[int] = None,

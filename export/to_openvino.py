@@ -77,7 +77,7 @@ def overflow_fix():
 
 def miou_of(compiled, batches, num_classes: int, ignore_index: int) -> float:
     """mIoU (percent) of a compiled OpenVINO model (or any images -> logits callable) on labelled batches."""
-    from .precision import evaluate
+    from deeplab.inference import evaluate
 
     def predict(images):
         return next(iter(compiled(np.ascontiguousarray(images.numpy())).values()))

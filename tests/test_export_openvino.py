@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from deeplab import build_model, load_checkpoint, save_checkpoint
-from deeplab.config import DataConfig, ExperimentConfig, ModelConfig, load_config
-from deeplab.data import build_dataset
+from deeplab import load_checkpoint, save_checkpoint
+from deeplab.config import ModelConfig, load_config
 from deeplab.data.synthetic import class_names
 from export import to_openvino
 from export.cli import ExportError
@@ -18,30 +17,12 @@ from export.cpu import has_vnni
 from export.metadata import read_ir_metadata
 from export.runtime import EngineError, OpenVINORunner, load_runner
 from export.samples import labelled_batches
+from trained import train_tiny
 
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def train_tiny(epochs: int = 8) -> tuple:
-    """resnet_tiny on 4-class synthetic 49x49 images, plain SGD: a model whose accuracy INT8 can lose."""
-    torch.manual_seed(0)
-    cfg = ExperimentConfig(model=ModelConfig(backbone="resnet_tiny", num_classes=4, aspp_channels=16),
-                           data=DataConfig(synthetic_size=49, synthetic_train=64, synthetic_val=8, synthetic_classes=4,
-                                           crop_size=49, scale_min=1.0, scale_max=1.0))
-    model = build_model(cfg.model)
-    loader = torch.utils.data.DataLoader(build_dataset(cfg.data, "train", train=True), batch_size=8, shuffle=True,
-                                         drop_last=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(epochs):
-        for x, y in loader:
-            loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval(), cfg
 
 
 @pytest.fixture(scope="module")
