@@ -100,27 +100,30 @@ def predict_files(predict, images, output, names, palette, alpha: float = 0.5) -
 
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m deeplab.predict", description=__doc__.split("\n\n")[1],
+def parse_args(argv=None, prog: str = "python -m deeplab.predict", description: str = __doc__.split("\n\n")[1],
+               model=("checkpoint", "a DeepLabv3 checkpoint (.ckpt)")) -> argparse.Namespace:
+    """The predict command's arguments; ``model`` (name, help) is what it predicts with (export.predict: a file)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a DeepLabv3 checkpoint (.ckpt)")
+    parser.add_argument(model[0], help=model[1])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNGs")
     add_inference_args(parser)
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0-1)")
     add_config_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.alpha <= 1:
+        raise ConfigError(f"--alpha {args.alpha}: must be between 0 and 1")
+    return args
 
 
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not 0 <= args.alpha <= 1:
-        raise ConfigError(f"--alpha {args.alpha}: must be between 0 and 1")
-    opts = inference_options(args)
     ckpt = load_checkpoint(args.checkpoint)
+    predict = model_predictor(ckpt.model, **inference_options(args))
     names, palette = names_and_palette(resolve_experiment(ckpt.experiment, args), ckpt.config.num_classes)
-    return predict_files(model_predictor(ckpt.model, **opts), args.images, args.output, names, palette, args.alpha)
+    return predict_files(predict, args.images, args.output, names, palette, args.alpha)
 
 
 if __name__ == "__main__":
