@@ -1,7 +1,7 @@
 """One config system for every entry point: dataclasses loaded from YAML, overridden on the command line.
 
-An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune`` and ``export``;
-each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any command.
+An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune``, ``export``, ``segment``
+and ``serve``; each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any command.
 """
 from __future__ import annotations
 
@@ -177,6 +177,40 @@ class ExportConfig:
 
 
 @dataclass
+class SegmentConfig:
+    """Batch inference over an image collection with Ray Data (python -m cluster.segment)."""
+
+    workers: Optional[int] = None  # model actors (None: as many as the cluster's CPUs or GPUs hold)
+    batch_size: int = 4  # images per actor call; split into same-size groups, never resized
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    cpus_per_decode: float = 0.5  # each read + decode task
+    output_stride: Optional[int] = None  # checkpoints only (None: the checkpoint's); exported models are fixed
+    color: bool = False  # also NAME_color.png and NAME_overlay.png
+    alpha: float = 0.5  # overlay opacity
+    max_pixels: Optional[int] = None  # larger images fail (None: Pillow's decompression-bomb limit)
+    progress_interval_s: float = 5.0
+
+
+@dataclass
+class ServeConfig:
+    """An HTTP endpoint on Ray Serve (python -m cluster.serve)."""
+
+    host: str = "127.0.0.1"  # loopback unless you say otherwise
+    port: int = 8000
+    replicas: int = 1
+    min_replicas: Optional[int] = None  # both set: autoscale between them
+    max_replicas: Optional[int] = None
+    max_batch_size: int = 8  # concurrent requests run as one batch (1: no batching)
+    batch_wait_ms: float = 10.0  # how long a batch waits to fill
+    cpus_per_replica: float = 1
+    gpus_per_replica: float = 0
+    output_stride: Optional[int] = None  # checkpoints only
+    max_pixels: int = 4096 * 4096  # larger uploads answer 413
+    max_upload_mb: float = 32.0
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -184,13 +218,15 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return to_plain(self)
 
 
 SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "cluster": ClusterConfig,
-                   "tune": TuneConfig, "export": ExportConfig}
+                   "tune": TuneConfig, "export": ExportConfig, "segment": SegmentConfig, "serve": ServeConfig}
 SECTIONS = tuple(SECTION_CLASSES)
 
 

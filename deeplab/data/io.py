@@ -3,10 +3,11 @@ message is one line naming the file, so `deeplab.data check`, the training loop 
 say the same thing."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture
 
@@ -24,31 +25,43 @@ class DatasetError(ValueError):
         super().__init__(message, *args)
 
 
+class ImageTooLargeError(DatasetError):
+    """An image over the pixel limit (a decompression bomb, or more pixels than a caller accepts)."""
+
+
 def _first_line(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):  # its text names the file object, not the file
+        return "not an image format Pillow reads"
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, data: bytes | None = None, max_pixels: int | None = None) -> Image.Image:
+    """Open ``path`` (or its ``data`` already read, named by ``path`` in messages) without decoding pixels."""
     try:
-        im = Image.open(path)
+        im = Image.open(path if data is None else io.BytesIO(data))
     except FileNotFoundError:
         raise DatasetError(f"{path}: file not found") from None
     except Image.DecompressionBombError as e:
-        raise DatasetError(f"{path}: refused as a decompression bomb ({_first_line(e)})") from None
+        raise ImageTooLargeError(f"{path}: refused as a decompression bomb ({_first_line(e)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: unreadable or truncated image ({_first_line(e)})") from None
     limit = Image.MAX_IMAGE_PIXELS
+    if max_pixels and (not limit or max_pixels < limit):
+        if im.width * im.height > max_pixels:
+            im.close()
+            raise ImageTooLargeError(f"{path}: {im.width}x{im.height} is over the limit of {max_pixels} pixels")
     if limit and im.width * im.height > limit:
         im.close()
-        raise DatasetError(f"{path}: {im.width}x{im.height} pixels is over Pillow's decompression-bomb limit "
-                           f"({limit} pixels, PIL.Image.MAX_IMAGE_PIXELS)")
+        raise ImageTooLargeError(f"{path}: {im.width}x{im.height} pixels is over Pillow's decompression-bomb "
+                                 f"limit ({limit} pixels, PIL.Image.MAX_IMAGE_PIXELS)")
     return im
 
 
-def read_image(path) -> np.ndarray:
-    """HxWx3 uint8 RGB."""
-    path = Path(path)
-    im = _open(path)
+def read_image(path, data: bytes | None = None, max_pixels: int | None = None) -> np.ndarray:
+    """HxWx3 uint8 RGB. ``data``: the file's bytes, already read (``path`` then only names it in errors);
+    ``max_pixels``: refuse larger images (ImageTooLargeError) before decoding them."""
+    path = Path(path) if data is None else path  # a URI such as s3://bucket/key stays as written
+    im = _open(path, data, max_pixels)
     try:
         with im:
             return np.asarray(im.convert("RGB"))

@@ -1,0 +1,325 @@
+"""python -m cluster.serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas N | --autoscale MIN MAX]
+
+A Ray Serve HTTP endpoint for a model file (.ckpt, .onnx FP32/FP16/INT8, TensorRT engine):
+
+  POST /segment        an image as the raw body (Content-Type image/* or application/octet-stream) or as a
+                       multipart/form-data file field; answers the label PNG (pixel value = class id), or with
+                       ?format=json: {"width", "height", "pixels": {class: count}, "color_png": base64, ...}
+  GET  /info           the model's metadata: classes, output stride, backend, precision, batching
+  GET  /healthz        "ok" while the replica serves
+
+Concurrent requests are batched (serve.batch; same-size images share a model call). Bad input answers 4xx
+with a one-line reason (400 not an image or truncated, 413 too large, 415 wrong content type) and the
+replica keeps serving. The endpoint binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import sys
+import time
+import urllib.request
+from typing import Optional
+
+from deeplab.config import ConfigError, ServeConfig, add_config_args, load_config
+
+APP_NAME = "deeplab"
+RAW_TYPES = ("application/octet-stream", "")  # and image/*
+USAGE = ("send the image as the raw body with Content-Type: image/jpeg (curl --data-binary @photo.jpg "
+         "-H 'Content-Type: image/jpeg') or as multipart/form-data (curl -F image=@photo.jpg)")
+
+
+class Problem(Exception):
+    """A request the endpoint refuses: HTTP status and a one-line reason."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+# ------------------------------------------------------------------------------------------ request bodies
+async def read_body(request, limit: int) -> bytes:
+    """The body, refusing (413) more than ``limit`` bytes before reading them all."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, f"upload of {int(declared)} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, f"upload is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def multipart_file(content_type: str, body: bytes) -> bytes:
+    """The first file field of a multipart/form-data body (or a field named image/file)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") +
+                                                  b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise Problem(400, "multipart/form-data body without a boundary or parts; " + USAGE)
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if part.get_filename() or name in ("image", "file"):
+            return part.get_payload(decode=True) or b""
+    raise Problem(400, "multipart/form-data body has no file field; " + USAGE)
+
+
+def upload_bytes(content_type_header: str, body: bytes) -> bytes:
+    """The image bytes of a request, by content type (415 for a type that cannot carry an image)."""
+    ctype = content_type_header.split(";", 1)[0].strip().lower()
+    if ctype == "multipart/form-data":
+        data = multipart_file(content_type_header, body)
+    elif ctype.startswith("image/") or ctype in RAW_TYPES:
+        data = body
+    else:
+        raise Problem(415, f"content type {ctype} cannot carry an image; " + USAGE)
+    if not data:
+        raise Problem(400, "empty upload; " + USAGE)
+    return data
+
+
+def png_bytes(picture) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- replica
+def _deployment_class():
+    """The Serve deployment, defined on first use so `--help` and the request helpers need no Ray."""
+    from ray import serve
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+    @serve.deployment(name="SegmentService")
+    class SegmentService:
+        def __init__(self, model, output_stride: Optional[int], num_gpus: float, cpus: float, max_batch_size: int,
+                     batch_wait_s: float, max_pixels: int, max_upload_bytes: int):
+            from cluster.infer import open_model, set_threads, worker_device
+            from deeplab.data import palette_for_classes
+
+            threads = set_threads(cpus)
+            self.runner = open_model(model, output_stride=output_stride, device=worker_device(num_gpus),
+                                     threads=threads)
+            self.palette = palette_for_classes(self.runner.info.class_names)
+            self.max_pixels, self.max_upload_bytes = max_pixels, max_upload_bytes
+            self.segment_batch.set_max_batch_size(max_batch_size)
+            self.segment_batch.set_batch_wait_timeout_s(batch_wait_s)
+            self.info = {**self.runner.info.to_dict(), "max_batch_size": max_batch_size,
+                         "batch_wait_ms": batch_wait_s * 1000, "max_pixels": max_pixels,
+                         "max_upload_bytes": max_upload_bytes}
+            self.info["path"] = os.path.basename(self.info["path"])
+
+        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+        async def segment_batch(self, images: list) -> list:
+            from cluster.infer import predict_labels
+
+            return await asyncio.to_thread(predict_labels, self.runner, images)
+
+        async def __call__(self, request):
+            fmt = request.query_params.get("format", "png")
+            try:
+                path = request.url.path.rstrip("/") or "/"
+                if path in ("/healthz", "/info"):
+                    if request.method != "GET":
+                        raise Problem(405, f"{path} answers GET only")
+                    return PlainTextResponse("ok\n") if path == "/healthz" else JSONResponse(self.info)
+                if path != "/segment":
+                    raise Problem(404, f"no endpoint {path}; use POST /segment, GET /info or GET /healthz")
+                if request.method != "POST":
+                    raise Problem(405, "/segment answers POST with an image; " + USAGE)
+                if fmt not in ("png", "json"):
+                    raise Problem(400, f"format={fmt}: use png (default) or json")
+                return await self._segment(request, fmt)
+            except Problem as e:
+                body = json.dumps({"error": e.reason}) if fmt == "json" else f"error: {e.reason}\n"
+                return Response(body, status_code=e.status,
+                                media_type="application/json" if fmt == "json" else "text/plain")
+
+        async def _segment(self, request, fmt: str):
+            from cluster.infer import class_pixels
+            from deeplab.data.io import DatasetError, ImageTooLargeError, read_image
+            from deeplab.predict import prediction_images
+
+            start = time.perf_counter()
+            body = await read_body(request, self.max_upload_bytes)
+            data = upload_bytes(request.headers.get("content-type", ""), body)
+            try:
+                image = await asyncio.to_thread(read_image, "upload", data=data, max_pixels=self.max_pixels)
+            except ImageTooLargeError as e:
+                raise Problem(413, str(e)) from None
+            except DatasetError as e:
+                raise Problem(400, str(e)) from None
+            labels = await self.segment_batch(image)
+            kinds = ("labels",) if fmt == "png" else ("color",)
+            picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
+            if fmt == "png":
+                return Response(png_bytes(picture), media_type="image/png")
+            return JSONResponse({"width": int(image.shape[1]), "height": int(image.shape[0]),
+                                 "pixels": class_pixels(labels, self.runner.info.class_names),
+                                 "classes": self.runner.info.class_names,
+                                 "color_png": base64.b64encode(png_bytes(picture)).decode("ascii"),
+                                 "backend": self.runner.info.backend,
+                                 "seconds": round(time.perf_counter() - start, 4)})
+
+    return SegmentService
+
+
+def build_app(model_path, cfg: ServeConfig):
+    """The bound Serve application for ``model_path`` (shipped to the replicas through the object store)."""
+    from cluster.infer import ship_model
+
+    options = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+               "max_ongoing_requests": max(8, 2 * cfg.max_batch_size)}
+    if cfg.min_replicas is not None:
+        options["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                         "target_ongoing_requests": max(1, cfg.max_batch_size)}
+    else:
+        options["num_replicas"] = cfg.replicas
+    return _deployment_class().options(**options).bind(
+        ship_model(model_path), cfg.output_stride, cfg.gpus_per_replica, cfg.cpus_per_replica, cfg.max_batch_size,
+        cfg.batch_wait_ms / 1000, cfg.max_pixels, int(cfg.max_upload_mb * 2**20))
+
+
+def local_url(cfg: ServeConfig) -> str:
+    """Where this machine reaches the endpoint (a wildcard bind is reached through loopback)."""
+    host = "127.0.0.1" if cfg.host in ("0.0.0.0", "") else ("[::1]" if cfg.host == "::" else cfg.host)
+    return f"http://{host}:{cfg.port}"
+
+
+def wait_healthy(url: str, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
+                if r.status == 200:
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def start(model_path, cfg: ServeConfig, timeout_s: float = 300):
+    """Deploy (Ray must be initialized) and wait until /healthz answers; returns the local URL."""
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
+    serve.run(build_app(model_path, cfg), name=APP_NAME, route_prefix="/")
+    url = local_url(cfg)
+    if not wait_healthy(url, timeout_s):
+        raise RuntimeError(f"{url}/healthz did not answer within {timeout_s:.0f}s (is Serve already running on "
+                           "this cluster with another host or port? `serve shutdown` stops it)")
+    return url
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def check_config(cfg: ServeConfig) -> None:
+    if not 1 <= cfg.port <= 65535:
+        raise ConfigError(f"serve.port={cfg.port} must be 1-65535 (--port)")
+    if cfg.min_replicas is not None or cfg.max_replicas is not None:
+        if cfg.min_replicas is None or cfg.max_replicas is None:
+            raise ConfigError("serve.min_replicas and serve.max_replicas go together (--autoscale MIN MAX)")
+        if not 0 <= cfg.min_replicas <= cfg.max_replicas or cfg.max_replicas < 1:
+            raise ConfigError(f"--autoscale {cfg.min_replicas} {cfg.max_replicas}: need 0 <= MIN <= MAX and MAX >= 1")
+    elif cfg.replicas < 1:
+        raise ConfigError(f"serve.replicas={cfg.replicas} must be >= 1 (--replicas)")
+    if cfg.max_batch_size < 1:
+        raise ConfigError(f"serve.max_batch_size={cfg.max_batch_size} must be >= 1 (--max-batch-size; 1: no batching)")
+    if cfg.batch_wait_ms < 0:
+        raise ConfigError(f"serve.batch_wait_ms={cfg.batch_wait_ms} must be >= 0 (--batch-wait-ms)")
+    if cfg.max_pixels < 1 or cfg.max_upload_mb <= 0:
+        raise ConfigError("serve.max_pixels and serve.max_upload_mb must be > 0")
+    if cfg.cpus_per_replica < 0 or cfg.gpus_per_replica < 0:
+        raise ConfigError("serve.cpus_per_replica and serve.gpus_per_replica must be >= 0")
+    if cfg.output_stride not in (None, 8, 16, 32):
+        raise ConfigError(f"serve.output_stride={cfg.output_stride}: use 8, 16 or 32 (--output-stride)")
+
+
+FLAGS = {"host": "host", "port": "port", "replicas": "replicas", "max_batch_size": "max_batch_size",
+         "batch_wait_ms": "batch_wait_ms", "cpus_per_replica": "cpus_per_replica",
+         "num_gpus_per_replica": "gpus_per_replica", "output_stride": "output_stride", "max_pixels": "max_pixels"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m cluster.serve", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
+    p.add_argument("--host", help="address to bind (serve.host, default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
+    scale = p.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, help="fixed number of replicas (serve.replicas, default 1)")
+    scale.add_argument("--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"),
+                       help="autoscale between MIN and MAX replicas on the requests in flight")
+    p.add_argument("--max-batch-size", type=int, help="requests batched into one model call (serve.max_batch_size, "
+                   "default 8; 1 turns batching off)")
+    p.add_argument("--batch-wait-ms", type=float, help="how long a batch waits to fill (serve.batch_wait_ms, default 10)")
+    p.add_argument("--cpus-per-replica", type=float, help="CPUs per replica (serve.cpus_per_replica, default 1)")
+    p.add_argument("--num-gpus-per-replica", type=float, help="GPUs per replica (serve.gpus_per_replica, default 0)")
+    p.add_argument("--output-stride", type=int, choices=[8, 16, 32],
+                   help="checkpoints only: run at this output stride (default: the checkpoint's)")
+    p.add_argument("--max-pixels", type=int, help="larger images answer 413 (serve.max_pixels, default 4096x4096)")
+    add_config_args(p)
+    return p.parse_args(argv)
+
+
+def _wait_for_signal() -> None:
+    """Block until Ctrl-C or SIGTERM."""
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    try:
+        while not stop:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from export.runtime import EngineError, ModelFileError, read_model_info
+
+    try:
+        exp = load_config(args.config, args.overrides)
+        cfg = exp.serve
+        for flag, name in FLAGS.items():
+            if getattr(args, flag) is not None:
+                setattr(cfg, name, getattr(args, flag))
+        if args.autoscale:
+            cfg.min_replicas, cfg.max_replicas = args.autoscale
+        check_config(cfg)
+        info = read_model_info(args.model, cfg.output_stride)
+    except (ConfigError, ModelFileError, EngineError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from ray import serve
+
+    from cluster.train import init_ray
+
+    init_ray(exp)
+    try:
+        url = start(args.model, cfg)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    scale = (f"autoscaling {cfg.min_replicas}-{cfg.max_replicas} replicas" if cfg.min_replicas is not None
+             else f"{cfg.replicas} replica{'s' * (cfg.replicas != 1)}")
+    print(f"serving {args.model} ({info.backend.split(' ')[0]}, {info.num_classes} classes, output stride "
+          f"{info.output_stride}; {scale}, batches of up to {cfg.max_batch_size}) at {url}: POST /segment, "
+          f"GET /info, GET /healthz; Ctrl-C stops", flush=True)
+    _wait_for_signal()
+    print("stopping...", flush=True)
+    serve.delete(APP_NAME)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
