@@ -91,6 +91,8 @@ def _list_folder(source: str, exclude: Optional[str], extensions) -> InputSet:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"{source}: no such folder or prefix")
+        if info.type == pafs.FileType.File:  # one object
+            return InputSet(fs, [InputItem(root, source, PurePosixPath(root).stem)])
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
     except OSError as e:
         raise InputError(f"{source}: cannot list ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
@@ -114,9 +116,16 @@ def _list_folder(source: str, exclude: Optional[str], extensions) -> InputSet:
 
 def _list_file(source: str) -> InputSet:
     """A text file of paths: blank lines and # comments skipped; relative paths are relative to its folder."""
+    from deeplab.predict import IMAGE_SUFFIXES
+
     base = os.path.dirname(os.path.abspath(source))
+    try:
+        text = Path(source).read_text()
+    except UnicodeDecodeError:
+        raise InputError(f"{source}: not a text file listing paths (nor an image: its suffix is not one of "
+                         f"{', '.join(IMAGE_SUFFIXES)})") from None
     entries = []
-    for line in Path(source).read_text().splitlines():
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             entries.append(line if _is_uri(line) or os.path.isabs(line) else os.path.join(base, line))
@@ -141,7 +150,12 @@ def list_inputs(source: str, exclude: Optional[str] = None, extensions=None) -> 
     """Every input image with its output name. ``exclude``: a local folder never to list (OUTPUT);
     ``extensions``: keep only these suffixes (folders and prefixes; a list file is taken as written)."""
     extensions = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions or ()}
+    from deeplab.predict import IMAGE_SUFFIXES
+
     if not _is_uri(source) and os.path.isfile(source):
+        if Path(source).suffix.lower() in IMAGE_SUFFIXES:  # one image: a list of one
+            path = os.path.abspath(source)
+            return InputSet(_filesystem(path)[0], [InputItem(path, path, Path(path).stem)])
         inputs = _list_file(source)
     elif not _is_uri(source) and not os.path.exists(source):
         raise InputError(f"{source}: no such folder or list file")
@@ -488,7 +502,7 @@ FLAGS = {"workers": "workers", "batch_size": "batch_size", "cpus_per_worker": "c
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m cluster.segment", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="python -m cluster.segment", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
     p.add_argument("input", metavar="INPUT", help="a folder, a text file listing paths, or s3://bucket/prefix/")
@@ -526,6 +540,9 @@ def main(argv=None) -> int:
         if args.color:
             cfg.color = True
         check_config(cfg)
+        if _is_uri(args.output):
+            raise ConfigError(f"-o {args.output}: OUTPUT must be a folder (on a multi-node cluster, one every node "
+                              "mounts at the same path); object-store output is not supported")
         info = read_model_info(args.model, cfg.output_stride)
         out_dir = os.path.abspath(args.output)
         inputs = list_inputs(args.input, exclude=out_dir,

@@ -120,9 +120,11 @@ def _deployment_class():
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def segment_batch(self, images: list) -> list:
+            """Concurrent requests' images -> (labels, how many requests shared the batch) each."""
             from cluster.infer import predict_labels
 
-            return await asyncio.to_thread(predict_labels, self.runner, images)
+            labels = await asyncio.to_thread(predict_labels, self.runner, images)
+            return [(one, len(images)) for one in labels]
 
         async def __call__(self, request):
             fmt = request.query_params.get("format", "png")
@@ -158,7 +160,7 @@ def _deployment_class():
                 raise Problem(413, str(e)) from None
             except DatasetError as e:
                 raise Problem(400, str(e)) from None
-            labels = await self.segment_batch(image)
+            labels, batch = await self.segment_batch(image)
             kinds = ("labels",) if fmt == "png" else ("color",)
             picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
             if fmt == "png":
@@ -167,16 +169,15 @@ def _deployment_class():
                                  "pixels": class_pixels(labels, self.runner.info.class_names),
                                  "classes": self.runner.info.class_names,
                                  "color_png": base64.b64encode(png_bytes(picture)).decode("ascii"),
-                                 "backend": self.runner.info.backend,
+                                 "backend": self.runner.info.backend, "batch": batch,
                                  "seconds": round(time.perf_counter() - start, 4)})
 
     return SegmentService
 
 
-def build_app(model_path, cfg: ServeConfig):
-    """The bound Serve application for ``model_path`` (shipped to the replicas through the object store)."""
-    from cluster.infer import ship_model
-
+def deployment_options(cfg: ServeConfig) -> dict:
+    """Replicas (fixed, or autoscaled on requests in flight: one full batch per replica), their resources,
+    and room for a full batch plus the next one queued."""
     options = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
                "max_ongoing_requests": max(8, 2 * cfg.max_batch_size)}
     if cfg.min_replicas is not None:
@@ -184,7 +185,14 @@ def build_app(model_path, cfg: ServeConfig):
                                          "target_ongoing_requests": max(1, cfg.max_batch_size)}
     else:
         options["num_replicas"] = cfg.replicas
-    return _deployment_class().options(**options).bind(
+    return options
+
+
+def build_app(model_path, cfg: ServeConfig):
+    """The bound Serve application for ``model_path`` (shipped to the replicas through the object store)."""
+    from cluster.infer import ship_model
+
+    return _deployment_class().options(**deployment_options(cfg)).bind(
         ship_model(model_path), cfg.output_stride, cfg.gpus_per_replica, cfg.cpus_per_replica, cfg.max_batch_size,
         cfg.batch_wait_ms / 1000, cfg.max_pixels, int(cfg.max_upload_mb * 2**20))
 
@@ -250,7 +258,7 @@ FLAGS = {"host": "host", "port": "port", "replicas": "replicas", "max_batch_size
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m cluster.serve", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="python -m cluster.serve", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
     p.add_argument("--host", help="address to bind (serve.host, default 127.0.0.1: this machine only)")

@@ -327,6 +327,7 @@ def save_config(cfg: ExperimentConfig, path) -> None:
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
     """The two config flags every command shares: --config FILE and repeated --set SECTION.FIELD=VALUE."""
-    parser.add_argument("--config", required=required, help="experiment YAML (sections model/data/train/cluster/tune/export)")
+    parser.add_argument("--config", required=required,
+                        help="experiment YAML (sections model/data/train/cluster/tune/export/segment/serve)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set model.output_stride=8 (repeatable)")

@@ -68,11 +68,19 @@ def test_uri_prefix_is_listed_through_pyarrow(tmp_path):
         assert f.read() == b"abc"
 
 
+def test_one_image_is_a_collection_of_one(tmp_path):
+    image = touch(tmp_path / "street.jpg")
+    assert [(i.path, i.name) for i in list_inputs(str(image)).items] == [(str(image), "street")]
+    single = list_inputs(f"file://{image}")  # one object under a URI
+    assert [(i.uri, i.name) for i in single.items] == [(f"file://{image}", "street")]
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda p: p / "missing", "no such folder or list file"),
     (lambda p: (p / "empty").mkdir() or p / "empty", "no files to segment"),
     (lambda p: touch(p / "list.txt", b"# nothing\n\n"), "names no files"),
     (lambda p: touch(p / "mixed.txt", b"/tmp/a.jpg\ns3://bucket/b.jpg\n"), "mixes filesystems"),
+    (lambda p: touch(p / "photos.tar", bytes(range(256))), "not a text file listing paths"),
 ])
 def test_bad_input_is_one_line_naming_it(tmp_path, make, message):
     source = make(tmp_path)
@@ -122,6 +130,7 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path):
     (["MODEL", "nowhere", "-o", "OUT"], "nowhere: no such folder or list file"),
     (["MODEL", "IN", "-o", "OUT", "--output-stride", "8", "--set", "segment.batch_size=0"], "segment.batch_size=0"),
     (["model.txt", "IN", "-o", "OUT"], "unknown model file type '.txt'"),
+    (["MODEL", "IN", "-o", "s3://bucket/out"], "object-store output is not supported"),
 ])
 def test_command_line_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
     from inference_files import tiny_checkpoint
