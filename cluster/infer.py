@@ -71,8 +71,10 @@ def open_model(shipped, **kwargs):
     return load_runner(path, **kwargs)
 
 
-def predict_labels(runner, images: Sequence[np.ndarray]) -> list:
-    """Label maps (HxW uint8) for HxWx3 uint8 images, each at its own size; one model call per size."""
+def predict_labels(runner, images: Sequence[np.ndarray], keep_errors: bool = False) -> list:
+    """Label maps (HxW uint8) for HxWx3 uint8 images, each at its own size; one model call per size.
+    ``keep_errors``: a size the model fails on (an engine profile too small, out of GPU memory) gets the
+    exception in place of its label maps, and the other sizes still run."""
     from deeplab.data import normalize
 
     out: list = [None] * len(images)
@@ -81,9 +83,19 @@ def predict_labels(runner, images: Sequence[np.ndarray]) -> list:
         by_size[image.shape[:2]].append(i)
     for indices in by_size.values():
         batch = np.stack([normalize(images[i]).numpy() for i in indices])
-        for i, labels in zip(indices, runner.labels(batch)):
-            out[i] = labels
+        try:
+            labels = list(runner.labels(batch))
+        except Exception as e:
+            if not keep_errors:
+                raise
+            labels = [e] * len(indices)
+        for i, one in zip(indices, labels):
+            out[i] = one
     return out
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def class_pixels(labels: np.ndarray, class_names: Sequence[str]) -> dict:

@@ -287,44 +287,35 @@ class SegmentWorker:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        n = len(batch["uri"])
-        records: list = [None] * n
-        todo = []
-        for i in range(n):
-            if batch["error"][i]:
-                records[i] = {"path": batch["uri"][i], "status": "failed", "error": str(batch["error"][i])}
+        from cluster.infer import first_line, predict_labels
+
+        rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["uri"]))]
+        good = [row for row in rows if not row["error"]]
+        images = [np.frombuffer(r["pixels"], np.uint8).reshape(int(r["height"]), int(r["width"]), 3) for r in good]
+        missing = [self._missing(str(r["name"])) for r in good]
+        run = [i for i, m in enumerate(missing) if m]  # images with outputs to write
+        start = time.perf_counter()
+        labels = dict(zip(run, predict_labels(self.runner, [images[i] for i in run], keep_errors=True)))
+        seconds = (time.perf_counter() - start) / max(1, len(run))
+        records = {}
+        for i, row in enumerate(good):
+            uri = str(row["uri"])
+            if isinstance(labels.get(i), Exception):
+                records[uri] = {"path": uri, "status": "failed",
+                                "error": f"{uri}: the model cannot run it ({first_line(labels[i])})"}
             else:
-                todo.append(i)
-        images = {i: np.frombuffer(batch["pixels"][i], np.uint8).reshape(int(batch["height"][i]),
-                                                                          int(batch["width"][i]), 3) for i in todo}
-        missing = {i: self._missing(str(batch["name"][i])) for i in todo}
-        run = [i for i in todo if missing[i]]
-        labels, seconds = self._predict([images[i] for i in run], [str(batch["uri"][i]) for i in run], records, run)
-        for i in todo:
-            if records[i] is None:
-                records[i] = self._finish(str(batch["uri"][i]), str(batch["name"][i]), images[i], labels.get(i),
-                                          missing[i], seconds + float(batch["decode_seconds"][i]))
-        return {"record": np.array([json.dumps(r) for r in records], dtype=object)}
+                records[uri] = self._finish(uri, str(row["name"]), images[i], labels.get(i), missing[i],
+                                            seconds + float(row["decode_seconds"]))
+        for row in rows:
+            if row["error"]:
+                records[str(row["uri"])] = {"path": str(row["uri"]), "status": "failed", "error": str(row["error"])}
+        return {"record": np.array([json.dumps(records[str(row["uri"])]) for row in rows], dtype=object)}
 
     def _missing(self, name: str) -> list:
         from deeplab.predict import prediction_paths
 
         paths = prediction_paths(self.out_dir / PurePosixPath(name).parent, PurePosixPath(name).name)
         return [k for k in self.kinds if not paths[k].is_file()]
-
-    def _predict(self, images: list, uris: list, records: list, run: list) -> tuple:
-        """({batch index: labels}, model seconds per image); a model that cannot run an image (an engine
-        profile too small for it) fails those images, not the run."""
-        from cluster.infer import predict_labels
-
-        start = time.perf_counter()
-        try:
-            out = predict_labels(self.runner, images)
-        except ValueError as e:  # EngineError, ModelFileError: one line
-            for i, uri in zip(run, uris):
-                records[i] = {"path": uri, "status": "failed", "error": f"{uri}: {e}"}
-            return {}, 0.0
-        return dict(zip(run, out)), (time.perf_counter() - start) / max(1, len(images))
 
     def _finish(self, uri: str, name: str, image, labels, missing: list, seconds: float) -> dict:
         from cluster.infer import class_pixels

@@ -19,6 +19,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import signal
 import sys
@@ -99,6 +100,8 @@ def _deployment_class():
     from ray import serve
     from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+    from cluster.infer import first_line
+
     @serve.deployment(name="SegmentService")
     class SegmentService:
         def __init__(self, model, output_stride: Optional[int], num_gpus: float, cpus: float, max_batch_size: int,
@@ -123,8 +126,8 @@ def _deployment_class():
             """Concurrent requests' images -> (labels, how many requests shared the batch) each."""
             from cluster.infer import predict_labels
 
-            labels = await asyncio.to_thread(predict_labels, self.runner, images)
-            return [(one, len(images)) for one in labels]
+            labels = await asyncio.to_thread(predict_labels, self.runner, images, True)
+            return [(one, len(images)) for one in labels]  # a failed size gets its exception, alone
 
         async def __call__(self, request):
             fmt = request.query_params.get("format", "png")
@@ -141,7 +144,10 @@ def _deployment_class():
                 if fmt not in ("png", "json"):
                     raise Problem(400, f"format={fmt}: use png (default) or json")
                 return await self._segment(request, fmt)
-            except Problem as e:
+            except Exception as e:  # a Problem is the client's; anything else is ours: 500, one line, logged
+                if not isinstance(e, Problem):
+                    logging.getLogger("ray.serve").exception("segment request failed")
+                    e = Problem(500, f"internal error: {first_line(e)}")
                 body = json.dumps({"error": e.reason}) if fmt == "json" else f"error: {e.reason}\n"
                 return Response(body, status_code=e.status,
                                 media_type="application/json" if fmt == "json" else "text/plain")
@@ -161,6 +167,10 @@ def _deployment_class():
             except DatasetError as e:
                 raise Problem(400, str(e)) from None
             labels, batch = await self.segment_batch(image)
+            if isinstance(labels, Exception):  # the model could not run this image: say why, keep serving
+                status = 413 if "out of memory" in str(labels).lower() else 400
+                raise Problem(status, f"the model cannot run this {image.shape[1]}x{image.shape[0]} image "
+                                      f"({first_line(labels)})")
             kinds = ("labels",) if fmt == "png" else ("color",)
             picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
             if fmt == "png":

@@ -155,3 +155,43 @@ def test_pool_size_defaults_to_what_the_cluster_holds_and_warns_when_a_request_d
     assert segment.size_pool(SegmentConfig(), {"CPU": 1.0}, said.append) == 1 and len(said) == 1
     assert "waits for an autoscaler" in said[0] and "1.5 CPUs" in said[0]
     assert segment.size_pool(SegmentConfig(workers=3), {"CPU": 8.0}, said.append) == 3 and len(said) == 1
+
+
+def test_mixed_sizes_run_one_call_per_size_and_equal_each_image_alone(tmp_path, one_thread):
+    import numpy as np
+
+    from cluster.infer import predict_labels
+    from deeplab.data import normalize
+    from export.runtime import load_runner
+    from inference_files import photo, tiny_checkpoint
+
+    runner = load_runner(tiny_checkpoint(tmp_path / "m.ckpt"), device="cpu")
+    calls = []
+    labels_of = runner.labels
+    runner.labels = lambda batch: calls.append(batch.shape) or labels_of(batch)
+    images = [photo(size, seed) for seed, size in enumerate([(40, 56), (33, 33), (40, 56), (57, 41), (33, 33)])]
+    out = predict_labels(runner, images)
+    assert sorted(calls) == [(1, 3, 57, 41), (2, 3, 33, 33), (2, 3, 40, 56)]
+    for image, labels in zip(images, out):
+        assert labels.shape == image.shape[:2]
+        np.testing.assert_array_equal(labels, labels_of(normalize(image)[None].numpy())[0])
+
+
+def test_a_size_the_engine_cannot_run_fails_alone():
+    """Stand-in for a TensorRT engine (none here) whose optimization profile stops at 64x64."""
+    import numpy as np
+
+    from cluster.infer import predict_labels
+    from export.runtime import EngineError
+
+    class ProfileLimited:
+        def labels(self, batch):
+            if max(batch.shape[2:]) > 64:
+                raise EngineError(f"engine: input shape {batch.shape} is outside the engine's optimization profile")
+            return np.zeros((len(batch),) + batch.shape[2:], np.uint8)
+
+    images = [np.zeros((32, 32, 3), np.uint8), np.zeros((80, 80, 3), np.uint8), np.zeros((32, 32, 3), np.uint8)]
+    out = predict_labels(ProfileLimited(), images, keep_errors=True)
+    assert [o.shape for o in (out[0], out[2])] == [(32, 32), (32, 32)] and isinstance(out[1], EngineError)
+    with pytest.raises(EngineError):
+        predict_labels(ProfileLimited(), images)
