@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deeplab.config import ConfigError, add_config_args, load_config
+from deeplab.cli import command
+from deeplab.config import ConfigError, add_config_args, config_from_args
 
 
 def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list:
@@ -100,7 +101,7 @@ def bench_serve(model: str, exp, bodies: list, requests: int, clients_list, cpus
     rows = []
     for batching in (True, False):
         cfg = exp.serve
-        cfg.port, cfg.host, cfg.replicas, cfg.min_replicas, cfg.max_replicas = port, "127.0.0.1", 1, None, None
+        cfg.port, cfg.host, cfg.replicas, cfg.autoscale = port, "127.0.0.1", 1, None
         cfg.max_batch_size, cfg.cpus_per_replica = (8 if batching else 1), cpus
         start(model, cfg)
         load("127.0.0.1", port, bodies, max(4, min(requests, 8)), 2)  # warm-up: first calls allocate
@@ -151,6 +152,7 @@ def random_model(exp, folder: Path) -> str:
     return str(path)
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m cluster.bench_serve", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,15 +166,11 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=0, help="loopback port for Serve (default: a free one)")
     add_config_args(p)
     args = p.parse_args(argv)
-    try:
-        exp = load_config(args.config, args.overrides)
-        if min(args.requests, args.image_size, args.segment_images, *args.clients, *args.actors) < 1:
-            raise ConfigError("--requests, --image-size, --segment-images, --clients and --actors must be >= 1")
-        if args.model and not os.path.isfile(args.model):
-            raise ConfigError(f"{args.model}: no such model file")
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    exp = config_from_args(args)
+    if min(args.requests, args.image_size, args.segment_images, *args.clients, *args.actors) < 1:
+        raise ConfigError("--requests, --image-size, --segment-images, --clients and --actors must be >= 1")
+    if args.model and not os.path.isfile(args.model):
+        raise ConfigError(f"{args.model}: no such model file")
 
     from cluster.train import _free_port, init_ray
 

@@ -2,9 +2,10 @@
 
 `ray up` has no dry run, and a mistake shows up only after instances start (and bill). This runs the
 validation `ray up` itself runs first (`prepare_config` merges the provider's defaults, `validate_config`
-checks the JSON schema), offline, and then refuses any firewall rule that opens Ray's unauthenticated
-ports (GCS 6379, dashboard/job API 8265, client 10001) to the whole internet, and any AWS node type
-left without its own security group (Ray would create one with SSH open to 0.0.0.0/0).
+checks the JSON schema), offline, and then refuses firewall rules that together open Ray's unauthenticated
+ports (GCS 6379, dashboard/job API 8265, client 10001) to the internet (more public sources than a /16,
+however the ranges are split), and any AWS node type left without its own security group (Ray would create
+one with SSH open to 0.0.0.0/0).
 
     python -m cluster.check_config ray_cluster.yaml cluster/onprem.yaml
 """
@@ -19,46 +20,63 @@ from pathlib import Path
 import yaml
 
 RAY_PORTS = {6379: "GCS", 8265: "dashboard/job API", 10001: "Ray client"}
+# Sources that are not the internet: RFC 1918, carrier-grade NAT, loopback, link-local, IPv6 ULA/link-local.
+PRIVATE = [ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+    "fc00::/7", "fe80::/10", "::1/128")]
+# The most public addresses a Ray port may admit: an office or VPN range (a /16, an IPv6 /48). Anything
+# broader is "the internet", however it is split into rules and ranges.
+MAX_PUBLIC = {4: 2 ** 16, 6: 2 ** 80}
 
 
-def _world(cidr: str) -> bool:
+def _network(cidr: str):
     try:
-        return ipaddress.ip_network(cidr, strict=False).prefixlen == 0
+        return ipaddress.ip_network(str(cidr).strip(), strict=False)
     except ValueError:
-        return False
+        return None
 
 
-def _open_ray_ports(low: int, high: int) -> list[int]:
-    return [p for p in RAY_PORTS if low <= p <= high]
+def _public_parts(network) -> list:
+    """``network`` minus the private ranges: the internet addresses it admits."""
+    parts = [network]
+    for private in PRIVATE:
+        if private.version != network.version:
+            continue
+        rest = []
+        for part in parts:
+            if part.subnet_of(private):
+                continue
+            rest += list(part.address_exclude(private)) if private.subnet_of(part) else [part]
+        parts = rest
+    return parts
 
 
-def _aws_rule(rule: dict) -> list[int]:
-    """Ray ports an AWS IpPermission opens to the world (protocol -1 means every port)."""
-    cidrs = [r.get("CidrIp", "") for r in rule.get("IpRanges", [])]
-    cidrs += [r.get("CidrIpv6", "") for r in rule.get("Ipv6Ranges", [])]
-    if not any(_world(c) for c in cidrs):
-        return []
-    if str(rule.get("IpProtocol", "-1")).lower() in ("-1", "all"):
-        return sorted(RAY_PORTS)
-    low, high = rule.get("FromPort", -1), rule.get("ToPort", -1)
+def _ports_in(low, high) -> list[int]:
     if low in (-1, None) or high in (-1, None):
         low, high = 0, 65535
-    return _open_ray_ports(int(low), int(high))
+    return [p for p in RAY_PORTS if int(low) <= p <= int(high)]
 
 
-def _gcp_rule(rule: dict) -> list[int]:
-    """Ray ports a GCP firewall rule (sourceRanges/allowed) opens to the world."""
-    if not any(_world(c) for c in rule.get("sourceRanges", [])):
-        return []
+def _aws_rule(rule: dict) -> tuple[list[str], list[int]]:
+    """An AWS IpPermission: its source ranges and the Ray ports it opens (protocol -1: every port)."""
+    cidrs = [r.get("CidrIp", "") for r in rule.get("IpRanges", [])]
+    cidrs += [r.get("CidrIpv6", "") for r in rule.get("Ipv6Ranges", [])]
+    if str(rule.get("IpProtocol", "-1")).lower() in ("-1", "all"):
+        return cidrs, sorted(RAY_PORTS)
+    return cidrs, _ports_in(rule.get("FromPort", -1), rule.get("ToPort", -1))
+
+
+def _gcp_rule(rule: dict) -> tuple[list[str], list[int]]:
+    """A GCP firewall rule: its sourceRanges and the Ray ports its `allowed` entries open."""
     opened = set()
     for allow in rule.get("allowed", []):
         ports = allow.get("ports")
         if str(allow.get("IPProtocol", "all")).lower() == "all" or not ports:
-            return sorted(RAY_PORTS)
-        for spec in ports:
+            opened.update(RAY_PORTS)
+        for spec in ports or []:
             low, _, high = str(spec).partition("-")
-            opened.update(_open_ray_ports(int(low), int(high or low)))
-    return sorted(opened)
+            opened.update(_ports_in(int(low), int(high or low)))
+    return list(rule.get("sourceRanges", [])), sorted(opened)
 
 
 def _walk(node, path="config"):
@@ -71,20 +89,49 @@ def _walk(node, path="config"):
             yield from _walk(v, f"{path}[{i}]")
 
 
-def security_problems(config: dict) -> list[str]:
-    """Every way `config` exposes Ray's ports to the internet, one line each (empty list: none)."""
-    problems = []
+def _firewall_rules(config: dict):
+    """(path, source ranges, Ray ports opened) for every AWS or GCP ingress rule anywhere in the config."""
     for path, node in _walk(config):
         if not isinstance(node, dict):
             continue
-        ports = []
         if "IpProtocol" in node or "IpRanges" in node or "Ipv6Ranges" in node:
-            ports = _aws_rule(node)
+            yield (path, *_aws_rule(node))
         elif "sourceRanges" in node:
-            ports = _gcp_rule(node)
-        if ports:
-            names = ", ".join(f"{p} ({RAY_PORTS[p]})" for p in ports)
-            problems.append(f"{path} opens {names} to the whole internet")
+            yield (path, *_gcp_rule(node))
+
+
+def _exposure(config: dict) -> dict:
+    """Ray port -> (public addresses all rules together admit on it per IP version, the rules involved)."""
+    public = {port: {4: [], 6: []} for port in RAY_PORTS}
+    rules = {port: [] for port in RAY_PORTS}
+    for path, cidrs, ports in _firewall_rules(config):
+        parts = [part for net in filter(None, map(_network, cidrs)) for part in _public_parts(net)]
+        for port in ports if parts else []:
+            for part in parts:
+                public[port][part.version].append(part)
+            rules[port].append(path)
+    counts = {port: {v: sum(n.num_addresses for n in ipaddress.collapse_addresses(nets)) if nets else 0
+                     for v, nets in by_version.items()} for port, by_version in public.items()}
+    return {port: (counts[port], rules[port]) for port in RAY_PORTS}
+
+
+def security_problems(config: dict) -> list[str]:
+    """Every way `config` exposes Ray's ports to the internet, one line each (empty list: none).
+
+    The rule is by coverage: all rules that open a Ray port are taken together, so splitting 0.0.0.0/0 into
+    halves, or into one rule per range, is still the internet."""
+    grouped: dict = {}
+    for port, (counts, rules) in _exposure(config).items():
+        if any(counts[v] > MAX_PUBLIC[v] for v in (4, 6)):
+            grouped.setdefault(tuple(rules), []).append((port, counts))
+    problems = []
+    for rules, opened in grouped.items():
+        names = ", ".join(f"{p} ({RAY_PORTS[p]})" for p, _ in opened)
+        counts = opened[0][1]
+        reach = " and ".join(f"{counts[v]:.3g} public IPv{v} addresses" for v in (4, 6) if counts[v])
+        where = rules[0] if len(rules) == 1 else f"{len(rules)} rules ({', '.join(rules)}) together"
+        problems.append(f"{where} open{'s' if len(rules) == 1 else ''} {names} to the internet ({reach}; "
+                        f"at most a /16 or an IPv6 /48 may reach them: use `ray dashboard` over SSH)")
     if config.get("provider", {}).get("type") == "aws":
         for name, node_type in config.get("available_node_types", {}).items():
             if "SecurityGroupIds" not in node_type.get("node_config", {}):

@@ -35,10 +35,12 @@ def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
 def export_and_bench(best: str, out: str) -> None:
     """ONNX export and a short benchmark, when the export package is there (imported lazily)."""
     try:
+        from export.cli import show_progress
         from export.to_onnx import export_checkpoint
     except ImportError as e:
         print(f"skipping export: {e}")
         return
+    show_progress()
     onnx_path = os.path.join(out, "model_os8.onnx")
     export_checkpoint(best, onnx_path, output_stride=8)
     print(f"wrote {onnx_path}")

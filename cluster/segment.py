@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from deeplab.config import ConfigError, SegmentConfig, add_config_args, load_config
+from deeplab.cli import UserError, command
+from deeplab.config import Alias, ConfigError, SegmentConfig, add_config_args, config_from_args
 
 MANIFEST = "manifest.jsonl"
-STALE_TEMP = re.compile(r"^\..+\.\d+\.tmp$")  # deeplab.predict's temporary names (.NAME.png.PID.tmp)
+# temporary names of atomic writes: deeplab.predict's .NAME.png.PID.tmp and deeplab.fileio's .NAME.tmpPID.png
+STALE_TEMP = re.compile(r"^\..+(\.\d+\.tmp|\.tmp\d+\.png)$")
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """INPUT cannot be listed (missing, empty, mixed filesystems); one line naming it."""
 
 
@@ -195,13 +197,12 @@ class Manifest:
 
     def close(self) -> None:
         """One line per image, atomically (temporary name, then rename)."""
-        from export.runtime import atomic_write_bytes
+        from deeplab.fileio import write_text_atomic
 
         if self._file is not None:
             self._file.close()
             self._file = None
-        text = "".join(json.dumps(r) + "\n" for r in self.records.values())
-        atomic_write_bytes(self.path, text.encode())
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
 
 
 def expected_outputs(name: str, color: bool) -> list:
@@ -255,7 +256,7 @@ def read_and_decode(row: dict, filesystem, max_pixels: Optional[int]) -> dict:
     try:
         with filesystem.open_input_stream(row["path"]) as f:
             data = f.read()
-        image = read_image(row["uri"], data=data, max_pixels=max_pixels)
+        image = read_image(data, name=row["uri"], max_pixels=max_pixels)
     except DatasetError as e:
         out["error"] = str(e)
     except OSError as e:  # vanished since listing, permissions, network
@@ -426,8 +427,9 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
 
     from cluster.infer import ship_model
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from deeplab.fileio import ensure_dir
+
+    out_dir = ensure_dir(out_dir)
     remove_stale_temps(out_dir)
     manifest = Manifest(out_dir / MANIFEST)
     todo, done = split_done(inputs.items, manifest, out_dir, cfg.color)
@@ -470,26 +472,17 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-def check_config(cfg: SegmentConfig) -> None:
-    if cfg.workers is not None and cfg.workers < 1:
-        raise ConfigError(f"segment.workers={cfg.workers} must be >= 1 (--workers)")
-    if cfg.batch_size < 1:
-        raise ConfigError(f"segment.batch_size={cfg.batch_size} must be >= 1 (--batch-size)")
-    if cfg.cpus_per_worker < 0 or cfg.gpus_per_worker < 0 or cfg.cpus_per_decode < 0:
-        raise ConfigError("segment.cpus_per_worker, gpus_per_worker and cpus_per_decode must be >= 0")
-    if cfg.cpus_per_worker == 0 and not cfg.gpus_per_worker:
-        raise ConfigError("segment.cpus_per_worker=0 needs segment.gpus_per_worker > 0")
-    if cfg.output_stride not in (None, 8, 16, 32):
-        raise ConfigError(f"segment.output_stride={cfg.output_stride}: use 8, 16 or 32 (--output-stride)")
-    if not 0 <= cfg.alpha <= 1:
-        raise ConfigError(f"segment.alpha={cfg.alpha} must be between 0 and 1 (--alpha)")
-    if cfg.max_pixels is not None and cfg.max_pixels < 1:
-        raise ConfigError(f"segment.max_pixels={cfg.max_pixels} must be >= 1 (--max-pixels)")
-
-
-FLAGS = {"workers": "workers", "batch_size": "batch_size", "cpus_per_worker": "cpus_per_worker",
-         "num_gpus_per_worker": "gpus_per_worker", "output_stride": "output_stride", "alpha": "alpha",
-         "max_pixels": "max_pixels"}
+ALIASES = [
+    Alias("--workers", "segment.workers", "model actors (default: as many as the cluster's CPUs, or GPUs, hold)"),
+    Alias("--batch-size", "segment.batch_size", "images per actor call"),
+    Alias("--cpus-per-worker", "segment.cpus_per_worker", "CPUs (and intra-op threads) per model actor"),
+    Alias("--num-gpus-per-worker", "segment.gpus_per_worker", "GPUs per model actor (0: run on CPU)"),
+    Alias("--output-stride", "segment.output_stride", "checkpoints only: run at this output stride "
+          "(default: the checkpoint's)"),
+    Alias("--color", "segment.color", "also write NAME_color.png (palette) and NAME_overlay.png", switch=True),
+    Alias("--alpha", "segment.alpha", "overlay opacity of the class colours"),
+    Alias("--max-pixels", "segment.max_pixels", "images with more pixels fail (default: Pillow's bomb limit)"),
+]
 
 
 def parse_args(argv):
@@ -500,48 +493,26 @@ def parse_args(argv):
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                    help="folder for the PNGs and manifest.jsonl (on a multi-node cluster: a folder every node "
                         "mounts at the same path)")
-    p.add_argument("--workers", type=int, help="model actors (segment.workers; default: as many as the cluster's "
-                   "CPUs, or GPUs with --num-gpus-per-worker, hold)")
-    p.add_argument("--batch-size", type=int, help="images per actor call (segment.batch_size, default 4)")
-    p.add_argument("--cpus-per-worker", type=float, help="CPUs per model actor (segment.cpus_per_worker, default 1)")
-    p.add_argument("--num-gpus-per-worker", type=float, help="GPUs per model actor (segment.gpus_per_worker, "
-                   "default 0: run on CPU)")
-    p.add_argument("--output-stride", type=int, choices=[8, 16, 32],
-                   help="checkpoints only: run at this output stride (default: the checkpoint's)")
-    p.add_argument("--color", action="store_true", default=None,
-                   help="also write NAME_color.png (palette) and NAME_overlay.png (segment.color)")
-    p.add_argument("--alpha", type=float, help="overlay opacity of the class colours (segment.alpha, default 0.5)")
-    p.add_argument("--max-pixels", type=int, help="images with more pixels fail (default: Pillow's bomb limit)")
     p.add_argument("--extensions", help="only files with these suffixes in a folder or prefix, e.g. jpg,png "
                    "(default: every file; a file that is not an image is listed as failed)")
-    add_config_args(p)
+    add_config_args(p, aliases=ALIASES)
     return p.parse_args(argv)
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from export.runtime import EngineError, ModelFileError, read_model_info
+    from export.runtime import read_model_info
 
-    try:
-        exp = load_config(args.config, args.overrides)
-        cfg = exp.segment
-        for flag, name in FLAGS.items():
-            if getattr(args, flag) is not None:
-                setattr(cfg, name, getattr(args, flag))
-        if args.color:
-            cfg.color = True
-        check_config(cfg)
-        if _is_uri(args.output):
-            raise ConfigError(f"-o {args.output}: OUTPUT must be a folder (on a multi-node cluster, one every node "
-                              "mounts at the same path); object-store output is not supported")
-        info = read_model_info(args.model, cfg.output_stride)
-        out_dir = os.path.abspath(args.output)
-        inputs = list_inputs(args.input, exclude=out_dir,
-                             extensions=[e.strip() for e in args.extensions.split(",") if e.strip()]
-                             if args.extensions else None)
-    except (ConfigError, ModelFileError, EngineError, InputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    exp = config_from_args(args)
+    cfg = exp.segment
+    if _is_uri(args.output):
+        raise ConfigError(f"-o {args.output}: OUTPUT must be a folder (on a multi-node cluster, one every node "
+                          "mounts at the same path); object-store output is not supported")
+    info = read_model_info(args.model, cfg.output_stride)
+    out_dir = os.path.abspath(args.output)
+    extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
+    inputs = list_inputs(args.input, exclude=out_dir, extensions=extensions)
     print(f"model: {args.model} ({info.backend.split(' ')[0]}, {info.precision}, {info.num_classes} classes, "
           f"output stride {info.output_stride})", flush=True)
 
@@ -550,14 +521,14 @@ def main(argv=None) -> int:
     init_ray(exp)
     summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True))
     done = summary.ok + summary.failed
+    manifest = os.path.join(out_dir, MANIFEST)
     print(f"segmented {done} images in {summary.seconds:.1f}s: {summary.images_per_s:.2f} images/s "
-          f"({summary.ok} ok, {summary.failed} failed, {summary.skipped} already done); "
-          f"manifest: {os.path.join(out_dir, MANIFEST)}", flush=True)
+          f"({summary.ok} ok, {summary.failed} failed, {summary.skipped} already done); manifest: {manifest}",
+          flush=True)
     if summary.failed:
         for reason in summary.failures[:5]:
             print(f"  failed: {reason}", file=sys.stderr)
-        print(f"error: {summary.failed} of {done} images failed (reasons in {os.path.join(out_dir, MANIFEST)})",
-              file=sys.stderr)
+        print(f"error: {summary.failed} of {done} images failed (reasons in {manifest})", file=sys.stderr)
         return 1
     return 0
 

@@ -27,7 +27,8 @@ import time
 import urllib.request
 from typing import Optional
 
-from deeplab.config import ConfigError, ServeConfig, add_config_args, load_config
+from deeplab.cli import command
+from deeplab.config import Alias, ServeConfig, add_config_args, config_from_args
 
 APP_NAME = "deeplab"
 RAW_TYPES = ("application/octet-stream", "")  # and image/*
@@ -161,7 +162,7 @@ def _deployment_class():
             body = await read_body(request, self.max_upload_bytes)
             data = upload_bytes(request.headers.get("content-type", ""), body)
             try:
-                image = await asyncio.to_thread(read_image, "upload", data=data, max_pixels=self.max_pixels)
+                image = await asyncio.to_thread(read_image, data, name="upload", max_pixels=self.max_pixels)
             except ImageTooLargeError as e:
                 raise Problem(413, str(e)) from None
             except DatasetError as e:
@@ -190,8 +191,8 @@ def deployment_options(cfg: ServeConfig) -> dict:
     and room for a full batch plus the next one queued."""
     options = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
                "max_ongoing_requests": max(8, 2 * cfg.max_batch_size)}
-    if cfg.min_replicas is not None:
-        options["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+    if cfg.autoscale is not None:
+        options["autoscaling_config"] = {"min_replicas": cfg.autoscale[0], "max_replicas": cfg.autoscale[1],
                                          "target_ongoing_requests": max(1, cfg.max_batch_size)}
     else:
         options["num_replicas"] = cfg.replicas
@@ -240,52 +241,27 @@ def start(model_path, cfg: ServeConfig, timeout_s: float = 300):
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-def check_config(cfg: ServeConfig) -> None:
-    if not 1 <= cfg.port <= 65535:
-        raise ConfigError(f"serve.port={cfg.port} must be 1-65535 (--port)")
-    if cfg.min_replicas is not None or cfg.max_replicas is not None:
-        if cfg.min_replicas is None or cfg.max_replicas is None:
-            raise ConfigError("serve.min_replicas and serve.max_replicas go together (--autoscale MIN MAX)")
-        if not 0 <= cfg.min_replicas <= cfg.max_replicas or cfg.max_replicas < 1:
-            raise ConfigError(f"--autoscale {cfg.min_replicas} {cfg.max_replicas}: need 0 <= MIN <= MAX and MAX >= 1")
-    elif cfg.replicas < 1:
-        raise ConfigError(f"serve.replicas={cfg.replicas} must be >= 1 (--replicas)")
-    if cfg.max_batch_size < 1:
-        raise ConfigError(f"serve.max_batch_size={cfg.max_batch_size} must be >= 1 (--max-batch-size; 1: no batching)")
-    if cfg.batch_wait_ms < 0:
-        raise ConfigError(f"serve.batch_wait_ms={cfg.batch_wait_ms} must be >= 0 (--batch-wait-ms)")
-    if cfg.max_pixels < 1 or cfg.max_upload_mb <= 0:
-        raise ConfigError("serve.max_pixels and serve.max_upload_mb must be > 0")
-    if cfg.cpus_per_replica < 0 or cfg.gpus_per_replica < 0:
-        raise ConfigError("serve.cpus_per_replica and serve.gpus_per_replica must be >= 0")
-    if cfg.output_stride not in (None, 8, 16, 32):
-        raise ConfigError(f"serve.output_stride={cfg.output_stride}: use 8, 16 or 32 (--output-stride)")
-
-
-FLAGS = {"host": "host", "port": "port", "replicas": "replicas", "max_batch_size": "max_batch_size",
-         "batch_wait_ms": "batch_wait_ms", "cpus_per_replica": "cpus_per_replica",
-         "num_gpus_per_replica": "gpus_per_replica", "output_stride": "output_stride", "max_pixels": "max_pixels"}
+ALIASES = [
+    Alias("--host", "serve.host", "address to bind (127.0.0.1: this machine only)"),
+    Alias("--port", "serve.port", "HTTP port"),
+    Alias("--replicas", "serve.replicas", "fixed number of replicas"),
+    Alias("--autoscale", "serve.autoscale", "autoscale between MIN and MAX replicas on the requests in flight",
+          nargs=2, metavar=("MIN", "MAX")),
+    Alias("--max-batch-size", "serve.max_batch_size", "requests batched into one model call (1: no batching)"),
+    Alias("--batch-wait-ms", "serve.batch_wait_ms", "how long a batch waits to fill"),
+    Alias("--cpus-per-replica", "serve.cpus_per_replica", "CPUs (and intra-op threads) per replica"),
+    Alias("--num-gpus-per-replica", "serve.gpus_per_replica", "GPUs per replica"),
+    Alias("--output-stride", "serve.output_stride", "checkpoints only: run at this output stride "
+          "(default: the checkpoint's)"),
+    Alias("--max-pixels", "serve.max_pixels", "larger images answer 413"),
+]
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m cluster.serve", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
-    p.add_argument("--host", help="address to bind (serve.host, default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, help="HTTP port (serve.port, default 8000)")
-    scale = p.add_mutually_exclusive_group()
-    scale.add_argument("--replicas", type=int, help="fixed number of replicas (serve.replicas, default 1)")
-    scale.add_argument("--autoscale", type=int, nargs=2, metavar=("MIN", "MAX"),
-                       help="autoscale between MIN and MAX replicas on the requests in flight")
-    p.add_argument("--max-batch-size", type=int, help="requests batched into one model call (serve.max_batch_size, "
-                   "default 8; 1 turns batching off)")
-    p.add_argument("--batch-wait-ms", type=float, help="how long a batch waits to fill (serve.batch_wait_ms, default 10)")
-    p.add_argument("--cpus-per-replica", type=float, help="CPUs per replica (serve.cpus_per_replica, default 1)")
-    p.add_argument("--num-gpus-per-replica", type=float, help="GPUs per replica (serve.gpus_per_replica, default 0)")
-    p.add_argument("--output-stride", type=int, choices=[8, 16, 32],
-                   help="checkpoints only: run at this output stride (default: the checkpoint's)")
-    p.add_argument("--max-pixels", type=int, help="larger images answer 413 (serve.max_pixels, default 4096x4096)")
-    add_config_args(p)
+    add_config_args(p, aliases=ALIASES)
     return p.parse_args(argv)
 
 
@@ -300,23 +276,14 @@ def _wait_for_signal() -> None:
         pass
 
 
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from export.runtime import EngineError, ModelFileError, read_model_info
+    from export.runtime import read_model_info
 
-    try:
-        exp = load_config(args.config, args.overrides)
-        cfg = exp.serve
-        for flag, name in FLAGS.items():
-            if getattr(args, flag) is not None:
-                setattr(cfg, name, getattr(args, flag))
-        if args.autoscale:
-            cfg.min_replicas, cfg.max_replicas = args.autoscale
-        check_config(cfg)
-        info = read_model_info(args.model, cfg.output_stride)
-    except (ConfigError, ModelFileError, EngineError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    exp = config_from_args(args)
+    cfg = exp.serve
+    info = read_model_info(args.model, cfg.output_stride)
 
     from ray import serve
 
@@ -328,7 +295,7 @@ def main(argv=None) -> int:
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    scale = (f"autoscaling {cfg.min_replicas}-{cfg.max_replicas} replicas" if cfg.min_replicas is not None
+    scale = (f"autoscaling {cfg.autoscale[0]}-{cfg.autoscale[1]} replicas" if cfg.autoscale is not None
              else f"{cfg.replicas} replica{'s' * (cfg.replicas != 1)}")
     print(f"serving {args.model} ({info.backend.split(' ')[0]}, {info.num_classes} classes, output stride "
           f"{info.output_stride}; {scale}, batches of up to {cfg.max_batch_size}) at {url}: POST /segment, "

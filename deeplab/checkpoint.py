@@ -5,7 +5,6 @@ it without unpickling code. The model is rebuilt from the config in the file alo
 """
 from __future__ import annotations
 
-import os
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,13 +12,15 @@ from typing import Optional
 
 import torch
 
+from .cli import UserError
+from .fileio import atomic_path, ensure_dir
 from .config import ConfigError, ExperimentConfig, ModelConfig, experiment_from_dict, model_config_from_dict, to_plain
 
 FORMAT = "deeplabv3-checkpoint"
 VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that cannot be used as a checkpoint; the message is one line naming the file."""
 
 
@@ -84,13 +85,9 @@ def save_checkpoint(path, model: torch.nn.Module, cfg, **state) -> Path:
         "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "state": state,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    ensure_dir(path.parent)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object keeps a full disk's errno
+        torch.save(payload, f)
     return path
 
 

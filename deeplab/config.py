@@ -1,7 +1,8 @@
 """One config system for every entry point: dataclasses loaded from YAML, overridden on the command line.
 
 An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune``, ``export``, ``segment``
-and ``serve``; each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any command.
+and ``serve``; each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any
+command.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from .cli import UserError
 
 # Backbone depth -> units per block (block1..block4). "resnet_tiny" is a narrow, shallow bottleneck
 # ResNet for tests and CPU demos whose behaviour does not depend on depth.
@@ -26,7 +29,7 @@ OUTPUT_STRIDES = (8, 16, 32)
 HEADS = ("paper", "torchvision")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value a user wrote is not allowed; the message names the field and what is allowed."""
 
 
@@ -175,6 +178,55 @@ class ExportConfig:
     tolerance: float = 1e-3  # ONNX vs PyTorch: max |logit diff| / max(1, |largest logit|)
     accuracy_images: int = 16  # held-out images for --check-accuracy (FP32 vs INT8/FP16 mIoU)
 
+    PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+
+    def __post_init__(self):
+        if self.output_stride not in OUTPUT_STRIDES:
+            raise ConfigError(f"export.output_stride={self.output_stride} is not allowed; use one of 8, 16, 32")
+        if self.precision not in self.PRECISIONS:
+            raise ConfigError(f"export.precision={self.precision!r} is unknown; allowed: {', '.join(self.PRECISIONS)}")
+        for name in ("workspace_gb", "tolerance", "calib_images", "image_size"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"export.{name}={getattr(self, name)} must be > 0")
+        if self.accuracy_images < 0:
+            raise ConfigError(f"export.accuracy_images={self.accuracy_images} must be >= 0")
+        self.profile()
+
+    @staticmethod
+    def parse_shape(name: str, text: str) -> tuple:
+        """'1x3x513x513' -> (1, 3, 513, 513); ConfigError naming export.<name> otherwise."""
+        try:
+            shape = tuple(int(p) for p in str(text).lower().replace(",", "x").split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 4 or any(d < 1 for d in shape):
+            raise ConfigError(f"export.{name}={text!r}: expected 4 positive sizes NxCxHxW, e.g. 1x3x513x513")
+        if shape[1] != 3:
+            raise ConfigError(f"export.{name}={text!r}: the model takes 3 channels (RGB), got {shape[1]}")
+        return shape
+
+    def profile(self) -> dict:
+        """The TensorRT optimization profile {"min", "opt", "max"} as NCHW tuples, each dim min <= opt <= max."""
+        shapes = {k: self.parse_shape(f"{k}_shape", getattr(self, f"{k}_shape")) for k in ("min", "opt", "max")}
+        for i, dim in enumerate("NCHW"):
+            lo, mid, hi = (shapes[k][i] for k in ("min", "opt", "max"))
+            if not lo <= mid <= hi:
+                raise ConfigError(f"export.min_shape/opt_shape/max_shape: {dim} must satisfy min <= opt <= max, "
+                                  f"got {lo}, {mid}, {hi}")
+        return shapes
+
+
+def _check_number(section: str, name: str, value, low: float, integer: bool = False, strict: bool = False,
+                  high: Optional[float] = None) -> None:
+    """ConfigError naming SECTION.FIELD unless value is a number >= low (> low when strict, <= high)."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    ok = ok and (value > low if strict else value >= low) and (high is None or value <= high)
+    if not ok:
+        what = "an integer" if integer else "a number"
+        bound = f"> {low:g}" if strict else f">= {low:g}"
+        raise ConfigError(f"{section}.{name}={value!r} must be {what} {bound}" + (f" and <= {high:g}" if high else ""))
+
 
 @dataclass
 class SegmentConfig:
@@ -191,6 +243,21 @@ class SegmentConfig:
     max_pixels: Optional[int] = None  # larger images fail (None: Pillow's decompression-bomb limit)
     progress_interval_s: float = 5.0
 
+    def __post_init__(self):
+        if self.workers is not None:
+            _check_number("segment", "workers", self.workers, 1, integer=True)
+        _check_number("segment", "batch_size", self.batch_size, 1, integer=True)
+        for name in ("cpus_per_worker", "gpus_per_worker", "cpus_per_decode"):
+            _check_number("segment", name, getattr(self, name), 0)
+        if not self.cpus_per_worker and not self.gpus_per_worker:
+            raise ConfigError("segment.cpus_per_worker=0 needs segment.gpus_per_worker > 0")
+        if self.output_stride not in (None, *OUTPUT_STRIDES):
+            raise ConfigError(f"segment.output_stride={self.output_stride} is not allowed; use one of 8, 16, 32")
+        _check_number("segment", "alpha", self.alpha, 0, high=1)
+        if self.max_pixels is not None:
+            _check_number("segment", "max_pixels", self.max_pixels, 1, integer=True)
+        _check_number("segment", "progress_interval_s", self.progress_interval_s, 0, strict=True)
+
 
 @dataclass
 class ServeConfig:
@@ -199,8 +266,7 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback unless you say otherwise
     port: int = 8000
     replicas: int = 1
-    min_replicas: Optional[int] = None  # both set: autoscale between them
-    max_replicas: Optional[int] = None
+    autoscale: Optional[tuple] = None  # (min, max) replicas: Serve scales between them (instead of replicas)
     max_batch_size: int = 8  # concurrent requests run as one batch (1: no batching)
     batch_wait_ms: float = 10.0  # how long a batch waits to fill
     cpus_per_replica: float = 1
@@ -208,6 +274,27 @@ class ServeConfig:
     output_stride: Optional[int] = None  # checkpoints only
     max_pixels: int = 4096 * 4096  # larger uploads answer 413
     max_upload_mb: float = 32.0
+
+    def __post_init__(self):
+        _check_number("serve", "port", self.port, 1, integer=True, high=65535)
+        _check_number("serve", "replicas", self.replicas, 1, integer=True)
+        if self.autoscale is not None:
+            bounds = tuple(self.autoscale) if isinstance(self.autoscale, (list, tuple)) else ()
+            if len(bounds) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds) or \
+                    not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+                raise ConfigError(f"serve.autoscale={self.autoscale!r}: expected [MIN, MAX] replicas with "
+                                  "0 <= MIN <= MAX and MAX >= 1")
+            if self.replicas != 1:
+                raise ConfigError("serve.replicas and serve.autoscale: set one (a fixed count, or MIN and MAX)")
+            self.autoscale = bounds
+        _check_number("serve", "max_batch_size", self.max_batch_size, 1, integer=True)
+        _check_number("serve", "batch_wait_ms", self.batch_wait_ms, 0)
+        for name in ("cpus_per_replica", "gpus_per_replica"):
+            _check_number("serve", name, getattr(self, name), 0)
+        if self.output_stride not in (None, *OUTPUT_STRIDES):
+            raise ConfigError(f"serve.output_stride={self.output_stride} is not allowed; use one of 8, 16, 32")
+        _check_number("serve", "max_pixels", self.max_pixels, 1, integer=True)
+        _check_number("serve", "max_upload_mb", self.max_upload_mb, 0, strict=True)
 
 
 @dataclass
@@ -318,16 +405,77 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
 
 
 def save_config(cfg: ExperimentConfig, path) -> None:
-    """Write a config as YAML atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    """Write a config as YAML atomically."""
+    from .fileio import write_text_atomic
+
+    write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    """The two config flags every command shares: --config FILE and repeated --set SECTION.FIELD=VALUE."""
+@dataclass(frozen=True)
+class Alias:
+    """A shorthand flag for one config field: ``--num-workers 4`` means ``--set cluster.num_workers=4``.
+
+    The value goes through the same override path as ``--set`` (parsed as YAML, checked by the section's
+    dataclass), so a flag and its field can never disagree. ``switch``: a flag without a value that sets the
+    field to true; ``nargs="+"``: several values become a YAML list.
+    """
+
+    flag: str
+    key: str  # SECTION.FIELD
+    help: str = ""
+    nargs: Optional[str] = None
+    switch: bool = False
+    metavar: Optional[str] = None
+
+    def default(self):
+        section, name = self.key.split(".", 1)
+        return _default(SECTION_CLASSES[section], name)
+
+    def override(self, value) -> Optional[str]:
+        """The ``SECTION.FIELD=VALUE`` text for a parsed command-line value (None: flag not given)."""
+        if value is None:
+            return None
+        if self.switch:
+            return f"{self.key}=true"
+        if isinstance(value, list):
+            return f"{self.key}=[{', '.join(value)}]"
+        return f"{self.key}={value}"
+
+
+def add_config_args(parser: argparse.ArgumentParser, required: bool = False, aliases=()) -> None:
+    """The config flags every command shares: --config FILE, repeated --set SECTION.FIELD=VALUE, and the
+    command's shorthand ``aliases`` (each one config field; --help shows the field and its default)."""
     parser.add_argument("--config", required=required,
                         help="experiment YAML (sections model/data/train/cluster/tune/export/segment/serve)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set model.output_stride=8 (repeatable)")
+    for alias in aliases:
+        section, name = alias.key.split(".", 1)
+        if section not in SECTION_CLASSES or name not in {f.name for f in fields(SECTION_CLASSES[section])}:
+            raise ValueError(f"alias {alias.flag}: {alias.key} is not a config field")
+        text = f"{alias.help} ({alias.key}; config default: {alias.default()})".lstrip()
+        if alias.switch:
+            parser.add_argument(alias.flag, action="store_const", const=True, default=None, help=text)
+        else:
+            parser.add_argument(alias.flag, nargs=alias.nargs, default=None, metavar=alias.metavar, help=text)
+    parser.set_defaults(_config_aliases=tuple(aliases))
+
+
+def config_overrides(args: argparse.Namespace) -> list:
+    """``--set`` items followed by the shorthand flags given, all as SECTION.FIELD=VALUE (later ones win)."""
+    items = list(getattr(args, "overrides", None) or [])
+    for alias in getattr(args, "_config_aliases", ()):
+        dest = alias.flag.lstrip("-").replace("-", "_")
+        item = alias.override(getattr(args, dest, None))
+        if item is not None:
+            items.append(item)
+    return items
+
+
+def config_from_args(args: argparse.Namespace, base: Optional[ExperimentConfig] = None) -> ExperimentConfig:
+    """The experiment a command runs: ``--config`` (else ``base``, e.g. a checkpoint's own experiment, else the
+    defaults), then ``--set`` and the shorthand flags, through one override path."""
+    if getattr(args, "config", None) or base is None:
+        return load_config(getattr(args, "config", None), config_overrides(args))
+    values = apply_overrides(base.to_dict(), config_overrides(args))
+    return experiment_from_dict(values, "checkpoint config")

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
+import logging
 import os
 import statistics
 import sys
@@ -33,6 +33,11 @@ if __package__ in (None, ""):  # `python export/bench.py`: make the project impo
 import numpy as np
 import torch
 
+from deeplab.cli import UserError, command
+from deeplab.config import Alias, add_config_args, config_from_args
+from deeplab.fileio import atomic_path, ensure_dir, write_text_atomic
+
+log = logging.getLogger("export.bench")  # also when run as a script (__name__ is then "__main__")
 
 # ------------------------------------------------------------------------------------------ measuring
 def count_flops(model: torch.nn.Module, size: int) -> int:
@@ -181,7 +186,7 @@ def trt_backend(engine_path) -> Backend:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def interleaved(backends: list, inputs: dict, repeats: int, warmup: int, log=functools.partial(print, flush=True)) -> dict:
+def interleaved(backends: list, inputs: dict, repeats: int, warmup: int) -> dict:
     """Time each backend `repeats` times, one call per backend per round, order rotating each round."""
     times = {b.name: [] for b in backends}
     peaks = {b.name: 0 for b in backends}
@@ -203,27 +208,21 @@ def interleaved(backends: list, inputs: dict, repeats: int, warmup: int, log=fun
             else:
                 peaks[b.name] = max(peaks[b.name], mem.peak)
                 extra[b.name] = max(extra[b.name], mem.peak - mem.start)
-        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{b.name} {1000 * times[b.name][-1]:.0f} ms" for b in backends))
+        log.info(f"  round {r + 1}/{repeats}: "
+                 + ", ".join(f"{b.name} {1000 * times[b.name][-1]:.0f} ms" for b in backends))
     return {"times": times, "peak_bytes": peaks, "extra_bytes": extra}
 
 
-def accuracy(backends: list, samples: list, num_classes: int, ignore_index: int, log=functools.partial(print, flush=True)) -> dict:
-    """mIoU of each backend on labelled images and its pixel agreement with the first (fp32) backend."""
-    from export.precision import evaluate
+def accuracy(backends: list, batches: list, num_classes: int, ignore_index: int) -> dict:
+    """mIoU of each backend on labelled batches, its change and pixel agreement against the first (fp32)."""
+    from export.precision import accuracy_report
 
-    out, ref = {}, None
-    for b in backends:
-        if b.logits is None:
-            continue
-        r = evaluate(b.logits, samples, num_classes, ignore_index, ref)
-        if ref is None:
-            ref = r["preds"]
-        out[b.name] = {"miou": r["miou"], "agreement": r["agreement"]}
-        log(f"  {b.name}: mIoU {r['miou']:.2f}, agreement with {backends[0].name} {100 * r['agreement']:.2f}%")
-    base = out.get(backends[0].name, {}).get("miou")
-    for v in out.values():
-        v["miou_change"] = None if base is None else v["miou"] - base
-    return out
+    reference = backends[0].name
+    report = accuracy_report({b.name: b.logits for b in backends if b.logits is not None}, batches, num_classes,
+                             ignore_index, reference=reference)
+    base = report[reference]["miou"]
+    return {name: {"miou": r["miou"], "agreement": r["agreement"], "miou_change": r["miou"] - base}
+            for name, r in report.items()}
 
 
 def summarize(runs: dict, flops: int, backends: list, batch: int, reference: str = "torch_fp32") -> list:
@@ -299,73 +298,94 @@ def plot(rows: list, path, title: str) -> None:
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def parse_args(argv=None):
-    from deeplab.config import add_config_args
+ALIASES = [Alias("--output-stride", "export.output_stride", "inference output stride"),
+           Alias("--size", "export.image_size", "square image side"),
+           Alias("--calib-images", "export.calib_images", "calibration images for the INT8 ONNX"),
+           Alias("--accuracy-images", "export.accuracy_images",
+                 "labelled val images for mIoU / agreement per backend (0: skip)")]
 
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python export/bench.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", help="DeepLabv3 checkpoint (default: the config's model with random weights)")
-    add_config_args(p)
-    p.add_argument("--output-stride", type=int, default=8)
-    p.add_argument("--size", type=int, default=None, help="square image side (default export.image_size, 513)")
+    add_config_args(p, aliases=ALIASES)
     p.add_argument("--batch", type=int, nargs="+", default=[1], help="batch sizes (default 1)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds per batch size (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per backend first (default 1)")
     p.add_argument("--backends", help="comma-separated subset of backend names to run (default: all available)")
     p.add_argument("--onnx", help="FP32 ONNX to use (default: exported from the model into --out)")
     p.add_argument("--int8-onnx", help="INT8 Q/DQ ONNX to use (default: quantized from the FP32 ONNX)")
-    p.add_argument("--calib-images", type=int, default=8, help="calibration images for the INT8 ONNX (default 8)")
     p.add_argument("--engine", action="append", default=[], help="TensorRT engine to include (repeatable)")
-    p.add_argument("--accuracy-images", type=int, default=4,
-                   help="labelled val images for mIoU / agreement per backend (0: skip; default 4)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.png and the ONNX files")
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
+def load_subject(args) -> tuple:
+    """(model in eval mode at the benchmark's output stride, experiment config): the checkpoint's model and,
+    unless --config says otherwise, its own experiment; else the config's model with random weights."""
     from deeplab import build_model, load_checkpoint
-    from deeplab.config import ConfigError, load_config
 
-    args = parse_args(argv)
-    log = functools.partial(print, flush=True)  # progress shows even when stdout is a file
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.checkpoint:
-            ckpt = load_checkpoint(args.checkpoint)
-            model, model_cfg = ckpt.model, ckpt.config
-            if not (args.config or args.overrides) and ckpt.experiment is not None:
-                cfg.data = ckpt.experiment.data
-        else:
-            model_cfg = cfg.model
-            model = build_model(model_cfg)
-        if args.repeats < 1 or any(b < 1 for b in args.batch):
-            raise ValueError("--repeats and --batch must be >= 1")
-    except (ValueError, ConfigError, FileNotFoundError) as e:
-        print(f"bench: error: {e}", file=sys.stderr)
-        return 1
-    from export.to_onnx import build_metadata, export_model, prepare_model
+    from export.to_onnx import prepare_model
+
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None
+    cfg = config_from_args(args, base=ckpt.experiment if ckpt is not None else None)
+    if args.repeats < 1 or any(b < 1 for b in args.batch):
+        raise UserError("--repeats and --batch must be >= 1")
+    model = ckpt.model if ckpt is not None else build_model(cfg.model)
+    return prepare_model(model, cfg.export.output_stride), cfg
+
+
+def onnx_backends(model, cfg, args, wanted: Callable, skipped: dict) -> list:
+    """onnxruntime backends: the FP32 ONNX, its INT8 Q/DQ twin, the GPU providers this build has."""
     from export import precision as prec
+    from export.metadata import build_metadata
+    from deeplab.data import DatasetError
+    from export.samples import calibration_images
+    from export.to_onnx import export_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    size = args.size or cfg.export.image_size
-    model = prepare_model(model, args.output_stride)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cuda = torch.cuda.is_available()
+    os_, out = cfg.export.output_stride, Path(args.out)
+    onnx_path = Path(args.onnx) if args.onnx else out / f"model_os{os_}.onnx"
+    if any(wanted(n) for n in ("ort_cpu_fp32", "ort_cpu_int8", "ort_cuda_fp32", "ort_tensorrt_fp32")) and not args.onnx:
+        log.info(f"exporting {onnx_path} (dynamic shapes)...")
+        export_model(model, onnx_path, build_metadata(model.config), torch.randn(2, 3, 65, 65))
+    int8_path = Path(args.int8_onnx) if args.int8_onnx else out / f"model_os{os_}.int8.onnx"
+    if wanted("ort_cpu_int8") and not args.int8_onnx:
+        n, size = cfg.export.calib_images, cfg.export.image_size
+        try:
+            calib, source = calibration_images(cfg.data, n, size), f"{cfg.data.dataset} train images"
+        except DatasetError:
+            calib, source = [torch.randn(1, 3, size, size).numpy() for _ in range(n)], "random noise (dataset did not load)"
+        log.info(f"INT8 calibration on {len(calib)} {source}")
+        prec.quantize_int8(onnx_path, int8_path, calib)
+    candidates = [("ort_cpu_fp32", onnx_path, "CPUExecutionProvider", "onnxruntime CPU fp32"),
+                  ("ort_cpu_int8", int8_path, "CPUExecutionProvider", "onnxruntime CPU INT8 Q/DQ (S8S8, per-channel)"),
+                  ("ort_cuda_fp32", onnx_path, "CUDAExecutionProvider", "onnxruntime CUDA"),
+                  ("ort_tensorrt_fp32", onnx_path, "TensorrtExecutionProvider", "onnxruntime TensorRT EP")]
+    backends = []
+    for name, path, provider, note in candidates:
+        if wanted(name):
+            try:
+                backends.append(ort_backend(name, path, provider, note))
+            except Skip as e:
+                skipped[name] = str(e)
+    return backends
+
+
+def all_backends(model, cfg, args, skipped: dict) -> list:
+    """Every backend this machine can run that --backends asks for; what it cannot run goes to `skipped`."""
     want = set(args.backends.split(",")) if args.backends else None
-    skipped = {}
-    flops = count_flops(model, size)
-    log(f"{model_cfg.backbone}, output stride {args.output_stride}, {size}x{size}: {flops / 1e9:.1f} GFLOP per image; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'CUDA ' + torch.cuda.get_device_name() if cuda else 'no GPU'}")
 
+    def wanted(name):
+        return want is None or name in want
+
+    cuda = torch.cuda.is_available()
     # bf16 runs when the CPU has native bf16, or when --backends names it explicitly
     bf16 = cpu_bf16_native() or bool(want and want & {"torch_bf16", "torch_bf16_channels_last"})
     backends = torch_backends(model, cuda, bf16)
@@ -375,35 +395,7 @@ def main(argv=None) -> int:
             "name them in --backends to run anyway")
     if not cuda:
         skipped["cuda_fp32, cuda_fp16"] = "no CUDA GPU (torch.cuda.is_available() is False)"
-
-    def wanted(name):
-        return want is None or name in want
-
-    # onnxruntime: the FP32 ONNX, its INT8 Q/DQ twin, and the GPU providers where this build has them
-    onnx_path = Path(args.onnx) if args.onnx else out / f"model_os{args.output_stride}.onnx"
-    need_onnx = any(wanted(n) for n in ("ort_cpu_fp32", "ort_cpu_int8", "ort_cuda_fp32", "ort_tensorrt_fp32"))
-    if need_onnx and not args.onnx:
-        log(f"exporting {onnx_path} (dynamic shapes)...")
-        export_model(model, onnx_path, build_metadata(model.config), torch.randn(2, 3, 65, 65))
-    int8_path = Path(args.int8_onnx) if args.int8_onnx else out / f"model_os{args.output_stride}.int8.onnx"
-    if wanted("ort_cpu_int8") and not args.int8_onnx:
-        calib = prec.sample_images(cfg.data, cfg.data.train_split, args.calib_images, size)
-        source = f"{cfg.data.dataset} train images"
-        if calib is None:
-            calib, source = torch.randn(args.calib_images, 3, size, size), "random noise (dataset did not load)"
-        log(f"INT8 calibration on {len(calib)} {source}")
-        prec.quantize_int8(onnx_path, int8_path, [c[None].numpy() for c in calib], log=log)
-    candidates = [("ort_cpu_fp32", onnx_path, "CPUExecutionProvider", "onnxruntime CPU fp32"),
-                  ("ort_cpu_int8", int8_path, "CPUExecutionProvider", "onnxruntime CPU INT8 Q/DQ (S8S8, per-channel)"),
-                  ("ort_cuda_fp32", onnx_path, "CUDAExecutionProvider", "onnxruntime CUDA"),
-                  ("ort_tensorrt_fp32", onnx_path, "TensorrtExecutionProvider", "onnxruntime TensorRT EP")]
-    for name, path, provider, note in candidates:
-        if not wanted(name):
-            continue
-        try:
-            backends.append(ort_backend(name, path, provider, note))
-        except Skip as e:
-            skipped[name] = str(e)
+    backends += onnx_backends(model, cfg, args, wanted, skipped)
     for engine in args.engine:
         try:
             backends.append(trt_backend(engine))
@@ -411,47 +403,84 @@ def main(argv=None) -> int:
             skipped[f"tensorrt {engine}"] = str(e)
     if not args.engine:
         skipped["tensorrt engines"] = "none given (--engine model.engine; build one with python -m export.to_tensorrt)"
-    backends = [b for b in backends if wanted(b.name)]
-    if not backends:
-        print("bench: error: no backend left to run (check --backends)", file=sys.stderr)
-        return 1
+    return [b for b in backends if wanted(b.name)]
 
-    rows = []
+
+def time_backends(backends: list, cfg, args, flops: int) -> list:
+    """Summary rows of every backend at every --batch size, timed interleaved on the same real images."""
+    from export.samples import sample_images
+
+    rows, size = [], cfg.export.image_size
     for batch in args.batch:
-        x = prec.sample_images(cfg.data, cfg.data.val_split, batch, size)
+        x = sample_images(cfg.data, cfg.data.val_split, batch, size)
         x = x if x is not None else torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
         inputs = {b.name: b.prepare(x) for b in backends}
-        log(f"batch {batch}: {args.warmup} warm-up call(s) each, then {args.repeats} interleaved round(s) "
-            f"of {len(backends)} backends")
-        runs = interleaved(backends, inputs, args.repeats, args.warmup, log)
+        log.info(f"batch {batch}: {args.warmup} warm-up call(s) each, then {args.repeats} interleaved round(s) "
+                 f"of {len(backends)} backends")
+        runs = interleaved(backends, inputs, args.repeats, args.warmup)
         rows += summarize(runs, flops, backends, batch, backends[0].name)
+    return rows
 
-    acc = {}
-    if args.accuracy_images > 0:
-        try:
-            samples = prec.labelled_samples(cfg.data, cfg.data.val_split, args.accuracy_images)
-        except Exception as e:
-            skipped["accuracy"] = f"no labelled images ({str(e).splitlines()[0][:160]})"
-        else:
-            log(f"accuracy on {len(samples)} {cfg.data.dataset}/{cfg.data.val_split} image(s):")
-            acc = accuracy(backends, samples, model_cfg.num_classes, cfg.data.ignore_index, log)
 
+def measure_accuracy(backends: list, cfg, num_classes: int, skipped: dict) -> dict:
+    from export.samples import labelled_batches
+
+    n = cfg.export.accuracy_images
+    if n <= 0:
+        return {}
+    try:
+        batches = labelled_batches(cfg.data, cfg.data.val_split, n)
+    except Exception as e:
+        skipped["accuracy"] = f"no labelled images ({str(e).splitlines()[0][:160]})"
+        return {}
+    log.info(f"accuracy on {len(batches)} {cfg.data.dataset}/{cfg.data.val_split} image(s):")
+    return accuracy(backends, batches, num_classes, cfg.data.ignore_index)
+
+
+def report(result: dict, out: Path) -> None:
+    """Print the table, what was skipped and the recommendation; write bench.json and bench.png."""
     print()
-    print(format_table(rows, acc))
-    for name, why in skipped.items():
+    print(format_table(result["rows"], result["accuracy"]))
+    for name, why in result["skipped"].items():
         print(f"skipped {name}: {why}")
-    best = recommend(rows, acc, cfg.export.max_int8_miou_drop)
-    if best:
-        print(best)
-    result = {"model": model_cfg.backbone, "output_stride": args.output_stride, "size": size, "flops_per_image": flops,
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows, "accuracy": acc,
-              "skipped": skipped, "checkpoint": args.checkpoint, "recommendation": best}
-    tmp = out / ".bench.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out / "bench.json")
-    plot(rows, out / "bench.png", f"DeepLabv3 {model_cfg.backbone} OS{args.output_stride} {size}x{size}")
+    if result["recommendation"]:
+        print(result["recommendation"])
+    write_text_atomic(out / "bench.json", json.dumps(result, indent=2) + "\n")
+    plot(result["rows"], out / "bench.png",
+         f"DeepLabv3 {result['model']} OS{result['output_stride']} {result['size']}x{result['size']}")
     print(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+
+
+def benchmark(args) -> int:
+    model, cfg = load_subject(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ex, out = cfg.export, ensure_dir(args.out)
+    flops = count_flops(model, ex.image_size)
+    cuda = torch.cuda.is_available()
+    log.info(f"{model.config.backbone}, output stride {ex.output_stride}, {ex.image_size}x{ex.image_size}: "
+             f"{flops / 1e9:.1f} GFLOP per image; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"{'CUDA ' + torch.cuda.get_device_name() if cuda else 'no GPU'}")
+    skipped = {}
+    backends = all_backends(model, cfg, args, skipped)
+    if not backends:
+        raise UserError("no backend left to run (check --backends)")
+    rows = time_backends(backends, cfg, args, flops)
+    acc = measure_accuracy(backends, cfg, model.config.num_classes, skipped)
+    report({"model": model.config.backbone, "output_stride": ex.output_stride, "size": ex.image_size,
+            "flops_per_image": flops, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
+            "accuracy": acc, "skipped": skipped, "checkpoint": args.checkpoint,
+            "recommendation": recommend(rows, acc, ex.max_int8_miou_drop)}, out)
     return 0
+
+
+@command
+def main(argv=None) -> int:
+    from export.cli import show_progress
+
+    args = parse_args(argv)
+    show_progress()
+    return benchmark(args)
 
 
 if __name__ == "__main__":

@@ -8,23 +8,20 @@ machine before TensorRT gets a chance to fail obscurely ("Version tag does not m
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from deeplab.cli import UserError
+from deeplab.fileio import write_text_atomic
 
 # onnxruntime providers, fastest first; the CPU provider is always last and always available.
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SIDECAR_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
 
 
-def progress(*args) -> None:
-    """print, flushed: progress lines show at once even when stdout is a file or a pipe."""
-    print(*args, flush=True)
-
-
-class EngineError(ValueError):
+class EngineError(UserError, ValueError):
     """An engine cannot run here (wrong GPU / TensorRT version, missing sidecar, no GPU); one-line message."""
 
 
@@ -34,26 +31,13 @@ def sidecar_path(engine_path) -> Path:
     return engine_path.with_name(engine_path.name + ".json")
 
 
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary name in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_sidecar(engine_path, info: dict) -> Path:
     """Write the engine's sidecar JSON atomically; `info` must hold at least SIDECAR_KEYS."""
     missing = [k for k in SIDECAR_KEYS if k not in info]
     if missing:
         raise ValueError(f"sidecar for {engine_path} lacks {', '.join(missing)}")
     path = sidecar_path(engine_path)
-    atomic_write_bytes(path, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
+    write_text_atomic(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -235,7 +219,7 @@ def load_runner(path, *, output_stride: Optional[int] = None, device: Optional[s
     """Open any model file the project writes, the one way every consumer does (segment, serve, ...).
 
     ``.ckpt``: PyTorch (deeplab.load_checkpoint), run at ``output_stride`` (default: the checkpoint's).
-    ``.onnx``: onnxruntime, FP32, FP16 or INT8 Q/DQ, metadata from the file (export.to_onnx.read_metadata).
+    ``.onnx``: onnxruntime, FP32, FP16 or INT8 Q/DQ, metadata from the file (export.metadata.read_metadata).
     ``.engine``/``.plan``/``.trt`` (or any file with an ENGINE.json sidecar): TensorRT on this GPU.
     ``device``: "cpu" or "cuda" (default: cuda when torch sees a GPU). Errors are one line naming the file."""
     path = Path(path)
@@ -258,7 +242,7 @@ from dataclasses import dataclass, fields  # noqa: E402  (kept with the code tha
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 
 
-class ModelFileError(ValueError):
+class ModelFileError(UserError, ValueError):
     """A model file that cannot be opened for inference here; ``str(e)`` is one line naming the file."""
 
 
@@ -331,7 +315,7 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
 
     from deeplab.checkpoint import load_checkpoint
 
-    from .precision import dataset_meta
+    from .metadata import dataset_meta
 
     device = _pick_device(device)
     ckpt = load_checkpoint(path)
@@ -367,7 +351,7 @@ def _info_from_metadata(path: Path, meta: dict, backend: str, output_stride: Opt
     names = meta.get("class_names") or []
     if len(names) != n:
         names = [f"class_{i}" for i in range(n)]
-    from .to_onnx import IMAGENET_MEAN, IMAGENET_STD
+    from deeplab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
     mean, std = tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))
     _check_normalization(path, mean, std)
@@ -379,7 +363,7 @@ def _info_from_metadata(path: Path, meta: dict, backend: str, output_stride: Opt
 def _onnx_info(path: Path, output_stride, backend: str = "onnxruntime") -> ModelInfo:
     import onnx
 
-    from .to_onnx import read_metadata
+    from .metadata import read_metadata
 
     try:
         graph = onnx.load(str(path), load_external_data=False)

@@ -15,54 +15,38 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import os
+import logging
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-from .runtime import EngineError, atomic_write_bytes, device_info, progress, sidecar_path, write_sidecar
+from deeplab.cli import USAGE, UserError, command
+from deeplab.config import Alias, ExportConfig, add_config_args, config_from_args
+from deeplab.fileio import atomic_path, ensure_dir
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
-EXIT_UNSUPPORTED = 2  # this machine cannot build engines (no GPU / no tensorrt); not the user's mistake
+from .cli import ExportError, show_progress
+from .metadata import read_metadata
+from .runtime import device_info, sidecar_path, write_sidecar
+
+log = logging.getLogger(__name__)
+PRECISIONS = ExportConfig.PRECISIONS
 
 
-class BuildError(RuntimeError):
+class BuildError(UserError, RuntimeError):
     """TensorRT refused to parse or build; one line with TensorRT's reason."""
 
+    exit_code = 1
 
-class Unsupported(RuntimeError):
-    """This machine cannot build an engine; exit code 2."""
+
+class Unsupported(UserError, RuntimeError):
+    """This machine cannot build an engine (no GPU, no tensorrt); exit code 2, the CPU-side files are kept."""
+
+    exit_code = USAGE
 
 
 # ------------------------------------------------------------------------------------------ shapes
-def parse_shape(text: str, option: str = "--shape") -> tuple:
-    """'1x3x513x513' -> (1, 3, 513, 513); a clear error naming the option otherwise."""
-    parts = str(text).lower().replace(",", "x").split("x")
-    try:
-        shape = tuple(int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"{option} {text!r}: expected NxCxHxW, e.g. 1x3x513x513") from None
-    if len(shape) != 4 or any(d < 1 for d in shape):
-        raise ValueError(f"{option} {text!r}: expected 4 positive sizes NxCxHxW, e.g. 1x3x513x513")
-    if shape[1] != 3:
-        raise ValueError(f"{option} {text!r}: the model takes 3 channels (RGB), got {shape[1]}")
-    return shape
-
-
-def profile_shapes(min_shape: str, opt_shape: str, max_shape: str) -> dict:
-    """The optimization profile from the three flags; each dimension must satisfy min <= opt <= max."""
-    shapes = {"min": parse_shape(min_shape, "--min-shape"), "opt": parse_shape(opt_shape, "--opt-shape"),
-              "max": parse_shape(max_shape, "--max-shape")}
-    for i, dim in enumerate("NCHW"):
-        lo, mid, hi = shapes["min"][i], shapes["opt"][i], shapes["max"][i]
-        if not lo <= mid <= hi:
-            raise ValueError(f"--min-shape/--opt-shape/--max-shape: {dim} must satisfy min <= opt <= max, "
-                             f"got {lo}, {mid}, {hi}")
-    return shapes
-
-
 def static_profile(onnx_input_shape) -> Optional[tuple]:
     """The fixed input shape of a static ONNX (all dims known), else None."""
     dims = tuple(onnx_input_shape)
@@ -89,8 +73,6 @@ def build_path(version: str) -> str:
 def builder_flags(precision: str, path: str) -> list:
     """BuilderFlag names to set: none on the typed path; on TensorRT 10 the precision flags (INT8 also
     allows FP16 for the layers the Q/DQ ONNX leaves unquantized)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"--precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if path == "typed":
         return []
     return {"fp32": [], "fp16": ["FP16"], "bf16": ["BF16"], "int8": ["INT8", "FP16"]}[precision]
@@ -125,7 +107,7 @@ def machine_blocker() -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------ building
 def build_engine(onnx_path, precision: str, shapes: Optional[dict], workspace_gb: float,
-                 input_name: str = "images", log=progress) -> bytes:
+                 input_name: str = "images") -> bytes:
     """Parse the ONNX and build a serialized engine (TensorRT 10 or 11); raises BuildError."""
     import tensorrt as trt
 
@@ -149,7 +131,7 @@ def build_engine(onnx_path, precision: str, shapes: Optional[dict], workspace_gb
         profile = builder.create_optimization_profile()
         profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
         config.add_optimization_profile(profile)
-    log(f"building a {precision} engine with TensorRT {trt.__version__} ({path} path); this takes minutes...")
+    log.info(f"building a {precision} engine with TensorRT {trt.__version__} ({path} path); this takes minutes...")
     data = builder.build_serialized_network(network, config)
     if data is None:
         raise BuildError(f"{onnx_path}: TensorRT failed to build the engine (see the messages above)")
@@ -188,165 +170,158 @@ def make_sidecar(device: dict, precision: str, path: str, shapes: Optional[dict]
     return info
 
 
-def write_engine(engine_path, data: bytes, sidecar: dict) -> None:
-    """Sidecar first, engine last: an engine file never exists without the sidecar that vouches for it."""
-    write_sidecar(engine_path, sidecar)
-    atomic_write_bytes(engine_path, data)
+def write_engine(engine_path, data: bytes, describe: Callable[[Path], dict]) -> dict:
+    """Write the engine under a temporary name, `describe(temporary file)` it (parity runs on the real file),
+    write its sidecar, and only then give the engine its name: an engine never exists without the sidecar
+    that vouches for it, and a failure leaves no engine file."""
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(data)
+        sidecar = describe(tmp)
+        write_sidecar(engine_path, sidecar)
+    return sidecar
 
 
-# ------------------------------------------------------------------------------------------ CLI
-def _experiment(args, ckpt=None):
-    from deeplab.config import apply_overrides, experiment_from_dict, to_plain
-    import yaml
+# ------------------------------------------------------------------------------------------ the command
+def fp32_onnx_for(src: Path, ckpt, engine_path: Path, cfg) -> Path:
+    """The FP32 ONNX the other files are made from: the source itself, or exported from the checkpoint."""
+    if ckpt is None:
+        return src
+    from .to_onnx import export_checkpoint
 
-    values = to_plain(ckpt.experiment) if ckpt is not None and ckpt.experiment is not None else {}
-    if args.config:
-        p = Path(args.config)
-        if not p.is_file():
-            raise ValueError(f"{p}: config file not found")
-        values = yaml.safe_load(p.read_text()) or {}
-    values.pop("model", None)  # the model always comes from the checkpoint / ONNX
-    apply_overrides(values, args.overrides)
-    values.pop("model", None)
-    return experiment_from_dict(values, args.config or "config")
+    ex = cfg.export
+    fp32_onnx = engine_path.with_name(engine_path.name.split(".")[0] + ".onnx")
+    export_checkpoint(ckpt, fp32_onnx, ex.output_stride, dynamic=True, opset=ex.opset, tolerance=ex.tolerance,
+                      data_cfg=cfg.data)
+    return fp32_onnx
 
 
-def run(args, log=progress) -> int:
-    from .to_onnx import export_checkpoint, read_metadata
+def precision_onnx(fp32_onnx: Path, cfg, args, path: Optional[str]) -> dict:
+    """{variant: ONNX file} made on CPU: the INT8 Q/DQ or FP16/BF16 ONNX the builder (or the accuracy
+    check) needs, beside the FP32 one."""
     from . import precision as prec
+    from .samples import calibration_images
+
+    ex = cfg.export
+    variant = onnx_variant(ex.precision, path)
+    files = {"fp32": fp32_onnx}
+    stem = fp32_onnx.with_suffix("")
+    if variant == "int8" or (args.check_accuracy and ex.precision == "int8"):
+        size = ex.profile()["opt"][2] if args.calib_data else None  # dataset images keep their own size
+        calib = calibration_images(cfg.data, ex.calib_images, size, args.calib_data)
+        files["int8"] = prec.quantize_int8(fp32_onnx, Path(f"{stem}.int8.onnx"), calib)
+    if variant in ("fp16", "bf16") or (args.check_accuracy and ex.precision in ("fp16", "bf16")):
+        try:
+            files[ex.precision], _ = prec.lowp_onnx(fp32_onnx, Path(f"{stem}.{ex.precision}.onnx"), ex.precision)
+        except prec.PrecisionError as e:
+            if variant == ex.precision and path == "typed":
+                raise
+            log.info(f"note: no {ex.precision} ONNX written: {e}")
+    return files
+
+
+def check_accuracy(onnx_files: dict, cfg, num_classes: Optional[int], force: bool) -> Optional[dict]:
+    """FP32 vs the reduced precision ONNX in onnxruntime on held-out images; refuses an INT8 model that
+    loses more than export.max_int8_miou_drop unless forced."""
+    from .precision import accuracy_report
+    from .samples import labelled_batches
+
+    ex = cfg.export
+    if ex.precision == "bf16":
+        log.info("note: --check-accuracy skips bf16: onnxruntime's CPU provider has no bf16 Conv kernel; "
+                 "python export/bench.py reports bf16 (torch autocast) accuracy instead")
+        return None
+    if ex.precision == "fp32" or ex.precision not in onnx_files:
+        return None
+    if num_classes is None:
+        raise UserError(f"{onnx_files['fp32']}: no deeplab.num_classes metadata; export it with export.to_onnx")
+    log.info(f"checking accuracy on {ex.accuracy_images} held-out image(s) of {cfg.data.dataset}/{cfg.data.val_split}...")
+    batches = labelled_batches(cfg.data, cfg.data.val_split, ex.accuracy_images)
+    accuracy = accuracy_report({k: onnx_files[k] for k in ("fp32", ex.precision)}, batches, num_classes,
+                               cfg.data.ignore_index)
+    drop = accuracy[ex.precision]["miou_drop"]
+    if ex.precision == "int8" and drop > ex.max_int8_miou_drop:
+        msg = (f"INT8 loses {drop:.2f} mIoU points (> export.max_int8_miou_drop={ex.max_int8_miou_drop}); "
+               "calibrate on more / more typical images (--calib-images, --calib-data) or pass --force")
+        if not force:
+            raise ExportError(msg)
+        log.info(f"warning: {msg}; building anyway (--force)")
+    return accuracy
+
+
+def build_and_write(engine_path: Path, onnx_in: Path, fp32_onnx: Path, path: str, ex, **sidecar_extra) -> None:
+    """Build the engine from `onnx_in`, check it against the FP32 ONNX, write engine and sidecar."""
+    import onnx
+
+    model_input = onnx.load(str(onnx_in), load_external_data=False).graph.input[0]
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in model_input.type.tensor_type.shape.dim]
+    fixed = static_profile(dims)
+    profile = None if fixed else ex.profile()
+    data = build_engine(onnx_in, ex.precision, profile, ex.workspace_gb, model_input.name)
+
+    def describe(tmp_engine: Path) -> dict:
+        par = engine_parity(tmp_engine, fp32_onnx, fixed or profile["opt"])
+        log.info(f"engine vs ONNX fp32: max |logit diff| {par['max_abs_diff']:.3g}, "
+                 f"argmax agreement {100 * par['argmax_agreement']:.2f}%")
+        return make_sidecar(device_info(), ex.precision, path, profile or {"fixed": fixed}, onnx_in,
+                            read_metadata(fp32_onnx), parity=par, workspace_gb=ex.workspace_gb, **sidecar_extra)
+
+    write_engine(engine_path, data, describe)
+    log.info(f"wrote {engine_path} ({len(data) / 2**20:.1f} MiB) and {sidecar_path(engine_path).name}")
+
+
+def run(args) -> int:
+    from deeplab.checkpoint import load_checkpoint
 
     src = Path(args.source)
     if not src.is_file():
-        raise ValueError(f"{src}: no such file")
-    engine_path = Path(args.output) if args.output else src.with_suffix(f".{args.precision}.engine")
-    engine_path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = _experiment(args)
-    ex = cfg.export
-    shapes = profile_shapes(args.min_shape or ex.min_shape, args.opt_shape or ex.opt_shape,
-                            args.max_shape or ex.max_shape)
+        raise UserError(f"{src}: no such file")
+    ckpt = None if src.suffix == ".onnx" else load_checkpoint(src)
+    cfg = config_from_args(args, base=ckpt.experiment if ckpt is not None else None)
+    engine_path = Path(args.output) if args.output else src.with_suffix(f".{cfg.export.precision}.engine")
+    ensure_dir(engine_path.parent)
     blocker = machine_blocker()
     path = None
     if blocker is None:
         import tensorrt as trt
 
         path = build_path(trt.__version__)
-    written = []
-
-    # 1. FP32 ONNX (from a checkpoint) -------------------------------------------------------------
-    if src.suffix == ".onnx":
-        fp32_onnx = src
-    else:
-        from deeplab.checkpoint import load_checkpoint
-
-        cfg = _experiment(args, load_checkpoint(src))
-        fp32_onnx = engine_path.with_name(engine_path.name.split(".")[0] + ".onnx")
-        export_checkpoint(src, fp32_onnx, args.output_stride or ex.output_stride, dynamic=True, opset=ex.opset,
-                          tolerance=ex.tolerance, data_cfg=cfg.data, log=log)
-        written.append(fp32_onnx)
-    meta = read_metadata(fp32_onnx)
-    num_classes = int(meta.get("num_classes", 0)) or None
-
-    # 2. the precision's ONNX, made on CPU ---------------------------------------------------------
-    variant = onnx_variant(args.precision, path)
-    onnx_files = {"fp32": fp32_onnx}
-    stem = fp32_onnx.with_suffix("")
-    if variant == "int8" or (args.check_accuracy and args.precision == "int8"):
-        calib_size = shapes["opt"][2]
-        if args.calib_data:
-            calib = prec.folder_images(args.calib_data, args.calib_images or ex.calib_images, calib_size,
-                                       meta.get("mean", (0.485, 0.456, 0.406)), meta.get("std", (0.229, 0.224, 0.225)))
-        else:
-            calib = [img for img, _ in prec.labelled_samples(cfg.data, cfg.data.train_split,
-                                                              args.calib_images or ex.calib_images)]
-        onnx_files["int8"] = prec.quantize_int8(fp32_onnx, Path(f"{stem}.int8.onnx"), calib, log=log)
-        written.append(onnx_files["int8"])
-    if variant in ("fp16", "bf16") or (args.check_accuracy and args.precision in ("fp16", "bf16")):
-        try:
-            onnx_files[args.precision], _ = prec.lowp_onnx(fp32_onnx, Path(f"{stem}.{args.precision}.onnx"),
-                                                           args.precision, log=log)
-            written.append(onnx_files[args.precision])
-        except ValueError as e:
-            if variant == args.precision and path == "typed":
-                raise
-            log(f"note: no {args.precision} ONNX written: {e}")
-
-    # 3. accuracy of the reduced precision in onnxruntime --------------------------------------------
-    accuracy = None
-    if args.check_accuracy and args.precision == "bf16":
-        log("note: --check-accuracy skips bf16: onnxruntime's CPU provider has no bf16 Conv kernel; "
-            "python export/bench.py reports bf16 (torch autocast) accuracy instead")
-    elif args.check_accuracy and args.precision != "fp32" and args.precision in onnx_files:
-        if num_classes is None:
-            raise ValueError(f"{fp32_onnx}: no deeplab.num_classes metadata; export it with export.to_onnx")
-        n = args.accuracy_images or ex.accuracy_images
-        log(f"checking accuracy on {n} held-out image(s) of {cfg.data.dataset}/{cfg.data.val_split}...")
-        samples = prec.labelled_samples(cfg.data, cfg.data.val_split, n)
-        accuracy = prec.accuracy_report({k: onnx_files[k] for k in ("fp32", args.precision)}, samples, num_classes,
-                                        cfg.data.ignore_index, log=log)
-        drop = accuracy[args.precision]["miou_drop"]
-        if args.precision == "int8" and drop > ex.max_int8_miou_drop:
-            msg = (f"INT8 loses {drop:.2f} mIoU points (> export.max_int8_miou_drop={ex.max_int8_miou_drop}); "
-                   "calibrate on more / more typical images (--calib-images, --calib-data) or pass --force")
-            if not args.force:
-                raise ValueError(msg)
-            log(f"warning: {msg}; building anyway (--force)")
-
-    # 4. the engine ---------------------------------------------------------------------------------
+    fp32_onnx = fp32_onnx_for(src, ckpt, engine_path, cfg)
+    onnx_files = precision_onnx(fp32_onnx, cfg, args, path)
+    num_classes = int(read_metadata(fp32_onnx).get("num_classes", 0)) or None
+    accuracy = check_accuracy(onnx_files, cfg, num_classes, args.force) if args.check_accuracy else None
     if blocker:
-        files = ", ".join(str(p) for p in written) or "nothing"
-        raise Unsupported(f"cannot build a TensorRT engine here: {blocker}; wrote {files}")
-    import onnx
-
-    onnx_in = onnx_files[variant]
-    model_input = onnx.load(str(onnx_in), load_external_data=False).graph.input[0]
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in model_input.type.tensor_type.shape.dim]
-    fixed = static_profile(dims)
-    profile = None if fixed else shapes
-    data = build_engine(onnx_in, args.precision, profile, args.workspace or ex.workspace_gb, model_input.name, log=log)
-    tmp_engine = engine_path.with_name(f".{engine_path.name}.tmp{os.getpid()}")
-    try:
-        atomic_write_bytes(tmp_engine, data)  # parity runs on the real file before it takes the final name
-        par = engine_parity(tmp_engine, fp32_onnx, fixed or shapes["opt"])
-        log(f"engine vs ONNX fp32: max |logit diff| {par['max_abs_diff']:.3g}, "
-            f"argmax agreement {100 * par['argmax_agreement']:.2f}%")
-        sidecar = make_sidecar(device_info(), args.precision, path, profile or {"fixed": fixed}, onnx_in, meta,
-                               parity=par, accuracy=accuracy, workspace_gb=args.workspace or ex.workspace_gb)
-        write_engine(engine_path, data, sidecar)
-    finally:
-        tmp_engine.unlink(missing_ok=True)
-    log(f"wrote {engine_path} ({len(data) / 2**20:.1f} MiB) and {sidecar_path(engine_path).name}")
+        written = [p for p in onnx_files.values() if p != src]
+        raise Unsupported(f"cannot build a TensorRT engine here: {blocker}; wrote "
+                          f"{', '.join(map(str, written)) or 'nothing'}")
+    build_and_write(engine_path, onnx_files[onnx_variant(cfg.export.precision, path)], fp32_onnx, path, cfg.export,
+                    accuracy=accuracy)
     return 0
 
 
-def main(argv=None) -> int:
-    from deeplab.config import ConfigError, add_config_args
+ALIASES = [Alias("--precision", "export.precision", "fp32, fp16, bf16 or int8"),
+           Alias("--output-stride", "export.output_stride", "inference output stride, for a checkpoint"),
+           Alias("--calib-images", "export.calib_images", "INT8 calibration images"),
+           Alias("--accuracy-images", "export.accuracy_images", "held-out images for --check-accuracy"),
+           Alias("--min-shape", "export.min_shape", "NxCxHxW, smallest input", metavar="NxCxHxW"),
+           Alias("--opt-shape", "export.opt_shape", "NxCxHxW the engine is tuned for", metavar="NxCxHxW"),
+           Alias("--max-shape", "export.max_shape", "NxCxHxW, largest input", metavar="NxCxHxW"),
+           Alias("--workspace", "export.workspace_gb", "builder workspace in GiB", metavar="GIB")]
 
+
+@command
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export.to_tensorrt", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a checkpoint (exported to ONNX first) or an ONNX file from export.to_onnx")
     p.add_argument("-o", "--output", help="engine file (default: SOURCE.<precision>.engine); sidecar: ENGINE.json")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
-    p.add_argument("--output-stride", type=int, default=None, help="for a checkpoint (default export.output_stride, 8)")
     p.add_argument("--calib-data", metavar="FOLDER",
                    help="folder of calibration images (default: the config's data section, train split)")
-    p.add_argument("--calib-images", type=int, default=None, help="calibration images (default export.calib_images)")
     p.add_argument("--check-accuracy", action="store_true",
                    help="compare FP32 vs the reduced precision ONNX mIoU in onnxruntime on held-out images")
-    p.add_argument("--accuracy-images", type=int, default=None, help="held-out images (default export.accuracy_images)")
     p.add_argument("--force", action="store_true", help="build even if INT8 loses more than export.max_int8_miou_drop")
-    p.add_argument("--min-shape", help="NxCxHxW (default export.min_shape)")
-    p.add_argument("--opt-shape", help="NxCxHxW the engine is tuned for (default export.opt_shape, 1x3x513x513)")
-    p.add_argument("--max-shape", help="NxCxHxW (default export.max_shape)")
-    p.add_argument("--workspace", type=float, default=None, help="builder workspace in GiB (default export.workspace_gb)")
-    add_config_args(p)
+    add_config_args(p, aliases=ALIASES)
     args = p.parse_args(argv)
-    try:
-        return run(args)
-    except Unsupported as e:
-        print(f"to_tensorrt: {e}", file=sys.stderr)
-        return EXIT_UNSUPPORTED
-    except (ValueError, ConfigError, BuildError, EngineError, FileNotFoundError) as e:
-        print(f"to_tensorrt: error: {e}", file=sys.stderr)
-        return 1
+    show_progress()
+    return run(args)
 
 
 if __name__ == "__main__":

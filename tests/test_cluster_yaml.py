@@ -85,6 +85,37 @@ def test_checker_catches_world_open_ray_ports(rule, ports):
     assert len(problems) == 1 and ports in problems[0] and "IpPermissions[0]" in problems[0]
 
 
+def _tcp(low, high, *cidrs):
+    return {"IpProtocol": "tcp", "FromPort": low, "ToPort": high,
+            "IpRanges": [{"CidrIp": c} for c in cidrs if ":" not in c],
+            "Ipv6Ranges": [{"CidrIpv6": c} for c in cidrs if ":" in c]}
+
+
+@pytest.mark.parametrize("rules,ports", [
+    ([_tcp(8265, 8265, "0.0.0.0/1", "128.0.0.0/1")], "8265"),                       # halves in one rule
+    ([_tcp(8265, 8265, "0.0.0.0/1"), _tcp(8000, 9000, "128.0.0.0/1")], "8265"),     # halves in two rules
+    ([_tcp(10001, 10001, "::/1"), _tcp(10001, 10001, "8000::/1")], "10001"),        # IPv6 halves
+    ([_tcp(8260, 8270, *[f"{i * 32}.0.0.0/3" for i in range(8)])], "8265"),         # eighths, a port range
+    ([_tcp(6379, 6379, "0.0.0.0/2")], "6379"),                                      # a quarter of the internet
+])
+def test_checker_judges_by_coverage_not_prefix(rules, ports):
+    """0.0.0.0/0 split into pieces, across rules or IP versions, is still the internet on that port."""
+    problems = security_problems(_aws_with_rules(*rules))
+    assert len(problems) == 1 and ports in problems[0], problems
+    assert "to the internet" in problems[0]
+
+
+def test_checker_counts_only_public_sources_against_the_limit():
+    """Private ranges never count, and one office /24 plus a VPN /20 stays under a /16."""
+    ok = _aws_with_rules(_tcp(8265, 8265, "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"),
+                         _tcp(0, 65535, "198.51.100.0/24"), _tcp(8265, 8265, "203.0.112.0/20"))
+    assert security_problems(ok) == []
+    # 0.0.0.0/0 less 10/8, 172.16/12, 192.168/16, 100.64/10, 127/8 and 169.254/16
+    public = 2 ** 32 - 2 ** 24 - 2 ** 20 - 2 ** 16 - 2 ** 22 - 2 ** 24 - 2 ** 16
+    (problem,) = security_problems(_aws_with_rules(_tcp(6379, 6379, "0.0.0.0/0")))
+    assert f"{public:.3g} public IPv4 addresses" in problem
+
+
 def test_checker_catches_gcp_firewall_and_missing_security_group():
     gcp = {"provider": {"type": "gcp", "firewall": [
         {"sourceRanges": ["0.0.0.0/0"], "allowed": [{"IPProtocol": "tcp", "ports": ["22", "8000-9000"]}]}]}}

@@ -86,3 +86,22 @@ def test_missing_root_is_one_line_error(tmp_path, capsys):
     code = main(["check", "--root", str(tmp_path / "nope"), "--format", "voc"])
     err = capsys.readouterr().err
     assert code == 1 and err.strip().count("\n") == 0 and f"{tmp_path / 'nope'}: dataset folder not found" in err
+
+
+def test_a_split_that_does_not_exist_names_those_that_do(tmp_path, capsys):
+    """`--split trian` on a folder dataset with splits used to mean every image (rc 0)."""
+    from data_trees import make_folder
+
+    root = tmp_path / "ds"
+    make_folder(root, splits={"train": ["a", "b"], "val": ["c"]})
+    assert main(["check", "--format", "folder", "--root", str(root), "--split", "train"]) == 0
+    capsys.readouterr()
+    assert main(["check", "--format", "folder", "--root", str(root), "--split", "trian"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {root}: split 'trian' does not exist; splits here: train, val"]
+    flat = tmp_path / "flat"
+    make_folder(flat)
+    assert main(["check", "--format", "folder", "--root", str(flat), "--split", "val"]) == 0
+    capsys.readouterr()
+    assert main(["check", "--format", "folder", "--root", str(flat), "--split", "trian"]) != 0
+    assert "no split folders or lists" in capsys.readouterr().err

@@ -18,8 +18,10 @@ from deeplab.config import DataConfig
 from deeplab.data import synthetic
 from export import precision as prec
 from export import to_tensorrt
+from export.metadata import read_metadata
 from export.runtime import OnnxRunner
-from export.to_onnx import check_parity, ExportError, read_metadata, to_plain_batchnorm
+from export.samples import labelled_batches
+from export.to_onnx import check_parity, ExportError
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"synthetic_size": 65, "synthetic_classes": 6, "synthetic_train": 8, "synthetic_val": 6}
@@ -57,7 +59,7 @@ def test_to_tensorrt_without_gpu_exits_2_with_one_line_and_keeps_cpu_artifacts(e
     proc, out = exported["proc"], exported["out"]
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("to_tensorrt: cannot build a TensorRT engine here"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: cannot build a TensorRT engine here"), proc.stderr
     assert "tensorrt is not installed" in lines[0] or "no CUDA GPU" in lines[0]
     # the CPU-side artifacts are there, the engine (and any half-written file) is not
     assert sorted(p.name for p in out.iterdir()) == ["model.int8.onnx", "model.onnx"]
@@ -89,19 +91,6 @@ def test_onnxruntime_matches_pytorch(exported, shape):
     assert out.shape == ref.shape == (shape[0], 6, shape[2], shape[3])
     assert np.abs(out - ref).max() <= 1e-3 * max(1.0, np.abs(ref).max())
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.999
-
-
-def test_sync_batchnorm_becomes_plain_batchnorm_with_same_outputs():
-    model = _randomize_bn(build_model(ModelConfig(backbone="resnet_tiny", aspp_channels=16, num_classes=3))).eval()
-    x = torch.randn(1, 3, 33, 33)
-    with torch.no_grad():
-        ref = model(x)
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
-    plain = to_plain_batchnorm(synced).eval()
-    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in plain.modules())
-    with torch.no_grad():
-        assert torch.equal(plain(x), ref)
 
 
 def test_parity_check_fails_above_tolerance():
@@ -142,15 +131,15 @@ def _naive_miou(preds, masks, num_classes, ignore=255):
 
 def test_fp16_and_int8_accuracy_measured_in_onnxruntime(exported, tmp_path):
     fp32, int8 = exported["out"] / "model.onnx", exported["out"] / "model.int8.onnx"
-    fp16, used = prec.lowp_onnx(fp32, tmp_path / "model.fp16.onnx", "fp16", log=lambda *a: None)
+    fp16, used = prec.lowp_onnx(fp32, tmp_path / "model.fp16.onnx", "fp16")
     assert used in ("onnxruntime.float16", "modelopt.autocast")
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in onnx.load(str(fp16)).graph.initializer)
     data = DataConfig(**DATA)
-    samples = prec.labelled_samples(data, "val", 6)
-    report = prec.accuracy_report({"fp32": fp32, "fp16": fp16, "int8": int8}, samples, 6, log=lambda *a: None)
+    batches = labelled_batches(data, "val", 6)
+    report = prec.accuracy_report({"fp32": fp32, "fp16": fp16, "int8": int8}, batches, 6)
     runner = OnnxRunner(fp32)
-    preds = [runner(img).argmax(1)[0] for img, _ in samples]
-    assert report["fp32"]["miou"] == pytest.approx(_naive_miou(preds, [m for _, m in samples], 6))
+    preds = [runner(img).argmax(1)[0] for img, _ in batches]
+    assert report["fp32"]["miou"] == pytest.approx(_naive_miou(preds, [m[0].numpy() for _, m in batches], 6))
     assert report["fp16"]["agreement"] >= 0.99 and abs(report["fp16"]["miou_drop"]) < 1.0
     assert 0 <= report["int8"]["agreement"] <= 1
     assert report["int8"]["miou_drop"] == pytest.approx(report["fp32"]["miou"] - report["int8"]["miou"])
@@ -180,13 +169,70 @@ def test_check_accuracy_refuses_int8_drop_unless_forced(exported, tmp_path, caps
     assert not list(tmp_path.glob("*.engine*"))
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(exported, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    for cmd in (["export.to_onnx", str(bad)], ["export.to_tensorrt", str(tmp_path / "missing.onnx")],
-                ["export.to_tensorrt", str(bad), "--opt-shape", "1x3x9999x513"]):
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"not onnx either")
+    # a bad file or a config value that is not allowed is a usage error (2), named by its file or field
+    for cmd, rc, words in (
+            (["export.to_onnx", str(bad)], 2, "bad.ckpt"),
+            (["export.to_tensorrt", str(tmp_path / "missing.onnx")], 2, "missing.onnx: no such file"),
+            (["export.to_tensorrt", str(onnx_file), "--opt-shape", "1x3x9999x513"], 2, "H must satisfy min <= opt"),
+            (["export.to_tensorrt", str(onnx_file), "--precision", "fp8"], 2, "export.precision='fp8' is unknown")):
         proc = subprocess.run([sys.executable, "-m", *cmd, "-o", str(tmp_path / "x.out")], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 1, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.returncode == rc, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error: "), proc.stderr
         assert not (tmp_path / "x.out").exists()
+    # an output folder that is a file: one line naming it, nothing written
+    proc = subprocess.run([sys.executable, "-m", "export.to_onnx", str(exported["ckpt"]), "-o", str(bad / "m.onnx")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {bad}: cannot write (it is a file; expected a folder)"], proc.stderr
+
+
+def test_shorthand_flags_are_config_overrides_with_the_checkpoint_as_base(exported, tmp_path, capsys):
+    from export import to_onnx
+
+    out = tmp_path / "static.onnx"
+    rc = to_onnx.main([str(exported["ckpt"]), "-o", str(out), "--static", "--parity-size", "65", "--parity-batch", "1",
+                       "--output-stride", "16", "--set", "export.tolerance=0.01"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "argmax agreement" in printed and f"wrote {out}" in printed
+    model = onnx.load(str(out))
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [1, 3, 65, 65]  # --static: export.dynamic=false, at the parity size
+    meta = read_metadata(model)
+    assert meta["output_stride"] == 16 and meta["class_names"] == synthetic.class_names(6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["static.onnx"]
+
+
+def test_calibration_images_from_a_folder_or_the_dataset(tmp_path):
+    from PIL import Image
+
+    from deeplab.data import normalize
+    from export.samples import calibration_images
+
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (40, 30, 3), dtype=np.uint8) for _ in range(3)]
+    (tmp_path / "sub").mkdir()
+    for i, p in enumerate(pixels):
+        Image.fromarray(p).save(tmp_path / ("sub" if i else ".") / f"img{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    images = calibration_images(None, 2, 33, folder=tmp_path)
+    assert [x.shape for x in images] == [(1, 3, 33, 33)] * 2
+    expected = normalize(np.asarray(Image.fromarray(pixels[0]).resize((33, 33), Image.BILINEAR)))[None].numpy()
+    np.testing.assert_allclose(images[0], expected)  # img0.png sorts first, resized then normalized
+    data = DataConfig(**DATA)
+    own_size = calibration_images(data, 2)
+    assert [x.shape for x in own_size] == [(1, 3, 65, 65)] * 2
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(ValueError, match="broken.png"):
+        calibration_images(None, 5, 33, folder=tmp_path)
+    with pytest.raises(ValueError, match="img1.png: not a folder"):
+        calibration_images(None, 2, 33, folder=tmp_path / "sub" / "img1.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty: no images"):
+        calibration_images(None, 2, 33, folder=tmp_path / "empty")

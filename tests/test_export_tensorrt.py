@@ -9,22 +9,22 @@ import numpy as np
 import pytest
 import torch
 
+from deeplab.config import ConfigError, ExportConfig, load_config
 from export import runtime, to_tensorrt as trt_cli
 from export.runtime import EngineError, check_sidecar, read_sidecar, sidecar_path, write_sidecar
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "11.4.0.12"}
 
 
-def test_parse_shape_and_profile():
-    assert trt_cli.parse_shape("1x3x513x513") == (1, 3, 513, 513)
-    assert trt_cli.parse_shape("2,3,257,257") == (2, 3, 257, 257)
+def test_profile_shapes_are_checked_by_the_config():
+    assert ExportConfig.parse_shape("opt_shape", "2,3,257,257") == (2, 3, 257, 257)
     for bad in ("1x3x513", "1x3xax513", "0x3x513x513", "1x1x513x513"):
-        with pytest.raises(ValueError, match="--opt-shape"):
-            trt_cli.parse_shape(bad, "--opt-shape")
-    shapes = trt_cli.profile_shapes("1x3x257x257", "1x3x513x513", "4x3x1025x1025")
+        with pytest.raises(ConfigError, match="export.opt_shape="):
+            ExportConfig(opt_shape=bad)
+    shapes = ExportConfig(min_shape="1x3x257x257", opt_shape="1x3x513x513", max_shape="4x3x1025x1025").profile()
     assert shapes == {"min": (1, 3, 257, 257), "opt": (1, 3, 513, 513), "max": (4, 3, 1025, 1025)}
-    with pytest.raises(ValueError, match="H must satisfy min <= opt <= max, got 257, 2000, 1025"):
-        trt_cli.profile_shapes("1x3x257x257", "1x3x2000x513", "4x3x1025x1025")
+    with pytest.raises(ConfigError, match="H must satisfy min <= opt <= max, got 257, 2000, 1025"):
+        load_config(None, ["export.opt_shape=1x3x2000x513"])
     assert trt_cli.static_profile([1, 3, 513, 513]) == (1, 3, 513, 513)
     assert trt_cli.static_profile([None, 3, 513, 513]) is None
 
@@ -52,8 +52,8 @@ def test_precision_lives_in_flags_on_10_and_in_the_onnx_on_11():
     assert [trt_cli.onnx_variant(p, "flags") for p in trt_cli.PRECISIONS] == ["fp32", "fp32", "fp32", "int8"]
     assert [trt_cli.onnx_variant(p, "typed") for p in trt_cli.PRECISIONS] == ["fp32", "fp16", "bf16", "int8"]
     assert [trt_cli.onnx_variant(p, None) for p in trt_cli.PRECISIONS] == ["fp32", "fp16", "bf16", "int8"]
-    with pytest.raises(ValueError, match="--precision"):
-        trt_cli.builder_flags("fp8", "flags")
+    with pytest.raises(ConfigError, match="export.precision='fp8' is unknown"):
+        ExportConfig(precision="fp8")
 
 
 def test_this_machine_cannot_build_and_says_why():
@@ -72,11 +72,16 @@ def test_this_machine_cannot_build_and_says_why():
 def test_sidecar_roundtrip_is_atomic_and_complete(tmp_path):
     onnx_file = tmp_path / "model.int8.onnx"
     onnx_file.write_bytes(b"onnx bytes")
-    shapes = trt_cli.profile_shapes("1x3x257x257", "1x3x513x513", "4x3x1025x1025")
+    shapes = ExportConfig().profile()
     info = trt_cli.make_sidecar(H100, "int8", "typed", shapes, onnx_file, {"output_stride": 8},
                                 parity={"max_abs_diff": 0.01})
     engine = tmp_path / "model.engine"
-    trt_cli.write_engine(engine, b"serialized", info)
+
+    def describe(tmp):  # the engine is complete under its temporary name, not yet under its own
+        assert tmp.read_bytes() == b"serialized" and tmp.parent == tmp_path and not engine.exists()
+        return info
+
+    trt_cli.write_engine(engine, b"serialized", describe)
     assert engine.read_bytes() == b"serialized"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.engine", "model.engine.json", "model.int8.onnx"]
     back = read_sidecar(engine)
@@ -84,6 +89,13 @@ def test_sidecar_roundtrip_is_atomic_and_complete(tmp_path):
     assert back["shapes"]["opt"] == [1, 3, 513, 513] and back["precision"] == "int8"
     assert back["metadata"] == {"output_stride": 8} and back["parity"] == {"max_abs_diff": 0.01}
     check_sidecar(back, dict(H100), engine)  # same machine: accepted
+
+    def fails(tmp):
+        raise RuntimeError("parity failed")
+
+    with pytest.raises(RuntimeError, match="parity failed"):
+        trt_cli.write_engine(tmp_path / "other.engine", b"serialized", fails)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.engine", "model.engine.json", "model.int8.onnx"]
 
 
 @pytest.mark.parametrize("field,value,words", [

@@ -25,10 +25,9 @@ def files(ckpt, tmp_path_factory):
     from export.to_onnx import export_checkpoint
 
     folder = tmp_path_factory.mktemp("models")
-    onnx_path, _, _ = export_checkpoint(ckpt, folder / "tiny.onnx", output_stride=8, parity_sizes=(65,),
-                                        log=lambda *_: None)
+    onnx_path, _, _ = export_checkpoint(ckpt, folder / "tiny.onnx", output_stride=8, parity_sizes=(65,))
     calib = [normalize(photo((65, 65), seed))[None].numpy() for seed in range(4)]
-    int8 = quantize_int8(onnx_path, folder / "tiny.int8.onnx", calib, log=lambda *_: None)
+    int8 = quantize_int8(onnx_path, folder / "tiny.int8.onnx", calib)
     return {"ckpt": ckpt, "onnx": onnx_path, "int8": int8}
 
 
@@ -108,7 +107,7 @@ def test_engine_metadata_comes_from_its_sidecar_and_loading_needs_the_gpu_it_was
     """No TensorRT or GPU here: the sidecar is real JSON as export.to_tensorrt writes it; the engine bytes are
     never parsed because the runner refuses first."""
     from export.runtime import write_sidecar
-    from export.to_onnx import read_metadata
+    from export.metadata import read_metadata
 
     engine = tmp_path / "tiny.engine"
     with pytest.raises(EngineError, match="no sidecar"):

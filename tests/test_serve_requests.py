@@ -44,18 +44,20 @@ def test_replicas_or_autoscaling_from_the_flags():
     fixed = deployment_options(ServeConfig(replicas=3, cpus_per_replica=2, gpus_per_replica=1, max_batch_size=4))
     assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 2, "num_gpus": 1} and fixed["max_ongoing_requests"] == 8
-    scaled = deployment_options(ServeConfig(min_replicas=1, max_replicas=4, max_batch_size=16))
+    scaled = deployment_options(ServeConfig(autoscale=[1, 4], max_batch_size=16))
     assert "num_replicas" not in scaled and scaled["max_ongoing_requests"] == 32
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
 
 
 @pytest.mark.parametrize("args, message", [
     (["missing.onnx"], "missing.onnx: no such model file"),
-    (["MODEL", "--autoscale", "3", "1"], "--autoscale 3 1"),
-    (["MODEL", "--replicas", "0"], "serve.replicas=0"),
+    (["MODEL", "--autoscale", "3", "1"], "serve.autoscale=[3, 1]"),
+    (["MODEL", "--replicas", "0"], "serve.replicas=0 must be an integer >= 1"),
     (["MODEL", "--port", "70000"], "serve.port=70000"),
     (["MODEL", "--max-batch-size", "0"], "serve.max_batch_size=0"),
-    (["MODEL", "--set", "serve.min_replicas=2"], "go together"),
+    (["MODEL", "--max-batch-size", "eight"], "serve.max_batch_size='eight'"),
+    (["MODEL", "--replicas", "2", "--autoscale", "1", "3"], "set one"),
+    (["MODEL", "--output-stride", "4"], "serve.output_stride=4"),
 ])
 def test_command_line_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
     from inference_files import tiny_checkpoint
@@ -67,7 +69,8 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch,
     assert err.startswith("error: ") and message in err and "\n" not in err
 
 
-def test_replicas_and_autoscale_are_exclusive(capsys):
-    with pytest.raises(SystemExit) as e:
-        serve.parse_args(["m.ckpt", "--replicas", "2", "--autoscale", "1", "3"])
-    assert e.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+def test_autoscale_flag_becomes_the_config_field():
+    from deeplab.config import config_from_args
+
+    cfg = config_from_args(serve.parse_args(["m.ckpt", "--autoscale", "1", "3", "--max-batch-size", "4"])).serve
+    assert (cfg.autoscale, cfg.replicas, cfg.max_batch_size) == ((1, 3), 1, 4)

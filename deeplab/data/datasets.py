@@ -133,7 +133,9 @@ def voc_pairs(root: Path, split: str):
 def cityscapes_pairs(root: Path, split: str):
     images_dir = root / "leftImg8bit" / split
     if not images_dir.is_dir():
-        raise DatasetError(f"{images_dir}: not found; expected leftImg8bit/{split}/CITY/*_leftImg8bit.png")
+        have = sorted(p.name for p in images_dir.parent.iterdir() if p.is_dir()) if images_dir.parent.is_dir() else []
+        raise DatasetError(f"{images_dir}: not found; expected leftImg8bit/{split}/CITY/*_leftImg8bit.png"
+                           + (f" (splits here: {', '.join(have)})" if have else ""))
     pairs, problems = [], []
     for image in sorted(images_dir.glob("*/*_leftImg8bit.png")):
         stem = image.name[: -len("_leftImg8bit.png")]
@@ -168,6 +170,21 @@ def ade20k_pairs(root: Path, split: str):
     return pairs, problems
 
 
+FLAT_SPLITS = ("train", "val", "test", "all")  # names that mean "every pair" in a folder without splits
+
+
+def _require_folder_split(root: Path, split: str) -> None:
+    """A split name that is neither a folder nor a list is a typo unless the dataset has no splits at all."""
+    folders = {p.name for p in (root / "images").iterdir() if p.is_dir()}
+    lists = {p.stem for p in [*(root / "splits").glob("*.txt"), *root.glob("*.txt")] if p.name != "classes.txt"}
+    have = sorted(folders | lists)
+    if have:
+        raise DatasetError(f"{root}: split {split!r} does not exist; splits here: {', '.join(have)}")
+    if split not in FLAT_SPLITS:
+        raise DatasetError(f"{root}: split {split!r} does not exist; this folder has no split folders or lists, "
+                           f"so {', '.join(FLAT_SPLITS)} all mean every image")
+
+
 def folder_pairs(root: Path, split: str):
     """images/ + masks/ with matching stems; a split is images/{split}/ or a list splits/{split}.txt
     (or {split}.txt); with neither, every split is all pairs."""
@@ -181,6 +198,8 @@ def folder_pairs(root: Path, split: str):
         list_file = next((p for p in (root / "splits" / f"{split}.txt", root / f"{split}.txt") if p.is_file()), None)
         if list_file is not None:
             ids = _read_list(list_file)
+        else:
+            _require_folder_split(root, split)
     images = {p.stem: p for p in sorted(images_dir.glob("*")) if p.suffix.lower() in IMAGE_SUFFIXES}
     masks = {p.stem: p for p in sorted(masks_dir.glob("*.png"))} if masks_dir.is_dir() else {}
     pairs, problems = [], []

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from ..cli import UserError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset file or layout a user can fix; ``str(e)`` is one line naming the file."""
 
     def __init__(self, message: str = "", *args):
@@ -35,38 +38,78 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def _open(path: Path, data: bytes | None = None, max_pixels: int | None = None) -> Image.Image:
-    """Open ``path`` (or its ``data`` already read, named by ``path`` in messages) without decoding pixels."""
+def _open(path, name=None, max_pixels=None) -> Image.Image:
+    """Open a path, or bytes / a binary file (``name`` is what messages call it), with the bomb limit and
+    ``max_pixels`` (a caller's lower limit) checked before any pixel is decoded."""
+    name = name or path
     try:
-        im = Image.open(path if data is None else io.BytesIO(data))
+        im = Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path)
     except FileNotFoundError:
-        raise DatasetError(f"{path}: file not found") from None
+        raise DatasetError(f"{name}: file not found") from None
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{path}: refused as a decompression bomb ({_first_line(e)})") from None
+        raise ImageTooLargeError(f"{name}: refused as a decompression bomb ({_first_line(e)})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: unreadable or truncated image ({_first_line(e)})") from None
+        raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(e)})") from None
     limit = Image.MAX_IMAGE_PIXELS
-    if max_pixels and (not limit or max_pixels < limit):
-        if im.width * im.height > max_pixels:
-            im.close()
-            raise ImageTooLargeError(f"{path}: {im.width}x{im.height} is over the limit of {max_pixels} pixels")
+    if max_pixels and (not limit or max_pixels < limit) and im.width * im.height > max_pixels:
+        im.close()
+        raise ImageTooLargeError(f"{name}: {im.width}x{im.height} is over the limit of {max_pixels} pixels")
     if limit and im.width * im.height > limit:
         im.close()
-        raise ImageTooLargeError(f"{path}: {im.width}x{im.height} pixels is over Pillow's decompression-bomb "
+        raise ImageTooLargeError(f"{name}: {im.width}x{im.height} pixels is over Pillow's decompression-bomb "
                                  f"limit ({limit} pixels, PIL.Image.MAX_IMAGE_PIXELS)")
     return im
 
 
-def read_image(path, data: bytes | None = None, max_pixels: int | None = None) -> np.ndarray:
-    """HxWx3 uint8 RGB. ``data``: the file's bytes, already read (``path`` then only names it in errors);
+def _scaled_to_uint8(values: np.ndarray, bits16: bool) -> np.ndarray:
+    """A high-bit-depth gray image as 8 bits, as viewers display it: 16-bit data over its full range
+    (65535 -> 255); 32-bit data by the range its values use (0-255 as is, 0-65535 as 16-bit, floats in 0-1
+    as fractions); anything else stretched over its own min..max."""
+    v = values.astype(np.float64)
+    low, high = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    floating = np.issubdtype(values.dtype, np.floating)
+    if bits16 or (not floating and low >= 0 and 255 < high <= 65535):
+        scaled = v / 257.0
+    elif low >= 0 and high <= (1.0 if floating else 255):
+        scaled = v * 255.0 if floating else v
+    else:
+        scaled = (v - low) * (255.0 / max(high - low, 1e-12))
+    return np.round(scaled).clip(0, 255).astype(np.uint8)
+
+
+def to_rgb(im: Image.Image, name) -> np.ndarray:
+    """HxWx3 uint8 RGB as a viewer shows the picture: EXIF orientation applied, 16/32-bit gray scaled to 8
+    bits, palette and CMYK converted, transparency composited over white."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        gray = _scaled_to_uint8(np.asarray(im), bits16=im.mode.startswith("I;16"))
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa"):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    try:
+        return np.asarray(im.convert("RGB"))
+    except ValueError as e:
+        raise DatasetError(f"{name}: image mode {im.mode} cannot be converted to RGB ({_first_line(e)})") from None
+
+
+def read_image(source: Union[str, Path, bytes], name=None, max_pixels=None) -> np.ndarray:
+    """HxWx3 uint8 RGB from a path or the bytes of an image file (``name`` labels errors for bytes);
     ``max_pixels``: refuse larger images (ImageTooLargeError) before decoding them."""
-    path = Path(path) if data is None else path  # a URI such as s3://bucket/key stays as written
-    im = _open(path, data, max_pixels)
+    name = name or (source if not isinstance(source, (bytes, bytearray)) else "image")
+    im = _open(Path(source) if isinstance(source, str) else source, name, max_pixels)
     try:
         with im:
-            return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{path}: unreadable or truncated image ({_first_line(e)})") from None
+            return to_rgb(im, name)
+    except (OSError, SyntaxError) as e:
+        raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(e)})") from None
+    except ValueError as e:
+        if isinstance(e, DatasetError):
+            raise
+        raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(e)})") from None
 
 
 def read_mask(path) -> np.ndarray:
