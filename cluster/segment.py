@@ -489,7 +489,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m cluster.segment", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
-    p.add_argument("input", metavar="INPUT", help="a folder, a text file listing paths, or s3://bucket/prefix/")
+    p.add_argument("input", metavar="INPUT", help="a folder, a text file listing paths, one image, or "
+                   "s3://bucket/prefix/")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                    help="folder for the PNGs and manifest.jsonl (on a multi-node cluster: a folder every node "
                         "mounts at the same path)")
