@@ -16,6 +16,8 @@ import shutil
 import sys
 import time
 
+from deeplab.cli import command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,11 +27,12 @@ def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
 
     from deeplab import load_checkpoint
     from deeplab.data import build_dataset
-    from deeplab.inference import evaluate
+    from deeplab.inference import evaluate, model_predictor
 
     ck = load_checkpoint(path)
     loader = DataLoader(build_dataset(ck.experiment.data, ck.experiment.data.val_split, train=False), batch_size=1)
-    return {os_: evaluate(ck.model, loader, ck.config.num_classes, output_stride=os_).miou() for os_ in output_strides}
+    return {os_: evaluate(model_predictor(ck.model, output_stride=os_), loader, ck.config.num_classes).miou()
+            for os_ in output_strides}
 
 
 def export_and_bench(best: str, out: str) -> None:
@@ -53,21 +56,19 @@ def export_and_bench(best: str, out: str) -> None:
                 "--threads", "1", "--backends", "torch_fp32,torch_channels_last,ort_cpu_fp32", "--out", os.path.join(out, "bench")])
 
 
+@command
 def main(argv=None) -> int:
-    from deeplab.config import ConfigError, add_config_args, load_config
+    from deeplab.config import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
+    parser.set_defaults(config=os.path.join(ROOT, "configs", "demo.yaml"))
     parser.add_argument("--resume", action="store_true",
                         help="continue runs/demo if it exists (default: start it afresh)")
     parser.add_argument("--skip-export", action="store_true", help="stop after training and evaluation")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config or os.path.join(ROOT, "configs", "demo.yaml"), args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
 
     from cluster.train import init_ray, resolve_storage_path, train
 
@@ -76,7 +77,6 @@ def main(argv=None) -> int:
         print(f"removing the previous demo run {run_dir} (--resume keeps it)")
         shutil.rmtree(run_dir)
     started = time.perf_counter()
-    os.environ.pop("RAY_ADDRESS", None)
     init_ray(cfg, local=True)  # the demo's own local Ray, whatever else runs on this machine
     print(f"[1/3] training {cfg.model.backbone} DeepLabv3 on {cfg.cluster.num_workers} CPU workers "
           f"(synchronized BatchNorm), {cfg.train.max_iterations} iterations of batch {cfg.train.batch_size} "

@@ -15,14 +15,21 @@ import argparse
 import copy
 import math
 import os
-import shutil
 import sys
 from typing import Optional
 
-from deeplab.config import ConfigError, ExperimentConfig, add_config_args, experiment_from_dict, load_config
+from deeplab.cli import command
+from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, experiment_from_dict
+from deeplab.fileio import copy_file_atomic, ensure_dir
 
-CHECKPOINT_FILE = "model.ckpt"
 BEST_FILE = "best.ckpt"
+ALIASES = [
+    Alias("--num-workers", "cluster.num_workers", "Ray Train workers", metavar="N"),
+    Alias("--use-gpu", "cluster.use_gpu", "one GPU per worker", switch=True),
+    Alias("--cpus-per-worker", "cluster.cpus_per_worker", "CPUs reserved per worker", metavar="C"),
+    Alias("--storage-path", "cluster.storage_path", "run storage: a local/NFS folder or s3://...", metavar="P"),
+    Alias("--name", "cluster.name", "run name; the same name and storage path resume a run"),
+]
 
 
 def _is_remote(path: str) -> bool:
@@ -45,33 +52,6 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def check_config(cfg: ExperimentConfig) -> None:
-    """The mistakes a user makes in a config, caught on the driver before any worker starts
-    (a worker error would otherwise be retried max_failures times)."""
-    from deeplab.engine import per_worker_batch
-
-    c = cfg.cluster
-    if c.num_workers < 1:
-        raise ConfigError(f"cluster.num_workers={c.num_workers} must be >= 1")
-    if c.cpus_per_worker <= 0:
-        raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker} must be > 0")
-    per_worker_batch(cfg.train.batch_size, c.num_workers)
-    for name in ("max_iterations", "eval_interval", "log_interval"):
-        if getattr(cfg.train, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(cfg.train, name)} must be >= 1")
-    if cfg.train.amp not in ("auto", "bf16", "fp16", "off", False):  # YAML reads `off` as false
-        raise ConfigError(f"train.amp={cfg.train.amp!r} is unknown; allowed: auto, bf16, fp16, off")
-    if cfg.train.amp == "fp16" and not c.use_gpu:
-        raise ConfigError("train.amp=fp16 needs GPUs (--use-gpu); use bf16, auto or off on CPU workers")
-    if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise ConfigError(f"cluster.placement_strategy={c.placement_strategy!r}: use PACK, SPREAD, "
-                          "STRICT_PACK or STRICT_SPREAD")
-    for name in ("init_from", "pretrained_backbone"):
-        path = getattr(cfg.train, name)
-        if path and not _is_remote(path) and not os.path.isfile(path):
-            raise ConfigError(f"train.{name}={path}: no such file")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # What runs in each Ray worker
 
@@ -83,7 +63,7 @@ def _train_fn(config: dict) -> None:
     import ray.train.torch
 
     from cluster.syncbn import convert_sync_batchnorm, revert_sync_batchnorm
-    from deeplab.checkpoint import unwrap
+    from deeplab.checkpoint import CHECKPOINT_FILE, unwrap
     from deeplab.engine import Worker, train
 
     cfg = experiment_from_dict(config["experiment"])
@@ -118,6 +98,27 @@ def _train_fn(config: dict) -> None:
                       latest_checkpoint=latest_checkpoint, log_dir=config.get("log_dir")))
 
 
+def divergence_reason(error: BaseException) -> Optional[str]:
+    """The worker's message if a run failed because the loss went NaN/inf (a FloatingPointError), else None.
+
+    Ray wraps worker errors (ControllerError.controller_failure, WorkerGroupError.worker_failures,
+    RayTaskError.cause, chained causes) and sometimes keeps only their text: look through all of them."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if type(e) is FloatingPointError:  # exactly ours: Ray's wrappers may subclass it with a traceback text
+            return (str(e).strip().splitlines() or ["non-finite loss"])[-1]
+        line = next((ln for ln in str(e).splitlines() if "FloatingPointError:" in ln), None)
+        if line:
+            return line.split("FloatingPointError:")[-1].strip() or "non-finite loss"
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None)]
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+    return None
+
+
 def _stop_on_divergence_callback():
     """A controller callback that fails the run at once when a worker raises FloatingPointError (NaN loss).
 
@@ -131,13 +132,9 @@ def _stop_on_divergence_callback():
     class StopOnDivergence(UserCallback):
         def after_exception(self, run_context, worker_exceptions):
             for error in worker_exceptions.values():
-                cause = error
-                while cause is not None and not isinstance(cause, FloatingPointError):
-                    cause = cause.__cause__
-                if isinstance(cause, FloatingPointError) or "FloatingPointError" in str(error):
-                    message = next((line for line in str(error).splitlines() if "FloatingPointError" in line),
-                                   str(error).splitlines()[-1] if str(error) else "loss is not finite")
-                    raise FloatingPointError(message.split("FloatingPointError:")[-1].strip())
+                reason = divergence_reason(error)
+                if reason:
+                    raise FloatingPointError(reason)
 
     return StopOnDivergence()
 
@@ -147,13 +144,14 @@ def _stop_on_divergence_callback():
 
 
 def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_path: Optional[str] = None,
-                  callbacks: list = (), max_failures: Optional[int] = None):
+                  callbacks: list = (), max_failures: Optional[int] = None, score: tuple = ("val_miou", "max")):
     """A TorchTrainer for this experiment (Ray Train V2). ``name``/``storage_path`` pin the run directory
-    ``<storage_path>/<name>`` (defaults: cluster.name, absolute ``runs/`` of the current directory)."""
+    ``<storage_path>/<name>`` (defaults: cluster.name, absolute ``runs/`` of the current directory).
+    ``score``: (metric, max|min) that ranks checkpoints; Ray keeps the best one and the latest."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    check_config(cfg)
+    cfg.check()  # every config mistake answered here, on the driver, not by each worker
     cfg = _absolute_paths(cfg)
     c = cfg.cluster
     name = name or c.name
@@ -167,8 +165,8 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
     run = ray.train.RunConfig(
         name=name,
         storage_path=storage,
-        checkpoint_config=ray.train.CheckpointConfig(  # the best by val mIoU; Ray also keeps the latest
-            num_to_keep=1, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]),
         failure_config=ray.train.FailureConfig(max_failures=c.max_failures if max_failures is None else max_failures),
         callbacks=[*callbacks, _stop_on_divergence_callback()],  # last: the others still see the failure
         # Train V2 reroutes print() through its logger *and* the original stream: each line twice
@@ -179,25 +177,26 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
                         run_config=run)
 
 
-def _copy_best(result, destination: str) -> Optional[str]:
-    """Copy the best checkpoint's model.ckpt to ``destination`` atomically (temp name, then rename)."""
+def copy_checkpoint(checkpoint_dir: str, destination: str, filesystem=None) -> str:
+    """Copy a Ray checkpoint folder's model.ckpt to ``destination`` whole or not at all: atomically on a local
+    filesystem (``filesystem`` None or pyarrow's local one), in one object-store put on S3/GCS."""
     import pyarrow.fs
 
-    best = result.get_best_checkpoint("val_miou", "max") if result.best_checkpoints else result.checkpoint
-    if best is None:
-        return None
-    source = f"{best.path}/{CHECKPOINT_FILE}"
-    if isinstance(best.filesystem, pyarrow.fs.LocalFileSystem):
-        tmp = os.path.join(os.path.dirname(destination), f".{os.path.basename(destination)}.{os.getpid()}.tmp")
-        try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, destination)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    from deeplab.checkpoint import CHECKPOINT_FILE  # torch: kept off the --help path
+
+    source = f"{checkpoint_dir}/{CHECKPOINT_FILE}"
+    if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        ensure_dir(os.path.dirname(os.path.abspath(destination)))
+        copy_file_atomic(source, destination)
     else:  # object stores replace an object in one step
-        best.filesystem.copy_file(source, destination.split("://", 1)[-1])
+        filesystem.copy_file(source, destination.split("://", 1)[-1])
     return destination
+
+
+def _copy_best(result, destination: str) -> Optional[str]:
+    """The run's best checkpoint (by val mIoU; the latest when none was scored) copied to ``destination``."""
+    best = result.get_best_checkpoint("val_miou", "max") if result.best_checkpoints else result.checkpoint
+    return None if best is None else copy_checkpoint(best.path, destination, best.filesystem)
 
 
 def _print_summary(cfg: ExperimentConfig, result, best_path: Optional[str]) -> None:
@@ -235,31 +234,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(cfg: ExperimentConfig, local: bool = False, **kwargs) -> None:
-    """Join the cluster named by cluster.address / RAY_ADDRESS / a running local one, else start one
-    (``local``: always start a fresh local one). A local dashboard moves off 8265 when that port is taken."""
+def _recorded_cluster() -> Optional[str]:
+    """The address ``ray start`` / ``ray up`` recorded on this machine (Ray's current-cluster file in its temp
+    folder), or None. Not ``ray.init(address="auto")``: that joins *any* Ray instance it sees running here,
+    another user's local one too. Ray has no public call for this record."""
+    from ray._private.services import find_bootstrap_address
+
+    return find_bootstrap_address(None)
+
+
+def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int] = None, **kwargs) -> None:
+    """Join the cluster named by cluster.address / RAY_ADDRESS / the one started on this machine with ``ray start``
+    or ``ray up``, else start a local one (``local``: always a fresh local one). ``kwargs`` go to ``ray.init``.
+
+    A local cluster gets ``num_cpus`` logical CPUs (default: this machine's), no GPUs unless cluster.use_gpu,
+    its dashboard on 8265 or a free port when that is taken, and its processes are told that address: Ray
+    Train's placement-group cleaner (which frees an early-stopped trial's workers) finds the cluster through the
+    dashboard, and with several local Ray instances on one machine it otherwise picks the newest one, never
+    frees the resources and the next trial waits forever.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    address = "local" if local else cfg.cluster.address
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        try:  # an existing cluster on this machine (ray start / ray up)
-            ray.init(address="auto", **kwargs)
+    if local:  # its processes must not follow RAY_ADDRESS to another cluster
+        os.environ.pop("RAY_ADDRESS", None)
+    elif cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.cluster.address or os.environ["RAY_ADDRESS"], **kwargs)
+        return
+    elif _recorded_cluster():
+        try:
+            ray.init(address=_recorded_cluster(), **kwargs)
             return
-        except ConnectionError:
-            address = "local"
-    if address == "local" and _port_in_use(8265):
-        kwargs.setdefault("dashboard_port", _free_port())
-    ray.init(address=address, **kwargs)
+        except ConnectionError:  # the record of a cluster since stopped
+            pass
+    port = _free_port() if _port_in_use(8265) else 8265
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=None if cfg.cluster.use_gpu else 0, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **kwargs)
 
 
 def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False):
     """Run the experiment to the end (resuming a previous run of the same name) and write best.ckpt.
     ``callbacks``: extra Ray Train UserCallbacks (they run in the controller); ``checked``: the config already
-    passed check_config and preflight."""
+    passed its checks and preflight."""
     if not checked:
-        check_config(cfg)
+        cfg.check()
         preflight(cfg)
     init_ray(cfg)
     storage = resolve_storage_path(cfg.cluster.storage_path)
@@ -288,41 +307,29 @@ def preflight(cfg: ExperimentConfig) -> None:
         load_checkpoint(cfg.train.init_from)
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--num-workers", type=int, help="Ray Train workers (cluster.num_workers)")
-    parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker (cluster.use_gpu)")
-    parser.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (cluster.cpus_per_worker)")
-    parser.add_argument("--storage-path", help="run storage: a local/NFS folder or s3://... (cluster.storage_path)")
-    parser.add_argument("--name", help="run name; the same name and storage path resume a run (cluster.name)")
-    args = parser.parse_args(argv)
-
-    from deeplab.checkpoint import CheckpointError
-    from deeplab.data import DatasetError
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        for flag in ("num_workers", "use_gpu", "cpus_per_worker", "storage_path", "name"):
-            if getattr(args, flag) is not None:
-                setattr(cfg.cluster, flag, getattr(args, flag))
-        check_config(cfg)
-        preflight(cfg)
-    except (ConfigError, CheckpointError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    add_config_args(parser, aliases=ALIASES)
+    cfg = config_from_args(parser.parse_args(argv))
+    cfg.check()
+    preflight(cfg)
 
     import ray.train
 
     try:
         train(cfg, checked=True)
     except ray.train.TrainingFailedError as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "Error:" in line), lines[-1] if lines else type(e).__name__)
-        print(f"error: training failed: {reason.strip()}", file=sys.stderr)
+        reason = divergence_reason(e)
+        print(f"error: training failed: {reason or _first_error_line(e)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _first_error_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "Error:" in line), lines[-1] if lines else type(error).__name__)
 
 
 if __name__ == "__main__":

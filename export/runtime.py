@@ -314,6 +314,7 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
     import torch
 
     from deeplab.checkpoint import load_checkpoint
+    from deeplab.inference import model_predictor
 
     from .metadata import dataset_meta
 
@@ -331,9 +332,11 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
                      tuple(mean), tuple(std), ckpt.config.backbone,
                      metrics.get("val_miou") if isinstance(metrics, dict) else None)
 
+    predict = model_predictor(model, device=device)  # what deeplab.predict and evaluate run
+
     @torch.no_grad()
     def forward(x):
-        return model(x.to(device)).float()
+        return predict(x).float()
 
     return ModelRunner(forward, info)
 

@@ -17,6 +17,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from cluster.segment import STALE_TEMP  # noqa: E402
 from inference_files import BAD, image_collection, read_png, reference_predictions, tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -161,7 +162,7 @@ def test_killed_actor_is_replaced_and_every_image_is_written_once(cluster, colle
     assert len(workers) >= 2 and any(int(w.rsplit(":", 1)[1]) != victim for w in workers), workers
     written = [f for r in records if r["status"] == "ok" for f in r["written"]]
     assert len(written) == len(set(written))  # no record claims a file another one wrote
-    assert not [f for _, _, files in os.walk(out) for f in files if f.endswith(".tmp")]
+    assert not [f for _, _, files in os.walk(out) for f in files if STALE_TEMP.match(f)]  # killed writes cleaned
     for rel in collection["good"]:
         stem = os.path.splitext(rel)[0]
         assert np.array_equal(read_png(out / f"{stem}.png"),

@@ -52,10 +52,10 @@ def test_replicas_or_autoscaling_from_the_flags():
 @pytest.mark.parametrize("args, message", [
     (["missing.onnx"], "missing.onnx: no such model file"),
     (["MODEL", "--autoscale", "3", "1"], "serve.autoscale=[3, 1]"),
-    (["MODEL", "--replicas", "0"], "serve.replicas=0 must be an integer >= 1"),
+    (["MODEL", "--replicas", "0"], "serve.replicas=0 must be >= 1"),
     (["MODEL", "--port", "70000"], "serve.port=70000"),
     (["MODEL", "--max-batch-size", "0"], "serve.max_batch_size=0"),
-    (["MODEL", "--max-batch-size", "eight"], "serve.max_batch_size='eight'"),
+    (["MODEL", "--max-batch-size", "eight"], "serve.max_batch_size='eight' must be an integer"),
     (["MODEL", "--replicas", "2", "--autoscale", "1", "3"], "set one"),
     (["MODEL", "--output-stride", "4"], "serve.output_stride=4"),
 ])

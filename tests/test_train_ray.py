@@ -101,6 +101,19 @@ def read_log(path):
         return [json.loads(line) for line in f]
 
 
+def test_init_ray_joins_the_cluster_started_on_this_machine(two_nodes, tmp_path):
+    from cluster.train import init_ray
+
+    ray.shutdown()
+    try:
+        init_ray(tiny_config(tmp_path, "join"))  # no cluster.address, no RAY_ADDRESS: the recorded cluster
+    finally:
+        if not ray.is_initialized():
+            two_nodes.connect()
+    assert ray.get_runtime_context().gcs_address == two_nodes.gcs_address
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2
+
+
 def test_two_nodes_strict_spread_trains_and_writes_best_checkpoint(two_nodes, tmp_path):
     from cluster.train import build_trainer, train
 

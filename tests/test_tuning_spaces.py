@@ -83,7 +83,7 @@ def test_batch_of_one_per_worker_is_pruned():
     base = ExperimentConfig(model=ModelConfig(backbone="resnet_tiny"))
     base.train.batch_size = 4
     _, pruned = spaces.prune([{"crop_size": 513}], base, 0.15, workers=4)
-    assert "batch 1 per worker" in pruned[0][1]
+    assert "1 image per worker" in pruned[0][1]
 
 
 def test_yaml_space_grid_and_sample(tmp_path):
