@@ -11,50 +11,32 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from deeplab.cli import UserError, command
-from deeplab.config import Alias, ConfigError, add_config_args, experiment_from_dict
+from deeplab.config import Alias, add_config_args, experiment_from_dict
 from deeplab.evaluate import (DATA_ALIASES, add_inference_args, eval_loader, inference_options, resolve_experiment,
                               result_path, run_evaluation)
 from deeplab.inference import predict_logits
 
 from .cli import show_progress
-from .metadata import read_ir_metadata, read_metadata
-from .runtime import OnnxRunner, OpenVINORunner, TensorRTRunner, read_sidecar
+from .runtime import load_runner
 
 ENGINE_HINT = "a TensorRT engine (with its ENGINE.json sidecar)"
 
 
-def open_exported(path) -> tuple:
-    """(runner: images -> logits, deeplab.* metadata, backend) of an .onnx, OpenVINO .xml or TensorRT engine."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such model file")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        runner = OnnxRunner(path)
-        meta, backend = read_metadata(path), f"onnxruntime ({runner.providers[0]})"
-    elif suffix == ".xml":
-        runner = OpenVINORunner(path)
-        meta, backend = read_ir_metadata(runner.model), "openvino (CPU)"
-    elif suffix in (".ckpt", ".pt", ".pth"):
-        raise UserError(f"{path}: a checkpoint; evaluate it with python -m deeplab.evaluate")
-    else:
-        runner = TensorRTRunner(path)
-        meta, backend = read_sidecar(path).get("metadata") or {}, "tensorrt"
-    if "num_classes" not in meta:
-        raise UserError(f"{path}: no deeplab.* metadata (classes, output stride); export it with python -m "
-                        "export.to_onnx, export.to_openvino or export.to_tensorrt")
-    return runner, meta, backend
+def open_exported(path, output_stride=None):
+    """The exported model opened the one way every command opens model files (export.runtime.load_runner);
+    an --output-stride other than the exported one is refused there in one line."""
+    if Path(path).suffix.lower() in (".ckpt", ".pt", ".pth"):
+        raise UserError(f"{path}: a checkpoint; use python -m deeplab.evaluate / deeplab.predict for it")
+    return load_runner(path, output_stride=output_stride)
 
 
 def exported_predictor(runner, opts: dict):
     """``predict(images) -> logits`` with the checkpoint path's scales, flips and windows around the runner."""
     def model(images):
-        out = runner(images)
-        return torch.from_numpy(out) if isinstance(out, np.ndarray) else out.float().cpu()
+        return torch.from_numpy(runner(images))
 
     def predict(images):
         return predict_logits(model, images, None, opts["scales"], opts["flip"], opts["window"])
@@ -62,19 +44,16 @@ def exported_predictor(runner, opts: dict):
     return predict
 
 
-def exported_options(args, meta: dict, path) -> dict:
-    """inference_options, with the output stride the file was exported at (it cannot change)."""
+def exported_options(args) -> tuple:
+    """(runner, inference options at the stride the file was exported at: it cannot change)."""
     opts = inference_options(args)
-    stride = meta.get("output_stride")
-    if opts["output_stride"] and opts["output_stride"] != stride:
-        raise ConfigError(f"--output-stride {opts['output_stride']}: {path} was exported at output stride {stride}; "
-                          "evaluate the checkpoint with deeplab.evaluate or export it again at that stride")
-    return {**opts, "output_stride": stride}
+    runner = open_exported(args.model, opts["output_stride"])
+    return runner, {**opts, "output_stride": runner.info.output_stride}
 
 
-def model_experiment(meta: dict):
+def model_experiment(info):
     """The experiment the file remembers (its training data section), or None for the defaults."""
-    return experiment_from_dict({"data": meta["data_config"]}, "model metadata") if meta.get("data_config") else None
+    return experiment_from_dict({"data": info.data_config}, "model metadata") if info.data_config else None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,15 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     show_progress()
-    runner, meta, backend = open_exported(args.model)
-    opts = exported_options(args, meta, args.model)
-    exp = resolve_experiment(model_experiment(meta), args)
-    loader, info = eval_loader(exp, int(meta["num_classes"]), args.model, args)
+    runner, opts = exported_options(args)
+    info = runner.info
+    exp = resolve_experiment(model_experiment(info), args)
+    loader, data_info = eval_loader(exp, info.num_classes, args.model, args)
     out = result_path(args.output, f"{args.model}.eval-{exp.data.val_split}.json")
-    run_evaluation(exported_predictor(runner, opts), loader, info, exp, opts, out,
-                   {"model": str(args.model), "backend": backend, "precision": meta.get("precision", "fp32")})
+    run_evaluation(exported_predictor(runner, opts), loader, data_info, exp, opts, out,
+                   {"model": str(args.model), "backend": info.backend, "precision": info.precision})
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,7 +13,7 @@ from deeplab.evaluate import resolve_experiment
 from deeplab.predict import names_and_palette, parse_args, predict_files
 
 from .cli import show_progress
-from .evaluate import ENGINE_HINT, exported_options, exported_predictor, model_experiment, open_exported
+from .evaluate import ENGINE_HINT, exported_options, exported_predictor, model_experiment
 
 
 @command
@@ -21,9 +21,8 @@ def main(argv=None) -> int:
     args = parse_args(argv, "python -m export.predict", __doc__.split("\n\n")[1],
                       ("model", f"an exported model: .onnx, OpenVINO .xml, or {ENGINE_HINT}"))
     show_progress()
-    runner, meta, _ = open_exported(args.model)
-    opts = exported_options(args, meta, args.model)
-    names, palette = names_and_palette(resolve_experiment(model_experiment(meta), args), int(meta["num_classes"]))
+    runner, opts = exported_options(args)
+    names, palette = names_and_palette(resolve_experiment(model_experiment(runner.info), args), runner.info.num_classes)
     return predict_files(exported_predictor(runner, opts), args.images, args.output, names, palette, args.alpha)
 
 

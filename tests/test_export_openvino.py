@@ -73,7 +73,10 @@ def test_metadata_round_trip_in_rt_info(irs):
     assert ModelConfig(**meta["model_config"]) == ckpt.model.set_output_stride(8).config
     assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406]) and meta["precision"] == "fp32"
     assert len(meta["parity"]) == 2 and all(r["argmax_agreement"] >= 0.99 for r in meta["parity"])
-    assert load_runner(irs["fp32"]).path == irs["fp32"]  # load_runner opens an .xml with OpenVINO
+    runner = load_runner(irs["fp32"], device="cpu")  # the one way every command opens a model file
+    assert runner.info.backend == "openvino (CPU)" and runner.info.num_classes == 4
+    assert runner.info.output_stride == 8 and runner.info.class_names == class_names(4)
+    assert runner.labels(np.zeros((1, 3, 33, 33), np.float32)).shape == (1, 33, 33)
 
 
 def test_int8_ir_stays_within_the_gate_on_a_trained_model(irs):
