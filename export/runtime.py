@@ -248,6 +248,19 @@ OPENVINO_HINTS = ("latency", "throughput")
 OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
 
 
+def _check_ir_root(path: Path) -> None:
+    """Refuse an .xml that is not an IR before OpenVINO sees it: OpenVINO would offer it to every frontend it
+    has (TensorFlow's parses text graphs through its own protobuf), which is slow, noisy and can crash."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        _, root = next(ET.iterparse(str(path), events=("start",)))
+    except (ET.ParseError, StopIteration) as e:
+        raise EngineError(f"{path}: not an OpenVINO IR (not well-formed XML: {e})") from None
+    if root.tag != "net" or "version" not in root.attrib:
+        raise EngineError(f"{path}: not an OpenVINO IR (its XML root is <{root.tag}>, not <net version=...>)")
+
+
 class OpenVINORunner:
     """An OpenVINO IR (file or ov.Model) on the CPU. The CPU plugin is fastest on static shapes, so the model
     is reshaped and compiled once per input shape and kept (the `cache` most recent shapes).
@@ -281,6 +294,7 @@ class OpenVINORunner:
         if not path.is_file() or not path.with_suffix(".bin").is_file():
             raise EngineError(f"{path}: an OpenVINO IR needs {path.name} and {path.with_suffix('.bin').name} "
                               "side by side")
+        _check_ir_root(path)
         try:
             return self.core.read_model(str(path), str(path.with_suffix(".bin")))
         except RuntimeError as e:

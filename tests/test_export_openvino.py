@@ -1,5 +1,6 @@
 """OpenVINO IR export on a tiny model trained here for a few seconds on synthetic data: FP32 parity with PyTorch,
 the metadata round trip in rt_info, INT8 through NNCF within the accuracy gate, and bad files in one line."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,11 @@ from deeplab import load_checkpoint, save_checkpoint
 from deeplab.config import ModelConfig, load_config
 from deeplab.data.synthetic import class_names
 from export import to_openvino
+from deeplab.cli import UserError
 from export.cli import ExportError
 from export.cpu import has_vnni
 from export.metadata import read_ir_metadata
-from export.runtime import EngineError, OpenVINORunner, load_runner
+from export.runtime import OpenVINORunner, load_runner
 from export.samples import labelled_batches
 from trained import train_tiny
 
@@ -124,14 +126,18 @@ def test_gate_refuses_a_loss_above_the_limit_unless_forced(irs):
 def test_bad_or_mismatched_files_are_one_line(irs, tmp_path):
     lone = tmp_path / "lone.xml"
     lone.write_bytes(irs["fp32"].read_bytes())  # no .bin beside it
-    with pytest.raises(EngineError, match="lone.xml: an OpenVINO IR needs lone.xml and lone.bin"):
+    with pytest.raises(UserError, match="lone.xml: an OpenVINO IR needs lone.xml and lone.bin"):
         load_runner(lone)
-    garbage = tmp_path / "garbage.xml"
-    garbage.write_text("<net>not really</net>")
-    garbage.with_suffix(".bin").write_bytes(b"\0" * 16)
-    with pytest.raises(EngineError, match="garbage.xml: not a readable OpenVINO IR") as e:
-        load_runner(garbage)
-    assert "\n" not in str(e.value)
+    for name, text, words in (("garbage.xml", "<net>not really</net>", "its XML root is <net>, not <net version"),
+                              ("page.xml", "<html><body/></html>", "its XML root is <html>"),
+                              ("broken.xml", "<net version='11'", "not well-formed XML"),
+                              ("empty.xml", "<?xml version='1.0'?><net version='11'/>", "no deeplab.* metadata")):
+        path = tmp_path / name
+        path.write_text(text)
+        path.with_suffix(".bin").write_bytes(b"\0" * 16)
+        with pytest.raises(UserError, match=re.escape(name) + ": .*" + re.escape(words)) as e:
+            load_runner(path)
+        assert "\n" not in str(e.value)
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
     for args, words in (([str(bad)], "bad.onnx"), ([str(irs["ckpt"]), "--precision", "fp16"], "fp32 or int8")):
