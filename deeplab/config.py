@@ -207,7 +207,8 @@ class ModelConfig(_Section):
                    "must be one or more atrous rates >= 1, e.g. [6, 12, 18]")
         step = max(1, self.output_stride // 16)  # the rates are given at OS16 and scaled by 16 / output_stride
         self._need(not any(r % step for r in self.aspp_rates), "aspp_rates",
-                   f"cannot be scaled to output_stride {self.output_stride}; use multiples of {step}")
+                   "cannot be halved for output_stride 32; use even rates" if step == 2 else
+                   f"cannot be scaled to output_stride {self.output_stride} (x 1/{step}); use multiples of {step}")
         self._need_one_of("head", HEADS)
         if self.align_corners is None:
             self.align_corners = self.head == "paper"
