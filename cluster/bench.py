@@ -16,20 +16,37 @@ import sys
 import tempfile
 import time
 
+from deeplab.cli import command
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The bench's own starting point, applied before the user's --set and flags (those win).
+BENCH_SETTINGS = ["train.max_iterations=8", "train.batch_size=4", "cluster.cpus_per_worker=1", "cluster.num_workers=1"]
+
+
+def _aliases():
+    from deeplab.config import Alias
+
+    return [Alias("--iterations", "train.max_iterations", "training steps per run (bench default 8)", metavar="N"),
+            Alias("--batch", "train.batch_size", "batch size, one worker (bench default 4)", metavar="B"),
+            Alias("--threads", "cluster.cpus_per_worker",
+                  "intra-op threads for both (bench default 1: on a shared machine, more threads than free cores "
+                  "make OpenMP spin-waits dominate)", metavar="T")]
+
 
 def _config(args):
-    from deeplab.config import load_config
+    """The experiment both sides run: one worker, one evaluation at the end (excluded from images/s)."""
+    from deeplab.config import ConfigError, config_from_args, experiment_from_dict
 
-    cfg = load_config(args.config, args.overrides)
-    cfg.train.batch_size = args.batch
-    cfg.train.max_iterations = args.iterations
-    cfg.train.eval_interval = args.iterations  # evaluate once, at the end (excluded from images/s)
-    cfg.train.log_interval = args.iterations
-    cfg.data.synthetic_val = min(cfg.data.synthetic_val, 2)
-    cfg.cluster.num_workers = 1
-    cfg.cluster.cpus_per_worker = args.threads
-    cfg.cluster.max_failures = 0
-    return cfg
+    args.overrides = BENCH_SETTINGS + list(args.overrides)
+    values = config_from_args(args).to_dict()
+    t, c = values["train"], values["cluster"]
+    t["eval_interval"] = t["log_interval"] = t["max_iterations"]
+    values["data"]["synthetic_val"] = min(values["data"]["synthetic_val"], 2)
+    c.update(num_workers=1, max_failures=0)
+    if c["cpus_per_worker"] != int(c["cpus_per_worker"]) or c["cpus_per_worker"] < 1:
+        raise ConfigError(f"--threads {c['cpus_per_worker']}: a whole number of threads >= 1")
+    return experiment_from_dict(values, "bench config")
 
 
 def run_plain(cfg) -> tuple:
@@ -48,36 +65,31 @@ def run_ray(cfg, storage: str, name: str) -> tuple:
     return result.metrics["images_per_s"], time.perf_counter() - start
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.bench", description=__doc__.split("\n\n")[0])
-    from deeplab.config import ConfigError, add_config_args
+def build_parser() -> argparse.ArgumentParser:
+    from deeplab.config import add_config_args
 
-    add_config_args(parser)
-    parser.add_argument("--iterations", type=int, default=8, help="training steps per run (default 8)")
+    parser = argparse.ArgumentParser(prog="python -m cluster.bench", description=__doc__.split("\n\n")[0])
+    add_config_args(parser, aliases=_aliases())
+    parser.set_defaults(config=os.path.join(ROOT, "configs", "demo.yaml"))
     parser.add_argument("--rounds", type=int, default=3, help="plain/Ray pairs (default 3)")
-    parser.add_argument("--batch", type=int, default=4, help="batch size, one worker (default 4)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="intra-op threads for both (default 1: on a shared machine, more threads than free "
-                             "cores make OpenMP spin-waits dominate)")
-    args = parser.parse_args(argv)
-    if args.config is None:
-        args.config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
-    try:
-        cfg = _config(args).check()
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return parser
+
+
+@command
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = _config(args)  # a built config is a checked one
 
     import ray
     import torch
 
-    torch.set_num_threads(args.threads)
+    threads = int(cfg.cluster.cpus_per_worker)
+    torch.set_num_threads(threads)
     from cluster.train import init_ray
 
-    os.environ.pop("RAY_ADDRESS", None)
-    init_ray(cfg, local=True, num_cpus=args.threads, log_to_driver=False)
-    print(f"{cfg.model.backbone} at {cfg.data.crop_size}x{cfg.data.crop_size}, batch {args.batch}, "
-          f"{args.iterations} steps per run, {args.threads} threads, amp={cfg.train.amp}", flush=True)
+    init_ray(cfg, local=True, num_cpus=threads, log_to_driver=False)
+    print(f"{cfg.model.backbone} at {cfg.data.crop_size}x{cfg.data.crop_size}, batch {cfg.train.batch_size}, "
+          f"{cfg.train.max_iterations} steps per run, {threads} threads, amp={cfg.train.amp}", flush=True)
     plain, ray_ = [], []
     try:
         with tempfile.TemporaryDirectory(prefix="cluster-bench-") as storage:

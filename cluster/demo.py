@@ -16,6 +16,8 @@ import shutil
 import sys
 import time
 
+from deeplab.cli import command
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -54,22 +56,20 @@ def export_and_bench(best: str, out: str) -> None:
                 "--threads", "1", "--backends", "torch_fp32,torch_channels_last,ort_cpu_fp32", "--out", os.path.join(out, "bench")])
 
 
+@command
 def main(argv=None) -> int:
-    from deeplab.config import ConfigError, add_config_args, load_config
+    from deeplab.config import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
+    parser.set_defaults(config=os.path.join(ROOT, "configs", "demo.yaml"))
     parser.add_argument("--resume", action="store_true",
                         help="continue runs/demo if it exists (default: start it afresh)")
     parser.add_argument("--skip-export", action="store_true", help="stop after training and evaluation")
     parser.add_argument("--verbose", action="store_true", help="Ray's own lines on the console too")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config or os.path.join(ROOT, "configs", "demo.yaml"), args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
 
     from cluster.console import ray_init_options
     from cluster.train import init_ray, resolve_storage_path, train
@@ -79,7 +79,6 @@ def main(argv=None) -> int:
         print(f"removing the previous demo run {run_dir} (--resume keeps it)")
         shutil.rmtree(run_dir)
     started = time.perf_counter()
-    os.environ.pop("RAY_ADDRESS", None)
     init_ray(cfg, local=True, **ray_init_options(args.verbose))  # the demo's own local Ray, whatever else runs here
     print(f"[1/3] training {cfg.model.backbone} DeepLabv3 on {cfg.cluster.num_workers} CPU workers "
           f"(synchronized BatchNorm), {cfg.train.max_iterations} iterations of batch {cfg.train.batch_size} "

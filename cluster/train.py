@@ -15,15 +15,22 @@ import argparse
 import copy
 import math
 import os
-import shutil
 import sys
 from typing import Optional
 
 from cluster.console import project_console, quiet_worker_console, ray_init_options
-from deeplab.config import ConfigError, ExperimentConfig, add_config_args, experiment_from_dict, load_config
+from deeplab.cli import command
+from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, experiment_from_dict
+from deeplab.fileio import copy_file_atomic, ensure_dir
 
-CHECKPOINT_FILE = "model.ckpt"
 BEST_FILE = "best.ckpt"
+ALIASES = [
+    Alias("--num-workers", "cluster.num_workers", "Ray Train workers", metavar="N"),
+    Alias("--use-gpu", "cluster.use_gpu", "one GPU per worker", switch=True),
+    Alias("--cpus-per-worker", "cluster.cpus_per_worker", "CPUs reserved per worker", metavar="C"),
+    Alias("--storage-path", "cluster.storage_path", "run storage: a local/NFS folder or s3://...", metavar="P"),
+    Alias("--name", "cluster.name", "run name; the same name and storage path resume a run"),
+]
 
 
 def _is_remote(path: str) -> bool:
@@ -57,7 +64,7 @@ def _train_fn(config: dict) -> None:
     import ray.train.torch
 
     from cluster.syncbn import convert_sync_batchnorm, revert_sync_batchnorm
-    from deeplab.checkpoint import unwrap
+    from deeplab.checkpoint import CHECKPOINT_FILE, unwrap
     from deeplab.engine import Worker, train
 
     cfg = experiment_from_dict(config["experiment"])
@@ -97,28 +104,93 @@ def _train_fn(config: dict) -> None:
                       synchronized_bn=synchronized))
 
 
-def _stop_on_divergence_callback():
-    """A controller callback that fails the run at once when a worker raises FloatingPointError (NaN loss).
+class TrainingCodeError(RuntimeError):
+    """A worker failed in the training code itself (a bad data file found mid-run, a shape error): a replay
+    from the last checkpoint would fail the same way, so the run ends at once with this one-line reason."""
 
-    Ray retries any worker error up to max_failures times, each retry resuming from the last checkpoint,
-    and a diverged run replays deterministically to the same NaN. Raising here turns the failure into a
-    non-retryable controller error; should Ray change that, the run still fails after max_failures
-    short replays.
+
+# Words of the errors the surviving workers raise when a peer (its process or node) is gone mid-collective.
+PEER_LOST = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "peer")
+
+
+def _error_chain(error: BaseException):
+    """Every exception inside Ray's wrappers (ControllerError.controller_failure, WorkerGroupError.worker_failures,
+    RayTaskError.cause, chained causes), each once."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None)]
+        stack += list((getattr(e, "worker_failures", None) or {}).values())
+
+
+def _reason(error: BaseException, kind: type) -> Optional[str]:
+    """The message of a ``kind`` error anywhere in the chain; Ray sometimes keeps only the text."""
+    for e in _error_chain(error):
+        if type(e) is kind:  # exactly ours: Ray's wrappers may subclass it with a traceback text
+            return (str(e).strip().splitlines() or [kind.__name__])[-1]
+        line = next((ln for ln in str(e).splitlines() if f"{kind.__name__}:" in ln), None)
+        if line:
+            return line.split(f"{kind.__name__}:")[-1].strip() or kind.__name__
+    return None
+
+
+def divergence_reason(error: BaseException) -> Optional[str]:
+    """The worker's message if a run failed because the loss went NaN/inf (a FloatingPointError), else None."""
+    return _reason(error, FloatingPointError)
+
+
+def training_code_reason(error: BaseException) -> Optional[str]:
+    """The one-line reason if a run failed in its training code (TrainingCodeError), else None."""
+    return _reason(error, TrainingCodeError)
+
+
+def _is_lost_worker(error: BaseException) -> bool:
+    """Whether a worker failure may be a lost process or node (retry it) rather than the training code.
+    Ray hands the callback what the training code raised as is, and its own errors for dead workers."""
+    from ray.exceptions import RayError
+    from ray.train.v2._internal.exceptions import RayTrainError
+
+    if isinstance(error, (RayError, RayTrainError)):
+        return True  # a dead actor, a failed health check: the process or its node is gone
+    if type(error).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
+        return True
+    return any(word in str(error).lower() for word in PEER_LOST)
+
+
+def _one_line(error: BaseException) -> str:
+    from deeplab.cli import UserError
+
+    if isinstance(error, UserError):
+        return str(error)
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _stop_on_training_code_error_callback():
+    """A controller callback that ends the run at once when the training code failed, not a worker or node.
+
+    Ray retries any worker error up to max_failures times, each retry resuming from the last checkpoint, and a
+    diverged loss or a bad file replays deterministically to the same failure. Raising here turns it into a
+    non-retryable controller error. Only failures that may be a lost worker (a dead actor, a peer gone
+    mid-collective) use max_failures.
     """
     from ray.train import UserCallback
 
-    class StopOnDivergence(UserCallback):
+    class StopOnTrainingCodeError(UserCallback):
         def after_exception(self, run_context, worker_exceptions):
             for error in worker_exceptions.values():
-                cause = error
-                while cause is not None and not isinstance(cause, FloatingPointError):
-                    cause = cause.__cause__
-                if isinstance(cause, FloatingPointError) or "FloatingPointError" in str(error):
-                    message = next((line for line in str(error).splitlines() if "FloatingPointError" in line),
-                                   str(error).splitlines()[-1] if str(error) else "loss is not finite")
-                    raise FloatingPointError(message.split("FloatingPointError:")[-1].strip())
+                reason = divergence_reason(error)
+                if reason:
+                    raise FloatingPointError(reason)
+            if worker_exceptions and not any(map(_is_lost_worker, worker_exceptions.values())):
+                rank, error = min(worker_exceptions.items())
+                raise TrainingCodeError(f"worker {rank}: {_one_line(error)}")
 
-    return StopOnDivergence()
+    return StopOnTrainingCodeError()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -126,9 +198,11 @@ def _stop_on_divergence_callback():
 
 
 def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_path: Optional[str] = None,
-                  callbacks: list = (), max_failures: Optional[int] = None, verbose: bool = False):
+                  callbacks: list = (), max_failures: Optional[int] = None, score: tuple = ("val_miou", "max"),
+                  verbose: bool = False):
     """A TorchTrainer for this experiment (Ray Train V2). ``name``/``storage_path`` pin the run directory
-    ``<storage_path>/<name>`` (defaults: cluster.name, absolute ``runs/`` of the current directory)."""
+    ``<storage_path>/<name>`` (defaults: cluster.name, absolute ``runs/`` of the current directory).
+    ``score``: (metric, max|min) that ranks checkpoints; Ray keeps the best one and the latest."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -146,10 +220,10 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
     run = ray.train.RunConfig(
         name=name,
         storage_path=storage,
-        checkpoint_config=ray.train.CheckpointConfig(  # the best by val mIoU; Ray also keeps the latest
-            num_to_keep=1, checkpoint_score_attribute="val_miou", checkpoint_score_order="max"),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=1, checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]),
         failure_config=ray.train.FailureConfig(max_failures=c.max_failures if max_failures is None else max_failures),
-        callbacks=[*callbacks, _stop_on_divergence_callback()],  # last: the others still see the failure
+        callbacks=[*callbacks, _stop_on_training_code_error_callback()],  # last: the others still see the failure
         # Train V2 reroutes print() through its logger *and* the original stream: each line twice
         worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         # Ray Train's INFO lines (process groups, devices, each report) stay in its log files unless --verbose
@@ -161,25 +235,26 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
                         run_config=run)
 
 
-def _copy_best(result, destination: str) -> Optional[str]:
-    """Copy the best checkpoint's model.ckpt to ``destination`` atomically (temp name, then rename)."""
+def copy_checkpoint(checkpoint_dir: str, destination: str, filesystem=None) -> str:
+    """Copy a Ray checkpoint folder's model.ckpt to ``destination`` whole or not at all: atomically on a local
+    filesystem (``filesystem`` None or pyarrow's local one), in one object-store put on S3/GCS."""
     import pyarrow.fs
 
-    best = result.get_best_checkpoint("val_miou", "max") if result.best_checkpoints else result.checkpoint
-    if best is None:
-        return None
-    source = f"{best.path}/{CHECKPOINT_FILE}"
-    if isinstance(best.filesystem, pyarrow.fs.LocalFileSystem):
-        tmp = os.path.join(os.path.dirname(destination), f".{os.path.basename(destination)}.{os.getpid()}.tmp")
-        try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, destination)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    from deeplab.checkpoint import CHECKPOINT_FILE  # torch: kept off the --help path
+
+    source = f"{checkpoint_dir}/{CHECKPOINT_FILE}"
+    if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        ensure_dir(os.path.dirname(os.path.abspath(destination)))
+        copy_file_atomic(source, destination)
     else:  # object stores replace an object in one step
-        best.filesystem.copy_file(source, destination.split("://", 1)[-1])
+        filesystem.copy_file(source, destination.split("://", 1)[-1])
     return destination
+
+
+def _copy_best(result, destination: str) -> Optional[str]:
+    """The run's best checkpoint (by val mIoU; the latest when none was scored) copied to ``destination``."""
+    best = result.get_best_checkpoint("val_miou", "max") if result.best_checkpoints else result.checkpoint
+    return None if best is None else copy_checkpoint(best.path, destination, best.filesystem)
 
 
 def _print_summary(cfg: ExperimentConfig, result, best_path: Optional[str]) -> None:
@@ -217,23 +292,43 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(cfg: ExperimentConfig, local: bool = False, **kwargs) -> None:
-    """Join the cluster named by cluster.address / RAY_ADDRESS / a running local one, else start one
-    (``local``: always start a fresh local one). A local dashboard moves off 8265 when that port is taken."""
+def _recorded_cluster() -> Optional[str]:
+    """The address ``ray start`` / ``ray up`` recorded on this machine (Ray's current-cluster file in its temp
+    folder), or None. Not ``ray.init(address="auto")``: that joins *any* Ray instance it sees running here,
+    another user's local one too. Ray has no public call for this record."""
+    from ray._private.services import find_bootstrap_address
+
+    return find_bootstrap_address(None)
+
+
+def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int] = None, **kwargs) -> None:
+    """Join the cluster named by cluster.address / RAY_ADDRESS / the one started on this machine with ``ray start``
+    or ``ray up``, else start a local one (``local``: always a fresh local one). ``kwargs`` go to ``ray.init``.
+
+    A local cluster gets ``num_cpus`` logical CPUs (default: this machine's), no GPUs unless cluster.use_gpu,
+    its dashboard on 8265 or a free port when that is taken, and its processes are told that address: Ray
+    Train's placement-group cleaner (which frees an early-stopped trial's workers) finds the cluster through the
+    dashboard, and with several local Ray instances on one machine it otherwise picks the newest one, never
+    frees the resources and the next trial waits forever.
+    """
     import ray
 
     if ray.is_initialized():
         return
-    address = "local" if local else cfg.cluster.address
-    if address is None and not os.environ.get("RAY_ADDRESS"):
-        try:  # an existing cluster on this machine (ray start / ray up)
-            ray.init(address="auto", **kwargs)
+    if local:  # its processes must not follow RAY_ADDRESS to another cluster
+        os.environ.pop("RAY_ADDRESS", None)
+    elif cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.cluster.address or os.environ["RAY_ADDRESS"], **kwargs)
+        return
+    elif _recorded_cluster():
+        try:
+            ray.init(address=_recorded_cluster(), **kwargs)
             return
-        except ConnectionError:
-            address = "local"
-    if address == "local" and _port_in_use(8265):
-        kwargs.setdefault("dashboard_port", _free_port())
-    ray.init(address=address, **kwargs)
+        except ConnectionError:  # the record of a cluster since stopped
+            pass
+    port = _free_port() if _port_in_use(8265) else 8265
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=None if cfg.cluster.use_gpu else 0, dashboard_port=port,
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **kwargs)
 
 
 def run_logs_dir(cfg: ExperimentConfig) -> Optional[str]:
@@ -279,45 +374,33 @@ def preflight(cfg: ExperimentConfig) -> None:
         load_checkpoint(cfg.train.init_from)
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser)
-    parser.add_argument("--num-workers", type=int, help="Ray Train workers (cluster.num_workers)")
-    parser.add_argument("--use-gpu", action="store_true", default=None, help="one GPU per worker (cluster.use_gpu)")
-    parser.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (cluster.cpus_per_worker)")
-    parser.add_argument("--storage-path", help="run storage: a local/NFS folder or s3://... (cluster.storage_path)")
-    parser.add_argument("--name", help="run name; the same name and storage path resume a run (cluster.name)")
+    add_config_args(parser, aliases=ALIASES)
     parser.add_argument("--verbose", action="store_true",
                         help="Ray's own lines on the console too (always in RUN_DIR/logs and Ray's session folder)")
     args = parser.parse_args(argv)
-
-    from deeplab.checkpoint import CheckpointError
-    from deeplab.data import DatasetError
-
-    try:
-        cfg = load_config(args.config, args.overrides)
-        for flag in ("num_workers", "use_gpu", "cpus_per_worker", "storage_path", "name"):
-            if getattr(args, flag) is not None:
-                setattr(cfg.cluster, flag, getattr(args, flag))
-        cfg.check()
-        preflight(cfg)
-    except (ConfigError, CheckpointError, DatasetError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
+    preflight(cfg)
 
     import ray.train
 
     try:
         train(cfg, checked=True, verbose=args.verbose)
     except ray.train.TrainingFailedError as e:
-        lines = [line for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "Error:" in line), lines[-1] if lines else type(e).__name__)
+        reason = divergence_reason(e) or training_code_reason(e) or _first_error_line(e)
         where = run_logs_dir(cfg)
-        print(f"error: training failed: {reason.strip()}" + (f" (tracebacks: {where}/console.log)" if where else ""),
+        print(f"error: training failed: {reason}" + (f" (tracebacks: {where}/console.log)" if where else ""),
               file=sys.stderr)
         return 1
     return 0
+
+
+def _first_error_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return next((line for line in lines if "Error:" in line), lines[-1] if lines else type(error).__name__)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """One config system for every entry point: dataclasses loaded from YAML, overridden on the command line.
 
-An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune`` and ``export``;
-each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any command.
+An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune``, ``export``, ``segment``
+and ``serve``; each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any
+command.
 
 A config that builds is valid: each section checks its own fields when it is built (types first, then
 values), and ``ExperimentConfig`` checks what spans sections. So every mistake a config can hold is answered
@@ -336,6 +337,10 @@ class ClusterConfig(_Section):
         self._need_one_of("placement_strategy", PLACEMENT_STRATEGIES)
 
 
+# Scalars deeplab.engine reports at every evaluation, which a search can rank trials by (tune.metric).
+SEARCH_METRICS = ("val_miou", "loss", "images_per_s", "lr", "iteration", "epoch")
+
+
 @dataclass
 class TuneConfig(_Section):
     """What Ray Tune searches and how it schedules trials."""
@@ -350,7 +355,8 @@ class TuneConfig(_Section):
     max_iterations: Optional[int] = None
     grace_period: int = 1  # evaluations before ASHA may stop a trial
     reduction_factor: int = 2
-    metric: str = "val_miou"
+    metric: str = "val_miou"  # what ASHA ranks trials by, each trial's kept checkpoint and the best trial
+    metric_mode: str = "max"  # max | min: whether a higher metric is better
     output: str = "best.ckpt"
     name: str = "search"
     mode: str = "grid"  # grid: every combination of the space | sample: num_samples random picks from it
@@ -364,7 +370,9 @@ class TuneConfig(_Section):
         self._need_one_of("scheduler", SCHEDULERS)
         self._need_one_of("mode", SEARCH_MODES)
         self._need(self.reduction_factor >= 2, "reduction_factor", "must be >= 2 (ASHA keeps 1/reduction_factor)")
-        self._need(bool(self.metric), "metric", "must name a reported metric, e.g. val_miou")
+        self._need(self.metric in SEARCH_METRICS, "metric",
+                   f"is not a metric training reports; use one of {', '.join(SEARCH_METRICS)}")
+        self._need_one_of("metric_mode", ("max", "min"))
         self._need(bool(self.output), "output", "must name the file best.ckpt is copied to")
         self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
         self._need(0 <= self.min_valid_weight <= 1, "min_valid_weight", "must be in [0, 1]")
@@ -428,6 +436,71 @@ class ExportConfig(_Section):
         return shapes
 
 
+@dataclass
+class SegmentConfig(_Section):
+    """Batch inference over an image collection with Ray Data (python -m cluster.segment)."""
+
+    SECTION: ClassVar[str] = "segment"
+
+    workers: Optional[int] = None  # model actors (None: as many as the cluster's CPUs or GPUs hold)
+    batch_size: int = 4  # images per actor call; split into same-size groups, never resized
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    cpus_per_decode: float = 0.5  # each read + decode task
+    output_stride: Optional[int] = None  # checkpoints only (None: the checkpoint's); exported models are fixed
+    color: bool = False  # also NAME_color.png and NAME_overlay.png
+    alpha: float = 0.5  # overlay opacity
+    max_pixels: Optional[int] = None  # larger images fail (None: Pillow's decompression-bomb limit)
+    progress_interval_s: float = 5.0
+
+    def check_values(self) -> None:
+        self._need_at_least(1, "workers", "batch_size", "max_pixels")
+        for name in ("cpus_per_worker", "gpus_per_worker", "cpus_per_decode"):
+            self._need(0 <= getattr(self, name) < math.inf, name, "must be >= 0")
+        self._need(self.cpus_per_worker > 0 or self.gpus_per_worker > 0, "cpus_per_worker",
+                   "must be > 0 unless segment.gpus_per_worker > 0")
+        self._need(self.output_stride in (None, *OUTPUT_STRIDES), "output_stride",
+                   "is not allowed; use one of 8, 16, 32 (or null: the checkpoint's)")
+        self._need(0 <= self.alpha <= 1, "alpha", "must be between 0 and 1")
+        self._need(0 < self.progress_interval_s < math.inf, "progress_interval_s", "must be > 0")
+
+
+@dataclass
+class ServeConfig(_Section):
+    """An HTTP endpoint on Ray Serve (python -m cluster.serve)."""
+
+    SECTION: ClassVar[str] = "serve"
+
+    host: str = "127.0.0.1"  # loopback unless you say otherwise
+    port: int = 8000
+    replicas: int = 1
+    autoscale: Optional[Tuple[int, int]] = None  # [min, max] replicas: Serve scales between them instead
+    max_batch_size: int = 8  # concurrent requests run as one batch (1: no batching)
+    batch_wait_ms: float = 10.0  # how long a batch waits to fill
+    cpus_per_replica: float = 1
+    gpus_per_replica: float = 0
+    output_stride: Optional[int] = None  # checkpoints only
+    max_pixels: int = 4096 * 4096  # larger uploads answer 413
+    max_upload_mb: float = 32.0
+
+    def check_values(self) -> None:
+        self._need(bool(self.host), "host", "must be an address to bind, e.g. 127.0.0.1")
+        self._need(1 <= self.port <= 65535, "port", "must be 1-65535")
+        self._need_at_least(1, "replicas", "max_batch_size", "max_pixels")
+        if self.autoscale is not None:
+            low, high = self.autoscale
+            self._need(0 <= low <= high and high >= 1, "autoscale",
+                       "must be [MIN, MAX] replicas with 0 <= MIN <= MAX and MAX >= 1")
+            if self.replicas != 1:
+                raise ConfigError(f"serve.replicas={self.replicas} and serve.autoscale={_show(self.autoscale)}: "
+                                  "set one (a fixed count, or MIN and MAX)", ("serve.replicas", "serve.autoscale"))
+        for name in ("batch_wait_ms", "cpus_per_replica", "gpus_per_replica"):
+            self._need(0 <= getattr(self, name) < math.inf, name, "must be >= 0")
+        self._need(self.output_stride in (None, *OUTPUT_STRIDES), "output_stride",
+                   "is not allowed; use one of 8, 16, 32 (or null: the checkpoint's)")
+        self._need(0 < self.max_upload_mb < math.inf, "max_upload_mb", "must be > 0")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What spans sections
 
@@ -480,6 +553,8 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self):
         self.check_across()
@@ -511,7 +586,7 @@ class ExperimentConfig:
 
 
 SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "cluster": ClusterConfig,
-                   "tune": TuneConfig, "export": ExportConfig}
+                   "tune": TuneConfig, "export": ExportConfig, "segment": SegmentConfig, "serve": ServeConfig}
 SECTIONS = tuple(SECTION_CLASSES)
 
 
@@ -720,7 +795,8 @@ class Alias:
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False, aliases=()) -> None:
     """The config flags every command shares: --config FILE, repeated --set SECTION.FIELD=VALUE, and the
     command's shorthand ``aliases`` (each one config field; --help shows the field and its default)."""
-    parser.add_argument("--config", required=required, help="experiment YAML (sections model/data/train/cluster/tune/export)")
+    parser.add_argument("--config", required=required,
+                        help="experiment YAML (sections model/data/train/cluster/tune/export/segment/serve)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set model.output_stride=8 (repeatable)")
     for alias in aliases:

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from deeplab.config import ExperimentConfig, ModelConfig
 from tuning import results, search_rates
@@ -19,7 +18,7 @@ def _row(trial, point, miou, iterations, status, checkpoint=None, max_iterations
     base.train.max_iterations = max_iterations
     values = results._values(base, point)
     return {"trial_id": trial, "label": results.spaces.describe(point), "point": point, **values, "miou": miou,
-            "best_miou": miou, "iterations": iterations, "stopped_early": status == "stopped early", "wall_s": 75.0,
+            "best_miou": miou, "score": miou, "iterations": iterations, "stopped_early": status == "stopped early", "wall_s": 75.0,
             "status": status, "checkpoint": checkpoint}
 
 
@@ -71,24 +70,37 @@ def test_write_makes_table_csv_and_png_atomically(rows, tmp_path, capsys):
     assert "**70.00**" in capsys.readouterr().out
     assert (tmp_path / "results.md").read_text().startswith("# search x")
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(tmp_path.glob(".*.tmp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "results.csv", "results.md", "results.png"]
 
 
-def test_copy_checkpoint_is_atomic_and_exact(tmp_path):
-    src = tmp_path / "trial" / "checkpoint_1"
-    src.mkdir(parents=True)
-    payload = {"x": torch.arange(5)}
-    torch.save(payload, src / "model.ckpt")
-    out = tmp_path / "deep" / "best.ckpt"
-    results.copy_checkpoint(str(src), out)
-    assert out.read_bytes() == (src / "model.ckpt").read_bytes()
-    assert not list(out.parent.glob(".*"))
+def test_search_metric_ranks_trials_in_its_direction(rows, tmp_path):
+    """tune.metric = loss, lower is better: the best trial, the bold cell and the Best line follow the loss,
+    not val mIoU; the table gains the metric's column."""
+    (tmp_path / "ck2").mkdir()
+    rows[1]["checkpoint"] = str(tmp_path / "ck2")
+    rows[0]["score"], rows[1]["score"], rows[2]["score"] = 0.9, 0.4, 0.1  # c failed: never the best
+    assert results.best(rows, "max")["trial_id"] == "a"
+    assert results.best(rows, "min")["trial_id"] == "b"
+    text = results.markdown(rows, "", metric="loss", mode="min")
+    header = next(ln for ln in text.splitlines() if ln.startswith("| Multi-Grid"))
+    assert "| mIoU | loss | Iterations |" in header
+    table = [ln for ln in text.splitlines() if ln.startswith("| (")]
+    assert "| 60.00 | **0.4** | 10/40 |" in table[1] and "**" not in table[0]
+    assert "Best: MG(1,1,1) ASPP(6,12,18)+IP crop 513, val mIoU 60.00, loss 0.4 (the search's metric, min)" in text
+    rows[0]["point"]["lr"] = 0.1  # the search varies lr and ranks by it: two columns, told apart
+    header = next(ln for ln in results.markdown(rows, "", "lr").splitlines() if ln.startswith("| Multi-Grid"))
+    assert "| OS | lr | mIoU | final lr | Iterations |" in header
+
+
+def test_unknown_metric_or_mode_is_refused_in_one_line(tmp_path, capsys):
+    assert "tune.metric='val_mIoU'" in _fail(["--set", "tune.metric=val_mIoU", "--dry-run"], capsys)
+    assert "tune.metric_mode='up'" in _fail(["--set", "tune.metric_mode=up", "--dry-run"], capsys)
 
 
 def test_help_is_fast_and_does_not_import_ray():
-    code = "import sys, tuning.search_rates as s; print('ray' in sys.modules)"
+    code = "import sys, tuning.search_rates as s; print('ray' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
     helped = subprocess.run([sys.executable, "-m", "tuning.search_rates", "--help"], cwd=ROOT, capture_output=True,
                             text=True, check=True)
     for flag in ("--config", "--space", "--num-samples", "--scheduler", "--workers-per-trial", "--max-concurrent",
@@ -123,16 +135,3 @@ def test_dry_run_lists_configurations_and_pruning_reasons(tmp_path, capsys):
     assert "8 configurations, 2 pruned, 6 to run" in out
     assert out.count("would run") == 6 and out.count("(paper Fig. 4)") == 2
     assert not list(tmp_path.iterdir())
-
-
-def test_divergence_is_found_however_ray_wraps_it():
-    from ray.train import ControllerError
-    from ray.train.v2.api.exceptions import WorkerGroupError
-
-    nan = FloatingPointError("loss is nan at iteration 7")
-    assert search_rates._divergence(ControllerError(nan)) == "loss is nan at iteration 7"
-    assert search_rates._divergence(WorkerGroupError("failed", {1: nan})) == "loss is nan at iteration 7"
-    wrapped = RuntimeError("worker died")
-    wrapped.__cause__ = nan
-    assert search_rates._divergence(wrapped) == "loss is nan at iteration 7"
-    assert search_rates._divergence(WorkerGroupError("failed", {0: RuntimeError("node lost")})) is None

@@ -2,10 +2,10 @@
 diverge. Every trial is a 2-worker Ray Train run on synthetic data. The checks read Tune's own result files
 and the checkpoint itself, not only the table the search wrote.
 
-ASHA ranks trials here by the learning rate they report rather than by val mIoU (tune.metric is a config
-field): eight iterations of a tiny model give mIoU values that are noise, and the test must know that some
-trial is stopped. The decisions are still replayed by hand from what each trial reported, and the best trial
-is still picked by final val mIoU.
+The search ranks trials here by the learning rate they report rather than by val mIoU (tune.metric): eight
+iterations of a tiny model give mIoU values that are noise, and the test must know that some trial is stopped.
+ASHA's decisions are replayed by hand from what each trial reported, and the best trial and its checkpoint must
+be the ones with the best learning rate, as tune.metric says.
 """
 import contextlib
 import csv
@@ -55,7 +55,7 @@ def search(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tuning_search")
     config = folder / "search.yaml"
     config.write_text(yaml.safe_dump(experiment(folder / "runs", folder / "out" / "best.ckpt", POINTS)))
-    search_rates.init_ray(load_config(str(config)))  # the module's one Ray cluster
+    search_rates.init_search_ray(load_config(str(config)))  # the module's one Ray cluster
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
@@ -150,25 +150,29 @@ def test_best_ckpt_is_the_best_trial_and_carries_its_configuration(search):
     from deeplab.config import load_config
 
     ran = [r for r in search["rows"] if r["status"] in ("finished", "stopped early")]
-    best = max(ran, key=lambda r: float(r["miou"]))
-    assert f"(trial {best['trial_id']})" in (search["dir"] / "results.md").read_text()
-    assert f"**{100 * float(best['miou']):.2f}**" in (search["dir"] / "results.md").read_text()
+    best = max(ran, key=lambda r: float(r["score"]))  # tune.metric lr, tune.metric_mode max
+    assert len({float(r["score"]) for r in ran}) == len(ran)  # no tie: the pick is decided
+    for r in ran:  # the score is the metric's value in the trial's last report to Tune
+        assert float(r["score"]) == pytest.approx(_reported(search["dir"], r["trial_id"])[-1]["lr"])
+    md = (search["dir"] / "results.md").read_text()
+    assert f"(trial {best['trial_id']})" in md and f"**{float(best['score']):.4g}**" in md
     output = search["output"]
     assert search["stdout"].strip().splitlines()[-1] == str(output)  # its path is printed last
     ckpt = load_checkpoint(output)
     assert list(ckpt.config.aspp_rates) == [int(x) for x in best["aspp_rates"].split()]
     assert list(ckpt.config.multi_grid) == [int(x) for x in best["multi_grid"].split()]
     assert ckpt.experiment.data.crop_size == int(best["crop_size"])
-    # the trial's best checkpoint: the highest val mIoU it reported to Tune
-    reported = [rep["val_miou"] for rep in _reported(search["dir"], best["trial_id"])]
-    assert ckpt.state["metrics"]["val_miou"] == pytest.approx(max(reported))
+    # the trial's best checkpoint: the highest lr it reported to Tune (the poly schedule: its first report)
+    reported = [rep["lr"] for rep in _reported(search["dir"], best["trial_id"])]
+    assert ckpt.state["metrics"]["lr"] == pytest.approx(max(reported))
+    assert float(best["best_miou"]) == pytest.approx(ckpt.state["metrics"]["val_miou"])
     # the YAML to train at full length: the best point, uncapped iterations
     best_cfg = load_config(str(search["dir"] / "best_config.yaml"))
     assert best_cfg.train.max_iterations == 100
     assert best_cfg.model.aspp_rates == ckpt.config.aspp_rates and best_cfg.data.crop_size == int(best["crop_size"])
     png = (search["dir"] / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert not list(output.parent.glob(".*.tmp"))  # nothing half-written left behind
+    assert [p.name for p in output.parent.iterdir()] == ["best.ckpt"]  # nothing half-written left behind
 
 
 def test_diverged_trial_is_recorded_failed_and_the_search_went_on(search):

@@ -27,8 +27,8 @@ from typing import Optional
 
 import yaml
 
-from deeplab.config import SECTIONS, ConfigError, ExperimentConfig, experiment_from_dict, to_plain
-from deeplab.receptive import feature_size, valid_weight_fraction
+from deeplab.config import SECTIONS, ConfigError, ExperimentConfig, experiment_from_dict, per_worker_batch, to_plain
+from deeplab.receptive import degenerate_rates, feature_size
 
 # short name -> (section, field); the paper's knobs plus the optional ones the issue names
 SHORT_NAMES = {
@@ -189,15 +189,16 @@ def prune_reason(cfg: ExperimentConfig, min_valid_weight: float, workers: int) -
     if size < 3:
         return (f"crop {crop} at output stride {os_} gives a {size}x{size} feature map, too small for 3x3 "
                 f"filters; use crop >= {2 * os_ + 1}")
-    for rate in cfg.model.rates_at(os_):
-        frac = valid_weight_fraction(rate, size)
-        if frac < min_valid_weight:
-            return (f"ASPP rate {rate} keeps {frac:.0%} of its 3x3 weights on the {size}x{size} feature map of crop "
-                    f"{crop} at output stride {os_} (< tune.min_valid_weight {min_valid_weight:.0%}): "
-                    f"it degenerates towards a 1x1 filter (paper Fig. 4)")
-    if cfg.train.batch_size // max(workers, 1) < 2:
-        return (f"train.batch_size {cfg.train.batch_size} over {workers} workers leaves batch 1 per worker, "
-                "which breaks BatchNorm training")
+    bad = degenerate_rates(cfg.model.aspp_rates, crop, os_, threshold=min_valid_weight)
+    if bad:
+        rate, frac = bad[0]
+        return (f"ASPP rate {rate} keeps {frac:.0%} of its 3x3 weights on the {size}x{size} feature map of crop "
+                f"{crop} at output stride {os_} (< tune.min_valid_weight {min_valid_weight:.0%}): "
+                f"it degenerates towards a 1x1 filter (paper Fig. 4)")
+    try:
+        per_worker_batch(cfg.train.batch_size, workers, synchronized_bn=workers > 1, frozen_bn=cfg.train.freeze_bn)
+    except ConfigError as e:
+        return str(e)
     return None
 
 

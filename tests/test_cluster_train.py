@@ -1,0 +1,109 @@
+"""cluster.train's driver-side pieces that tuning shares (divergence reason, best-checkpoint copy, init_ray) and the
+command lines' shorthand flags. Fast: no Ray cluster except the one test of a local start."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster import bench
+from cluster.train import copy_checkpoint, divergence_reason, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_divergence_is_found_however_ray_wraps_it():
+    from ray.exceptions import RayTaskError
+    from ray.train import ControllerError
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    nan = FloatingPointError("loss is nan at iteration 7")
+    assert divergence_reason(nan) == "loss is nan at iteration 7"
+    assert divergence_reason(ControllerError(nan)) == "loss is nan at iteration 7"
+    assert divergence_reason(WorkerGroupError("failed", {1: nan})) == "loss is nan at iteration 7"
+    wrapped = RuntimeError("worker died")
+    wrapped.__cause__ = nan
+    assert divergence_reason(wrapped) == "loss is nan at iteration 7"
+    # as a worker's error reaches the controller: a RayTaskError subclassing the cause, text with its traceback
+    remote = RayTaskError("train_fn", "Traceback ...\nFloatingPointError: loss is inf at iteration 3", nan)
+    assert divergence_reason(remote.as_instanceof_cause()) == "loss is inf at iteration 3"
+    assert divergence_reason(WorkerGroupError("failed", {0: RuntimeError("node lost")})) is None
+    assert divergence_reason(ValueError("FloatingPoint but not an error line")) is None
+
+
+def test_copy_checkpoint_is_atomic_and_exact(tmp_path):
+    src = tmp_path / "trial" / "checkpoint_1"
+    src.mkdir(parents=True)
+    torch.save({"x": torch.arange(5)}, src / "model.ckpt")
+    out = tmp_path / "deep" / "best.ckpt"
+    assert copy_checkpoint(str(src), str(out)) == str(out)
+    assert out.read_bytes() == (src / "model.ckpt").read_bytes()
+    assert os.listdir(out.parent) == ["best.ckpt"]
+    # a failed copy leaves the previous best.ckpt as it was and no temporary file
+    before = out.read_bytes()
+    with pytest.raises(FileNotFoundError):
+        copy_checkpoint(str(tmp_path / "missing"), str(out))
+    assert out.read_bytes() == before and os.listdir(out.parent) == ["best.ckpt"]
+
+
+def test_train_flags_are_config_fields_and_bad_values_fail_in_one_line(capsys):
+    helped = subprocess.run([sys.executable, "-m", "cluster.train", "--help"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout
+    flat = " ".join(helped.split())
+    for flag, key in (("--num-workers", "cluster.num_workers"), ("--cpus-per-worker", "cluster.cpus_per_worker"),
+                      ("--storage-path", "cluster.storage_path"), ("--name", "cluster.name"),
+                      ("--use-gpu", "cluster.use_gpu")):
+        assert flag in flat and f"({key}; config default:" in flat
+    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--num-workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "cluster.num_workers=0" in err
+    # a flag and --set write the same field; the flag comes last and wins
+    assert main(["--config", str(ROOT / "configs" / "demo.yaml"), "--set", "cluster.num_workers=2",
+                 "--num-workers", "0"]) == 2
+    assert "cluster.num_workers=0" in capsys.readouterr().err
+
+
+def test_bench_flags_start_from_the_bench_settings_and_override_config_fields():
+    parse = bench.build_parser().parse_args
+    cfg = bench._config(parse([]))  # configs/demo.yaml with the bench's own settings
+    assert (cfg.train.max_iterations, cfg.train.batch_size, cfg.cluster.cpus_per_worker) == (8, 4, 1)
+    assert cfg.train.eval_interval == cfg.train.log_interval == 8 and cfg.cluster.num_workers == 1
+    assert cfg.model.backbone == "resnet50"  # from demo.yaml
+    cfg = bench._config(parse(["--set", "train.batch_size=6", "--iterations", "3", "--batch", "2", "--threads", "2"]))
+    assert (cfg.train.max_iterations, cfg.train.batch_size, cfg.cluster.cpus_per_worker) == (3, 2, 2)
+    assert cfg.train.eval_interval == 3
+    assert bench._config(parse(["--set", "train.batch_size=6"])).train.batch_size == 6
+
+
+@pytest.mark.slow
+def test_init_ray_starts_a_local_cluster_off_a_taken_dashboard_port(monkeypatch):
+    """No cluster to join: a local one with the CPUs asked for, no GPUs, its dashboard moved off 8265 when that
+    port is taken, and its workers told the dashboard's address (Ray Train's placement-group cleaner uses it)."""
+    import ray
+
+    from cluster.train import init_ray
+    from deeplab.config import load_config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    holder = socket.socket()
+    try:
+        try:
+            holder.bind(("127.0.0.1", 8265))
+            holder.listen()
+        except OSError:
+            pass  # someone else holds 8265 already: the same situation
+        init_ray(load_config(None), num_cpus=3)
+        try:
+            assert ray.cluster_resources().get("CPU") == 3 and "GPU" not in ray.cluster_resources()
+            url = ray.get(ray.remote(lambda: os.environ.get("RAY_API_SERVER_ADDRESS")).remote())
+            port = int(url.rsplit(":", 1)[1])
+            assert port != 8265 and ray.get_runtime_context().gcs_address
+            with socket.socket() as probe:  # the dashboard listens there
+                assert probe.connect_ex(("127.0.0.1", port)) == 0
+        finally:
+            ray.shutdown()
+    finally:
+        holder.close()
