@@ -176,8 +176,9 @@ def test_checks_across_sections_name_what_the_user_wrote():
         config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "3"]))
     assert str(info.value) == ("--num-workers 3: train.batch_size=8 is the global batch and must divide evenly "
                                "across 3 workers")
-    with pytest.raises(ConfigError, match="1 image per worker"):
-        config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "8"]))
+    assert config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "8"])).cluster.num_workers == 8
+    with pytest.raises(ConfigError, match=r"^--set train\.batch_size=1, --num-workers 1: .*1 image per worker"):
+        config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "1", "--set", "train.batch_size=1"]))
     with pytest.raises(ConfigError, match=r"^--set train\.amp=fp16: train\.amp='fp16' needs GPUs"):
         load_config(DEMO, ["train.amp=fp16"])
     assert load_config(DEMO, ["train.amp=fp16", "cluster.use_gpu=true"]).train.amp == "fp16"
@@ -287,5 +288,6 @@ def test_every_deeplab_command_answers_a_config_error_with_exit_2(command, tmp_p
             "deeplab.data": ["check", "--format", "voc", "--root", str(tmp_path)]}[command]
     module = importlib.import_module(command if command != "deeplab.data" else "deeplab.data.__main__")
     assert module.main([*argv, "--set", "train.momentum=1.5"]) == 2
-    assert capsys.readouterr().err == "error: --set train.momentum=1.5: train.momentum=1.5 must be in [0, 1), e.g. 0.9\n"
+    assert capsys.readouterr().err == ("error: --set train.momentum=1.5: train.momentum=1.5 must be in [0, 1), "
+                                       "e.g. 0.9\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
