@@ -30,6 +30,7 @@ from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import parse_and_run, source_and_config, source_parser
 from .metadata import read_ir_metadata, read_metadata, set_ir_metadata
+from .runtime import require
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "int8")
@@ -37,8 +38,7 @@ PRECISIONS = ("fp32", "int8")
 
 def convert(onnx_path, meta: dict):
     """The ONNX as an ov.Model with `meta` in its rt_info (batch, height and width stay dynamic)."""
-    import openvino as ov
-
+    ov = require("openvino", "OpenVINO")
     model = ov.Core().read_model(str(onnx_path))
     set_ir_metadata(model, meta)
     return model
@@ -88,7 +88,7 @@ def miou_of(compiled, batches, num_classes: int, ignore_index: int) -> float:
 def quantize(model, calib: list, val_batches: Optional[list], max_drop: float, num_classes: int,
              ignore_index: int = 255) -> tuple:
     """NNCF INT8 of an ov.Model; returns (int8 model, quantization record for the metadata)."""
-    import nncf
+    nncf = require("nncf", "NNCF")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
     from .cpu import has_vnni
