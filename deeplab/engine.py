@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from .checkpoint import load_checkpoint, save_checkpoint, unwrap
 from .config import ConfigError, ExperimentConfig
@@ -58,12 +58,15 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 
     return base_lr * (1 - iteration / max_iterations) ** power
 
 
+def split_batch(global_batch: int, world_size: int, rank: int) -> int:
+    """Rank's share of the global batch: every world_size-th image of it, so shares differ by one at most
+    (8 over 3 workers: 3, 3, 2). Synchronized BatchNorm sees the global batch whatever the shares."""
+    return len(range(rank, global_batch, world_size))
+
+
 def per_worker_batch(batch_size: int, world_size: int) -> int:
-    """The global batch split evenly across workers; a per-worker batch of 1 cannot train BatchNorm."""
-    if batch_size % world_size:
-        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must divide evenly across "
-                          f"{world_size} workers")
-    per_worker = batch_size // world_size
+    """The smallest share of the global batch over ``world_size`` workers; a share of 1 cannot train BatchNorm."""
+    per_worker = split_batch(batch_size, world_size, world_size - 1)
     if per_worker < 2:
         raise ConfigError(f"train.batch_size={batch_size} over {world_size} workers is {per_worker} image per "
                           "worker; BatchNorm (the image-pooling branch) needs at least 2: raise train.batch_size "
@@ -102,17 +105,33 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 m.eval()
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way through, so a resumed run sees the rest of
-    the interrupted epoch instead of its beginning."""
+class GlobalBatchSampler(Sampler):
+    """This rank's share of each global batch. Epoch e's order is one permutation drawn from (seed, e), cut into
+    global batches (a last partial one is dropped); rank r of W takes every W-th image of each. So the batches
+    an epoch is made of do not depend on the number of workers, and a run resized mid-epoch resumes at the same
+    global batch and sees each image of the epoch once. ``start``: global batches of this epoch already done.
+    When W divides the batch and the dataset, each rank gets what DistributedSampler(shuffle=True, seed) gives it."""
 
-    start = 0  # samples of this rank's shard to skip in the current epoch
+    def __init__(self, size: int, global_batch: int, world_size: int, rank: int, seed: int):
+        self.size, self.global_batch, self.world_size, self.rank, self.seed = size, global_batch, world_size, rank, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.size // self.global_batch
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        for step in range(self.start, self.steps_per_epoch):
+            yield order[step * self.global_batch:(step + 1) * self.global_batch][self.rank::self.world_size]
 
-    def __len__(self):
-        return self.num_samples - self.start
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start
 
 
 def _rng_state() -> dict:
@@ -241,7 +260,9 @@ def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:
     worker = worker or Worker()
     t, rank, device = cfg.train, worker.rank, worker.device
     main = rank == 0
-    batch = per_worker_batch(t.batch_size, worker.world_size)
+    per_worker_batch(t.batch_size, worker.world_size)
+    # Losses weighted by this rank's share of the global batch, so DDP's mean of them is the global batch's.
+    share = split_batch(t.batch_size, worker.world_size, rank) * worker.world_size / t.batch_size
     amp = resolve_amp(t.amp, device)
     if t.max_iterations < 1 or t.eval_interval < 1 or t.log_interval < 1:
         raise ConfigError("train.max_iterations, train.eval_interval and train.log_interval must be >= 1")
@@ -256,14 +277,13 @@ def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:
     # Data: each rank reads its shard; the sampler can start part-way through an epoch.
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    sampler = ResumableSampler(train_set, num_replicas=worker.world_size, rank=rank, shuffle=True,
-                               seed=t.seed, drop_last=False)
-    steps_per_epoch = sampler.num_samples // batch
+    sampler = GlobalBatchSampler(len(train_set), t.batch_size, worker.world_size, rank, seed=t.seed)
+    steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(f"data: {len(train_set)} training images are fewer than the global batch {t.batch_size}")
     generator = torch.Generator()
-    loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=cfg.data.loader_workers,
-                        drop_last=True, pin_memory=device.type == "cuda", generator=generator)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.loader_workers,
+                        pin_memory=device.type == "cuda", generator=generator)
 
     # Model: starting weights, frozen BN (stage 2), then SyncBN + DDP from the runner.
     resume = worker.latest_checkpoint()
@@ -311,7 +331,7 @@ def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:
         sampler.set_epoch(epoch)
         if hasattr(train_set, "set_epoch"):  # new augmentations each epoch, the same ones on a replay
             train_set.set_epoch(epoch)
-        sampler.start = position * batch
+        sampler.start = position
         generator.manual_seed(t.seed * 100003 + epoch * 1009 + rank)  # loader worker seeds per (epoch, rank)
         step_start = time.perf_counter()
         for images, masks in loader:
@@ -324,7 +344,7 @@ def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:
                 logits = model(images)
             if logits.shape[-2:] != masks.shape[-2:]:
                 logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits.float(), masks, ignore_index=cfg.data.ignore_index)
+            loss = F.cross_entropy(logits.float(), masks, ignore_index=cfg.data.ignore_index) * share
             loss_value = _mean_across(loss.detach(), worker).item()
             if not math.isfinite(loss_value):  # every rank sees the same mean, so all stop together
                 raise FloatingPointError(f"loss is {loss_value} at iteration {iteration + 1}")

@@ -231,6 +231,96 @@ def test_ddp_step_equals_single_process_on_concatenated_batch(ranks):
             assert torch.equal(r["ddp"][f"4.{k}"], v), k  # frozen BN kept its statistics
 
 
+# --- elastic training's uneven split: 3 workers, global batch 8 -> shares 3, 3, 2 ----------------
+
+
+def _rows(rank, workers=3, batch=8):
+    """The images of the global batch that rank takes (deeplab.engine.GlobalBatchSampler: every W-th)."""
+    return list(range(rank, batch, workers))
+
+
+def _worker_uneven(rank, port, out_dir):
+    """SyncBN on this rank's share of 8 images, then a DDP step with the engine's share-weighted loss."""
+    from deeplab.engine import split_batch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+                            timeout=datetime.timedelta(seconds=60))
+    rows = _rows(rank)
+    assert len(rows) == split_batch(8, 3, rank)
+    bn = _bn(SyncBatchNorm2d)
+    steps = []
+    for step in range(STEPS):
+        x, gout = _data(step, [8])
+        x = x[rows].clone().requires_grad_(True)
+        y = bn(x)
+        (y * gout[rows]).sum().backward()
+        steps.append({"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad.clone()})
+        bn.weight.grad = bn.bias.grad = None
+    ddp = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(_ddp_model(), "cpu"))
+    _ddp_train_mode(ddp)
+    opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    share = split_batch(8, 3, rank) * 3 / 8
+    for step in range(STEPS):
+        x, target = _ddp_batches(step)
+        loss = nn.functional.mse_loss(ddp(x[rows]), target[rows]) * share
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save({"shares": len(rows), "steps": steps, "state": bn.state_dict(),
+                "ddp": revert_sync_batchnorm(ddp.module).state_dict()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syncbn3")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    mp.start_processes(_worker_uneven, args=(port, str(out)), nprocs=3, join=True, start_method=method)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(3)]
+
+
+def test_uneven_3_3_2_split_has_the_statistics_of_the_whole_batch(three_ranks):
+    assert [r["shares"] for r in three_ranks] == [3, 3, 2]
+    ref = _bn(nn.BatchNorm2d)
+    for step in range(STEPS):
+        x, gout = _data(step, [8])
+        x = x.requires_grad_(True)
+        y = ref(x)
+        (y * gout).sum().backward()
+        y = y.detach()
+        got_y, got_dx = torch.empty_like(y), torch.empty_like(x.grad)
+        for rank, r in enumerate(three_ranks):
+            got_y[_rows(rank)] = r["steps"][step]["y"]
+            got_dx[_rows(rank)] = r["steps"][step]["dx"]
+        _close(got_y, y, atol=1e-5 * float(y.abs().max()))
+        _close(got_dx, x.grad, atol=1e-5 * float(x.grad.abs().max()))
+        _close(sum(r["steps"][step]["dw"] for r in three_ranks), ref.weight.grad)
+        ref.weight.grad = ref.bias.grad = None
+    for r in three_ranks:
+        _close(r["state"]["running_mean"], ref.running_mean)
+        _close(r["state"]["running_var"], ref.running_var, rtol=1e-4)
+
+
+def test_uneven_ddp_step_with_share_weighted_loss_equals_one_process_on_the_8(three_ranks):
+    model = _ddp_model()
+    _ddp_train_mode(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    for step in range(STEPS):
+        x, target = _ddp_batches(step)
+        loss = nn.functional.mse_loss(model(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ref = model.state_dict()
+    for r in three_ranks:
+        for k in ref:
+            _close(r["ddp"][k], ref[k], atol=1e-5, rtol=1e-4)
+
+
 # --- single process: no process group, conversion round trips ----------------------------------
 
 
