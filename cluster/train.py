@@ -52,33 +52,6 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def check_config(cfg: ExperimentConfig) -> None:
-    """The mistakes a user makes in a config, caught on the driver before any worker starts
-    (a worker error would otherwise be retried max_failures times)."""
-    from deeplab.engine import per_worker_batch
-
-    c = cfg.cluster
-    if c.num_workers < 1:
-        raise ConfigError(f"cluster.num_workers={c.num_workers} must be >= 1")
-    if c.cpus_per_worker <= 0:
-        raise ConfigError(f"cluster.cpus_per_worker={c.cpus_per_worker} must be > 0")
-    per_worker_batch(cfg.train.batch_size, c.num_workers)
-    for name in ("max_iterations", "eval_interval", "log_interval"):
-        if getattr(cfg.train, name) < 1:
-            raise ConfigError(f"train.{name}={getattr(cfg.train, name)} must be >= 1")
-    if cfg.train.amp not in ("auto", "bf16", "fp16", "off", False):  # YAML reads `off` as false
-        raise ConfigError(f"train.amp={cfg.train.amp!r} is unknown; allowed: auto, bf16, fp16, off")
-    if cfg.train.amp == "fp16" and not c.use_gpu:
-        raise ConfigError("train.amp=fp16 needs GPUs (--use-gpu); use bf16, auto or off on CPU workers")
-    if c.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-        raise ConfigError(f"cluster.placement_strategy={c.placement_strategy!r}: use PACK, SPREAD, "
-                          "STRICT_PACK or STRICT_SPREAD")
-    for name in ("init_from", "pretrained_backbone"):
-        path = getattr(cfg.train, name)
-        if path and not _is_remote(path) and not os.path.isfile(path):
-            raise ConfigError(f"train.{name}={path}: no such file")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # What runs in each Ray worker
 
@@ -178,7 +151,7 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    check_config(cfg)
+    cfg.check()  # every config mistake answered here, on the driver, not by each worker
     cfg = _absolute_paths(cfg)
     c = cfg.cluster
     name = name or c.name
@@ -303,9 +276,9 @@ def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int]
 def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False):
     """Run the experiment to the end (resuming a previous run of the same name) and write best.ckpt.
     ``callbacks``: extra Ray Train UserCallbacks (they run in the controller); ``checked``: the config already
-    passed check_config and preflight."""
+    passed its checks and preflight."""
     if not checked:
-        check_config(cfg)
+        cfg.check()
         preflight(cfg)
     init_ray(cfg)
     storage = resolve_storage_path(cfg.cluster.storage_path)
@@ -340,7 +313,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, aliases=ALIASES)
     cfg = config_from_args(parser.parse_args(argv))
-    check_config(cfg)
+    cfg.check()
     preflight(cfg)
 
     import ray.train

@@ -10,24 +10,28 @@ import time
 
 import torch
 
-from .config import ModelConfig
+from .cli import command
+from .config import Alias, add_config_args, config_from_args
 from .model import build_model
 
 
+@command
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m deeplab.bench_model", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", default="resnet101")
-    p.add_argument("--size", type=int, default=513)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--strides", type=int, nargs="+", default=[16, 8])
     p.add_argument("--threads", type=int, default=None)
+    add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "ResNet depth"),
+                                Alias("--size", "export.image_size", "square input side")])
     args = p.parse_args(argv)
+    cfg = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(ModelConfig(backbone=args.backbone)).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    model = build_model(cfg.model).eval()
+    size = cfg.export.image_size
+    x = torch.randn(args.batch, 3, size, size)
     times = {s: [] for s in args.strides}
     with torch.inference_mode():
         for s in args.strides:  # warm-up each stride once
@@ -43,7 +47,7 @@ def main(argv=None) -> int:
     base = args.strides[0]
     for s in args.strides:
         ratio = statistics.median(b / a for a, b in zip(times[base], times[s]))
-        print(f"{args.backbone} OS{s} {args.size}x{args.size} batch {args.batch} fp32 ({torch.get_num_threads()} threads): "
+        print(f"{cfg.model.backbone} OS{s} {size}x{size} batch {args.batch} fp32 ({torch.get_num_threads()} threads): "
               f"median {statistics.median(times[s]):.2f}s, min {min(times[s]):.2f}s, median ratio to OS{base} {ratio:.2f}")
     return 0
 

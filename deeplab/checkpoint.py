@@ -13,12 +13,13 @@ from typing import Optional
 import torch
 
 from .cli import UserError
-from .fileio import atomic_path, ensure_dir
 from .config import ConfigError, ExperimentConfig, ModelConfig, experiment_from_dict, model_config_from_dict, to_plain
+from .fileio import atomic_path, ensure_dir
+from .model import build_model
 
 FORMAT = "deeplabv3-checkpoint"
 VERSION = 1
-CHECKPOINT_FILE = "model.ckpt"
+CHECKPOINT_FILE = "model.ckpt"  # the file in every checkpoint folder a training run reports
 
 
 class CheckpointError(UserError, ValueError):
@@ -117,8 +118,6 @@ def read_weights_file(path, map_location="cpu") -> dict:
 
 def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     """Rebuild the model from the file alone and load its weights; never unpickles code."""
-    from .model import build_model
-
     payload = read_weights_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""

@@ -2,18 +2,28 @@
 
 An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune`` and ``export``;
 each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any command.
+
+A config that builds is valid: each section checks its own fields when it is built (types first, then
+values), and ``ExperimentConfig`` checks what spans sections. So every mistake a config can hold is answered
+on the driver, in one line naming the field, the value and what is allowed, before Ray starts. A ConfigError
+from a file names the file; one from ``--set`` (or a shorthand flag) names that item. Paths that must exist
+are checked only when a command builds its config from the command line (`load_config`, `config_from_args`):
+a checkpoint's own experiment must still load on a machine that lacks its training paths.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .cli import UserError
+from .fileio import write_text_atomic
 
 # Backbone depth -> units per block (block1..block4). "resnet_tiny" is a narrow, shallow bottleneck
 # ResNet for tests and CPU demos whose behaviour does not depend on depth.
@@ -26,49 +36,172 @@ BACKBONE_LAYERS = {
 BACKBONE_WIDTH = {"resnet50": 64, "resnet101": 64, "resnet152": 64, "resnet_tiny": 8}
 OUTPUT_STRIDES = (8, 16, 32)
 HEADS = ("paper", "torchvision")
+DATASETS = ("synthetic", "voc", "cityscapes", "ade20k", "folder")
+SYNTHETIC_MAX_CLASSES = 12  # background + the 11 shapes of deeplab.data.synthetic
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+SCHEDULERS = ("asha", "fifo")
+SEARCH_MODES = ("grid", "sample")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 class ConfigError(UserError, ValueError):
-    """A config value a user wrote is not allowed; the message names the field and what is allowed."""
+    """A config value a user wrote is not allowed; the message names the field and what is allowed.
+    ``fields``: the SECTION.FIELD keys at fault, so the error can name the file or --set item they came from."""
+
+    def __init__(self, message: str = "", fields: tuple = ()):
+        super().__init__(message)
+        self.fields = tuple(fields)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checking one value: its type, then its range
+
+
+def _show(value) -> str:
+    """A value as a user wrote it: strings quoted (so 'fast' reads as text), lists in brackets, YAML words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _fail(key: str, value, what: str):
+    raise ConfigError(f"{key}={_show(value)} {what}", (key,))
+
+
+def _describe(hint) -> str:
+    """The type a field expects, in words for an error message."""
+    args = get_args(hint)
+    if get_origin(hint) is Union:
+        return " or ".join("null" if a is type(None) else _describe(a) for a in args)
+    if get_origin(hint) is tuple:
+        return "a list of integers" if args[-1] is Ellipsis else f"a list of {len(args)} integers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            dict: "a mapping"}.get(hint, str(hint))
+
+
+def _convert(value, hint) -> tuple:
+    """(True, value as ``hint``) or (False, None). Lossless only: 16.0 is not an integer, 'fast' not a number;
+    YAML's 1e-4 (read as text) is a number, a number is a string where a string belongs."""
+    if get_origin(hint) is Union:
+        for option in get_args(hint):
+            if option is type(None):
+                if value is None:
+                    return True, None
+                continue
+            ok, converted = _convert(value, option)
+            if ok:
+                return True, converted
+        return False, None
+    if get_origin(hint) is tuple:
+        args = get_args(hint)
+        if not isinstance(value, (list, tuple)) or (args[-1] is not Ellipsis and len(value) != len(args)):
+            return False, None
+        items = [_convert(v, args[0]) for v in value]
+        return (True, tuple(v for _, v in items)) if all(ok for ok, _ in items) else (False, None)
+    if hint is bool:
+        return isinstance(value, bool), value
+    if isinstance(value, bool) or value is None:
+        return False, None
+    if hint is int:
+        return isinstance(value, int), value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        return isinstance(value, (int, float)), value  # an int stays as written (lr: 1)
+    if hint is str:
+        return isinstance(value, (str, int, float)), str(value) if isinstance(value, (str, int, float)) else None
+    if hint is dict:
+        return isinstance(value, dict), value
+    return True, value
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls) -> dict:
+    return get_type_hints(cls)
+
+
+class _Section:
+    """A config section: ``check()`` converts every field to its annotated type, then checks the values."""
+
+    SECTION: ClassVar[str] = ""
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self) -> None:
+        hints = _field_types(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            ok, converted = _convert(value, hints[f.name])
+            if not ok:
+                _fail(self._key(f.name), value, f"must be {_describe(hints[f.name])}")
+            setattr(self, f.name, converted)
+        self.check_values()
+
+    def check_values(self) -> None:
+        """The section's own ranges and allowed words (its fields already have their types)."""
+
+    def _key(self, name: str) -> str:
+        return f"{self.SECTION}.{name}"
+
+    def _need(self, ok: bool, name: str, what: str) -> None:
+        if not ok:
+            _fail(self._key(name), getattr(self, name), what)
+
+    def _need_at_least(self, low, *names) -> None:
+        for name in names:
+            value = getattr(self, name)
+            self._need(value is None or value >= low, name, f"must be >= {low}")
+
+    def _need_one_of(self, name: str, allowed) -> None:
+        self._need(getattr(self, name) in allowed, name, f"is unknown; allowed: {', '.join(map(str, allowed))}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sections
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """The whole model's options. Defaults are the paper's best ASPP model (Table 5, 77.21 mIoU)."""
+
+    SECTION: ClassVar[str] = "model"
 
     backbone: str = "resnet101"
     num_classes: int = 21
     output_stride: int = 16
-    multi_grid: tuple = (1, 2, 4)
-    aspp_rates: tuple = (6, 12, 18)  # given for output stride 16; doubled at 8, halved at 32
+    multi_grid: Tuple[int, ...] = (1, 2, 4)
+    aspp_rates: Tuple[int, ...] = (6, 12, 18)  # given for output stride 16; doubled at 8, halved at 32
     image_pooling: bool = True
     cascade_blocks: int = 0  # 0-3: the paper's block5..block7 (Section 3.2)
     head: str = "paper"  # "paper" | "torchvision" (extra 3x3 conv + dropout, for torchvision weights)
     aux_head: bool = False  # torchvision's FCN auxiliary head on block3
     aspp_channels: int = 256
 
-    def __post_init__(self):
-        self.multi_grid = tuple(int(r) for r in self.multi_grid)
-        self.aspp_rates = tuple(int(r) for r in self.aspp_rates)
-        if self.backbone not in BACKBONE_LAYERS:
-            raise ConfigError(f"model.backbone={self.backbone!r} is unknown; allowed: {', '.join(BACKBONE_LAYERS)}")
-        if self.output_stride not in OUTPUT_STRIDES:
-            raise ConfigError(f"model.output_stride={self.output_stride} is not allowed; use one of 8, 16, 32")
-        if len(self.multi_grid) != 3 or any(r < 1 for r in self.multi_grid):
-            raise ConfigError(f"model.multi_grid={list(self.multi_grid)} must be 3 unit rates >= 1, e.g. [1, 2, 4]")
-        if any(r < 1 for r in self.aspp_rates):
-            raise ConfigError(f"model.aspp_rates={list(self.aspp_rates)}: every atrous rate must be >= 1")
-        if any(r % 2 for r in self.aspp_rates) and self.output_stride == 32:
-            raise ConfigError(f"model.aspp_rates={list(self.aspp_rates)} cannot be halved for output_stride 32; use even rates")
-        if not 0 <= self.cascade_blocks <= 3:
-            raise ConfigError(f"model.cascade_blocks={self.cascade_blocks} must be 0-3 (block5..block7)")
-        if self.head not in HEADS:
-            raise ConfigError(f"model.head={self.head!r} is unknown; allowed: {', '.join(HEADS)}")
-        if self.num_classes < 1:
-            raise ConfigError(f"model.num_classes={self.num_classes} must be >= 1")
+    def check_values(self) -> None:
+        self._need_one_of("backbone", BACKBONE_LAYERS)
+        self._need(1 <= self.num_classes <= 255, "num_classes", "must be 1-255 (label 255 means ignore)")
+        self._need(self.output_stride in OUTPUT_STRIDES, "output_stride", "is not allowed; use one of 8, 16, 32")
+        self._need(len(self.multi_grid) == 3 and min(self.multi_grid) >= 1, "multi_grid",
+                   "must be 3 unit rates >= 1, e.g. [1, 2, 4]")
+        self._need(len(self.aspp_rates) >= 1 and min(self.aspp_rates) >= 1, "aspp_rates",
+                   "must be one or more atrous rates >= 1, e.g. [6, 12, 18]")
+        self._need(self.output_stride != 32 or not any(r % 2 for r in self.aspp_rates), "aspp_rates",
+                   "cannot be halved for output_stride 32; use even rates")
+        self._need(0 <= self.cascade_blocks <= 3, "cascade_blocks", "must be 0-3 (block5..block7)")
+        self._need_one_of("head", HEADS)
+        self._need_at_least(1, "aspp_channels")
         if self.head == "torchvision" and (self.multi_grid != (1, 1, 1) or self.cascade_blocks):
             raise ConfigError("model.head='torchvision' has no Multi-Grid or cascaded blocks: "
-                              "set multi_grid [1, 1, 1] and cascade_blocks 0")
+                              "set multi_grid [1, 1, 1] and cascade_blocks 0", ("model.head",))
 
     def rates_at(self, output_stride: Optional[int] = None) -> tuple:
         """ASPP rates at an output stride: the configured (OS16) rates scaled by 16 / output_stride."""
@@ -77,8 +210,10 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Where images come from and how they are augmented (the paper's protocol by default)."""
+
+    SECTION: ClassVar[str] = "data"
 
     dataset: str = "synthetic"  # synthetic | voc | cityscapes | ade20k | folder
     root: Optional[str] = None
@@ -98,14 +233,36 @@ class DataConfig:
     synthetic_classes: int = 6
     seed: int = 0
     # bootstrapping (paper Section 4.3): repeat images containing these class ids
-    bootstrap_classes: tuple = ()
+    bootstrap_classes: Tuple[int, ...] = ()
     bootstrap_repeat: int = 1
-    val_size: Optional[int] = None  # pad/crop val images to this for batching (None: whole image, batch 1)
+    # pad val images to this size for batching (None: whole image, batch 1); an int or [height, width]
+    val_size: Optional[Union[int, Tuple[int, int]]] = None
+
+    def check_values(self) -> None:
+        self._need_one_of("dataset", DATASETS)
+        for name in ("train_split", "val_split"):
+            self._need(bool(getattr(self, name)), name, "must name a split")
+        self._need_at_least(1, "crop_size", "synthetic_size", "synthetic_train", "synthetic_val",
+                            "bootstrap_repeat", "num_classes")
+        self._need(self.scale_min > 0, "scale_min", "must be > 0")
+        if self.scale_max < self.scale_min:
+            raise ConfigError(f"data.scale_min={self.scale_min}, data.scale_max={self.scale_max}: need "
+                              "0 < scale_min <= scale_max", ("data.scale_min", "data.scale_max"))
+        self._need(0 <= self.ignore_index <= 255, "ignore_index", "must be 0-255 (masks are 8-bit)")
+        self._need_at_least(0, "loader_workers", "seed")
+        self._need(2 <= self.synthetic_classes <= SYNTHETIC_MAX_CLASSES, "synthetic_classes",
+                   f"must be 2-{SYNTHETIC_MAX_CLASSES} (background + shapes)")
+        self._need(all(0 <= c <= 254 for c in self.bootstrap_classes), "bootstrap_classes", "must be class ids 0-254")
+        sizes = self.val_size if isinstance(self.val_size, tuple) else (self.val_size,)
+        self._need(self.val_size is None or min(sizes) >= 1, "val_size",
+                   "must be >= 1 (or null: whole images, batch 1)")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """The paper's training protocol (Section 4.1); batch_size is the global batch across workers."""
+
+    SECTION: ClassVar[str] = "train"
 
     batch_size: int = 16
     max_iterations: int = 30000
@@ -123,10 +280,28 @@ class TrainConfig:
     log_interval: int = 20
     seed: int = 0
 
+    def check(self) -> None:
+        if self.amp is False:  # YAML reads a bare `off` as false
+            self.amp = "off"
+        super().check()
+
+    def check_values(self) -> None:
+        self._need_at_least(1, "batch_size", "max_iterations", "eval_interval", "log_interval")
+        self._need(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a learning rate > 0, e.g. 0.007")
+        self._need(0 <= self.momentum < 1, "momentum", "must be in [0, 1), e.g. 0.9")
+        self._need(0 <= self.weight_decay < math.inf, "weight_decay", "must be >= 0, e.g. 0.0001")
+        self._need(0 <= self.poly_power < math.inf, "poly_power", "must be >= 0, e.g. 0.9")
+        self._need(self.bn_momentum is None or 0 < self.bn_momentum <= 1, "bn_momentum",
+                   "must be in (0, 1] (1 - the BN decay; the paper's 0.9997 is 0.0003) or null")
+        self._need_one_of("amp", AMP_MODES)
+        self._need_at_least(0, "seed")
+
 
 @dataclass
-class ClusterConfig:
+class ClusterConfig(_Section):
     """How the run is laid out on Ray."""
+
+    SECTION: ClassVar[str] = "cluster"
 
     num_workers: int = 2
     use_gpu: bool = False
@@ -138,16 +313,26 @@ class ClusterConfig:
     placement_strategy: str = "PACK"
     address: Optional[str] = None  # None: RAY_ADDRESS or an existing cluster, else a local one
 
+    def check_values(self) -> None:
+        self._need_at_least(1, "num_workers", "collective_timeout_s")
+        self._need(0 < self.cpus_per_worker < math.inf, "cpus_per_worker", "must be > 0")
+        self._need(bool(self.storage_path), "storage_path", "must name a folder or a URI (s3://...)")
+        self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
+        self._need_at_least(-1, "max_failures")  # -1: retry forever, as in Ray
+        self._need_one_of("placement_strategy", PLACEMENT_STRATEGIES)
+
 
 # Scalars deeplab.engine reports at every evaluation, which a search can rank trials by (tune.metric).
 SEARCH_METRICS = ("val_miou", "loss", "images_per_s", "lr", "iteration", "epoch")
 
 
 @dataclass
-class TuneConfig:
+class TuneConfig(_Section):
     """What Ray Tune searches and how it schedules trials."""
 
-    space: str = "paper"  # a preset name or a YAML file
+    SECTION: ClassVar[str] = "tune"
+
+    space: Union[str, dict] = "paper"  # a preset name or a YAML file, or the space itself (a mapping)
     num_samples: int = 1
     scheduler: str = "asha"  # asha | fifo
     workers_per_trial: int = 2
@@ -163,17 +348,27 @@ class TuneConfig:
     min_valid_weight: float = 0.15  # prune ASPP rates whose 3x3 filter keeps less (1/9: a 1x1 filter; Fig. 4)
     max_failures: int = 2  # retries of a trial whose driver died (lost node); divergence is never retried
 
-    def __post_init__(self):
-        if self.metric not in SEARCH_METRICS:
-            raise ConfigError(f"tune.metric={self.metric!r} is not a metric training reports; use one of "
-                              f"{', '.join(SEARCH_METRICS)}")
-        if self.metric_mode not in ("max", "min"):
-            raise ConfigError(f"tune.metric_mode={self.metric_mode!r}: use max (higher is better) or min")
+    def check_values(self) -> None:
+        self._need(bool(self.space), "space", "must name a preset or a YAML file, or be a non-empty mapping")
+        self._need_at_least(1, "num_samples", "workers_per_trial", "max_concurrent", "max_iterations",
+                            "grace_period")
+        self._need_one_of("scheduler", SCHEDULERS)
+        self._need_one_of("mode", SEARCH_MODES)
+        self._need(self.reduction_factor >= 2, "reduction_factor", "must be >= 2 (ASHA keeps 1/reduction_factor)")
+        self._need(self.metric in SEARCH_METRICS, "metric",
+                   f"is not a metric training reports; use one of {', '.join(SEARCH_METRICS)}")
+        self._need_one_of("metric_mode", ("max", "min"))
+        self._need(bool(self.output), "output", "must name the file best.ckpt is copied to")
+        self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
+        self._need(0 <= self.min_valid_weight <= 1, "min_valid_weight", "must be in [0, 1]")
+        self._need_at_least(-1, "max_failures")
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(_Section):
     """ONNX / TensorRT export and benchmarking defaults."""
+
+    SECTION: ClassVar[str] = "export"
 
     output_stride: int = 8
     dynamic: bool = True
@@ -184,23 +379,21 @@ class ExportConfig:
     opt_shape: str = "1x3x513x513"
     max_shape: str = "4x3x1025x1025"
     calib_images: int = 32
-    max_int8_miou_drop: float = 1.0
+    max_int8_miou_drop: float = 1.0  # mIoU points INT8 may lose against FP32 (negative: it must gain)
     image_size: int = 513
     tolerance: float = 1e-3  # ONNX vs PyTorch: max |logit diff| / max(1, |largest logit|)
     accuracy_images: int = 16  # held-out images for --check-accuracy (FP32 vs INT8/FP16 mIoU)
 
-    PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+    PRECISIONS: ClassVar[tuple] = PRECISIONS
 
-    def __post_init__(self):
-        if self.output_stride not in OUTPUT_STRIDES:
-            raise ConfigError(f"export.output_stride={self.output_stride} is not allowed; use one of 8, 16, 32")
-        if self.precision not in self.PRECISIONS:
-            raise ConfigError(f"export.precision={self.precision!r} is unknown; allowed: {', '.join(self.PRECISIONS)}")
-        for name in ("workspace_gb", "tolerance", "calib_images", "image_size"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"export.{name}={getattr(self, name)} must be > 0")
-        if self.accuracy_images < 0:
-            raise ConfigError(f"export.accuracy_images={self.accuracy_images} must be >= 0")
+    def check_values(self) -> None:
+        self._need(self.output_stride in OUTPUT_STRIDES, "output_stride", "is not allowed; use one of 8, 16, 32")
+        self._need(self.opset is None or self.opset >= 11, "opset", "must be >= 11 (or null: the exporter's default)")
+        self._need_one_of("precision", PRECISIONS)
+        for name in ("workspace_gb", "tolerance"):
+            self._need(0 < getattr(self, name) < math.inf, name, "must be > 0")
+        self._need_at_least(1, "calib_images", "image_size")
+        self._need_at_least(0, "accuracy_images")  # 0: no accuracy check
         self.profile()
 
     @staticmethod
@@ -210,10 +403,10 @@ class ExportConfig:
             shape = tuple(int(p) for p in str(text).lower().replace(",", "x").split("x"))
         except ValueError:
             shape = ()
-        if len(shape) != 4 or any(d < 1 for d in shape):
-            raise ConfigError(f"export.{name}={text!r}: expected 4 positive sizes NxCxHxW, e.g. 1x3x513x513")
+        if len(shape) != 4 or min(shape) < 1:
+            _fail(f"export.{name}", text, "must be 4 positive sizes NxCxHxW, e.g. 1x3x513x513")
         if shape[1] != 3:
-            raise ConfigError(f"export.{name}={text!r}: the model takes 3 channels (RGB), got {shape[1]}")
+            _fail(f"export.{name}", text, f"has {shape[1]} channels; the model takes 3 (RGB)")
         return shape
 
     def profile(self) -> dict:
@@ -223,8 +416,35 @@ class ExportConfig:
             lo, mid, hi = (shapes[k][i] for k in ("min", "opt", "max"))
             if not lo <= mid <= hi:
                 raise ConfigError(f"export.min_shape/opt_shape/max_shape: {dim} must satisfy min <= opt <= max, "
-                                  f"got {lo}, {mid}, {hi}")
+                                  f"got {lo}, {mid}, {hi}",
+                                  ("export.min_shape", "export.opt_shape", "export.max_shape"))
         return shapes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What spans sections
+
+
+def split_batch(global_batch: int, world_size: int, rank: int) -> int:
+    """Rank's share of the global batch: every world_size-th image of it, so shares differ by one at most
+    (8 over 3 workers: 3, 3, 2). Synchronized BatchNorm sees the global batch whatever the shares."""
+    return len(range(rank, global_batch, world_size))
+
+
+def per_worker_batch(batch_size: int, world_size: int) -> int:
+    """The smallest share of the global batch over ``world_size`` workers; a share of 1 cannot train BatchNorm."""
+    per_worker = split_batch(batch_size, world_size, world_size - 1)
+    if per_worker < 2:
+        raise ConfigError(f"train.batch_size={batch_size} over {world_size} workers is {per_worker} image per "
+                          "worker; BatchNorm (the image-pooling branch) needs at least 2: raise train.batch_size "
+                          "or use fewer workers", ("train.batch_size", "cluster.num_workers"))
+    return per_worker
+
+
+def evaluations_per_run(train: TrainConfig, cap: Optional[int] = None) -> int:
+    """How many times a run reports val mIoU: every eval_interval iterations and at the end."""
+    iterations = min(train.max_iterations, cap or train.max_iterations)
+    return math.ceil(iterations / train.eval_interval)
 
 
 @dataclass
@@ -235,6 +455,31 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+
+    def __post_init__(self):
+        self.check_across()
+
+    def check(self) -> "ExperimentConfig":
+        """Check every section again, then what spans them: for code that changes fields after building."""
+        for name in SECTIONS:
+            getattr(self, name).check()
+        self.check_across()
+        return self
+
+    def check_across(self) -> None:
+        t, c, tune = self.train, self.cluster, self.tune
+        per_worker_batch(t.batch_size, c.num_workers)
+        if t.amp == "fp16" and not c.use_gpu:
+            raise ConfigError("train.amp='fp16' needs GPUs (cluster.use_gpu, --use-gpu); use bf16, auto or off "
+                              "on CPU workers", ("train.amp", "cluster.use_gpu"))
+        evaluations = evaluations_per_run(t, tune.max_iterations)
+        if tune.scheduler == "asha" and tune.grace_period > evaluations:
+            iterations = min(t.max_iterations, tune.max_iterations or t.max_iterations)
+            raise ConfigError(f"tune.grace_period={tune.grace_period} is more than the {evaluations} evaluation(s) "
+                              f"per trial ({iterations} iterations, train.eval_interval {t.eval_interval}): lower "
+                              f"tune.grace_period to <= {evaluations} or run more iterations per trial",
+                              ("tune.grace_period", "tune.max_iterations", "train.max_iterations",
+                               "train.eval_interval"))
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -261,34 +506,48 @@ def _default(cls, name):
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _build(cls, values: dict, where: str):
+# ---------------------------------------------------------------------------------------------------------
+# Building a config from plain values, naming where a mistake came from
+
+
+def _build(cls, values: dict, section: str):
     if values is None:
         values = {}
     if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+        raise ConfigError(f"{section}: expected a mapping, got {type(values).__name__}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {k: tuple(v) if isinstance(v, list) and isinstance(_default(cls, k), tuple) else v
-              for k, v in values.items()}
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
+        raise ConfigError(f"{section}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def _located(error: ConfigError, where: Optional[str], sources: Optional[dict] = None) -> ConfigError:
+    """The error prefixed with what the user wrote it in: the --set items or flags that set its fields,
+    else the file (``where``)."""
+    labels = []
+    for key in error.fields:
+        labels += [label for label in (sources or {}).get(key, []) if label not in labels]
+    prefix = ", ".join(labels) or where
+    return ConfigError(f"{prefix}: {error}" if prefix else str(error), error.fields)
 
 
 def model_config_from_dict(values: dict) -> ModelConfig:
     return _build(ModelConfig, values, "model")
 
 
-def experiment_from_dict(values: dict, where: str = "config") -> ExperimentConfig:
+def experiment_from_dict(values: dict, where: Optional[str] = "config", sources: Optional[dict] = None
+                         ) -> ExperimentConfig:
+    """An ExperimentConfig from plain values (YAML, a checkpoint); a ConfigError names ``where`` (or the
+    ``--set`` items in ``sources``: SECTION.FIELD -> labels) and the field."""
     values = values or {}
-    unknown = sorted(set(values) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{where}: unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
-    return ExperimentConfig(**{name: _build(cls, values.get(name), f"{where}: {name}")
-                               for name, cls in SECTION_CLASSES.items()})
+    try:
+        unknown = sorted(set(values) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
+        return ExperimentConfig(**{name: _build(cls, values.get(name), name) for name, cls in SECTION_CLASSES.items()})
+    except ConfigError as e:
+        raise _located(e, where, sources) from None
 
 
 def _parse_value(text: str):
@@ -299,24 +558,79 @@ def _parse_value(text: str):
         return text
 
 
-def apply_overrides(values: dict, overrides: list) -> dict:
-    """Apply ``section.field=value`` strings to a plain config dict (in place) and return it."""
-    for item in overrides or []:
+def _apply(values: dict, overrides) -> dict:
+    """Apply ``SECTION.FIELD=VALUE`` items (or ``(item, label)`` pairs, label naming the flag the user typed)
+    to a plain config dict in place; returns SECTION.FIELD -> [labels] for error messages."""
+    sources: dict = {}
+    for entry in overrides or []:
+        item, label = entry if isinstance(entry, tuple) else (entry, f"--set {entry}")
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or section not in SECTIONS:
-            raise ConfigError(f"--set {item!r}: expected SECTION.FIELD=VALUE with SECTION one of {', '.join(SECTIONS)}")
-        values.setdefault(section, {})
-        if values[section] is None:
+            raise ConfigError(f"{label}: expected SECTION.FIELD=VALUE with SECTION one of {', '.join(SECTIONS)}")
+        known = [f.name for f in fields(SECTION_CLASSES[section])]
+        if name not in known:
+            raise ConfigError(f"{label}: {section} has no field {name!r}; known: {', '.join(sorted(known))}")
+        if values.get(section) is None:
             values[section] = {}
         values[section][name] = _parse_value(raw)
+        sources.setdefault(f"{section}.{name}", []).append(label)
+    return sources
+
+
+def apply_overrides(values: dict, overrides: list) -> dict:
+    """Apply ``section.field=value`` strings to a plain config dict (in place) and return it."""
+    _apply(values, overrides)
     return values
 
 
+PATH_FIELDS = {"train.init_from": "file", "train.pretrained_backbone": "file", "data.root": "folder"}
+
+
+def _is_torch_file(path: Path) -> bool:
+    """What torch.save writes: a zip archive (torch >= 1.6) or a pickle (protocol 2+ starts with 0x80)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
+
+
+def _path_problem(cfg: ExperimentConfig, key: str) -> Optional[str]:
+    """Why a path field's file or folder cannot be used on this machine, or None."""
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    if not value or "://" in value or (key == "data.root" and cfg.data.dataset == "synthetic"):
+        return None  # unset, remote (s3://, gs://: the workers read it), or not needed
+    path = Path(value).expanduser()
+    if PATH_FIELDS[key] == "folder":
+        return None if path.is_dir() else "dataset folder not found"
+    if not path.is_file():
+        return "is a folder, not a weights file" if path.is_dir() else "no such file"
+    return None if _is_torch_file(path) else "is not a PyTorch weights file (torch.save / .pth / .ckpt)"
+
+
+def _check_paths(cfg: ExperimentConfig, keys, where: Optional[str], sources: dict) -> None:
+    for key in keys:
+        problem = _path_problem(cfg, key)
+        if problem:
+            section, name = key.split(".")
+            error = ConfigError(f"{key}={getattr(getattr(cfg, section), name)}: {problem}", (key,))
+            raise _located(error, where, sources)
+
+
+def _experiment(values: dict, where: Optional[str], overrides, all_paths: bool) -> ExperimentConfig:
+    """Values + overrides -> a checked ExperimentConfig; paths checked where the user gave them (every path
+    field for a file the user named, only overridden ones on top of a checkpoint's experiment)."""
+    sources = _apply(values, overrides)
+    cfg = experiment_from_dict(values, where, sources)
+    _check_paths(cfg, PATH_FIELDS if all_paths else [k for k in PATH_FIELDS if k in sources], where, sources)
+    return cfg
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> ExperimentConfig:
-    """Read a YAML experiment file (None: the embedded defaults) and apply ``--set`` overrides."""
+    """Read a YAML experiment file (None: the embedded defaults) and apply ``--set`` overrides; the paths it
+    names must exist."""
     values: dict = {}
-    where = "defaults"
+    where = None
     if path:
         p = Path(path)
         where = str(p)
@@ -328,15 +642,16 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
             raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{p}: expected a mapping of sections, got {type(values).__name__}")
-    apply_overrides(values, overrides or [])
-    return experiment_from_dict(values, where)
+    return _experiment(values, where, overrides, all_paths=True)
 
 
 def save_config(cfg: ExperimentConfig, path) -> None:
     """Write a config as YAML atomically."""
-    from .fileio import write_text_atomic
-
     write_text_atomic(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command lines: --config, --set and shorthand flags, one override path
 
 
 @dataclass(frozen=True)
@@ -354,6 +669,7 @@ class Alias:
     nargs: Optional[str] = None
     switch: bool = False
     metavar: Optional[str] = None
+    choices: Optional[tuple] = None  # the words argparse accepts (the field's check still applies)
 
     def default(self):
         section, name = self.key.split(".", 1)
@@ -368,6 +684,12 @@ class Alias:
         if isinstance(value, list):
             return f"{self.key}=[{', '.join(value)}]"
         return f"{self.key}={value}"
+
+    def label(self, value) -> str:
+        """The flag as the user typed it, for error messages."""
+        if self.switch:
+            return self.flag
+        return f"{self.flag} {' '.join(value) if isinstance(value, list) else value}"
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False, aliases=()) -> None:
@@ -384,25 +706,33 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = False, ali
         if alias.switch:
             parser.add_argument(alias.flag, action="store_const", const=True, default=None, help=text)
         else:
-            parser.add_argument(alias.flag, nargs=alias.nargs, default=None, metavar=alias.metavar, help=text)
+            parser.add_argument(alias.flag, nargs=alias.nargs, default=None, metavar=alias.metavar,
+                                choices=alias.choices, help=text)
     parser.set_defaults(_config_aliases=tuple(aliases))
+
+
+def _labelled_overrides(args: argparse.Namespace) -> list:
+    """(SECTION.FIELD=VALUE, what the user typed) for ``--set`` items, then the shorthand flags given."""
+    items = [(item, f"--set {item}") for item in getattr(args, "overrides", None) or []]
+    for alias in getattr(args, "_config_aliases", ()):
+        value = getattr(args, alias.flag.lstrip("-").replace("-", "_"), None)
+        item = alias.override(value)
+        if item is not None:
+            items.append((item, alias.label(value)))
+    return items
 
 
 def config_overrides(args: argparse.Namespace) -> list:
     """``--set`` items followed by the shorthand flags given, all as SECTION.FIELD=VALUE (later ones win)."""
-    items = list(getattr(args, "overrides", None) or [])
-    for alias in getattr(args, "_config_aliases", ()):
-        dest = alias.flag.lstrip("-").replace("-", "_")
-        item = alias.override(getattr(args, dest, None))
-        if item is not None:
-            items.append(item)
-    return items
+    return [item for item, _ in _labelled_overrides(args)]
 
 
-def config_from_args(args: argparse.Namespace, base: Optional[ExperimentConfig] = None) -> ExperimentConfig:
+def config_from_args(args: argparse.Namespace, base: Optional[ExperimentConfig] = None,
+                     extra: tuple = ()) -> ExperimentConfig:
     """The experiment a command runs: ``--config`` (else ``base``, e.g. a checkpoint's own experiment, else the
-    defaults), then ``--set`` and the shorthand flags, through one override path."""
+    defaults), then ``--set`` and the shorthand flags, through one override path. ``extra``: further
+    ``(SECTION.FIELD=VALUE, label)`` items a command derives from its own flags, applied last."""
+    overrides = _labelled_overrides(args) + list(extra)
     if getattr(args, "config", None) or base is None:
-        return load_config(getattr(args, "config", None), config_overrides(args))
-    values = apply_overrides(base.to_dict(), config_overrides(args))
-    return experiment_from_dict(values, "checkpoint config")
+        return load_config(getattr(args, "config", None), overrides)
+    return _experiment(base.to_dict(), "checkpoint config", overrides, all_paths=False)

@@ -10,6 +10,9 @@ workers. Every `train.eval_interval` iterations and at the end all workers evalu
 validation set, all-reduce the confusion matrix, and call `report` once; rank 0 attaches a directory
 holding `model.ckpt` (model with plain BN, experiment config, iteration, optimizer, metrics, RNG states).
 Resuming from such a checkpoint restores weights, optimizer, iteration, sampler position and RNG states.
+
+Read top-down as torchvision's reference script: `setup` (data, model, optimizer, resumed state) ->
+`train_one_epoch` (`train_step`, `log_progress`) -> `evaluate_and_report` (`evaluate_shard`, `_report`).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -29,10 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 
-from .checkpoint import load_checkpoint, save_checkpoint, unwrap
-from .config import ConfigError, ExperimentConfig
-
-CHECKPOINT_FILE = "model.ckpt"
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint, read_weights_file, save_checkpoint, unwrap
+from .config import ConfigError, ExperimentConfig, per_worker_batch, split_batch
+from .data import build_dataset, dataset_info
+from .inference import evaluate, model_predictor
+from .model import build_model, load_backbone_weights
 
 
 @dataclass
@@ -58,26 +62,10 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 
     return base_lr * (1 - iteration / max_iterations) ** power
 
 
-def split_batch(global_batch: int, world_size: int, rank: int) -> int:
-    """Rank's share of the global batch: every world_size-th image of it, so shares differ by one at most
-    (8 over 3 workers: 3, 3, 2). Synchronized BatchNorm sees the global batch whatever the shares."""
-    return len(range(rank, global_batch, world_size))
-
-
-def per_worker_batch(batch_size: int, world_size: int) -> int:
-    """The smallest share of the global batch over ``world_size`` workers; a share of 1 cannot train BatchNorm."""
-    per_worker = split_batch(batch_size, world_size, world_size - 1)
-    if per_worker < 2:
-        raise ConfigError(f"train.batch_size={batch_size} over {world_size} workers is {per_worker} image per "
-                          "worker; BatchNorm (the image-pooling branch) needs at least 2: raise train.batch_size "
-                          "or use fewer workers")
-    return per_worker
-
-
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     """train.amp -> autocast dtype (None: full precision). auto: bf16 on CUDA (fp16 on GPUs without bf16)
     and on CPUs with native bf16 (AVX512-BF16 / AMX), else off."""
-    if amp is False or amp == "off":  # YAML reads a bare `off` as false
+    if amp == "off":
         return None
     if amp == "bf16":
         return torch.bfloat16
@@ -85,8 +73,6 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
         if device.type != "cuda":
             raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16, auto or off on CPU")
         return torch.float16
-    if amp != "auto":
-        raise ConfigError(f"train.amp={amp!r} is unknown; allowed: auto, bf16, fp16, off")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "cpu":
@@ -183,42 +169,39 @@ def _eta(seconds: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Evaluation
+# Setting up: data, model with its starting weights, optimizer, resumed state
 
 
-@torch.no_grad()
-def evaluate_shard(model: nn.Module, dataset, num_classes: int, worker: Worker, amp: Optional[torch.dtype],
-                   channels_last: bool = True, ignore_index: int = 255):
-    """This rank's share of the validation set (every world_size-th image), all-reduced: the confusion
-    matrix of the whole set on every rank. Runs the bare module: no DDP collectives in eval."""
-    from .metrics import ConfusionMatrix
+@dataclass
+class Run:
+    """Everything one worker trains with; ``iteration`` counts optimizer steps taken."""
 
-    net = unwrap(model)
-    was_training = net.training
-    net.eval()
-    shard = Subset(dataset, range(worker.rank, len(dataset), worker.world_size))
-    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0)
-    cm = ConfusionMatrix(num_classes, ignore_index=ignore_index)
-    for images, masks in loader:
-        images = images.to(worker.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        with torch.autocast(worker.device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits = net(images)
-        cm.update(logits.argmax(1).cpu(), masks)
-    if worker.world_size > 1 and _distributed():
-        cm.all_reduce()
-    net.train(was_training)
-    return cm
+    cfg: ExperimentConfig
+    worker: Worker
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: Any  # torch.amp.GradScaler
+    train_set: Any
+    val_set: Any
+    sampler: GlobalBatchSampler
+    generator: torch.Generator
+    loader: DataLoader
+    batch: int  # this worker's share of the global batch
+    steps_per_epoch: int
+    num_classes: int
+    amp: Optional[torch.dtype]
+    memory_format: torch.memory_format
+    iteration: int = 0
+    writer: Any = None  # TensorBoard SummaryWriter on rank 0 when the runner gives a log_dir
 
-
-# ---------------------------------------------------------------------------------------------------------
-# The loop
+    @property
+    def main(self) -> bool:
+        return self.worker.rank == 0
 
 
 def build_model_for_training(cfg: ExperimentConfig, resume: Optional[str]) -> tuple:
     """The model with its starting weights: a resumed checkpoint, else init_from (stage 2), else an ImageNet
-    backbone, else random. Returns (model, resumed checkpoint state or None)."""
-    from .model import build_model, load_backbone_weights
-
+    backbone, else the builder's from-scratch start. Returns (model, resumed checkpoint state or None)."""
     model = build_model(cfg.model)
     if resume:
         ck = load_checkpoint(resume)
@@ -235,177 +218,243 @@ def build_model_for_training(cfg: ExperimentConfig, resume: Optional[str]) -> tu
             raise ConfigError(f"train.init_from={cfg.train.init_from}: weights do not fit model "
                               f"{cfg.model.backbone} ({str(e).splitlines()[0]})") from None
     elif cfg.train.pretrained_backbone:
-        load_backbone_weights(model, cfg.train.pretrained_backbone)
-    else:
-        _init_from_scratch(model)
+        try:
+            load_backbone_weights(model, read_weights_file(cfg.train.pretrained_backbone))
+        except ValueError as e:  # CheckpointError already names the file
+            raise ConfigError(f"train.pretrained_backbone={cfg.train.pretrained_backbone}: {e}") from None
     return model, None
 
 
-def _init_from_scratch(model: nn.Module) -> None:
-    """Without pretrained weights: each residual unit starts as identity (last BN scale 0, Goyal et al. 2017)
-    and the logits start near 0 (loss ln C), so the first iterations are not spent undoing huge outputs."""
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def _data(cfg: ExperimentConfig, worker: Worker) -> tuple:
+    """(train set, val set, sampler, loader generator, loader, steps per epoch): each rank reads its share of
+    every global batch; the sampler can start part-way through an epoch."""
+    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
+    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
+    sampler = GlobalBatchSampler(len(train_set), cfg.train.batch_size, worker.world_size, worker.rank,
+                                 seed=cfg.train.seed)
+    steps_per_epoch = sampler.steps_per_epoch
+    if steps_per_epoch == 0:
+        raise ConfigError(f"data: {len(train_set)} training images are fewer than the global batch "
+                          f"{cfg.train.batch_size}")
+    generator = torch.Generator()
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.loader_workers,
+                        pin_memory=worker.device.type == "cuda", generator=generator)
+    return train_set, val_set, sampler, generator, loader, steps_per_epoch
+
+
+def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memory_format) -> nn.Module:
+    """BN decay, frozen BN (stage 2) and the unused aux head out of training, on the device, then the
+    runner's wrapping (SyncBN + DDP under Ray)."""
+    t = cfg.train
     for m in model.modules():
-        if hasattr(m, "bn3") and isinstance(m.bn3, nn.BatchNorm2d):
-            nn.init.zeros_(m.bn3.weight)
-    last = model.classifier[-1]
-    if isinstance(last, nn.Conv2d):
-        nn.init.normal_(last.weight, std=0.01)
-        nn.init.zeros_(last.bias)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if t.bn_momentum is not None:
+                m.momentum = t.bn_momentum
+            if t.freeze_bn:
+                m.requires_grad_(False)
+    if getattr(model, "aux_classifier", None) is not None:  # kept for torchvision weights, not trained
+        model.aux_classifier.requires_grad_(False)
+    model = worker.prepare_model(model.to(worker.device, memory_format=memory_format))
+    set_train_mode(model, t.freeze_bn)
+    return model
 
 
-def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:
-    """Train one worker's share of the run; returns the last reported metrics."""
-    from .data import build_dataset, dataset_info
+def _restore(run: Run, state: Optional[dict], resume: Optional[str]) -> None:
+    """Optimizer, iteration and this rank's RNG states from a resumed checkpoint."""
+    if not state:
+        return
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.iteration = int(state["iteration"])
+    rng = state.get("rng") or []
+    if len(rng) == run.worker.world_size:
+        _set_rng_state(rng[run.worker.rank])
+    if run.main:
+        print(f"resuming from {resume} at iteration {run.iteration}/{run.cfg.train.max_iterations}", flush=True)
 
-    worker = worker or Worker()
-    t, rank, device = cfg.train, worker.rank, worker.device
-    main = rank == 0
+
+def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
+    """Data, model, optimizer and resumed state for one worker, seeded per rank."""
+    t = cfg.train
     per_worker_batch(t.batch_size, worker.world_size)
-    # Losses weighted by this rank's share of the global batch, so DDP's mean of them is the global batch's.
-    share = split_batch(t.batch_size, worker.world_size, rank) * worker.world_size / t.batch_size
-    amp = resolve_amp(t.amp, device)
-    if t.max_iterations < 1 or t.eval_interval < 1 or t.log_interval < 1:
-        raise ConfigError("train.max_iterations, train.eval_interval and train.log_interval must be >= 1")
+    batch = split_batch(t.batch_size, worker.world_size, worker.rank)
+    amp = resolve_amp(t.amp, worker.device)
     num_classes = dataset_info(cfg.data).num_classes
     if num_classes != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data ({cfg.data.dataset}) has "
                           f"{num_classes} classes")
-    torch.manual_seed(t.seed + rank)
-    np.random.seed(t.seed + rank)
-    random.seed(t.seed + rank)
-
-    # Data: each rank reads its shard; the sampler can start part-way through an epoch.
-    train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
-    val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    sampler = GlobalBatchSampler(len(train_set), t.batch_size, worker.world_size, rank, seed=t.seed)
-    steps_per_epoch = sampler.steps_per_epoch
-    if steps_per_epoch == 0:
-        raise ConfigError(f"data: {len(train_set)} training images are fewer than the global batch {t.batch_size}")
-    generator = torch.Generator()
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.loader_workers,
-                        pin_memory=device.type == "cuda", generator=generator)
-
-    # Model: starting weights, frozen BN (stage 2), then SyncBN + DDP from the runner.
+    _seed(t.seed + worker.rank)
+    train_set, val_set, sampler, generator, loader, steps_per_epoch = _data(cfg, worker)
     resume = worker.latest_checkpoint()
     model, state = build_model_for_training(cfg, resume)
-    if t.bn_momentum is not None:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = t.bn_momentum
-    if t.freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.requires_grad_(False)
-    if getattr(model, "aux_classifier", None) is not None:  # kept for torchvision weights, not trained
-        model.aux_classifier.requires_grad_(False)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    model = model.to(device, memory_format=memory_format)
-    model = worker.prepare_model(model)
-    set_train_mode(model, t.freeze_bn)
+    model = _prepare_model(model, cfg, worker, memory_format)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    iteration = 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        iteration = int(state["iteration"])
-        rng = state.get("rng") or []
-        if len(rng) == worker.world_size:
-            _set_rng_state(rng[rank])
-        if main:
-            print(f"resuming from {resume} at iteration {iteration}/{t.max_iterations}", flush=True)
-
-    writer = None
-    if main and worker.log_dir:
+    scaler = torch.amp.GradScaler(worker.device.type, enabled=amp == torch.float16)
+    run = Run(cfg, worker, model, optimizer, scaler, train_set, val_set, sampler, generator, loader, batch,
+              steps_per_epoch, num_classes, amp, memory_format)
+    _restore(run, state, resume)
+    if run.main and worker.log_dir:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(worker.log_dir)
+        run.writer = SummaryWriter(worker.log_dir)
+    return run
 
-    metrics: dict = {}
-    losses: list = []
-    train_time, images_seen = 0.0, 0
-    window_start, window_images = time.perf_counter(), 0
-    started, start_iteration = time.perf_counter(), iteration
-    epoch, position = divmod(iteration, steps_per_epoch)
-    while iteration < t.max_iterations:
-        sampler.set_epoch(epoch)
-        if hasattr(train_set, "set_epoch"):  # new augmentations each epoch, the same ones on a replay
-            train_set.set_epoch(epoch)
-        sampler.start = position
-        generator.manual_seed(t.seed * 100003 + epoch * 1009 + rank)  # loader worker seeds per (epoch, rank)
-        step_start = time.perf_counter()
-        for images, masks in loader:
-            lr = poly_lr(t.lr, iteration, t.max_iterations, t.poly_power)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = images.to(device, non_blocking=True, memory_format=memory_format)
-            masks = masks.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                logits = model(images)
-            if logits.shape[-2:] != masks.shape[-2:]:
-                logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits.float(), masks, ignore_index=cfg.data.ignore_index) * share
-            loss_value = _mean_across(loss.detach(), worker).item()
-            if not math.isfinite(loss_value):  # every rank sees the same mean, so all stop together
-                raise FloatingPointError(f"loss is {loss_value} at iteration {iteration + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            iteration += 1
-            losses.append(loss_value)
-            now = time.perf_counter()
-            train_time += now - step_start
-            images_seen += t.batch_size
-            window_images += t.batch_size
 
-            if main and (iteration % t.log_interval == 0 or iteration == t.max_iterations):
-                speed = window_images / max(now - window_start, 1e-9)
-                per_it = (now - started) / max(iteration - start_iteration, 1)
-                print(f"iter {iteration}/{t.max_iterations}  loss {loss_value:.4f}  lr {lr:.2e}  "
-                      f"{speed:.1f} img/s  eta {_eta(per_it * (t.max_iterations - iteration))}", flush=True)
-                if writer:
-                    writer.add_scalar("train/loss", loss_value, iteration)
-                    writer.add_scalar("train/lr", lr, iteration)
-                    writer.add_scalar("train/images_per_s", speed, iteration)
-                window_start, window_images = now, 0
+# ---------------------------------------------------------------------------------------------------------
+# The loop: train_one_epoch, train_step, evaluate_and_report
 
-            if iteration % t.eval_interval == 0 or iteration == t.max_iterations:
-                cm = evaluate_shard(model, val_set, num_classes, worker, amp, t.channels_last, cfg.data.ignore_index)
-                iou = [float(v) for v in cm.iou()]
-                metrics = {"iteration": iteration, "epoch": epoch, "loss": float(np.mean(losses)), "lr": lr,
-                           "images_per_s": images_seen / max(train_time, 1e-9), "val_miou": float(cm.miou()),
-                           "val_iou": iou}
-                rng = _gather_rng(worker)
-                if main:
-                    print(f"eval at iter {iteration}: val mIoU {metrics['val_miou']:.4f}", flush=True)
-                    if writer:
-                        writer.add_scalar("val/miou", metrics["val_miou"], iteration)
-                        writer.flush()
-                _report(cfg, worker, model, optimizer, scaler, metrics, rng)
-                losses, train_time, images_seen = [], 0.0, 0
-                window_start = time.perf_counter()
-            if iteration >= t.max_iterations:
-                break
-            step_start = time.perf_counter()
-        epoch, position = epoch + 1, 0
-    if writer:
-        writer.close()
+
+class Meter:
+    """Loss and speed since the last evaluation (what a report holds) and since the last progress line."""
+
+    def __init__(self, iteration: int):
+        self.started, self.start_iteration = time.perf_counter(), iteration
+        self.window_start, self.window_images = self.started, 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses, self.train_time, self.images = [], 0.0, 0
+        self.window_start = time.perf_counter()
+
+    def step(self, loss: float, seconds: float, images: int) -> None:
+        self.losses.append(loss)
+        self.train_time += seconds
+        self.images += images
+        self.window_images += images
+
+    def progress(self, iteration: int, max_iterations: int) -> tuple:
+        """(images/s since the last progress line, ETA text); starts the next window."""
+        now = time.perf_counter()
+        speed = self.window_images / max(now - self.window_start, 1e-9)
+        per_iteration = (now - self.started) / max(iteration - self.start_iteration, 1)
+        self.window_start, self.window_images = now, 0
+        return speed, _eta(per_iteration * (max_iterations - iteration))
+
+
+def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> tuple:
+    """One SGD step at the poly learning rate; returns (lr, loss averaged over workers). A non-finite loss
+    raises FloatingPointError on every rank at once (they all see the same mean)."""
+    t, device = run.cfg.train, run.worker.device
+    lr = poly_lr(t.lr, run.iteration, t.max_iterations, t.poly_power)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    images = images.to(device, non_blocking=True, memory_format=run.memory_format)
+    masks = masks.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+        logits = run.model(images)
+    if logits.shape[-2:] != masks.shape[-2:]:
+        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    # weighted by this rank's share of the global batch, so that DDP's mean over ranks is the global batch's
+    share = run.batch * run.worker.world_size / t.batch_size
+    loss = F.cross_entropy(logits.float(), masks, ignore_index=run.cfg.data.ignore_index) * share
+    loss_value = _mean_across(loss.detach(), run.worker).item()
+    if not math.isfinite(loss_value):
+        raise FloatingPointError(f"loss is {loss_value} at iteration {run.iteration + 1}")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.iteration += 1
+    return lr, loss_value
+
+
+def log_progress(run: Run, meter: Meter, lr: float, loss: float) -> None:
+    speed, eta = meter.progress(run.iteration, run.cfg.train.max_iterations)
+    print(f"iter {run.iteration}/{run.cfg.train.max_iterations}  loss {loss:.4f}  lr {lr:.2e}  "
+          f"{speed:.1f} img/s  eta {eta}", flush=True)
+    if run.writer:
+        run.writer.add_scalar("train/loss", loss, run.iteration)
+        run.writer.add_scalar("train/lr", lr, run.iteration)
+        run.writer.add_scalar("train/images_per_s", speed, run.iteration)
+
+
+def evaluate_shard(model: nn.Module, dataset, num_classes: int, worker: Worker, amp: Optional[torch.dtype] = None,
+                   ignore_index: int = 255):
+    """This rank's share of the validation set (every world_size-th image), all-reduced: the confusion
+    matrix of the whole set on every rank. Runs the bare module: no DDP collectives in eval."""
+    shard = Subset(dataset, range(worker.rank, len(dataset), worker.world_size))
+    loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0)
+    predict = model_predictor(unwrap(model), device=worker.device, amp=amp)
+    return evaluate(predict, loader, num_classes, ignore_index).all_reduce()
+
+
+def evaluate_and_report(run: Run, meter: Meter, epoch: int, lr: float) -> dict:
+    """Every rank evaluates its shard and reports the same metrics; rank 0 attaches the checkpoint."""
+    cm = evaluate_shard(run.model, run.val_set, run.num_classes, run.worker, run.amp, run.cfg.data.ignore_index)
+    metrics = {"iteration": run.iteration, "epoch": epoch, "loss": float(np.mean(meter.losses)), "lr": lr,
+               "images_per_s": meter.images / max(meter.train_time, 1e-9), "val_miou": float(cm.miou()),
+               "val_iou": [float(v) for v in cm.iou()]}
+    rng = _gather_rng(run.worker)
+    if run.main:
+        print(f"eval at iter {run.iteration}: val mIoU {metrics['val_miou']:.4f}", flush=True)
+        if run.writer:
+            run.writer.add_scalar("val/miou", metrics["val_miou"], run.iteration)
+            run.writer.flush()
+    _report(run, metrics, rng)
+    meter.reset()
     return metrics
 
 
-def _report(cfg, worker: Worker, model, optimizer, scaler, metrics: dict, rng: list) -> None:
+def _report(run: Run, metrics: dict, rng: list) -> None:
     """Every rank reports; rank 0 attaches a checkpoint directory with model.ckpt (removed afterwards:
     the runner copies what it keeps)."""
+    worker = run.worker
     if worker.rank != 0:
         worker.report(metrics, None)
         return
     folder = tempfile.mkdtemp(prefix="deeplab-ckpt-")
     try:
-        save_checkpoint(os.path.join(folder, CHECKPOINT_FILE), worker.plain_model(model), cfg,
-                        iteration=metrics["iteration"], optimizer=optimizer.state_dict(),
-                        scaler=scaler.state_dict(), metrics=metrics, rng=rng)
+        save_checkpoint(os.path.join(folder, CHECKPOINT_FILE), worker.plain_model(run.model), run.cfg,
+                        iteration=metrics["iteration"], optimizer=run.optimizer.state_dict(),
+                        scaler=run.scaler.state_dict(), metrics=metrics, rng=rng)
         worker.report(metrics, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
+
+def train_one_epoch(run: Run, meter: Meter, epoch: int, position: int) -> Optional[dict]:
+    """Steps through this rank's shard of ``epoch`` from batch ``position``, logging and evaluating on
+    schedule, until the epoch or the run ends; returns the last evaluation's metrics (None: none ran)."""
+    t = run.cfg.train
+    run.sampler.set_epoch(epoch)
+    if hasattr(run.train_set, "set_epoch"):  # new augmentations each epoch, the same ones on a replay
+        run.train_set.set_epoch(epoch)
+    run.sampler.start = position
+    run.generator.manual_seed(t.seed * 100003 + epoch * 1009 + run.worker.rank)  # loader worker seeds
+    metrics = None
+    step_start = time.perf_counter()
+    for images, masks in run.loader:
+        lr, loss = train_step(run, images, masks)
+        meter.step(loss, time.perf_counter() - step_start, t.batch_size)
+        last = run.iteration == t.max_iterations
+        if run.main and (run.iteration % t.log_interval == 0 or last):
+            log_progress(run, meter, lr, loss)
+        if run.iteration % t.eval_interval == 0 or last:
+            metrics = evaluate_and_report(run, meter, epoch, lr)
+        if run.iteration >= t.max_iterations:
+            break
+        step_start = time.perf_counter()
+    return metrics
+
+
+def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:
+    """Train one worker's share of the run; returns the last reported metrics."""
+    run = setup(cfg, worker or Worker())
+    meter = Meter(run.iteration)
+    metrics: dict = {}
+    epoch, position = divmod(run.iteration, run.steps_per_epoch)
+    try:
+        while run.iteration < cfg.train.max_iterations:
+            metrics = train_one_epoch(run, meter, epoch, position) or metrics
+            epoch, position = epoch + 1, 0
+    finally:
+        if run.writer:
+            run.writer.close()
+    return metrics

@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, add_config_args, apply_overrides, experiment_from_dict, load_config, to_plain
-from .inference import PAPER_SCALES, evaluate
+from .checkpoint import load_checkpoint
+from .cli import OutputError, command
+from .config import Alias, ConfigError, add_config_args, config_from_args
+from .data import build_dataset, dataset_info, detect_format
+from .fileio import ensure_dir, write_text_atomic
+from .inference import PAPER_SCALES, Progress, evaluate, model_predictor
+
+DATA_ALIASES = [Alias("--format", "data.dataset", "layout of --data (default: guessed from the folder)",
+                      choices=("voc", "cityscapes", "ade20k", "folder", "synthetic"))]
 
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
@@ -41,35 +47,17 @@ def inference_options(args) -> dict:
 
 
 def resolve_experiment(ckpt, args):
-    """The ExperimentConfig to use: --config if given, else the checkpoint's (or defaults), with --set,
-    then --data/--format on top."""
-    from .data import detect_format
-
-    if args.config:
-        exp = load_config(args.config, args.overrides)
-    else:
-        base = to_plain(ckpt.experiment) if ckpt.experiment is not None else {}
-        exp = experiment_from_dict(apply_overrides(base, args.overrides), "checkpoint config")
-    data = exp.data
-    if getattr(args, "data", None):
-        if args.data == "synthetic":
-            data.dataset = "synthetic"
-        else:
-            data.root = args.data
-            data.dataset = args.format or detect_format(args.data)
-    elif getattr(args, "format", None):
-        data.dataset = args.format
-    return exp
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """The ExperimentConfig to use: --config if given, else the checkpoint's (or defaults), then --set and the
+    shorthand flags; --data DIR sets data.root (and data.dataset, guessed from the layout unless --format)."""
+    extra = []
+    data = getattr(args, "data", None)
+    if data == "synthetic":
+        extra.append(("data.dataset=synthetic", "--data synthetic"))
+    elif data:
+        extra.append((f"data.root={data}", f"--data {data}"))
+        if not getattr(args, "format", None):
+            extra.append((f"data.dataset={detect_format(data)}", f"--data {data}"))
+    return config_from_args(args, base=ckpt.experiment, extra=tuple(extra))
 
 
 def format_table(result: dict) -> str:
@@ -81,58 +69,63 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deeplab.evaluate", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a DeepLabv3 checkpoint (.ckpt)")
     parser.add_argument("--data", help="dataset folder, or 'synthetic' (default: the checkpoint's data section)")
-    parser.add_argument("--format", choices=["voc", "cityscapes", "ade20k", "folder", "synthetic"],
-                        help="layout of --data (default: guessed)")
-    parser.add_argument("--split", help="split to evaluate (default: data.val_split)")
     add_inference_args(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="images per batch (>1 needs data.val_size)")
-    parser.add_argument("--workers", type=int, help="DataLoader workers (default: data.loader_workers)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("-o", "--output", help="JSON results (default: CHECKPOINT.eval-SPLIT.json)")
-    add_config_args(parser)
-    args = parser.parse_args(argv)
+    add_config_args(parser, aliases=DATA_ALIASES + [
+        Alias("--split", "data.val_split", "split to evaluate"),
+        Alias("--workers", "data.loader_workers", "DataLoader workers")])
+    return parser.parse_args(argv)
 
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .data import DatasetError, build_dataset, dataset_info
 
-    try:
-        opts = inference_options(args)
-        ckpt = load_checkpoint(args.checkpoint)
-        exp = resolve_experiment(ckpt, args)
-        data = exp.data
-        split = args.split or data.val_split
-        info = dataset_info(data)
-        if info.num_classes != ckpt.config.num_classes:
-            raise ConfigError(f"{args.checkpoint}: the model predicts {ckpt.config.num_classes} classes but the "
-                              f"{data.dataset} dataset has {info.num_classes}; point --data at its dataset")
-        if args.batch_size > 1 and not data.val_size:
-            raise ConfigError(f"--batch-size {args.batch_size} needs equal-sized images: "
-                              "--set data.val_size=513 (or the largest image side)")
-        dataset = build_dataset(data, split, train=False)
-        if args.limit:
-            dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
-        workers = data.loader_workers if args.workers is None else args.workers
-        loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
-        out = Path(args.output) if args.output else Path(f"{args.checkpoint}.eval-{split}.json")
-        os_ = opts["output_stride"] or ckpt.config.output_stride
-        print(f"evaluating {args.checkpoint} on {data.dataset} {split} ({len(dataset)} images) at output stride "
-              f"{os_}, scales {list(opts['scales'])}, flip {opts['flip']}", file=sys.stderr)
-        start = time.monotonic()
-        cm = evaluate(ckpt.model, loader, info.num_classes, ignore_index=data.ignore_index, progress=True, **opts)
-    except (CheckpointError, DatasetError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def _loader(exp, ckpt, args):
+    """The evaluation DataLoader for the experiment's val split, checked against the model's classes."""
+    data = exp.data
+    info = dataset_info(data)
+    if info.num_classes != ckpt.config.num_classes:
+        raise ConfigError(f"{args.checkpoint}: the model predicts {ckpt.config.num_classes} classes but the "
+                          f"{data.dataset} dataset has {info.num_classes}; point --data at its dataset")
+    if args.batch_size > 1 and not data.val_size:
+        raise ConfigError(f"--batch-size {args.batch_size} needs equal-sized images: "
+                          "--set data.val_size=513 (or the largest image side)")
+    dataset = build_dataset(data, data.val_split, train=False)
+    if args.limit:
+        dataset = torch.utils.data.Subset(dataset, range(min(args.limit, len(dataset))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=data.loader_workers)
+    return loader, info
+
+
+@command
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    opts = inference_options(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    exp = resolve_experiment(ckpt, args)
+    data, split = exp.data, exp.data.val_split
+    loader, info = _loader(exp, ckpt, args)
+    out = Path(args.output) if args.output else Path(f"{args.checkpoint}.eval-{split}.json")
+    if out.is_dir():  # say so now, not after the evaluation
+        raise OutputError(out, "it is a folder; expected a file name")
+    ensure_dir(out.parent)
+    os_ = opts["output_stride"] or ckpt.config.output_stride
+    images = len(loader.dataset)
+    print(f"evaluating {args.checkpoint} on {data.dataset} {split} ({images} images) at output stride "
+          f"{os_}, scales {list(opts['scales'])}, flip {opts['flip']}", file=sys.stderr)
+    start = time.monotonic()
+    cm = evaluate(model_predictor(ckpt.model, **opts), loader, info.num_classes, data.ignore_index,
+                  progress=Progress(images, "eval").update)
     result = cm.to_dict(info.class_names)
     result.update({"checkpoint": str(args.checkpoint), "dataset": data.dataset, "root": data.root, "split": split,
-                   "images": len(dataset), "output_stride": os_, "scales": list(opts["scales"]),
+                   "images": images, "output_stride": os_, "scales": list(opts["scales"]),
                    "flip": opts["flip"], "window": opts["window"], "seconds": round(time.monotonic() - start, 2)})
     print(format_table(result))
-    _atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0
 

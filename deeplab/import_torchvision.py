@@ -9,10 +9,12 @@ DeepLabV3 file becomes ``head="torchvision"`` at output stride 8 with torchvisio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from .checkpoint import CheckpointError, read_weights_file, save_checkpoint
-from .config import BACKBONE_LAYERS, ConfigError, ModelConfig, add_config_args, load_config
+from .cli import command
+from .config import BACKBONE_LAYERS, ModelConfig, add_config_args, config_from_args
 from .model import build_model, load_backbone_weights
 
 ARCHS = ("resnet50", "resnet101", "resnet152", "deeplabv3_resnet50", "deeplabv3_resnet101")
@@ -68,6 +70,7 @@ def import_state_dict(state: dict, arch: str | None = None, base: ModelConfig | 
     return model, cfg, report
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deeplab.import_torchvision", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,20 +79,15 @@ def main(argv=None) -> int:
     parser.add_argument("--arch", choices=ARCHS, help="architecture (default: detected from the keys)")
     add_config_args(parser)
     args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    state = read_weights_file(args.file)
     try:
-        cfg = load_config(args.config, args.overrides)
-        state = read_weights_file(args.file)
         if not isinstance(state, dict):
             raise ValueError("not a state dict")
         model, model_cfg, report = import_state_dict(state, args.arch, cfg.model)
-        cfg.model = model_cfg
-        save_checkpoint(args.output, model, cfg, imported_from=str(args.file))
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except (ValueError, KeyError) as e:
-        print(f"error: {args.file}: {e}", file=sys.stderr)
-        return 1
+        raise CheckpointError(f"{args.file}: {e}") from None
+    save_checkpoint(args.output, model, dataclasses.replace(cfg, model=model_cfg), imported_from=str(args.file))
     extra = [k for k in report["unexpected"] if not k.startswith("fc.")]
     print(f"imported {report['loaded']} tensors from {args.file} as {model_cfg.backbone} head={model_cfg.head} "
           f"OS{model_cfg.output_stride}; {len(report['missing'])} left at initialization"

@@ -3,6 +3,9 @@ and left-right flips with softmax probabilities averaged, and sliding windows fo
 limit (Cityscapes is 1024x2048).
 
 ``predict_logits`` returns scores whose softmax is the averaged probability; ``argmax(1)`` is the label map.
+``evaluate(predict, batches, num_classes)`` is the one evaluator, for any backend: ``model_predictor(model, ...)``
+makes ``predict`` for a torch model (the training loop, the evaluate command, the demo); export's runners are
+others.
 """
 from __future__ import annotations
 
@@ -10,8 +13,9 @@ import math
 import sys
 import time
 from contextlib import contextmanager
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -125,30 +129,60 @@ class Progress:
               end="\n" if self.done >= self.total else "", file=self.stream or sys.stderr, flush=True)
 
 
-@torch.no_grad()
-def evaluate(model, loader, num_classes: int, output_stride: Optional[int] = None,
-             scales: Sequence[float] = (1.0,), flip: bool = False, window=None, ignore_index: int = 255,
-             device=None, progress: bool = False, max_batches: Optional[int] = None) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over ``loader`` (batches of (images, masks)) at full label resolution.
+@contextmanager
+def eval_mode(model):
+    """Every module in eval mode inside the block; afterwards each module back in the mode it had, so a
+    frozen BatchNorm in a training model stays frozen (``model.train(was_training)`` would unfreeze it)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
-    Runs in eval mode and restores the previous mode. Does not all-reduce: in distributed evaluation each
-    worker evaluates its shard, then calls ``cm.all_reduce()``.
-    """
+
+def _memory_format(model) -> torch.memory_format:
+    """channels_last when the model's first convolution weight is stored so (inputs follow the weights)."""
+    weight = next((p for p in model.parameters() if p.dim() == 4), None)
+    if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def model_predictor(model, output_stride: Optional[int] = None, scales: Sequence[float] = (1.0,), flip: bool = False,
+                    window=None, device=None, amp: Optional[torch.dtype] = None) -> Callable:
+    """``predict(images (N,3,H,W)) -> logits (N,C,H,W)`` for a torch model, as `evaluate` takes it: images moved
+    to the model's device and memory format, the model in eval mode for the call (each module's mode restored
+    after it), under autocast to ``amp`` when given, with `predict_logits`'s stride, scales, flips and windows."""
     if device is None:
         device = next(model.parameters()).device
+    device = torch.device(device)
+    memory_format = _memory_format(model)
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        with eval_mode(model), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            return predict_logits(model, images, output_stride, scales, flip, window)
+
+    return predict
+
+
+def evaluate(predict: Callable, batches: Iterable, num_classes: int, ignore_index: int = 255,
+             progress: Optional[Callable[[int], None]] = None) -> ConfusionMatrix:
+    """The one evaluator: the confusion matrix of ``predict`` over ``batches`` of ``(images, masks)``.
+
+    ``predict(images (N,3,H,W) tensor) -> logits (N,C,H,W)`` at the image size, a torch tensor or a numpy array
+    (any backend: `model_predictor` for torch models, an ONNX / OpenVINO / TensorRT runner). ``progress`` is
+    called with the number of images after each batch. No all-reduce: in distributed evaluation each worker
+    evaluates its shard, then calls ``cm.all_reduce()``.
+    """
     cm = ConfusionMatrix(num_classes, ignore_index)
-    was_training = model.training
-    model.eval()
-    total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    bar = Progress(total, "eval", "batches", enabled=progress)
-    try:
-        for i, (images, masks) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            images = images.to(device, non_blocking=True)
-            scores = predict_logits(model, images, output_stride, scales, flip, window)
-            cm.update(scores.argmax(1).cpu(), masks)
-            bar.update()
-    finally:
-        model.train(was_training)
+    for images, masks in batches:
+        logits = predict(images)
+        if isinstance(logits, np.ndarray):
+            logits = torch.from_numpy(logits)
+        cm.update(logits.argmax(1).cpu(), masks)
+        if progress is not None:
+            progress(len(images))
     return cm

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 
 class ConfusionMatrix:
@@ -40,8 +41,6 @@ class ConfusionMatrix:
 
     def all_reduce(self) -> "ConfusionMatrix":
         """Sum over all workers when torch.distributed is initialized (no-op otherwise)."""
-        import torch.distributed as dist
-
         if dist.is_available() and dist.is_initialized():
             mat = self.mat
             if dist.get_backend() == "nccl":

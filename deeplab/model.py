@@ -206,13 +206,13 @@ def _aux_head(in_channels: int, num_classes: int) -> nn.Sequential:
 class DeepLabV3(nn.Module):
     """``forward(images)`` returns logits (N, num_classes, H, W) at the input size."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, zero_init_last: bool = True):
         super().__init__()
         self.config = cfg
         self.backbone = ResNetBackbone(cfg)
         self.classifier = _head(cfg, self.backbone.out_channels)
         self.aux_classifier = _aux_head(self.backbone.aux_channels, cfg.num_classes) if cfg.aux_head else None
-        _init_weights(self)
+        _init_weights(self, zero_init_last)
 
     @property
     def output_stride(self) -> int:
@@ -226,20 +226,16 @@ class DeepLabV3(nn.Module):
         self.config = cfg
         return self
 
-    def forward_features(self, images) -> dict:
-        """Logits at feature resolution: ``out``, and ``aux`` when the auxiliary head exists."""
-        features = self.backbone(images)
-        result = {"out": self.classifier(features["out"])}
-        if self.aux_classifier is not None:
-            result["aux"] = self.aux_classifier(features["aux"])
-        return result
-
     def forward(self, images):
         logits = self.classifier(self.backbone(images)["out"])
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def _init_weights(model: nn.Module) -> None:
+def _init_weights(model: DeepLabV3, zero_init_last: bool) -> None:
+    """He init for convolutions, BN as identity; then the start that trains from scratch: with
+    ``zero_init_last`` each residual unit begins as identity (its last BN scale 0, Goyal et al. 2017, timm's
+    zero_init_last), and the logits begin near 0 (loss ln C), so the first iterations are not spent undoing
+    huge outputs. Pretrained weights loaded afterwards replace what they cover."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -248,21 +244,21 @@ def _init_weights(model: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    if zero_init_last:
+        for m in model.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+    logits = model.classifier[-1]
+    nn.init.normal_(logits.weight, std=0.01)
+    nn.init.zeros_(logits.bias)
 
 
-def load_backbone_weights(model: DeepLabV3, state_dict_or_path) -> dict:
-    """Load an ImageNet ResNet (torchvision keys, e.g. ``resnet101-*.pth``) into the backbone.
+def load_backbone_weights(model: DeepLabV3, state: dict) -> dict:
+    """Load an ImageNet ResNet state dict (torchvision keys, e.g. ``resnet101-*.pth``) into the backbone.
 
     Returns ``{"loaded": n, "missing": [...], "unexpected": [...]}``; ``fc.*`` is expected to be unexpected.
-    Raises ValueError naming the file when shapes disagree or nothing matches.
+    Raises ValueError when shapes disagree or nothing matches (the caller names the file).
     """
-    where = str(state_dict_or_path) if not isinstance(state_dict_or_path, dict) else "state dict"
-    if isinstance(state_dict_or_path, dict):
-        state = state_dict_or_path
-    else:
-        from .checkpoint import read_weights_file
-
-        state = read_weights_file(state_dict_or_path)
     state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
     if any(k.startswith("backbone.") for k in state):
         state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
@@ -270,19 +266,20 @@ def load_backbone_weights(model: DeepLabV3, state_dict_or_path) -> dict:
     matched = {k: v for k, v in state.items() if k in own}
     wrong = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in matched.items() if v.shape != own[k].shape]
     if wrong:
-        raise ValueError(f"{where}: backbone weights do not fit {model.config.backbone} "
+        raise ValueError(f"backbone weights do not fit {model.config.backbone} "
                          f"({len(wrong)} shape mismatches, e.g. {wrong[0]})")
     if not matched:
-        raise ValueError(f"{where}: no ResNet keys (conv1.weight, layer1.0.conv1.weight, ...) found")
+        raise ValueError("no ResNet keys (conv1.weight, layer1.0.conv1.weight, ...) found")
     model.backbone.load_state_dict(matched, strict=False)
     return {"loaded": len(matched), "missing": sorted(set(own) - set(matched)),
             "unexpected": sorted(set(state) - set(own))}
 
 
-def build_model(cfg: Optional[ModelConfig] = None, **overrides) -> DeepLabV3:
-    """The one builder: ``build_model(ModelConfig(...))`` or ``build_model(backbone="resnet50", ...)``."""
+def build_model(cfg: Optional[ModelConfig] = None, zero_init_last: bool = True, **overrides) -> DeepLabV3:
+    """The one builder: ``build_model(ModelConfig(...))`` or ``build_model(backbone="resnet50", ...)``.
+    The weights start as for training from scratch (see `_init_weights`)."""
     if cfg is None:
         cfg = ModelConfig(**overrides)
     elif overrides:
         cfg = ModelConfig(**{**cfg.__dict__, **overrides})
-    return DeepLabV3(cfg)
+    return DeepLabV3(cfg, zero_init_last)

@@ -8,16 +8,19 @@ For each image (or every image in a folder) writes three PNGs into DIR:
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from .checkpoint import load_checkpoint
+from .cli import command
 from .config import ConfigError, add_config_args
+from .data import DatasetError, dataset_info, normalize, read_image
 from .evaluate import add_inference_args, inference_options, resolve_experiment
-from .inference import Progress, predict_logits
+from .fileio import atomic_path, ensure_dir
+from .inference import Progress, model_predictor
 from .palette import overlay, palette_bytes, voc_palette
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -36,12 +39,8 @@ def _expand(paths) -> list:
 
 def _save(image: Image.Image, path: Path) -> None:
     """Atomic: a reader never sees half a PNG."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_prediction(out_dir: Path, name: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
@@ -58,7 +57,18 @@ def write_prediction(out_dir: Path, name: str, image: np.ndarray, labels: np.nda
     return paths
 
 
-def main(argv=None) -> int:
+def _names_and_palette(exp, num_classes: int) -> tuple:
+    """Class names and colours of the experiment's dataset when it has the model's classes, else generic."""
+    try:
+        info = dataset_info(exp.data)
+    except DatasetError:
+        info = None
+    if info is not None and info.num_classes == num_classes:
+        return info.class_names, info.palette
+    return [f"class_{i}" for i in range(num_classes)], voc_palette(num_classes)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deeplab.predict", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a DeepLabv3 checkpoint (.ckpt)")
@@ -67,39 +77,22 @@ def main(argv=None) -> int:
     add_inference_args(parser)
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0-1)")
     add_config_args(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    import torch
 
-    from .checkpoint import CheckpointError, load_checkpoint
-    from .data import DatasetError, dataset_info, normalize, read_image
-
-    try:
-        if not 0 <= args.alpha <= 1:
-            raise ConfigError(f"--alpha {args.alpha}: must be between 0 and 1")
-        opts = inference_options(args)
-        ckpt = load_checkpoint(args.checkpoint)
-        exp = resolve_experiment(ckpt, args)
-        n = ckpt.config.num_classes
-        try:
-            info = dataset_info(exp.data)
-        except DatasetError:
-            info = None
-        if info is not None and info.num_classes == n:
-            names, palette = info.class_names, info.palette
-        else:
-            names, palette = [f"class_{i}" for i in range(n)], voc_palette(n)
-        files = _expand(args.images)
-        if not files:
-            raise DatasetError(f"{', '.join(args.images)}: no images found")
-    except (CheckpointError, DatasetError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-    out_dir = Path(args.output)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model = ckpt.model.eval()
-    device = next(model.parameters()).device
+@command
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not 0 <= args.alpha <= 1:
+        raise ConfigError(f"--alpha {args.alpha}: must be between 0 and 1")
+    opts = inference_options(args)
+    ckpt = load_checkpoint(args.checkpoint)
+    names, palette = _names_and_palette(resolve_experiment(ckpt, args), ckpt.config.num_classes)
+    files = _expand(args.images)
+    if not files:
+        raise DatasetError(f"{', '.join(args.images)}: no images found")
+    out_dir = ensure_dir(args.output)
+    predict = model_predictor(ckpt.model, **opts)
     failures, used = 0, set()
     bar = Progress(len(files), "predict", enabled=len(files) > 1)
     for path in files:
@@ -114,11 +107,9 @@ def main(argv=None) -> int:
         while name in used:  # same stem from two folders: keep both
             name += "_"
         used.add(name)
-        with torch.no_grad():
-            scores = predict_logits(model, normalize(image)[None].to(device), **opts)
-        labels = scores.argmax(1)[0].cpu().numpy()
+        labels = predict(normalize(image)[None]).argmax(1)[0].cpu().numpy()
         paths = write_prediction(out_dir, name, image, labels, palette, args.alpha)
-        counts = np.bincount(labels.ravel(), minlength=n)
+        counts = np.bincount(labels.ravel(), minlength=len(names))
         found = ", ".join(f"{names[k]} {100 * counts[k] / labels.size:.0f}%" for k in np.argsort(-counts)
                           if counts[k])
         bar.update()

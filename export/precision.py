@@ -21,6 +21,7 @@ import torch
 
 from deeplab.cli import UserError
 from deeplab.fileio import atomic_path
+from deeplab.inference import evaluate
 
 from .metadata import read_metadata, set_metadata
 from .runtime import OnnxRunner
@@ -191,16 +192,6 @@ def _toposort(graph) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- accuracy
-def _evaluate(predict: Callable, batches, num_classes: int, ignore_index: int = 255):
-    """Private shim for deeplab.inference.evaluate(predict, batches, num_classes, ignore_index) until it lands."""
-    from deeplab import ConfusionMatrix
-
-    cm = ConfusionMatrix(num_classes, ignore_index)
-    for images, masks in batches:
-        cm.update(torch.as_tensor(predict(images)).argmax(1), masks)
-    return cm
-
-
 def _recording(predict: Callable, preds: list) -> Callable:
     """`predict` that also keeps each batch's label map, for pixel agreement between backends."""
     def run(images):
@@ -221,7 +212,7 @@ def accuracy_report(models: Dict[str, object], batches: Sequence, num_classes: i
         predict = model if callable(model) else OnnxRunner(model, ["CPUExecutionProvider"])
         preds = []
         t0 = time.time()
-        miou = 100 * _evaluate(_recording(predict, preds), batches, num_classes, ignore_index).miou()
+        miou = 100 * evaluate(_recording(predict, preds), batches, num_classes, ignore_index).miou()
         ref_preds = preds if ref_preds is None else ref_preds
         same = sum(int((p == r).sum()) for p, r in zip(preds, ref_preds))
         results[name] = {"miou": miou, "agreement": same / max(1, sum(p.numel() for p in preds))}

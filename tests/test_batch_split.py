@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from deeplab.engine import GlobalBatchSampler, split_batch
+from deeplab.config import split_batch
+from deeplab.engine import GlobalBatchSampler
 
 
 def test_shares_differ_by_one_at_most_and_add_up_to_the_global_batch():

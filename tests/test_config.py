@@ -1,4 +1,6 @@
 """One config system: YAML files, --set overrides, one-line errors naming the field."""
+from pathlib import Path
+
 import pytest
 
 from deeplab.config import ConfigError, load_config, save_config
@@ -38,14 +40,18 @@ def test_bad_override_and_missing_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_configs_in_repo_load():
-    from pathlib import Path
+def test_configs_in_repo_are_valid():
+    """Every shipped config passes every check; the dataset and weight paths they name are placeholders a user
+    points at their own files (load_config checks those, see test_paths_must_exist_where_the_user_names_them)."""
+    import yaml
+
+    from deeplab.config import experiment_from_dict
 
     files = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert len(files) >= 6
     for f in files:
-        if f.name.startswith("search_"):
-            continue  # search spaces, not experiment files
-        load_config(f)
+        experiment_from_dict(yaml.safe_load(f.read_text()), str(f))
+    load_config(Path(__file__).parents[1] / "configs" / "demo.yaml")
 
 
 def test_shorthand_flag_is_the_set_override(tmp_path):
@@ -60,17 +66,17 @@ def test_shorthand_flag_is_the_set_override(tmp_path):
                                      Alias("--use-gpu", "cluster.use_gpu", "GPUs", switch=True),
                                      Alias("--rates", "model.aspp_rates", "rates", nargs="+")])
     assert "cluster.num_workers; config default: 2" in " ".join(parser.format_help().split())
-    args = parser.parse_args(["--set", "cluster.num_workers=3", "--num-workers", "4", "--use-gpu",
+    args = parser.parse_args(["--set", "cluster.num_workers=3", "--num-workers", "8", "--use-gpu",
                               "--rates", "3", "6"])
     cfg = config_from_args(args)
-    assert (cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.model.aspp_rates) == (4, True, (3, 6))
+    assert (cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.model.aspp_rates) == (8, True, (3, 6))
     with pytest.raises(ConfigError, match="output_stride=4"):
         bad = argparse.ArgumentParser()
         add_config_args(bad, aliases=[Alias("--output-stride", "model.output_stride")])
         config_from_args(bad.parse_args(["--output-stride", "4"]))
     # a base experiment (a checkpoint's own) is kept unless --config replaces it
     base = config_from_args(parser.parse_args(["--set", "train.lr=0.5"]))
-    assert config_from_args(parser.parse_args(["--num-workers", "5"]), base=base).train.lr == 0.5
+    assert config_from_args(parser.parse_args(["--num-workers", "4"]), base=base).train.lr == 0.5
 
 
 def test_atomic_path_keeps_old_file_on_failure(tmp_path):
@@ -86,3 +92,199 @@ def test_atomic_path_keeps_old_file_on_failure(tmp_path):
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
     write_text_atomic(target, "new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every value is checked where the config is built (issue 15): one line naming the field, the value and what is
+# allowed; types before values; --set errors name --set, file errors name the file.
+
+DEMO = str(Path(__file__).parents[1] / "configs" / "demo.yaml")
+
+
+@pytest.mark.parametrize("item,message", [
+    ("train.lr=-0.01", "train.lr=-0.01 must be a learning rate > 0, e.g. 0.007"),
+    ("train.lr=fast", "train.lr='fast' must be a number"),
+    ("model.output_stride=16.0", "model.output_stride=16.0 must be an integer"),
+    ("model.aspp_rates=[]", "model.aspp_rates=[] must be one or more atrous rates >= 1, e.g. [6, 12, 18]"),
+    ("train.momentum=1.5", "train.momentum=1.5 must be in [0, 1), e.g. 0.9"),
+    ("model.multi_grid=[one, two, four]", "model.multi_grid=['one', 'two', 'four'] must be a list of integers"),
+    ('train.batch_size="eight"', "train.batch_size='eight' must be an integer"),
+    ("train.max_iterations=ten", "train.max_iterations='ten' must be an integer"),
+    ("train.weight_decay=-1e-4", "train.weight_decay=-0.0001 must be >= 0, e.g. 0.0001"),
+    ("train.eval_interval=0", "train.eval_interval=0 must be >= 1"),
+    ("train.amp=fp8", "train.amp='fp8' is unknown; allowed: auto, bf16, fp16, off"),
+    ("train.bn_momentum=2", "train.bn_momentum=2 must be in (0, 1]"),
+    ("train.freeze_bn=maybe", "train.freeze_bn='maybe' must be true or false"),
+    ("data.crop_size=0", "data.crop_size=0 must be >= 1"),
+    ("data.scale_max=0.25", "data.scale_min=0.75, data.scale_max=0.25: need 0 < scale_min <= scale_max"),
+    ("data.dataset=coco", "data.dataset='coco' is unknown; allowed: synthetic, voc, cityscapes, ade20k, folder"),
+    ("data.synthetic_classes=20", "data.synthetic_classes=20 must be 2-12 (background + shapes)"),
+    ("data.loader_workers=-1", "data.loader_workers=-1 must be >= 0"),
+    ("cluster.num_workers=0", "cluster.num_workers=0 must be >= 1"),
+    ("cluster.cpus_per_worker=0", "cluster.cpus_per_worker=0 must be > 0"),
+    ("cluster.placement_strategy=EVERYWHERE", "cluster.placement_strategy='EVERYWHERE' is unknown; allowed: PACK"),
+    ("tune.reduction_factor=1", "tune.reduction_factor=1 must be >= 2"),
+    ("tune.scheduler=hyperband", "tune.scheduler='hyperband' is unknown; allowed: asha, fifo"),
+    ("tune.max_concurrent=0", "tune.max_concurrent=0 must be >= 1"),
+    ("export.precision=int4", "export.precision='int4' is unknown; allowed: fp32, fp16, bf16, int8"),
+    ("export.max_shape=4x3x1025", "export.max_shape='4x3x1025' must be 4 positive sizes NxCxHxW"),
+    ("export.min_shape=1x3x600x600", "export.min_shape/opt_shape/max_shape: H must satisfy min <= opt <= max, "
+                                     "got 600, 513, 1025"),
+])
+def test_a_bad_value_is_one_line_naming_the_set_item_and_field(item, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(DEMO, [item])
+    text = str(info.value)
+    assert text.startswith(f"--set {item}: {message}") and "\n" not in text, text
+
+
+def test_types_from_yaml_name_the_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  multi_grid: [one, two, four]\n")
+    with pytest.raises(ConfigError, match=r"^.*bad\.yaml: model\.multi_grid=\['one', 'two', 'four'\] must be a list "
+                                          r"of integers$"):
+        load_config(p)
+    p.write_text("train:\n  batch_size: \"eight\"\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: train\.batch_size='eight' must be an integer$"):
+        load_config(p)
+    p.write_text("train:\n  lr: 1e-3\n  weight_decay: 4e-5\n  amp: off\n")  # YAML 1.1 reads 1e-3 as text
+    cfg = load_config(p)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.amp) == (0.001, 4e-5, "off")
+
+
+def test_set_errors_name_the_set_item_not_the_file(tmp_path):
+    p = tmp_path / "base.yaml"
+    p.write_text("train:\n  lr: 0.01\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(p, ["train.momentum=1.5"])
+    assert str(info.value).startswith("--set train.momentum=1.5: ") and "base.yaml" not in str(info.value)
+    p.write_text("train:\n  momentum: 1.5\n")
+    with pytest.raises(ConfigError, match=r"base\.yaml: train\.momentum=1\.5"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"^--set model\.backbon=x: model has no field 'backbon'"):
+        load_config(None, ["model.backbon=x"])
+
+
+def test_checks_across_sections_name_what_the_user_wrote():
+    import argparse
+
+    from deeplab.config import Alias, add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, aliases=[Alias("--num-workers", "cluster.num_workers")])
+    # demo: global batch 8; over 3 workers 3, 3, 2 images; over 5 some worker would get 1
+    assert config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "3"])).cluster.num_workers == 3
+    with pytest.raises(ConfigError) as info:
+        config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "5"]))
+    assert str(info.value).startswith("--num-workers 5: train.batch_size=8 over 5 workers is 1 image per worker")
+    with pytest.raises(ConfigError, match=r"^--set train\.amp=fp16: train\.amp='fp16' needs GPUs"):
+        load_config(DEMO, ["train.amp=fp16"])
+    assert load_config(DEMO, ["train.amp=fp16", "cluster.use_gpu=true"]).train.amp == "fp16"
+
+
+def test_asha_grace_period_against_the_evaluations_of_a_trial():
+    """configs/search_demo.yaml with --max-iterations 32: 2 evaluations per trial, ASHA grace period 3."""
+    search = str(Path(DEMO).parent / "search_demo.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(search, ["tune.max_iterations=32"])
+    assert str(info.value) == ("--set tune.max_iterations=32: tune.grace_period=3 is more than the 2 evaluation(s) "
+                               "per trial (32 iterations, train.eval_interval 16): lower tune.grace_period to <= 2 "
+                               "or run more iterations per trial")
+    assert load_config(search, ["tune.max_iterations=32", "tune.scheduler=fifo"]).tune.max_iterations == 32
+    assert load_config(search, ["tune.max_iterations=48"]).tune.grace_period == 3
+
+
+def test_changed_fields_are_checked_again_by_check():
+    cfg = load_config(DEMO)
+    cfg.train.lr = -1
+    with pytest.raises(ConfigError, match=r"^train\.lr=-1 must be"):
+        cfg.check()
+    cfg.train.lr, cfg.cluster.num_workers = 0.01, 5
+    with pytest.raises(ConfigError, match="over 5 workers is 1 image per worker"):
+        cfg.check()
+
+
+def test_paths_must_exist_where_the_user_names_them(tmp_path):
+    (tmp_path / "notes.txt").write_text("not weights")
+    cases = {f"train.init_from={tmp_path / 'missing.ckpt'}": "no such file",
+             f"train.pretrained_backbone={tmp_path / 'notes.txt'}": "is not a PyTorch weights file",
+             f"train.init_from={tmp_path}": "is a folder, not a weights file"}
+    for item, problem in cases.items():
+        with pytest.raises(ConfigError) as info:
+            load_config(DEMO, [item])
+        assert str(info.value) == f"--set {item}: {item}: {problem}" + (
+            " (torch.save / .pth / .ckpt)" if "PyTorch" in problem else "")
+    with pytest.raises(ConfigError, match=r"data\.root=.*nope: dataset folder not found"):
+        load_config(DEMO, ["data.dataset=voc", f"data.root={tmp_path / 'nope'}"])
+    assert load_config(DEMO, [f"data.root={tmp_path / 'nope'}"]).data.root  # synthetic data reads no folder
+    remote = load_config(DEMO, ["train.init_from=s3://bucket/stage1.ckpt", "data.dataset=voc",
+                                "data.root=gs://bucket/voc"])  # remote: the workers read them
+    assert remote.train.init_from == "s3://bucket/stage1.ckpt"
+
+
+def test_a_checkpoints_experiment_loads_where_its_paths_do_not_exist(tmp_path, tiny_model_config):
+    """predict/evaluate/export of a checkpoint trained on another machine: its own data.root and init_from are
+    not checked; a path the user gives on top of it is."""
+    import argparse
+
+    from deeplab import build_model, load_checkpoint, save_checkpoint
+    from deeplab.config import ExperimentConfig, add_config_args, config_from_args, experiment_from_dict
+
+    exp = experiment_from_dict({"data": {"dataset": "voc", "root": "/data/elsewhere/VOC2012"},
+                                "train": {"init_from": "/runs/elsewhere/stage1.ckpt"}})
+    exp = ExperimentConfig(**{**exp.__dict__, "model": tiny_model_config})
+    save_checkpoint(tmp_path / "m.ckpt", build_model(tiny_model_config), exp)
+    ck = load_checkpoint(tmp_path / "m.ckpt")
+    parser = argparse.ArgumentParser()
+    add_config_args(parser)
+    assert config_from_args(parser.parse_args([]), base=ck.experiment).data.root == "/data/elsewhere/VOC2012"
+    with pytest.raises(ConfigError, match=r"^--set data\.root=/nope/voc: data\.root=/nope/voc: dataset folder"):
+        config_from_args(parser.parse_args(["--set", "data.root=/nope/voc"]), base=ck.experiment)
+
+
+def test_cluster_train_refuses_a_bad_config_in_one_line_before_ray_starts(tmp_path):
+    """`--set train.lr=-1` used to start Ray and fail in every worker, 83 lines. Ray writes its session folder
+    under RAY_TMPDIR when it starts: that folder stays empty."""
+    import os
+    import subprocess
+    import sys
+
+    ray_tmp = tmp_path / "ray"
+    ray_tmp.mkdir()
+    env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-m", "cluster.train", "--config", "configs/demo.yaml", "--set",
+                           "train.lr=-1", "--storage-path", str(tmp_path / "runs")], cwd=Path(DEMO).parents[1],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr == "error: --set train.lr=-1: train.lr=-1 must be a learning rate > 0, e.g. 0.007\n"
+    assert list(ray_tmp.iterdir()) == [] and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_search_refuses_a_grace_period_beyond_its_evaluations_dry_run_too(tmp_path, capsys, dry_run):
+    from tuning.search_rates import main
+
+    search = str(Path(DEMO).parent / "search_demo.yaml")
+    code = main(["--config", search, "--max-iterations", "32", "--storage-path", str(tmp_path), *dry_run])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "tune.grace_period=3 is more than the 2 evaluation(s)" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["deeplab.evaluate", "deeplab.predict", "deeplab.import_torchvision",
+                                     "deeplab.data"])
+def test_every_deeplab_command_answers_a_config_error_with_exit_2(command, tmp_path, capsys, tiny_model_config):
+    import importlib
+
+    from deeplab import build_model, save_checkpoint
+
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(ckpt, build_model(tiny_model_config), tiny_model_config)
+    argv = {"deeplab.evaluate": [str(ckpt)], "deeplab.predict": [str(ckpt), str(ckpt), "-o", str(tmp_path / "o")],
+            "deeplab.import_torchvision": [str(ckpt), "-o", str(tmp_path / "x.ckpt")],
+            "deeplab.data": ["check", "--format", "voc", "--root", str(tmp_path)]}[command]
+    module = importlib.import_module(command if command != "deeplab.data" else "deeplab.data.__main__")
+    assert module.main([*argv, "--set", "train.momentum=1.5"]) == 2
+    assert capsys.readouterr().err == "error: --set train.momentum=1.5: train.momentum=1.5 must be in [0, 1), e.g. 0.9\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]

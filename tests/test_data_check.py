@@ -85,7 +85,8 @@ def test_cityscapes_invalid_label_id_and_cli_exit_status(tmp_path):
 def test_missing_root_is_one_line_error(tmp_path, capsys):
     code = main(["check", "--root", str(tmp_path / "nope"), "--format", "voc"])
     err = capsys.readouterr().err
-    assert code == 1 and err.strip().count("\n") == 0 and f"{tmp_path / 'nope'}: dataset folder not found" in err
+    assert code == 2 and err.strip().count("\n") == 0
+    assert err == f"error: --root {tmp_path / 'nope'}: data.root={tmp_path / 'nope'}: dataset folder not found\n"
 
 
 def test_a_split_that_does_not_exist_names_those_that_do(tmp_path, capsys):

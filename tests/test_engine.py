@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from deeplab import load_checkpoint
-from deeplab.config import ConfigError, ExperimentConfig, ModelConfig, load_config
-from deeplab.engine import CHECKPOINT_FILE, Worker, per_worker_batch, poly_lr, train
+from deeplab.checkpoint import CHECKPOINT_FILE
+from deeplab.config import ConfigError, ExperimentConfig, load_config, per_worker_batch
+from deeplab.engine import Worker, poly_lr, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,11 +21,11 @@ def tiny_config(**train) -> ExperimentConfig:
         "data.synthetic_classes=4", "data.synthetic_size=80", "data.crop_size=65",
         "data.synthetic_train=8", "data.synthetic_val=2", "data.loader_workers=0",
         "train.batch_size=2", "train.max_iterations=6", "train.eval_interval=3", "train.log_interval=100",
-        "train.lr=0.01", "train.amp=off",
+        "train.lr=0.01", "train.amp=off", "cluster.num_workers=1",
     ])
     for k, v in train.items():
         setattr(cfg.train, k, v)
-    return cfg
+    return cfg.check()
 
 
 class Recorder:
@@ -121,3 +122,22 @@ def test_stage2_init_from_freezes_bn_and_keeps_weights(tmp_path):
             torch.testing.assert_close(after[f"{name}.{leaf}"], before[f"{name}.{leaf}"], rtol=0, atol=0)
     conv = "backbone.conv1.weight"
     assert not torch.equal(after[conv], before[conv])  # the rest trains
+
+
+def test_pretrained_backbone_is_read_by_the_caller_and_a_wrong_file_is_named(tmp_path):
+    """The model takes a state dict; the training loop reads the file and names it when it does not fit."""
+    from deeplab import ModelConfig, build_model
+    from deeplab.engine import build_model_for_training
+
+    resnet = build_model(ModelConfig(backbone="resnet_tiny", num_classes=4, aspp_channels=16)).backbone
+    good = tmp_path / "resnet_tiny.pth"
+    torch.save({**resnet.state_dict(), "fc.weight": torch.zeros(10, 32)}, good)
+    model, state = build_model_for_training(tiny_config(pretrained_backbone=str(good)), None)
+    assert state is None
+    torch.testing.assert_close(model.backbone.conv1.weight, resnet.conv1.weight, rtol=0, atol=0)
+    wrong = tmp_path / "other.pth"
+    torch.save({"encoder.weight": torch.zeros(3)}, wrong)
+    with pytest.raises(ConfigError) as info:
+        build_model_for_training(tiny_config(pretrained_backbone=str(wrong)), None)
+    assert str(info.value) == f"train.pretrained_backbone={wrong}: no ResNet keys (conv1.weight, " \
+                              "layer1.0.conv1.weight, ...) found"

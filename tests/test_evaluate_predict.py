@@ -60,7 +60,7 @@ def test_evaluate_on_a_voc_folder_given_by_data(tmp_path, capsys):
     save_checkpoint(ckpt, build_model(ModelConfig(backbone="resnet_tiny", num_classes=21, aspp_channels=16)),
                     ModelConfig(backbone="resnet_tiny", num_classes=21, aspp_channels=16))
     args = [str(ckpt), "--data", str(tmp_path / "data"), "--workers", "0", "-o", str(tmp_path / "voc.json")]
-    assert evaluate_main(args + ["--batch-size", "2"]) == 1
+    assert evaluate_main(args + ["--batch-size", "2"]) == 2
     assert "data.val_size" in capsys.readouterr().err
     assert evaluate_main(args + ["--batch-size", "2", "--set", "data.val_size=64", "--scales", "0.75", "1"]) == 0
     result = json.loads((tmp_path / "voc.json").read_text())
@@ -74,13 +74,19 @@ def _voc_val_masks(root):
 
 
 def test_evaluate_errors_are_one_line(synthetic_ckpt, tmp_path, capsys):
-    assert evaluate_main([str(tmp_path / "missing.ckpt")]) == 1
+    assert evaluate_main([str(tmp_path / "missing.ckpt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "missing.ckpt" in err
     make_voc(tmp_path / "voc")
-    assert evaluate_main([str(synthetic_ckpt), "--data", str(tmp_path / "voc")]) == 1
+    assert evaluate_main([str(synthetic_ckpt), "--data", str(tmp_path / "voc")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "predicts 4 classes but the voc dataset has 21" in err
+    (tmp_path / "results").mkdir()  # -o names a folder: refused before evaluating, nothing written
+    assert evaluate_main([str(synthetic_ckpt), "-o", str(tmp_path / "results")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'results'}: cannot write (it is a folder; expected a file name)\n"
+    assert list((tmp_path / "results").iterdir()) == []
+    assert evaluate_main([str(synthetic_ckpt), "--split", "test"]) == 2  # synthetic data has train and val
+    assert capsys.readouterr().err.count("\n") == 1
 
 
 def test_predict_writes_labels_colors_and_overlay(synthetic_ckpt, tmp_path, capsys):

@@ -55,6 +55,6 @@ def test_wrong_file_gives_one_line_error(tmp_path):
     torch.save({"foo": torch.zeros(3)}, bad)
     proc = subprocess.run([sys.executable, "-m", "deeplab.import_torchvision", str(bad), "-o", str(tmp_path / "o.ckpt")],
                           cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "random.pth" in proc.stderr
     assert not (tmp_path / "o.ckpt").exists()

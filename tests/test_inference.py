@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from deeplab import ConfusionMatrix, ModelConfig, build_model
-from deeplab.inference import PAPER_SCALES, evaluate, predict_logits, scaled_size
+from deeplab.inference import PAPER_SCALES, evaluate, model_predictor, predict_logits, scaled_size
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -119,8 +119,9 @@ def test_evaluate_matches_a_plain_loop_and_restores_train_mode():
         m[:3] = 255
     loader = DataLoader(data, batch_size=2)
     model.train()
-    cm = evaluate(model, loader, 3, output_stride=8, flip=True)
-    assert model.training and model.output_stride == 16
+    seen = []
+    cm = evaluate(model_predictor(model, output_stride=8, flip=True), loader, 3, progress=seen.append)
+    assert model.training and model.output_stride == 16 and seen == [2, 2]
     model.eval()
     ref = ConfusionMatrix(3)
     with torch.no_grad():
@@ -144,3 +145,14 @@ def test_bad_scales_are_rejected_by_the_cli_parser():
     with pytest.raises(ConfigError, match="scales must be > 0"):
         inference_options(parser.parse_args(["--scales", "1.0", "0"]))
     assert inference_options(parser.parse_args(["--multi-scale", "--flip"]))["scales"] == PAPER_SCALES
+
+
+def test_evaluate_takes_any_backend_returning_numpy_logits():
+    """export's runners return numpy arrays: the same evaluator, the same matrix as the torch path."""
+    model = Pointwise(classes=3)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(2, 3, 9, 9, generator=g), torch.randint(0, 3, (2, 9, 9), generator=g)) for _ in range(3)]
+    with torch.no_grad():
+        numpy_cm = evaluate(lambda x: model(x).numpy(), data, 3)
+    torch_cm = evaluate(model_predictor(model), data, 3)
+    assert torch.equal(numpy_cm.mat, torch_cm.mat) and int(numpy_cm.mat.sum()) == 3 * 2 * 81

@@ -191,3 +191,18 @@ def test_torchvision_head_matches_torchvision_layout_and_parameter_count(backbon
     assert [u.conv2.dilation[0] for u in model.backbone.layer4] == [2, 4, 4]
     assert [u.conv2.dilation[0] for u in model.backbone.layer3][:3] == [1, 2, 2]
     assert [b[0].dilation[0] for b in model.classifier[0].convs[1:4]] == [12, 24, 36]
+
+
+def test_builder_starts_weights_for_training_from_scratch(tiny_model_config):
+    """The init policy lives in the model: residual units start as identity (last BN scale 0, timm's
+    zero_init_last) and the logits near 0; zero_init_last=False keeps the last BN scales at 1."""
+    from deeplab.model import Bottleneck
+
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config)
+    units = [m for m in model.modules() if isinstance(m, Bottleneck)]
+    assert units and all(float(u.bn3.weight.abs().sum()) == 0 for u in units)
+    logits = model.classifier[-1]
+    assert float(logits.weight.std()) < 0.02 and float(logits.bias.abs().sum()) == 0
+    plain = build_model(tiny_model_config, zero_init_last=False)
+    assert all(bool((u.bn3.weight == 1).all()) for u in plain.modules() if isinstance(u, Bottleneck))

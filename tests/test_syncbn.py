@@ -241,7 +241,7 @@ def _rows(rank, workers=3, batch=8):
 
 def _worker_uneven(rank, port, out_dir):
     """SyncBN on this rank's share of 8 images, then a DDP step with the engine's share-weighted loss."""
-    from deeplab.engine import split_batch
+    from deeplab.config import split_batch
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,

@@ -140,15 +140,7 @@ def _build_tuner(cfg: ExperimentConfig, search_dir: Path, points: list, restore:
 
 
 def _checked(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The search's own limits on a loaded config."""
-    t = cfg.tune
-    if t.scheduler not in ("asha", "fifo"):
-        raise ConfigError(f"tune.scheduler={t.scheduler!r} is unknown; use asha or fifo")
-    for name in ("num_samples", "workers_per_trial", "max_concurrent", "grace_period", "reduction_factor"):
-        if getattr(t, name) < 1:
-            raise ConfigError(f"tune.{name}={getattr(t, name)} must be >= 1")
-    if t.max_iterations is not None and t.max_iterations < 1:
-        raise ConfigError(f"tune.max_iterations={t.max_iterations} must be >= 1")
+    """The search's own limit on a loaded (hence checked) config: results are read back from a filesystem."""
     if "://" in cfg.cluster.storage_path:
         raise ConfigError(f"cluster.storage_path={cfg.cluster.storage_path}: the search reads its results back from "
                           "a filesystem path; use a local or shared (NFS) directory")

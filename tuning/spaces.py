@@ -27,7 +27,7 @@ from typing import Optional
 
 import yaml
 
-from deeplab.config import SECTIONS, ConfigError, ExperimentConfig, experiment_from_dict, to_plain
+from deeplab.config import SECTIONS, ConfigError, ExperimentConfig, experiment_from_dict, per_worker_batch, to_plain
 from deeplab.receptive import degenerate_rates, feature_size
 
 # short name -> (section, field); the paper's knobs plus the optional ones the issue names
@@ -184,8 +184,6 @@ def describe(point: dict) -> str:
 
 def prune_reason(cfg: ExperimentConfig, min_valid_weight: float, workers: int) -> Optional[str]:
     """Why a fully built config cannot work, or None. Checks what costs nothing to check."""
-    from deeplab.engine import per_worker_batch  # torch: not on the --help path
-
     os_, crop = cfg.model.output_stride, cfg.data.crop_size
     size = feature_size(crop, os_)
     if size < 3:

@@ -14,7 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..config import ConfigError, add_config_args, load_config
+from ..cli import command
+from ..config import Alias, add_config_args, config_from_args
 from .datasets import dataset_info, find_pairs, label_map
 from .io import DatasetError, load_pair
 
@@ -72,34 +73,23 @@ def check(cfg, split: str, workers: int = 4, out=None, err=None) -> int:
     return len(problems)
 
 
+@command
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deeplab.data", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate a dataset split before a long run")
-    p.add_argument("--format", choices=["voc", "cityscapes", "ade20k", "folder"],
-                   help="dataset layout (default: data.dataset of the config)")
-    p.add_argument("--root", help="dataset folder (default: data.root of the config)")
-    p.add_argument("--split", default=None, help="split to check (default: data.train_split)")
-    p.add_argument("--num-classes", type=int, help="folder datasets without classes.txt")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
-    add_config_args(p)
+    add_config_args(p, aliases=[
+        Alias("--format", "data.dataset", "dataset layout", choices=("voc", "cityscapes", "ade20k", "folder")),
+        Alias("--root", "data.root", "dataset folder"),
+        Alias("--split", "data.train_split", "split to check"),
+        Alias("--num-classes", "data.num_classes", "classes of a folder dataset without classes.txt")])
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides).data
-        if args.format:
-            cfg.dataset = args.format
-        if args.root:
-            cfg.root = args.root
-        if args.num_classes:
-            cfg.num_classes = args.num_classes
-        if cfg.dataset == "synthetic":
-            parser.error("check needs --format voc|cityscapes|ade20k|folder (synthetic data has no files)")
-        n = check(cfg, args.split or cfg.train_split, args.workers)
-    except (DatasetError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 1 if n else 0
+    cfg = config_from_args(args).data
+    if cfg.dataset == "synthetic":
+        parser.error("check needs --format voc|cityscapes|ade20k|folder (synthetic data has no files)")
+    return 1 if check(cfg, cfg.train_split, args.workers) else 0
 
 
 if __name__ == "__main__":

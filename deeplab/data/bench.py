@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import DataConfig
+from ..cli import command
+from ..config import Alias, DataConfig, add_config_args, config_from_args
 from ..palette import palette_bytes, voc_palette
 from .datasets import build_dataset
 from .io import read_image, read_mask
@@ -55,19 +56,21 @@ def _rate(fn, n: int, rounds: int) -> float:
     return statistics.median(rates)
 
 
-def main(argv=None) -> None:
+@command
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deeplab.data.bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("--images", type=int, default=48, help="JPEGs to write and cycle through (default 48)")
     parser.add_argument("--rounds", type=int, default=3, help="passes; the median is printed (default 3)")
-    parser.add_argument("--crop", type=int, default=513, help="training crop (default 513)")
     parser.add_argument("--synthetic-sizes", type=int, nargs="*", default=[129, 257, 513],
                         help="synthetic scene sizes to time (default 129 257 513)")
+    add_config_args(parser, aliases=[Alias("--crop", "data.crop_size", "training crop")])
     args = parser.parse_args(argv)
+    crop = config_from_args(args).data.crop_size
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"writing {args.images} VOC-sized (500x375) JPEGs + palette PNGs to {tmp} ...", flush=True)
         write_voc_tree(Path(tmp), args.images)
-        cfg = DataConfig(dataset="voc", root=tmp, crop_size=args.crop)
+        cfg = DataConfig(dataset="voc", root=tmp, crop_size=crop)
         train = build_dataset(cfg, "train", train=True)
         pairs = train.pairs
         decode = _rate(lambda i: (read_image(pairs[i][0]), read_mask(pairs[i][1])), len(pairs), args.rounds)
@@ -75,7 +78,7 @@ def main(argv=None) -> None:
         val = build_dataset(DataConfig(dataset="voc", root=tmp, val_split="train"), "train", train=False)
         whole = _rate(lambda i: val[i], len(val), args.rounds)
     print(f"decode only (JPEG + PNG)                   {decode:7.1f} images/s per core")
-    print(f"decode + augment to {args.crop}x{args.crop} crops          {full:7.1f} images/s per core"
+    print(f"decode + augment to {crop}x{crop} crops          {full:7.1f} images/s per core"
           f"  ({1000 / full:.1f} ms/image)")
     print(f"decode + normalize whole image (eval)      {whole:7.1f} images/s per core")
     for size in args.synthetic_sizes:
@@ -86,7 +89,8 @@ def main(argv=None) -> None:
         aug = _rate(lambda i: ds[i], n, args.rounds)
         print(f"synthetic {size}x{size}: generate {gen:7.1f} images/s per core ({1000 / gen:.1f} ms), "
               f"generate + augment {aug:7.1f} images/s per core ({1000 / aug:.1f} ms)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

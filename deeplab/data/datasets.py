@@ -24,12 +24,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..config import DATASETS
 from ..palette import CITYSCAPES_COLORS, voc_palette
 from . import synthetic
 from .io import DatasetError, LabelMap, load_pair, read_mask
 from .transforms import EvalTransform, TrainTransform
 
-FORMATS = ("synthetic", "voc", "cityscapes", "ade20k", "folder")
+FORMATS = DATASETS  # the layouts --format names
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

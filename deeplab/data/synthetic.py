@@ -20,7 +20,7 @@ from PIL import Image
 
 SHAPES = ("disc", "square", "triangle", "ring", "cross", "star", "crescent", "bar", "ellipse", "hexagon", "L")
 TEXTURES = ("flat", "stripes", "checker", "dots", "gradient", "blotch")
-MAX_CLASSES = len(SHAPES) + 1
+MAX_CLASSES = len(SHAPES) + 1  # == config.SYNTHETIC_MAX_CLASSES, which bounds data.synthetic_classes
 
 
 def class_names(num_classes: int) -> list:
@@ -112,20 +112,9 @@ def _noise(rng: np.random.Generator, s: int) -> np.ndarray:
     return bank[oy:oy + s, ox:ox + s]
 
 
-def render(seed: int, index: int, size: int = 513, num_classes: int = 6, split: str = "train"):
-    """One scene: (HxWx3 uint8 image, HxW uint8 mask with class ids 0..num_classes-1), a pure function of
-    (seed, split, index, size, num_classes).
-
-    Drawn planar (3 x H x W) and in two passes: objects first write 2-D fields (who is on top, texture value,
-    shading), then colours are composed once, so no per-object work touches three channels."""
-    class_names(num_classes)  # validates
-    salt = sum(ord(ch) * 31 ** i for i, ch in enumerate(split)) % (2 ** 31)
-    rng = np.random.default_rng([int(seed), salt, int(index)])
-    s = size
-    yy = np.arange(s, dtype=np.float32)[:, None]
-    xx = np.arange(s, dtype=np.float32)[None, :]
-
-    # Background: a muted base colour, two gratings and blotches (smooth, so drawn at 1/4 size and upsampled).
+def _background(rng: np.random.Generator, s: int, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    """3 x s x s float: a muted base colour, two gratings and blotches (smooth, so drawn at 1/4 size and
+    upsampled), sometimes an object's texture, and clutter strokes that look like bars but are background."""
     q = max(s // 4, 8)
     qy, qx = yy[:q] * (s / q), xx[:, :q] * (s / q)
     lum = np.zeros((q, q), np.float32)
@@ -145,22 +134,25 @@ def render(seed: int, index: int, size: int = 513, num_classes: int = 6, split: 
         t = _texture(kind, np.cos(a) * xx + np.sin(a) * yy, -np.sin(a) * xx + np.cos(a) * yy,
                      rng.uniform(0.15, 0.6), rng)
         img = 0.5 * img + 0.5 * (c1[:, None, None] + (c2 - c1)[:, None, None] * t[None])
-    # Clutter: thin background strokes that look like bars or edges but are background.
     for _ in range(int(rng.integers(0, 4))):
         a = rng.uniform(0, np.pi)
         d = np.cos(a) * (xx - rng.uniform(0, s)) + np.sin(a) * (yy - rng.uniform(0, s))
         color = _hsv(rng.random(), rng.uniform(0.2, 0.9), rng.uniform(0.2, 1))
         np.copyto(img, color[:, None, None], where=(np.abs(d) < rng.uniform(1, 3.5))[None])
+    return img
 
-    # Objects, back to front (later ones occlude earlier ones): 2-D fields only.
+
+def _objects(rng: np.random.Generator, s: int, num_classes: int, yy: np.ndarray, xx: np.ndarray) -> tuple:
+    """Objects, back to front (later ones occlude earlier ones), as 2-D fields only: (owner: 0 background or
+    object j, texture value, shading, each object's two colours, each object's class)."""
     n = int(rng.integers(2, 8))
     classes = rng.integers(1, num_classes, n)
     radii = np.exp(rng.uniform(np.log(0.035 * s), np.log(0.45 * s), n))
     if rng.random() < 0.7:
         order = np.argsort(-radii)  # mostly big behind small, as in photos
         classes, radii = classes[order], radii[order]
-    owner = np.zeros((s, s), np.uint8)  # 0: background, j: object j
-    field = np.zeros((s, s), np.float32)  # texture value
+    owner = np.zeros((s, s), np.uint8)
+    field = np.zeros((s, s), np.float32)
     shade = np.ones((s, s), np.float32)
     c1s, c2s = np.zeros((n + 1, 3), np.float32), np.zeros((n + 1, 3), np.float32)
     labels = np.zeros(n + 1, np.uint8)
@@ -189,7 +181,23 @@ def render(seed: int, index: int, size: int = 513, num_classes: int = 6, split: 
         np.copyto(owner[y0:y1, x0:x1], j, where=inside)
         np.copyto(field[y0:y1, x0:x1], _texture(kind, u, v, freq, rng), where=inside)
         np.copyto(shade[y0:y1, x0:x1], 1.0 + (0.125 / r) * (u + v), where=inside)  # a little lighting
+    return owner, field, shade, c1s, c2s, labels
 
+
+def render(seed: int, index: int, size: int = 513, num_classes: int = 6, split: str = "train"):
+    """One scene: (HxWx3 uint8 image, HxW uint8 mask with class ids 0..num_classes-1), a pure function of
+    (seed, split, index, size, num_classes).
+
+    Drawn planar (3 x H x W) and in two passes: objects first write 2-D fields (who is on top, texture value,
+    shading), then colours are composed once, so no per-object work touches three channels."""
+    class_names(num_classes)  # validates
+    salt = sum(ord(ch) * 31 ** i for i, ch in enumerate(split)) % (2 ** 31)
+    rng = np.random.default_rng([int(seed), salt, int(index)])
+    s = size
+    yy = np.arange(s, dtype=np.float32)[:, None]
+    xx = np.arange(s, dtype=np.float32)[None, :]
+    img = _background(rng, s, yy, xx)
+    owner, field, shade, c1s, c2s, labels = _objects(rng, s, num_classes, yy, xx)
     # Compose colours once (per channel: np.take on a tiny table is far faster than 3-D fancy indexing),
     # then the camera: contrast/brightness and sensor noise.
     fg = owner > 0

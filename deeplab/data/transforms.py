@@ -11,8 +11,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import ConfigError
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
@@ -55,14 +53,11 @@ def _place(image: np.ndarray, mask: np.ndarray, height: int, width: int, ignore_
 
 
 class TrainTransform:
-    """Random scale, pad, random crop ``crop_size`` x ``crop_size``, random flip, normalize."""
+    """Random scale, pad, random crop ``crop_size`` x ``crop_size``, random flip, normalize. The settings are
+    DataConfig's, checked there."""
 
     def __init__(self, crop_size: int = 513, scale_min: float = 0.5, scale_max: float = 2.0, flip: bool = True,
                  ignore_index: int = 255):
-        if scale_min <= 0 or scale_max < scale_min:
-            raise ConfigError(f"data.scale_min={scale_min}, data.scale_max={scale_max}: need 0 < min <= max")
-        if crop_size < 1:
-            raise ConfigError(f"data.crop_size={crop_size} must be >= 1")
         self.crop_size, self.scale_min, self.scale_max = crop_size, scale_min, scale_max
         self.flip, self.ignore_index = flip, ignore_index
 

@@ -1,0 +1,69 @@
+"""The import structure DESIGN.md draws: deeplab <- export <- cluster <- tuning, no circle between project
+modules (function-level imports included, so a lazy import cannot hide one), and no Ray or ONNX in deeplab."""
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+PACKAGES = ("deeplab", "export", "cluster", "tuning")
+
+
+def _modules() -> dict:
+    mods = {}
+    for package in PACKAGES:
+        for f in (ROOT / package).rglob("*.py"):
+            parts = f.relative_to(ROOT).with_suffix("").parts
+            mods[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = f
+    return mods
+
+
+def _imports(name: str, path: Path, mods: dict) -> set:
+    """Every module ``name`` imports anywhere in its file: project modules by name, others by top package."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            subs = [f"{module}.{a.name}" for a in node.names]
+            targets = [t for t in subs if t in mods] + ([module] if any(t not in mods for t in subs) else [])
+        else:
+            continue
+        for target in targets:
+            while target not in mods and "." in target:
+                target = target.rsplit(".", 1)[0]
+            found.add(target)
+    found.discard(name)
+    return found
+
+
+def test_packages_import_only_those_below_them_and_deeplab_no_ray_or_onnx():
+    mods = _modules()
+    rank = {p: i for i, p in enumerate(PACKAGES)}
+    for name, path in mods.items():
+        for target in _imports(name, path, mods):
+            top = target.split(".")[0]
+            assert rank.get(top, -1) <= rank[name.split(".")[0]], f"{name} imports {target} (above it)"
+            if name.startswith(("deeplab", "export")):
+                assert top != "ray", f"{name} imports Ray"
+            if name.startswith("deeplab"):
+                assert top not in ("onnx", "onnxruntime", "tensorrt", "openvino"), f"{name} imports {top}"
+
+
+def test_no_import_circle_between_project_modules():
+    mods = _modules()
+    graph = {name: {t for t in _imports(name, path, mods) if t in mods} for name, path in mods.items()}
+    state = {}
+
+    def visit(node, trail):
+        state[node] = "open"
+        for nxt in graph[node]:
+            assert state.get(nxt) != "open", "import circle: " + " -> ".join(trail[trail.index(nxt):] + [nxt])
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
