@@ -1,6 +1,5 @@
 """The global batch split over any number of workers (elastic training): shares, data order, loss weights.
 Plain single-process references; the synchronized BatchNorm side is in test_syncbn.py (3 gloo processes)."""
-import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
