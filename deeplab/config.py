@@ -303,7 +303,9 @@ class ClusterConfig(_Section):
 
     SECTION: ClassVar[str] = "cluster"
 
-    num_workers: int = 2
+    # N workers, or [MIN, MAX] (--num-workers MIN-MAX): elastic, starts once MIN fit, grows to MAX as nodes join
+    num_workers: Union[int, Tuple[int, int]] = 2
+    resize_interval_s: float = 60.0  # elastic: how often Ray looks for room to grow the worker group
     use_gpu: bool = False
     cpus_per_worker: float = 1
     storage_path: str = "runs"
@@ -313,8 +315,27 @@ class ClusterConfig(_Section):
     placement_strategy: str = "PACK"
     address: Optional[str] = None  # None: RAY_ADDRESS or an existing cluster, else a local one
 
+    def check(self) -> None:
+        text = self.num_workers
+        if isinstance(text, str) and text.count("-") == 1 and text.replace("-", "").strip().isdigit():
+            self.num_workers = [int(n) for n in text.split("-")]  # the --num-workers MIN-MAX form
+        super().check()
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
     def check_values(self) -> None:
-        self._need_at_least(1, "num_workers", "collective_timeout_s")
+        self._need(self.min_workers >= 1, "num_workers", "must be >= 1")
+        self._need(self.min_workers <= self.max_workers, "num_workers", "must be a range MIN-MAX with MIN <= MAX")
+        if self.min_workers == self.max_workers:
+            self.num_workers = self.min_workers  # [4, 4] is a fixed group of 4
+        self._need(self.resize_interval_s >= 0, "resize_interval_s", "must be >= 0")
+        self._need_at_least(1, "collective_timeout_s")
         self._need(0 < self.cpus_per_worker < math.inf, "cpus_per_worker", "must be > 0")
         self._need(bool(self.storage_path), "storage_path", "must name a folder or a URI (s3://...)")
         self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
@@ -468,7 +489,7 @@ class ExperimentConfig:
 
     def check_across(self) -> None:
         t, c, tune = self.train, self.cluster, self.tune
-        per_worker_batch(t.batch_size, c.num_workers)
+        per_worker_batch(t.batch_size, c.max_workers)  # the smallest share: at the most workers
         if t.amp == "fp16" and not c.use_gpu:
             raise ConfigError("train.amp='fp16' needs GPUs (cluster.use_gpu, --use-gpu); use bf16, auto or off "
                               "on CPU workers", ("train.amp", "cluster.use_gpu"))

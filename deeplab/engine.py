@@ -51,6 +51,11 @@ class Worker:
     report: Callable[[dict, Optional[str]], None] = lambda metrics, checkpoint_dir: None  # rank 0 passes a dir
     latest_checkpoint: Callable[[], Optional[str]] = lambda: None  # a model.ckpt to resume from
     log_dir: Optional[str] = None  # TensorBoard event files (rank 0)
+    # Elastic runs: rank 0 records the iteration it reached, for the group that resumes after a resize to read;
+    # every rank asks at the same iterations whether a node is being preempted (then all checkpoint at once).
+    record_progress: Callable[[int], None] = lambda iteration: None
+    recorded_progress: Callable[[], Optional[int]] = lambda: None
+    preempted: Callable[[], bool] = lambda: False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -193,6 +198,8 @@ class Run:
     memory_format: torch.memory_format
     iteration: int = 0
     writer: Any = None  # TensorBoard SummaryWriter on rank 0 when the runner gives a log_dir
+    batches: list = field(default_factory=list)  # [images, iterations] runs this rank trained since its last report
+    resumes: list = field(default_factory=list)  # every restart of the run from a checkpoint, with group sizes
 
     @property
     def main(self) -> bool:
@@ -274,8 +281,23 @@ def _restore(run: Run, state: Optional[dict], resume: Optional[str]) -> None:
     rng = state.get("rng") or []
     if len(rng) == run.worker.world_size:
         _set_rng_state(rng[run.worker.rank])
+    resumed = {"workers": [int(state.get("world_size") or len(rng) or 1), run.worker.world_size],
+               "checkpoint_iteration": run.iteration, "reached_iteration": run.worker.recorded_progress(),
+               "time": time.time()}  # when the new group was ready to train again
+    run.resumes = [*state.get("resumes", []), resumed]
     if run.main:
         print(f"resuming from {resume} at iteration {run.iteration}/{run.cfg.train.max_iterations}", flush=True)
+        if resumed["workers"][0] != resumed["workers"][1]:
+            print(describe_resume(resumed), flush=True)
+
+
+def describe_resume(record: dict) -> str:
+    """``workers 2 -> 3 at iteration 140, resumed from checkpoint of iteration 120`` (the work in between is
+    done again; "at iteration" is left out when the previous group's progress is unknown)."""
+    before, after = record["workers"]
+    reached = record.get("reached_iteration")
+    at = f" at iteration {reached}" if reached is not None else ""
+    return f"workers {before} -> {after}{at}, resumed from checkpoint of iteration {record['checkpoint_iteration']}"
 
 
 def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
@@ -390,7 +412,9 @@ def evaluate_and_report(run: Run, meter: Meter, epoch: int, lr: float) -> dict:
     cm = evaluate_shard(run.model, run.val_set, run.num_classes, run.worker, run.amp, run.cfg.data.ignore_index)
     metrics = {"iteration": run.iteration, "epoch": epoch, "loss": float(np.mean(meter.losses)), "lr": lr,
                "images_per_s": meter.images / max(meter.train_time, 1e-9), "val_miou": float(cm.miou()),
-               "val_iou": [float(v) for v in cm.iou()]}
+               "val_iou": [float(v) for v in cm.iou()], "world_size": run.worker.world_size,
+               "worker_batches": run.batches, "resumes": run.resumes}
+    run.batches = []
     rng = _gather_rng(run.worker)
     if run.main:
         print(f"eval at iter {run.iteration}: val mIoU {metrics['val_miou']:.4f}", flush=True)
@@ -413,7 +437,8 @@ def _report(run: Run, metrics: dict, rng: list) -> None:
     try:
         save_checkpoint(os.path.join(folder, CHECKPOINT_FILE), worker.plain_model(run.model), run.cfg,
                         iteration=metrics["iteration"], optimizer=run.optimizer.state_dict(),
-                        scaler=run.scaler.state_dict(), metrics=metrics, rng=rng)
+                        scaler=run.scaler.state_dict(), metrics=metrics, rng=rng, world_size=worker.world_size,
+                        resumes=run.resumes)
         worker.report(metrics, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -433,15 +458,28 @@ def train_one_epoch(run: Run, meter: Meter, epoch: int, position: int) -> Option
     for images, masks in run.loader:
         lr, loss = train_step(run, images, masks)
         meter.step(loss, time.perf_counter() - step_start, t.batch_size)
+        _count_batch(run, len(images))
         last = run.iteration == t.max_iterations
-        if run.main and (run.iteration % t.log_interval == 0 or last):
-            log_progress(run, meter, lr, loss)
-        if run.iteration % t.eval_interval == 0 or last:
+        if run.main:
+            run.worker.record_progress(run.iteration)
+            if run.iteration % t.log_interval == 0 or last:
+                log_progress(run, meter, lr, loss)
+        # a node about to be preempted: checkpoint now, while it can be written whole (asked on every rank alike)
+        if (run.iteration % t.eval_interval == 0 or last
+                or (run.iteration % t.log_interval == 0 and run.worker.preempted())):
             metrics = evaluate_and_report(run, meter, epoch, lr)
         if run.iteration >= t.max_iterations:
             break
         step_start = time.perf_counter()
     return metrics
+
+
+def _count_batch(run: Run, images: int) -> None:
+    """Log the images this rank trained on this iteration, as [images, iterations] runs."""
+    if run.batches and run.batches[-1][0] == images:
+        run.batches[-1][1] += 1
+    else:
+        run.batches.append([images, 1])
 
 
 def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from deeplab.config import ConfigError, load_config, save_config
+from deeplab.config import ConfigError, experiment_from_dict, load_config, save_config
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -288,3 +288,25 @@ def test_every_deeplab_command_answers_a_config_error_with_exit_2(command, tmp_p
     assert module.main([*argv, "--set", "train.momentum=1.5"]) == 2
     assert capsys.readouterr().err == "error: --set train.momentum=1.5: train.momentum=1.5 must be in [0, 1), e.g. 0.9\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
+
+
+def test_num_workers_is_a_count_or_an_elastic_range():
+    """--num-workers MIN-MAX, or [MIN, MAX] in YAML: elastic; a batch that cannot be split over MAX is refused."""
+    import argparse
+
+    from deeplab.config import Alias, add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, aliases=[Alias("--num-workers", "cluster.num_workers")])
+    cfg = config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "2-4"]))  # batch 8: 2 each at 4
+    assert (cfg.cluster.num_workers, cfg.cluster.min_workers, cfg.cluster.max_workers) == ((2, 4), 2, 4)
+    assert load_config(DEMO, ["cluster.num_workers=[2, 3]"]).cluster.num_workers == (2, 3)
+    assert load_config(DEMO, ["cluster.num_workers=[3, 3]"]).cluster.num_workers == 3  # a fixed group
+    again = experiment_from_dict(cfg.to_dict())  # through YAML and checkpoints as a list
+    assert cfg.to_dict()["cluster"]["num_workers"] == [2, 4] and again.cluster.num_workers == (2, 4)
+    for value, problem in (("3-2", "MIN <= MAX"), ("0-2", "must be >= 1"), ("2-x", "must be an integer or a list"),
+                           ("[1, 2, 3]", "a list of 2 integers")):
+        with pytest.raises(ConfigError, match=problem):
+            load_config(DEMO, [f"cluster.num_workers={value}"])
+    with pytest.raises(ConfigError, match="over 5 workers is 1 image per worker"):
+        load_config(DEMO, ["cluster.num_workers=2-5"])  # the global batch 8 cannot be split over 5
