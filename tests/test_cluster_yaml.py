@@ -53,6 +53,7 @@ def test_aws_cluster_passes_rays_validator_offline(no_network):
         assert "ray[default,train,tune]" in cmds
         assert cmds.index("torch==") < cmds.index("deeplabv3-ray @ git+")
     assert "boto3" in " ".join(prepared["head_setup_commands"])  # our head commands replace Ray's default
+    assert any("cluster.spot_watch" in cmd for cmd in prepared["worker_start_ray_commands"])
     head_start = " ".join(prepared["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
 

@@ -126,9 +126,8 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syncbn")
+def _run_ranks(worker, nprocs, out):
+    """Run ``worker(rank, port, out)`` in ``nprocs`` real processes (one gloo group); what each saved."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -138,8 +137,13 @@ def ranks(tmp_path_factory):
     if method == "forkserver":
         multiprocessing.get_context(method).set_forkserver_preload(
             ["torch", "torch._dynamo", "torch.nn.parallel", "cluster.syncbn", __name__])
-    mp.start_processes(_worker, args=(port, str(out)), nprocs=2, join=True, start_method=method)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    mp.start_processes(worker, args=(port, str(out)), nprocs=nprocs, join=True, start_method=method)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nprocs)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _run_ranks(_worker, 2, tmp_path_factory.mktemp("syncbn"))
 
 
 def _close(a, b, atol=1e-5, rtol=1e-5):
@@ -208,9 +212,9 @@ def test_bf16_input_keeps_float32_statistics(ranks):
         _close(r["bf16"]["state"]["running_var"], ref.running_var)
 
 
-def test_ddp_step_equals_single_process_on_concatenated_batch(ranks):
+def _one_process_on_the_8():
+    """The reference for the DDP runs: the same model trained in one process on each whole batch of 8."""
     model = _ddp_model()
-    frozen = {k: v.clone() for k, v in model[4].state_dict().items()}
     _ddp_train_mode(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     for step in range(STEPS):
@@ -219,8 +223,13 @@ def test_ddp_step_equals_single_process_on_concatenated_batch(ranks):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return model.state_dict()
+
+
+def test_ddp_step_equals_single_process_on_concatenated_batch(ranks):
+    frozen = {k: v.clone() for k, v in _ddp_model()[4].state_dict().items()}
     assert ranks[0]["ddp_types"][1] == "SyncBatchNorm2d" and ranks[0]["ddp_types"][4] == "SyncBatchNorm2d"
-    ref = model.state_dict()
+    ref = _one_process_on_the_8()
     init = _ddp_model().state_dict()
     assert not torch.allclose(ref["0.weight"], init["0.weight"])  # it did train
     for r in ranks:
@@ -274,13 +283,7 @@ def _worker_uneven(rank, port, out_dir):
 
 @pytest.fixture(scope="module")
 def three_ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syncbn3")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    mp.start_processes(_worker_uneven, args=(port, str(out)), nprocs=3, join=True, start_method=method)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    return _run_ranks(_worker_uneven, 3, tmp_path_factory.mktemp("syncbn3"))
 
 
 def test_uneven_3_3_2_split_has_the_statistics_of_the_whole_batch(three_ranks):
@@ -306,16 +309,7 @@ def test_uneven_3_3_2_split_has_the_statistics_of_the_whole_batch(three_ranks):
 
 
 def test_uneven_ddp_step_with_share_weighted_loss_equals_one_process_on_the_8(three_ranks):
-    model = _ddp_model()
-    _ddp_train_mode(model)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
-    for step in range(STEPS):
-        x, target = _ddp_batches(step)
-        loss = nn.functional.mse_loss(model(x), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    ref = model.state_dict()
+    ref = _one_process_on_the_8()
     for r in three_ranks:
         for k in ref:
             _close(r["ddp"][k], ref[k], atol=1e-5, rtol=1e-4)
