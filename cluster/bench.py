@@ -20,9 +20,8 @@ from deeplab.cli import command
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The bench's own starting point, applied before the user's --set and flags (those win but for the worker count).
-BENCH_SETTINGS = ["train.max_iterations=8", "train.batch_size=4", "cluster.cpus_per_worker=1", "cluster.num_workers=1",
-                  "cluster.max_failures=0"]
+# The bench's own starting point, applied before the user's --set and flags (those win).
+BENCH_SETTINGS = ["train.max_iterations=8", "train.batch_size=4", "cluster.cpus_per_worker=1", "cluster.num_workers=1"]
 
 
 def _aliases():
@@ -44,7 +43,7 @@ def _config(args):
     t, c = values["train"], values["cluster"]
     t["eval_interval"] = t["log_interval"] = t["max_iterations"]
     values["data"]["synthetic_val"] = min(values["data"]["synthetic_val"], 2)
-    c["num_workers"] = 1
+    c.update(num_workers=1, max_failures=0)
     if c["cpus_per_worker"] != int(c["cpus_per_worker"]) or c["cpus_per_worker"] < 1:
         raise ConfigError(f"--threads {c['cpus_per_worker']}: a whole number of threads >= 1")
     return experiment_from_dict(values, "bench config")

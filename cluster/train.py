@@ -57,45 +57,93 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg
 
 
-def divergence_reason(error: BaseException) -> Optional[str]:
-    """The worker's message if a run failed because the loss went NaN/inf (a FloatingPointError), else None.
+class TrainingCodeError(RuntimeError):
+    """A worker failed in the training code itself (a bad data file found mid-run, a shape error): a replay
+    from the last checkpoint would fail the same way, so the run ends at once with this one-line reason."""
 
-    Ray wraps worker errors (ControllerError.controller_failure, WorkerGroupError.worker_failures,
-    RayTaskError.cause, chained causes) and sometimes keeps only their text: look through all of them."""
+
+# Words of the errors the surviving workers raise when a peer (its process or node) is gone mid-collective.
+PEER_LOST = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "peer")
+
+
+def _error_chain(error: BaseException):
+    """Every exception inside Ray's wrappers (ControllerError.controller_failure, WorkerGroupError.worker_failures,
+    RayTaskError.cause, chained causes), each once."""
     seen, stack = set(), [error]
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if type(e) is FloatingPointError:  # exactly ours: Ray's wrappers may subclass it with a traceback text
-            return (str(e).strip().splitlines() or ["non-finite loss"])[-1]
-        line = next((ln for ln in str(e).splitlines() if "FloatingPointError:" in ln), None)
-        if line:
-            return line.split("FloatingPointError:")[-1].strip() or "non-finite loss"
+        yield e
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None), getattr(e, "controller_failure", None)]
         stack += list((getattr(e, "worker_failures", None) or {}).values())
+
+
+def _reason(error: BaseException, kind: type) -> Optional[str]:
+    """The message of a ``kind`` error anywhere in the chain; Ray sometimes keeps only the text."""
+    for e in _error_chain(error):
+        if type(e) is kind:  # exactly ours: Ray's wrappers may subclass it with a traceback text
+            return (str(e).strip().splitlines() or [kind.__name__])[-1]
+        line = next((ln for ln in str(e).splitlines() if f"{kind.__name__}:" in ln), None)
+        if line:
+            return line.split(f"{kind.__name__}:")[-1].strip() or kind.__name__
     return None
 
 
-def _stop_on_divergence_callback():
-    """A controller callback that fails the run at once when a worker raises FloatingPointError (NaN loss).
+def divergence_reason(error: BaseException) -> Optional[str]:
+    """The worker's message if a run failed because the loss went NaN/inf (a FloatingPointError), else None."""
+    return _reason(error, FloatingPointError)
 
-    Ray retries any worker error up to max_failures times, each retry resuming from the last checkpoint,
-    and a diverged run replays deterministically to the same NaN. Raising here turns the failure into a
-    non-retryable controller error; should Ray change that, the run still fails after max_failures
-    short replays.
+
+def training_code_reason(error: BaseException) -> Optional[str]:
+    """The one-line reason if a run failed in its training code (TrainingCodeError), else None."""
+    return _reason(error, TrainingCodeError)
+
+
+def _is_lost_worker(error: BaseException) -> bool:
+    """Whether a worker failure may be a lost process or node (retry it) rather than the training code.
+    Ray hands the callback what the training code raised as is, and its own errors for dead workers."""
+    from ray.exceptions import RayError
+    from ray.train.v2._internal.exceptions import RayTrainError
+
+    if isinstance(error, (RayError, RayTrainError)):
+        return True  # a dead actor, a failed health check: the process or its node is gone
+    if type(error).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
+        return True
+    return any(word in str(error).lower() for word in PEER_LOST)
+
+
+def _one_line(error: BaseException) -> str:
+    from deeplab.cli import UserError
+
+    if isinstance(error, UserError):
+        return str(error)
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def _stop_on_training_code_error_callback():
+    """A controller callback that ends the run at once when the training code failed, not a worker or node.
+
+    Ray retries any worker error up to max_failures times, each retry resuming from the last checkpoint, and a
+    diverged loss or a bad file replays deterministically to the same failure. Raising here turns it into a
+    non-retryable controller error. Only failures that may be a lost worker (a dead actor, a peer gone
+    mid-collective) use max_failures.
     """
     from ray.train import UserCallback
 
-    class StopOnDivergence(UserCallback):
+    class StopOnTrainingCodeError(UserCallback):
         def after_exception(self, run_context, worker_exceptions):
             for error in worker_exceptions.values():
                 reason = divergence_reason(error)
                 if reason:
                     raise FloatingPointError(reason)
+            if worker_exceptions and not any(map(_is_lost_worker, worker_exceptions.values())):
+                rank, error = min(worker_exceptions.items())
+                raise TrainingCodeError(f"worker {rank}: {_one_line(error)}")
 
-    return StopOnDivergence()
+    return StopOnTrainingCodeError()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -130,7 +178,7 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute=score[0], checkpoint_score_order=score[1]),
         failure_config=ray.train.FailureConfig(max_failures=c.max_failures if max_failures is None else max_failures),
-        callbacks=[*callbacks, _stop_on_divergence_callback()],  # last: the others still see the failure
+        callbacks=[*callbacks, _stop_on_training_code_error_callback()],  # last: the others still see the failure
         # Train V2 reroutes print() through its logger *and* the original stream: each line twice
         worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
     )
@@ -318,8 +366,8 @@ def main(argv=None) -> int:
     try:
         train(cfg, checked=True)
     except ray.train.TrainingFailedError as e:
-        reason = divergence_reason(e)
-        print(f"error: training failed: {reason or _first_error_line(e)}", file=sys.stderr)
+        reason = divergence_reason(e) or training_code_reason(e) or _first_error_line(e)
+        print(f"error: training failed: {reason}", file=sys.stderr)
         return 1
     return 0
 

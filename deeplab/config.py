@@ -1,7 +1,8 @@
 """One config system for every entry point: dataclasses loaded from YAML, overridden on the command line.
 
-An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune`` and ``export``;
-each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any command.
+An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune``, ``export``, ``segment``
+and ``serve``; each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any
+command.
 
 A config that builds is valid: each section checks its own fields when it is built (types first, then
 values), and ``ExperimentConfig`` checks what spans sections. So every mistake a config can hold is answered
@@ -442,6 +443,71 @@ class ExportConfig(_Section):
         return shapes
 
 
+@dataclass
+class SegmentConfig(_Section):
+    """Batch inference over an image collection with Ray Data (python -m cluster.segment)."""
+
+    SECTION: ClassVar[str] = "segment"
+
+    workers: Optional[int] = None  # model actors (None: as many as the cluster's CPUs or GPUs hold)
+    batch_size: int = 4  # images per actor call; split into same-size groups, never resized
+    cpus_per_worker: float = 1
+    gpus_per_worker: float = 0
+    cpus_per_decode: float = 0.5  # each read + decode task
+    output_stride: Optional[int] = None  # checkpoints only (None: the checkpoint's); exported models are fixed
+    color: bool = False  # also NAME_color.png and NAME_overlay.png
+    alpha: float = 0.5  # overlay opacity
+    max_pixels: Optional[int] = None  # larger images fail (None: Pillow's decompression-bomb limit)
+    progress_interval_s: float = 5.0
+
+    def check_values(self) -> None:
+        self._need_at_least(1, "workers", "batch_size", "max_pixels")
+        for name in ("cpus_per_worker", "gpus_per_worker", "cpus_per_decode"):
+            self._need(0 <= getattr(self, name) < math.inf, name, "must be >= 0")
+        self._need(self.cpus_per_worker > 0 or self.gpus_per_worker > 0, "cpus_per_worker",
+                   "must be > 0 unless segment.gpus_per_worker > 0")
+        self._need(self.output_stride in (None, *OUTPUT_STRIDES), "output_stride",
+                   "is not allowed; use one of 8, 16, 32 (or null: the checkpoint's)")
+        self._need(0 <= self.alpha <= 1, "alpha", "must be between 0 and 1")
+        self._need(0 < self.progress_interval_s < math.inf, "progress_interval_s", "must be > 0")
+
+
+@dataclass
+class ServeConfig(_Section):
+    """An HTTP endpoint on Ray Serve (python -m cluster.serve)."""
+
+    SECTION: ClassVar[str] = "serve"
+
+    host: str = "127.0.0.1"  # loopback unless you say otherwise
+    port: int = 8000
+    replicas: int = 1
+    autoscale: Optional[Tuple[int, int]] = None  # [min, max] replicas: Serve scales between them instead
+    max_batch_size: int = 8  # concurrent requests run as one batch (1: no batching)
+    batch_wait_ms: float = 10.0  # how long a batch waits to fill
+    cpus_per_replica: float = 1
+    gpus_per_replica: float = 0
+    output_stride: Optional[int] = None  # checkpoints only
+    max_pixels: int = 4096 * 4096  # larger uploads answer 413
+    max_upload_mb: float = 32.0
+
+    def check_values(self) -> None:
+        self._need(bool(self.host), "host", "must be an address to bind, e.g. 127.0.0.1")
+        self._need(1 <= self.port <= 65535, "port", "must be 1-65535")
+        self._need_at_least(1, "replicas", "max_batch_size", "max_pixels")
+        if self.autoscale is not None:
+            low, high = self.autoscale
+            self._need(0 <= low <= high and high >= 1, "autoscale",
+                       "must be [MIN, MAX] replicas with 0 <= MIN <= MAX and MAX >= 1")
+            if self.replicas != 1:
+                raise ConfigError(f"serve.replicas={self.replicas} and serve.autoscale={_show(self.autoscale)}: "
+                                  "set one (a fixed count, or MIN and MAX)", ("serve.replicas", "serve.autoscale"))
+        for name in ("batch_wait_ms", "cpus_per_replica", "gpus_per_replica"):
+            self._need(0 <= getattr(self, name) < math.inf, name, "must be >= 0")
+        self._need(self.output_stride in (None, *OUTPUT_STRIDES), "output_stride",
+                   "is not allowed; use one of 8, 16, 32 (or null: the checkpoint's)")
+        self._need(0 < self.max_upload_mb < math.inf, "max_upload_mb", "must be > 0")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # What spans sections
 
@@ -476,6 +542,8 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self):
         self.check_across()
@@ -507,7 +575,7 @@ class ExperimentConfig:
 
 
 SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "cluster": ClusterConfig,
-                   "tune": TuneConfig, "export": ExportConfig}
+                   "tune": TuneConfig, "export": ExportConfig, "segment": SegmentConfig, "serve": ServeConfig}
 SECTIONS = tuple(SECTION_CLASSES)
 
 
@@ -716,7 +784,8 @@ class Alias:
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False, aliases=()) -> None:
     """The config flags every command shares: --config FILE, repeated --set SECTION.FIELD=VALUE, and the
     command's shorthand ``aliases`` (each one config field; --help shows the field and its default)."""
-    parser.add_argument("--config", required=required, help="experiment YAML (sections model/data/train/cluster/tune/export)")
+    parser.add_argument("--config", required=required,
+                        help="experiment YAML (sections model/data/train/cluster/tune/export/segment/serve)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set model.output_stride=8 (repeatable)")
     for alias in aliases:

@@ -43,17 +43,37 @@ def _save(image: Image.Image, path: Path) -> None:
         image.save(tmp, format="PNG")
 
 
-def write_prediction(out_dir: Path, name: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
-                     alpha: float = 0.5) -> dict:
-    """The three PNGs for one image; returns their paths."""
-    paths = {"labels": out_dir / f"{name}.png", "color": out_dir / f"{name}_color.png",
-             "overlay": out_dir / f"{name}_overlay.png"}
+PREDICTION_KINDS = ("labels", "color", "overlay")
+
+
+def prediction_paths(out_dir: Path, name: str) -> dict:
+    """Where the pictures of one image go: NAME.png, NAME_color.png, NAME_overlay.png."""
+    out_dir = Path(out_dir)
+    return {"labels": out_dir / f"{name}.png", "color": out_dir / f"{name}_color.png",
+            "overlay": out_dir / f"{name}_overlay.png"}
+
+
+def prediction_images(image: np.ndarray, labels: np.ndarray, palette: np.ndarray, alpha: float = 0.5,
+                      kinds=PREDICTION_KINDS) -> dict:
+    """The pictures of one prediction as PIL images: raw class ids (L), palette colours (P), overlay (RGB)."""
     labels = labels.astype(np.uint8)
-    _save(Image.fromarray(labels, mode="L"), paths["labels"])
-    color = Image.fromarray(labels, mode="P")
-    color.putpalette(palette_bytes(palette))
-    _save(color, paths["color"])
-    _save(Image.fromarray(overlay(image, labels, palette, alpha)), paths["overlay"])
+    out = {}
+    if "labels" in kinds:
+        out["labels"] = Image.fromarray(labels, mode="L")
+    if "color" in kinds:
+        out["color"] = Image.fromarray(labels, mode="P")
+        out["color"].putpalette(palette_bytes(palette))
+    if "overlay" in kinds:
+        out["overlay"] = Image.fromarray(overlay(image, labels, palette, alpha))
+    return out
+
+
+def write_prediction(out_dir: Path, name: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
+                     alpha: float = 0.5, kinds=PREDICTION_KINDS) -> dict:
+    """The PNGs for one image (``kinds``: which of them); returns the paths of all three."""
+    paths = prediction_paths(out_dir, name)
+    for kind, picture in prediction_images(image, labels, palette, alpha, kinds).items():
+        _save(picture, paths[kind])
     return paths
 
 

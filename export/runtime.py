@@ -214,9 +214,200 @@ class OnnxRunner:
         return out.astype(np.float32, copy=False)
 
 
-def load_runner(path, providers: Optional[Sequence[str]] = None):
-    """A runner for an .onnx file (onnxruntime) or a TensorRT engine (anything else with a sidecar)."""
+def load_runner(path, *, output_stride: Optional[int] = None, device: Optional[str] = None,
+                providers: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> "ModelRunner":
+    """Open any model file the project writes, the one way every consumer does (segment, serve, ...).
+
+    ``.ckpt``: PyTorch (deeplab.load_checkpoint), run at ``output_stride`` (default: the checkpoint's).
+    ``.onnx``: onnxruntime, FP32, FP16 or INT8 Q/DQ, metadata from the file (export.metadata.read_metadata).
+    ``.engine``/``.plan``/``.trt`` (or any file with an ENGINE.json sidecar): TensorRT on this GPU.
+    ``device``: "cpu" or "cuda" (default: cuda when torch sees a GPU). Errors are one line naming the file."""
     path = Path(path)
-    if path.suffix == ".onnx":
-        return OnnxRunner(path, providers)
-    return TensorRTRunner(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    suffix = path.suffix.lower()
+    if suffix == ".ckpt":
+        return _torch_runner(path, output_stride, device)
+    if suffix == ".onnx":
+        return _onnx_runner(path, output_stride, device, providers, threads)
+    if suffix in ENGINE_SUFFIXES or sidecar_path(path).is_file():
+        return _tensorrt_runner(path, output_stride, device)
+    raise ModelFileError(f"{path}: unknown model file type {path.suffix or '(no suffix)'!r}; expected a checkpoint "
+                         f"(.ckpt), an ONNX file (.onnx) or a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
+
+
+# ------------------------------------------------------------------------------------- any model, one way
+from dataclasses import dataclass, fields  # noqa: E402  (kept with the code that uses it)
+
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+
+
+class ModelFileError(UserError, ValueError):
+    """A model file that cannot be opened for inference here; ``str(e)`` is one line naming the file."""
+
+
+@dataclass
+class ModelInfo:
+    """What a model file says about itself: enough to feed it, read its output and show it to a user."""
+
+    path: str
+    backend: str  # e.g. "pytorch (cpu)", "onnxruntime (CPUExecutionProvider)", "tensorrt"
+    precision: str  # fp32 | fp16 | bf16 | int8
+    num_classes: int
+    class_names: list
+    output_stride: int
+    mean: tuple
+    std: tuple
+    backbone: Optional[str] = None
+    val_miou: Optional[float] = None
+
+    def to_dict(self) -> dict:
+        """JSON-ready (tuples as lists)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+class ModelRunner:
+    """A model file opened for inference. Call it on a normalized (N, 3, H, W) float32 batch (numpy or torch)
+    for float32 numpy logits (N, classes, H, W) at the input size; ``labels`` gives the argmax as uint8 (N, H, W),
+    computed where the logits are (the GPU for CUDA backends). ``info`` is the file's metadata."""
+
+    def __init__(self, forward, info: ModelInfo):
+        self._forward, self.info = forward, info
+
+    def _logits(self, images):
+        import torch
+
+        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images, np.float32))
+        out = self._forward(x)
+        return out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
+
+    def __call__(self, images) -> np.ndarray:
+        return self._logits(images).float().cpu().numpy()
+
+    def labels(self, images) -> np.ndarray:
+        import torch
+
+        return self._logits(images).argmax(1).to(torch.uint8).cpu().numpy()
+
+
+def _check_normalization(path, mean, std) -> None:
+    """Callers feed images normalized as deeplab.data.normalize does (ImageNet mean/std); refuse other files."""
+    from deeplab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    if not (np.allclose(mean, IMAGENET_MEAN, atol=1e-6) and np.allclose(std, IMAGENET_STD, atol=1e-6)):
+        raise ModelFileError(f"{path}: expects inputs normalized with mean {list(mean)} / std {list(std)}; "
+                             "this runtime feeds ImageNet's mean/std")
+
+
+def _pick_device(device: Optional[str]) -> str:
+    import torch
+
+    if device not in (None, "cpu", "cuda"):
+        raise ModelFileError(f"device {device!r}: use cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelFileError("device cuda: torch sees no CUDA GPU here")
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str]) -> ModelRunner:
+    import torch
+
+    from deeplab.checkpoint import load_checkpoint
+    from deeplab.inference import model_predictor
+
+    from .metadata import dataset_meta
+
+    device = _pick_device(device)
+    ckpt = load_checkpoint(path)
+    model = ckpt.model.eval().to(device)
+    if output_stride is not None:
+        if output_stride not in (8, 16, 32):
+            raise ModelFileError(f"output stride {output_stride}: use 8, 16 or 32")
+        model.set_output_stride(output_stride)
+    names, mean, std = dataset_meta(ckpt.experiment.data if ckpt.experiment else None, ckpt.config.num_classes)
+    metrics = ckpt.state.get("metrics") or {}
+    info = ModelInfo(str(path), f"pytorch ({device})", "fp32", ckpt.config.num_classes,
+                     names or [f"class_{i}" for i in range(ckpt.config.num_classes)], model.config.output_stride,
+                     tuple(mean), tuple(std), ckpt.config.backbone,
+                     metrics.get("val_miou") if isinstance(metrics, dict) else None)
+
+    predict = model_predictor(model, device=device)  # what deeplab.predict and evaluate run
+
+    @torch.no_grad()
+    def forward(x):
+        return predict(x).float()
+
+    return ModelRunner(forward, info)
+
+
+def _info_from_metadata(path: Path, meta: dict, backend: str, output_stride: Optional[int]) -> ModelInfo:
+    """ModelInfo from the deeplab.* metadata that export.to_onnx embeds (and engine sidecars copy)."""
+    if not isinstance(meta, dict) or "num_classes" not in meta:
+        raise ModelFileError(f"{path}: no deeplab.* metadata (classes, output stride, mean/std); "
+                             "export it with python -m export.to_onnx")
+    n = int(meta["num_classes"])
+    stride = meta.get("output_stride")
+    if output_stride is not None and stride is not None and int(output_stride) != int(stride):
+        raise ModelFileError(f"{path}: exported at output stride {stride}; output stride {output_stride} needs "
+                             f"the checkpoint, or export it again with --output-stride {output_stride}")
+    names = meta.get("class_names") or []
+    if len(names) != n:
+        names = [f"class_{i}" for i in range(n)]
+    from deeplab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    mean, std = tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))
+    _check_normalization(path, mean, std)
+    return ModelInfo(str(path), backend, str(meta.get("precision", "fp32")), n, list(names),
+                     int(stride) if stride is not None else None, mean, std, meta.get("backbone"),
+                     meta.get("val_miou"))
+
+
+def _onnx_info(path: Path, output_stride, backend: str = "onnxruntime") -> ModelInfo:
+    import onnx
+
+    from .metadata import read_metadata
+
+    try:
+        graph = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf raises several types for a file that is not ONNX
+        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
+        raise ModelFileError(f"{path}: not a readable ONNX file ({first})") from None
+    return _info_from_metadata(path, read_metadata(graph), backend, output_stride)
+
+
+def _onnx_runner(path: Path, output_stride, device, providers, threads) -> ModelRunner:
+    info = _onnx_info(path, output_stride)  # metadata first: a file without it fails before a session loads
+    if providers is None and _pick_device(device) == "cpu":
+        providers = ["CPUExecutionProvider"]
+    runner = OnnxRunner(path, providers, threads)
+    info.backend = f"onnxruntime ({runner.providers[0]})"
+    return ModelRunner(runner, info)
+
+
+def _tensorrt_runner(path: Path, output_stride, device) -> ModelRunner:
+    if device == "cpu":
+        raise ModelFileError(f"{path}: a TensorRT engine runs on its GPU only, not on device cpu")
+    info = _engine_info(path, output_stride)
+    return ModelRunner(TensorRTRunner(path), info)
+
+
+def _engine_info(path: Path, output_stride) -> ModelInfo:
+    sidecar = read_sidecar(path)
+    info = _info_from_metadata(path, sidecar.get("metadata"), "tensorrt", output_stride)
+    info.precision = str(sidecar.get("precision", info.precision))
+    return info
+
+
+def read_model_info(path, output_stride: Optional[int] = None) -> ModelInfo:
+    """A model file's metadata without a GPU: what a driver checks before it ships the file to workers.
+    Checkpoints are loaded on the CPU; ONNX files and engines are only read for their metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return _onnx_info(path, output_stride)
+    if suffix in ENGINE_SUFFIXES or sidecar_path(path).is_file():
+        return _engine_info(path, output_stride)
+    return load_runner(path, output_stride=output_stride, device="cpu").info

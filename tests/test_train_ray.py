@@ -137,3 +137,30 @@ def test_nan_loss_fails_the_run_without_retries(two_nodes, tmp_path):
         build_trainer(cfg, callbacks=[Log(log)], max_failures=3).fit()
     failures = [r for r in read_log(log) if "failure" in r]
     assert len(failures) == 1  # not retried max_failures times
+
+
+def test_a_bad_file_found_mid_run_ends_the_run_at_once_in_one_line(two_nodes, tmp_path, capsys):
+    """A deterministic error in the training code is not a lost node: no retries, one line on the driver."""
+    from data_trees import make_folder
+
+    from cluster.train import build_trainer, main
+    from deeplab.config import save_config
+
+    root = tmp_path / "ds"
+    make_folder(root, names=("bg", "a", "b", "c"), stems=tuple("abcdefgh"), size=(70, 70),
+                splits={"train": list("abcdefgh"), "val": list("ab")})
+    bad = root / "images" / "e.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # preflight finds the pair; decoding it mid-run fails
+    cfg = tiny_config(tmp_path, "badfile", max_iterations=40, eval_interval=40)
+    cfg.data.dataset, cfg.data.root, cfg.data.num_classes = "folder", str(root), None
+    log = tmp_path / "log.jsonl"
+    with pytest.raises(ray.train.TrainingFailedError, match="unreadable or truncated image"):
+        build_trainer(cfg.check(), callbacks=[Log(log)], max_failures=2).fit()
+    assert len([r for r in read_log(log) if "failure" in r]) == 1  # not retried max_failures times
+
+    cfg.cluster.name = "badfile-cli"
+    save_config(cfg, tmp_path / "bad.yaml")
+    assert main(["--config", str(tmp_path / "bad.yaml")]) == 1
+    ours = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # not Ray's logs
+    assert len(ours) == 1 and ours[0].startswith("error: training failed: worker ")
+    assert f"{bad}: unreadable or truncated image" in ours[0]

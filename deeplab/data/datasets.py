@@ -277,6 +277,17 @@ def dataset_info(cfg) -> DatasetInfo:
     raise DatasetError(f"data.dataset={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
 
 
+def palette_for_classes(class_names) -> np.ndarray:
+    """The colours ``dataset_info`` gives these classes, from their names alone (an exported model carries
+    names, not colours): Cityscapes and ADE20K keep their own, every other set the VOC palette."""
+    names = list(class_names)
+    if names == list(CITYSCAPES_CLASSES):
+        return np.array(CITYSCAPES_COLORS, np.uint8)
+    if names == list(ADE20K_CLASSES):
+        return voc_palette(151)[1:]
+    return voc_palette(len(names))
+
+
 def label_map(cfg, info: DatasetInfo) -> LabelMap:
     """Stored mask values -> training ids, with the values each format allows."""
     ignore = cfg.ignore_index

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..cli import UserError
 
@@ -28,26 +28,36 @@ class DatasetError(UserError, ValueError):
         super().__init__(message, *args)
 
 
+class ImageTooLargeError(DatasetError):
+    """An image over the pixel limit (a decompression bomb, or more pixels than a caller accepts)."""
+
+
 def _first_line(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):  # its text names the file object, not the file
+        return "not an image format Pillow reads"
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
-def _open(path, name=None) -> Image.Image:
-    """Open a path, or bytes / a binary file (``name`` is what messages call it), with the bomb limit."""
+def _open(path, name=None, max_pixels=None) -> Image.Image:
+    """Open a path, or bytes / a binary file (``name`` is what messages call it), with the bomb limit and
+    ``max_pixels`` (a caller's lower limit) checked before any pixel is decoded."""
     name = name or path
     try:
         im = Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path)
     except FileNotFoundError:
         raise DatasetError(f"{name}: file not found") from None
     except Image.DecompressionBombError as e:
-        raise DatasetError(f"{name}: refused as a decompression bomb ({_first_line(e)})") from None
+        raise ImageTooLargeError(f"{name}: refused as a decompression bomb ({_first_line(e)})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(e)})") from None
     limit = Image.MAX_IMAGE_PIXELS
+    if max_pixels and (not limit or max_pixels < limit) and im.width * im.height > max_pixels:
+        im.close()
+        raise ImageTooLargeError(f"{name}: {im.width}x{im.height} is over the limit of {max_pixels} pixels")
     if limit and im.width * im.height > limit:
         im.close()
-        raise DatasetError(f"{name}: {im.width}x{im.height} pixels is over Pillow's decompression-bomb limit "
-                           f"({limit} pixels, PIL.Image.MAX_IMAGE_PIXELS)")
+        raise ImageTooLargeError(f"{name}: {im.width}x{im.height} pixels is over Pillow's decompression-bomb "
+                                 f"limit ({limit} pixels, PIL.Image.MAX_IMAGE_PIXELS)")
     return im
 
 
@@ -86,10 +96,11 @@ def to_rgb(im: Image.Image, name) -> np.ndarray:
         raise DatasetError(f"{name}: image mode {im.mode} cannot be converted to RGB ({_first_line(e)})") from None
 
 
-def read_image(source: Union[str, Path, bytes], name=None) -> np.ndarray:
-    """HxWx3 uint8 RGB from a path or the bytes of an image file (``name`` labels errors for bytes)."""
+def read_image(source: Union[str, Path, bytes], name=None, max_pixels=None) -> np.ndarray:
+    """HxWx3 uint8 RGB from a path or the bytes of an image file (``name`` labels errors for bytes);
+    ``max_pixels``: refuse larger images (ImageTooLargeError) before decoding them."""
     name = name or (source if not isinstance(source, (bytes, bytearray)) else "image")
-    im = _open(Path(source) if isinstance(source, str) else source, name)
+    im = _open(Path(source) if isinstance(source, str) else source, name, max_pixels)
     try:
         with im:
             return to_rgb(im, name)

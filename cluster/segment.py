@@ -1,0 +1,538 @@
+"""python -m cluster.segment MODEL INPUT -o OUTPUT [--workers N] [--color]
+
+Segment a whole image collection on a Ray cluster with Ray Data: the files are read through pyarrow's
+filesystems and decoded in parallel tasks, then a pool of model actors (map_batches with a callable class)
+runs the model on batches of same-size images. MODEL is a checkpoint (.ckpt), an ONNX file (FP32, FP16 or
+INT8 Q/DQ) or a TensorRT engine; classes, output stride and mean/std come from the file itself. INPUT is a
+folder (recursive), a text file listing paths (one a line, relative to the list's folder or absolute), or
+an object-store prefix such as s3://bucket/photos/.
+
+For every image OUTPUT gets NAME.png (class ids) and, with --color, NAME_color.png and NAME_overlay.png,
+at the image's relative path, plus manifest.jsonl (one JSON line per image: path, size, seconds, pixels per
+class, or the reason it failed). Running the same command again skips images already done; a killed actor
+is replaced and its images redone, each output written once. Unreadable files are listed as failed and the
+run goes on; it exits 1 at the end if any failed (2 for a bad command line, model or input).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Optional
+
+from deeplab.cli import UserError, command
+from deeplab.config import Alias, ConfigError, SegmentConfig, add_config_args, config_from_args
+
+MANIFEST = "manifest.jsonl"
+# temporary names of atomic writes: deeplab.predict's .NAME.png.PID.tmp and deeplab.fileio's .NAME.tmpPID.png
+STALE_TEMP = re.compile(r"^\..+(\.\d+\.tmp|\.tmp\d+\.png)$")
+
+
+class InputError(UserError, ValueError):
+    """INPUT cannot be listed (missing, empty, mixed filesystems); one line naming it."""
+
+
+# ------------------------------------------------------------------------------------------------- input
+@dataclass
+class InputItem:
+    path: str  # on `filesystem` (for s3: bucket/key)
+    uri: str  # as the user knows it, for messages and the manifest
+    name: str  # relative output stem, posix ("city/0001" -> OUTPUT/city/0001.png)
+
+
+@dataclass
+class InputSet:
+    filesystem: object  # a pyarrow.fs.FileSystem
+    items: list
+    ignored: int = 0  # files left out by --extensions
+
+
+def _is_uri(text: str) -> bool:
+    return "://" in text
+
+
+def _filesystem(location: str):
+    """(pyarrow filesystem, path on it) for a local path, file:// or an object-store URI (s3://, gs://)."""
+    import pyarrow.fs as pafs
+
+    if _is_uri(location):
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad URIs and unreachable stores
+            raise InputError(f"{location}: cannot open ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
+
+
+def _uri(scheme_root: str, path: str) -> str:
+    """How a listed path is shown: with its scheme for object stores, as a plain path locally."""
+    return f"{scheme_root}{path}" if scheme_root else path
+
+
+def _output_names(rels: list) -> list:
+    """Output stems: the relative path without its suffix, or with it where two inputs would collide
+    (a/x.jpg and a/x.png -> a/x.jpg, a/x.png)."""
+    stems = [str(PurePosixPath(r).with_suffix("")) for r in rels]
+    seen: dict = {}
+    for s in stems:
+        seen[s] = seen.get(s, 0) + 1
+    return [s if seen[s] == 1 else r for s, r in zip(stems, rels)]
+
+
+def _list_folder(source: str, exclude: Optional[str], extensions) -> InputSet:
+    import pyarrow.fs as pafs
+
+    fs, root = _filesystem(source)
+    scheme = source.split("://", 1)[0] + "://" if _is_uri(source) else ""
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"{source}: no such folder or prefix")
+        if info.type == pafs.FileType.File:  # one object
+            return InputSet(fs, [InputItem(root, source, PurePosixPath(root).stem)])
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as e:
+        raise InputError(f"{source}: cannot list ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+    root = root.rstrip("/")
+    paths, ignored = [], 0
+    for f in infos:
+        rel = f.path[len(root) + 1:] if root else f.path
+        if f.type != pafs.FileType.File or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if exclude and (f.path + "/").startswith(exclude.rstrip("/") + "/"):
+            continue  # OUTPUT inside INPUT: never read our own outputs back
+        if extensions and PurePosixPath(rel).suffix.lower() not in extensions:
+            ignored += 1
+            continue
+        paths.append((f.path, rel))
+    paths.sort()
+    names = _output_names([rel for _, rel in paths])
+    items = [InputItem(p, _uri(scheme, p), n) for (p, _), n in zip(paths, names)]
+    return InputSet(fs, items, ignored)
+
+
+def _list_file(source: str) -> InputSet:
+    """A text file of paths: blank lines and # comments skipped; relative paths are relative to its folder."""
+    from deeplab.predict import IMAGE_SUFFIXES
+
+    base = os.path.dirname(os.path.abspath(source))
+    try:
+        text = Path(source).read_text()
+    except UnicodeDecodeError:
+        raise InputError(f"{source}: not a text file listing paths (nor an image: its suffix is not one of "
+                         f"{', '.join(IMAGE_SUFFIXES)})") from None
+    entries = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            entries.append(line if _is_uri(line) or os.path.isabs(line) else os.path.join(base, line))
+    if not entries:
+        raise InputError(f"{source}: the list names no files")
+    schemes = {e.split("://", 1)[0] if _is_uri(e) else "" for e in entries}
+    if len(schemes) > 1:
+        raise InputError(f"{source}: mixes filesystems ({', '.join(sorted(s or 'local' for s in schemes))}); "
+                         "list one kind of path per file")
+    fs, _ = _filesystem(entries[0])
+    scheme = schemes.pop()
+    paths = [_filesystem(e)[1] if scheme else os.path.normpath(e) for e in entries]
+    common = os.path.commonpath([os.path.dirname(p) or "/" for p in paths]) if len(paths) > 1 else os.path.dirname(paths[0])
+    rels = [os.path.relpath(p, common).replace(os.sep, "/") for p in paths]
+    unique = dict(zip(paths, rels))  # a path listed twice is segmented once
+    names = _output_names(list(unique.values()))
+    items = [InputItem(p, _uri(scheme + "://" if scheme else "", p), n) for p, n in zip(unique, names)]
+    return InputSet(fs, items)
+
+
+def list_inputs(source: str, exclude: Optional[str] = None, extensions=None) -> InputSet:
+    """Every input image with its output name. ``exclude``: a local folder never to list (OUTPUT);
+    ``extensions``: keep only these suffixes (folders and prefixes; a list file is taken as written)."""
+    extensions = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions or ()}
+    from deeplab.predict import IMAGE_SUFFIXES
+
+    if not _is_uri(source) and os.path.isfile(source):
+        if Path(source).suffix.lower() in IMAGE_SUFFIXES:  # one image: a list of one
+            path = os.path.abspath(source)
+            return InputSet(_filesystem(path)[0], [InputItem(path, path, Path(path).stem)])
+        inputs = _list_file(source)
+    elif not _is_uri(source) and not os.path.exists(source):
+        raise InputError(f"{source}: no such folder or list file")
+    else:
+        inputs = _list_folder(source, exclude, extensions)
+    if not inputs.items:
+        raise InputError(f"{source}: no files to segment" + (f" ({inputs.ignored} with other extensions)"
+                                                            if inputs.ignored else ""))
+    return inputs
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+class Manifest:
+    """OUTPUT/manifest.jsonl: one JSON record per image (the last one for a path wins). Appended as results
+    arrive, so a killed driver loses nothing written; rewritten at the end with one line per image."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.records: dict = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut short by a killed driver
+                if isinstance(record, dict) and "path" in record:
+                    self.records[record["path"]] = record
+        self._file = None
+
+    def append(self, records: list) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a")
+        for r in records:
+            self.records[r["path"]] = r
+            self._file.write(json.dumps(r) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """One line per image, atomically (temporary name, then rename)."""
+        from deeplab.fileio import write_text_atomic
+
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
+
+
+def expected_outputs(name: str, color: bool) -> list:
+    """Output files of one image, relative to OUTPUT (posix)."""
+    suffixes = ("", "_color", "_overlay") if color else ("",)
+    return [f"{name}{s}.png" for s in suffixes]
+
+
+def existing_files(out_dir: Path) -> set:
+    """Every file under OUTPUT, relative (posix): one walk instead of a stat per image."""
+    found = set()
+    for folder, _, files in os.walk(out_dir):
+        rel = os.path.relpath(folder, out_dir)
+        for f in files:
+            found.add(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
+    return found
+
+
+def split_done(items: list, manifest: Manifest, out_dir: Path, color: bool) -> tuple:
+    """(to do, done): done means a manifest record says ok and every output file exists (writes are atomic,
+    so an existing file is a complete one). Outputs without a record are redone by the actors, which keep
+    the files and only compute the record, so nothing is written twice."""
+    files = existing_files(out_dir)
+    todo, done = [], []
+    for item in items:
+        record = manifest.records.get(item.uri)
+        ok = record is not None and record.get("status") == "ok"
+        (done if ok and all(f in files for f in expected_outputs(item.name, color)) else todo).append(item)
+    return todo, done
+
+
+def remove_stale_temps(out_dir: Path) -> int:
+    """Temporary files a killed writer left behind (a finished write renames its temporary away)."""
+    removed = 0
+    for folder, _, files in os.walk(out_dir):
+        for f in files:
+            if STALE_TEMP.match(f):
+                Path(folder, f).unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+# ------------------------------------------------------------------------------------- Ray Data stages
+def read_and_decode(row: dict, filesystem, max_pixels: Optional[int]) -> dict:
+    """A Ray Data task: read one file through pyarrow and decode it; a bad file becomes an error string."""
+    from deeplab.data import DatasetError, read_image
+
+    start = time.perf_counter()
+    out = {"path": row["path"], "uri": row["uri"], "name": row["name"], "error": "", "pixels": b"",
+           "height": 0, "width": 0}
+    try:
+        with filesystem.open_input_stream(row["path"]) as f:
+            data = f.read()
+        image = read_image(data, name=row["uri"], max_pixels=max_pixels)
+    except DatasetError as e:
+        out["error"] = str(e)
+    except OSError as e:  # vanished since listing, permissions, network
+        out["error"] = f"{row['uri']}: cannot read ({(str(e).splitlines() or [type(e).__name__])[0][:200]})"
+    else:
+        out.update(pixels=image.tobytes(), height=image.shape[0], width=image.shape[1])
+    out["decode_seconds"] = time.perf_counter() - start
+    return out
+
+
+class SegmentWorker:
+    """A Ray Data actor: the model, opened once, run on batches; writes the PNGs and returns one JSON record
+    per image. Outputs that already exist (from a killed attempt or an earlier run) are kept, not rewritten."""
+
+    def __init__(self, model, out_dir: str, color: bool, alpha: float, output_stride: Optional[int],
+                 num_gpus: float, cpus: float):
+        from cluster.infer import open_model, set_threads, worker_device
+        from deeplab.data import palette_for_classes
+        from deeplab.predict import PREDICTION_KINDS
+
+        threads = set_threads(cpus)
+        self.runner = open_model(model, output_stride=output_stride, device=worker_device(num_gpus), threads=threads)
+        self.names = self.runner.info.class_names
+        self.palette = palette_for_classes(self.names)
+        self.kinds = PREDICTION_KINDS if color else ("labels",)
+        self.out_dir, self.alpha = Path(out_dir), alpha
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        from cluster.infer import first_line, predict_labels
+
+        rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["uri"]))]
+        good = [row for row in rows if not row["error"]]
+        images = [np.frombuffer(r["pixels"], np.uint8).reshape(int(r["height"]), int(r["width"]), 3) for r in good]
+        missing = [self._missing(str(r["name"])) for r in good]
+        run = [i for i, m in enumerate(missing) if m]  # images with outputs to write
+        start = time.perf_counter()
+        labels = dict(zip(run, predict_labels(self.runner, [images[i] for i in run], keep_errors=True)))
+        seconds = (time.perf_counter() - start) / max(1, len(run))
+        records = {}
+        for i, row in enumerate(good):
+            uri = str(row["uri"])
+            if isinstance(labels.get(i), Exception):
+                records[uri] = {"path": uri, "status": "failed",
+                                "error": f"{uri}: the model cannot run it ({first_line(labels[i])})"}
+            else:
+                records[uri] = self._finish(uri, str(row["name"]), images[i], labels.get(i), missing[i],
+                                            seconds + float(row["decode_seconds"]))
+        for row in rows:
+            if row["error"]:
+                records[str(row["uri"])] = {"path": str(row["uri"]), "status": "failed", "error": str(row["error"])}
+        return {"record": np.array([json.dumps(records[str(row["uri"])]) for row in rows], dtype=object)}
+
+    def _missing(self, name: str) -> list:
+        from deeplab.predict import prediction_paths
+
+        paths = prediction_paths(self.out_dir / PurePosixPath(name).parent, PurePosixPath(name).name)
+        return [k for k in self.kinds if not paths[k].is_file()]
+
+    def _finish(self, uri: str, name: str, image, labels, missing: list, seconds: float) -> dict:
+        from cluster.infer import class_pixels
+        from deeplab.data import read_mask
+        from deeplab.predict import prediction_paths, write_prediction
+
+        rel = PurePosixPath(name)
+        folder = self.out_dir / rel.parent
+        start = time.perf_counter()
+        try:
+            if labels is None:  # every output exists already: count the pixels of the label map on disk
+                labels = read_mask(prediction_paths(folder, rel.name)["labels"])
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                write_prediction(folder, rel.name, image, labels, self.palette, self.alpha, kinds=missing)
+        except (OSError, ValueError) as e:
+            return {"path": uri, "status": "failed", "error": f"{uri}: cannot write its outputs ({e})"}
+        outputs = expected_outputs(name, color=len(self.kinds) > 1)
+        written = [out for kind, out in zip(("labels", "color", "overlay"), outputs) if kind in missing]
+        return {"path": uri, "status": "ok", "outputs": outputs, "width": int(image.shape[1]),
+                "height": int(image.shape[0]), "seconds": round(seconds + time.perf_counter() - start, 4),
+                "pixels": class_pixels(labels, self.names), "written": written, "worker": self.worker}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+@dataclass
+class Summary:
+    total: int
+    skipped: int
+    ok: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    first_result_s: float = 0.0  # actors starting, the model loading, the first batch
+    first_count: int = 0  # images in the first results
+    failures: list = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.ok + self.failed) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_s(self) -> float:
+        """Throughput once the pool is up: images after the first results over the time after them."""
+        rest, span = self.ok + self.failed - self.first_count, self.seconds - self.first_result_s
+        return rest / span if rest > 0 and span > 0 else 0.0
+
+
+class _Progress:
+    """One line every few seconds on stderr: images done, images/s, ETA."""
+
+    def __init__(self, total: int, interval: float):
+        self.total, self.interval = total, interval
+        self.start = self.last = time.monotonic()
+        self.shown = -1
+
+    def update(self, done: int, failed: int, final: bool = False) -> None:
+        now = time.monotonic()
+        if (not final and now - self.last < self.interval) or done == self.shown:
+            return
+        self.last, self.shown = now, done
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
+        print(f"segment: {done}/{self.total} images ({failed} failed), {rate:.2f} images/s, ETA {eta_text}",
+              file=sys.stderr, flush=True)
+
+
+def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentConfig):
+    """The Ray Data pipeline: items -> read + decode tasks -> model actor pool -> JSON records."""
+    import ray.data
+
+    rows = [{"path": i.path, "uri": i.uri, "name": i.name} for i in inputs]
+    blocks = max(1, min(len(rows), -(-len(rows) // cfg.batch_size), 4096))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map(read_and_decode, fn_kwargs={"filesystem": filesystem, "max_pixels": cfg.max_pixels},
+                num_cpus=cfg.cpus_per_decode)
+    return ds.map_batches(
+        SegmentWorker, batch_size=cfg.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+        num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
+        fn_constructor_kwargs={"model": model, "out_dir": str(out_dir), "color": cfg.color, "alpha": cfg.alpha,
+                               "output_stride": cfg.output_stride, "num_gpus": cfg.gpus_per_worker,
+                               "cpus": cfg.cpus_per_worker})
+
+
+def size_pool(cfg: SegmentConfig, resources: dict, log=print) -> int:
+    """The actor pool's size: segment.workers, or as many actors as the cluster holds now next to one read
+    task. Warns when the request does not fit (the run then waits for an autoscaler to add nodes)."""
+    cpus, gpus = float(resources.get("CPU", 0)), float(resources.get("GPU", 0))
+    room = cpus - cfg.cpus_per_decode
+    if cfg.workers is None:
+        fits = [room / cfg.cpus_per_worker if cfg.cpus_per_worker else float("inf"),
+                gpus / cfg.gpus_per_worker if cfg.gpus_per_worker else float("inf")]
+        cfg.workers = max(1, int(min(fits))) if min(fits) != float("inf") else 1
+    need_cpu = cfg.workers * cfg.cpus_per_worker + cfg.cpus_per_decode
+    need_gpu = cfg.workers * cfg.gpus_per_worker
+    if need_cpu > cpus + 1e-9 or need_gpu > gpus + 1e-9:
+        log(f"warning: {cfg.workers} actors x ({cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU) plus "
+            f"{cfg.cpus_per_decode:g} CPU to read need {need_cpu:g} CPUs and {need_gpu:g} GPUs; the cluster has "
+            f"{cpus:g} and {gpus:g} now, so the run waits for an autoscaler to add nodes (without one, lower "
+            "--workers or --cpus-per-worker)")
+    return cfg.workers
+
+
+def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print) -> Summary:
+    """Run the pipeline over the images of ``inputs`` not done yet; Ray must be initialized."""
+    import ray.data
+
+    from cluster.infer import ship_model
+
+    from deeplab.fileio import ensure_dir
+
+    out_dir = ensure_dir(out_dir)
+    remove_stale_temps(out_dir)
+    manifest = Manifest(out_dir / MANIFEST)
+    todo, done = split_done(inputs.items, manifest, out_dir, cfg.color)
+    summary = Summary(total=len(inputs.items), skipped=len(done))
+    log(f"{len(inputs.items)} images: {len(todo)} to segment, {len(done)} already done"
+        + (f" ({inputs.ignored} files with other extensions ignored)" if inputs.ignored else ""))
+    if not todo:
+        manifest.close()
+        return summary
+    size_pool(cfg, ray.cluster_resources(), log)
+    log(f"{cfg.workers} model actor{'s' * (cfg.workers != 1)} ({cfg.cpus_per_worker:g} CPU"
+        f"{f', {cfg.gpus_per_worker:g} GPU' if cfg.gpus_per_worker else ''} each), batches of {cfg.batch_size}")
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # our one line every few seconds instead of Ray Data's bars
+    start = time.perf_counter()
+    ds = build_dataset(todo, inputs.filesystem, ship_model(model_path), out_dir, cfg)
+    wanted = {i.uri for i in todo}
+    bar = _Progress(len(todo), cfg.progress_interval_s)
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            records = [json.loads(r) for r in batch["record"]]
+            records = [r for r in records if r["path"] in wanted]  # a re-executed block is counted once
+            wanted.difference_update(r["path"] for r in records)
+            if records and not summary.first_count:
+                summary.first_result_s, summary.first_count = time.perf_counter() - start, len(records)
+            manifest.append(records)
+            for r in records:
+                if r["status"] == "ok":
+                    summary.ok += 1
+                else:
+                    summary.failed += 1
+                    summary.failures.append(r["error"])
+            bar.update(summary.ok + summary.failed, summary.failed)
+    finally:
+        summary.seconds = time.perf_counter() - start
+        manifest.close()
+        remove_stale_temps(out_dir)
+    bar.update(summary.ok + summary.failed, summary.failed, final=True)
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+ALIASES = [
+    Alias("--workers", "segment.workers", "model actors (default: as many as the cluster's CPUs, or GPUs, hold)"),
+    Alias("--batch-size", "segment.batch_size", "images per actor call"),
+    Alias("--cpus-per-worker", "segment.cpus_per_worker", "CPUs (and intra-op threads) per model actor"),
+    Alias("--num-gpus-per-worker", "segment.gpus_per_worker", "GPUs per model actor (0: run on CPU)"),
+    Alias("--output-stride", "segment.output_stride", "checkpoints only: run at this output stride "
+          "(default: the checkpoint's)"),
+    Alias("--color", "segment.color", "also write NAME_color.png (palette) and NAME_overlay.png", switch=True),
+    Alias("--alpha", "segment.alpha", "overlay opacity of the class colours"),
+    Alias("--max-pixels", "segment.max_pixels", "images with more pixels fail (default: Pillow's bomb limit)"),
+]
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m cluster.segment", description=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
+    p.add_argument("input", metavar="INPUT", help="a folder, a text file listing paths, one image, or "
+                   "s3://bucket/prefix/")
+    p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                   help="folder for the PNGs and manifest.jsonl (on a multi-node cluster: a folder every node "
+                        "mounts at the same path)")
+    p.add_argument("--extensions", help="only files with these suffixes in a folder or prefix, e.g. jpg,png "
+                   "(default: every file; a file that is not an image is listed as failed)")
+    add_config_args(p, aliases=ALIASES)
+    return p.parse_args(argv)
+
+
+@command
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from export.runtime import read_model_info
+
+    exp = config_from_args(args)
+    cfg = exp.segment
+    if _is_uri(args.output):
+        raise ConfigError(f"-o {args.output}: OUTPUT must be a folder (on a multi-node cluster, one every node "
+                          "mounts at the same path); object-store output is not supported")
+    info = read_model_info(args.model, cfg.output_stride)
+    out_dir = os.path.abspath(args.output)
+    extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
+    inputs = list_inputs(args.input, exclude=out_dir, extensions=extensions)
+    print(f"model: {args.model} ({info.backend.split(' ')[0]}, {info.precision}, {info.num_classes} classes, "
+          f"output stride {info.output_stride})", flush=True)
+
+    from cluster.train import init_ray
+
+    init_ray(exp)
+    summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True))
+    done = summary.ok + summary.failed
+    manifest = os.path.join(out_dir, MANIFEST)
+    print(f"segmented {done} images in {summary.seconds:.1f}s: {summary.images_per_s:.2f} images/s "
+          f"({summary.ok} ok, {summary.failed} failed, {summary.skipped} already done); manifest: {manifest}",
+          flush=True)
+    if summary.failed:
+        for reason in summary.failures[:5]:
+            print(f"  failed: {reason}", file=sys.stderr)
+        print(f"error: {summary.failed} of {done} images failed (reasons in {manifest})", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

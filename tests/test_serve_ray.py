@@ -1,0 +1,233 @@
+"""cluster.serve on a real 2-node Ray cluster (ray.cluster_utils.Cluster), started as a user types it, bound to
+127.0.0.1 on a free port, with two replicas (the model reaches the second node through the object store).
+Real HTTP requests with http.client, each bounded by a timeout: masks equal to deeplab.predict's, JSON with
+pixel counts and the colour PNG, batching of concurrent requests, and bad uploads answered 4xx in one line
+while a concurrent good request still succeeds."""
+import base64
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from inference_files import image_collection, jpeg_bytes, photo, read_png, reference_predictions, tiny_checkpoint  # noqa: E402,E501
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+MAX_PIXELS = 100 * 100
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("serve")
+    ckpt = tiny_checkpoint(folder / "tiny.ckpt")
+    good = image_collection(folder / "photos", count=8)
+    reference = reference_predictions(ckpt, folder / "photos", good, folder / "reference")
+    return {"ckpt": ckpt, "input": folder / "photos", "good": good, "reference": reference}
+
+
+@pytest.fixture(scope="module")
+def endpoint(collection):
+    """(host, port) of a running `python -m cluster.serve`; Ctrl-C and the cluster's shutdown at the end."""
+    from cluster.train import _free_port
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
+    nodes.add_node(num_cpus=2)
+    nodes.wait_for_nodes()
+    port = _free_port()
+    command = [sys.executable, "-m", "cluster.serve", str(collection["ckpt"]), "--port", str(port), "--replicas", "2",
+               "--batch-wait-ms", "300", "--max-batch-size", "8", "--set", f"serve.max_pixels={MAX_PIXELS}",
+               "--set", f"cluster.address={nodes.address}"]
+    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 300
+        while not any(line.startswith("serving ") for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start:\n" + "".join(lines[-40:])
+            time.sleep(0.5)
+        yield "127.0.0.1", port, lines, nodes.address
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, "".join(lines[-40:])
+        assert any(line.startswith("stopping") for line in lines)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        nodes.shutdown()
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+
+
+def request(endpoint, method, path, body=None, content_type=None):
+    """(status, content type, body bytes); every call bounded by a 120 s timeout."""
+    host, port = endpoint[:2]
+    conn = http.client.HTTPConnection(host, port, timeout=120)
+    try:
+        conn.request(method, path, body=body, headers={"Content-Type": content_type} if content_type else {})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        conn.close()
+
+
+def multipart(field: str, filename: str, data: bytes, boundary: str = "deeplabBoundary7MA4YWxk") -> tuple:
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def png_array(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im)
+
+
+def reference(collection, rel, suffix=""):
+    return read_png(collection["reference"] / f"{os.path.splitext(os.path.basename(rel))[0]}{suffix}.png")
+
+
+def test_replicas_run_on_both_nodes(endpoint):
+    """The model file exists on this machine only as far as Ray knows: a replica on the second node got it
+    through the object store (ship_model)."""
+    from ray.util.state import list_actors
+
+    ray.init(address=endpoint[3])
+    try:
+        replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=60)
+                    if "SegmentService" in a.class_name]
+    finally:
+        ray.shutdown()
+    assert len(replicas) == 2 and len({a.node_id for a in replicas}) == 2, replicas
+
+
+def test_info_and_health(endpoint):
+    assert request(endpoint, "GET", "/healthz")[:1] == (200,)
+    status, ctype, body = request(endpoint, "GET", "/info")
+    info = json.loads(body)
+    assert status == 200 and ctype.startswith("application/json")
+    assert (info["num_classes"], info["output_stride"], info["backend"], info["max_batch_size"]) == (
+        5, 16, "pytorch (cpu)", 8)
+    assert info["class_names"] == [f"class_{i}" for i in range(5)] and info["max_pixels"] == MAX_PIXELS
+
+
+def test_raw_upload_returns_the_label_png_equal_to_predict(endpoint, collection):
+    for rel in collection["good"][:3]:
+        ctype_in = "image/png" if rel.endswith(".png") else "image/jpeg"
+        status, ctype, body = request(endpoint, "POST", "/segment", (collection["input"] / rel).read_bytes(), ctype_in)
+        assert status == 200 and ctype == "image/png"
+        np.testing.assert_array_equal(png_array(body), reference(collection, rel))
+
+
+def test_multipart_upload_with_json_answer_has_counts_and_the_colour_png(endpoint, collection):
+    rel = collection["good"][1]
+    body, ctype_in = multipart("image", os.path.basename(rel), (collection["input"] / rel).read_bytes())
+    status, ctype, answer = request(endpoint, "POST", "/segment?format=json", body, ctype_in)
+    assert status == 200 and ctype.startswith("application/json")
+    result = json.loads(answer)
+    labels = reference(collection, rel)
+    assert (result["height"], result["width"]) == labels.shape
+    counts = np.bincount(labels.ravel(), minlength=5)
+    assert result["pixels"] == {f"class_{k}": int(counts[k]) for k in np.argsort(-counts, kind="stable") if counts[k]}
+    colour = png_array(base64.b64decode(result["color_png"]))
+    np.testing.assert_array_equal(colour, reference(collection, rel, "_color"))
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_mask(endpoint, collection):
+    rels = collection["good"][:8]
+    results, barrier = {}, threading.Barrier(len(rels))
+
+    def send(rel):
+        barrier.wait(timeout=60)
+        status, _, body = request(endpoint, "POST", "/segment?format=json", (collection["input"] / rel).read_bytes(),
+                                  "application/octet-stream")
+        results[rel] = (status, json.loads(body))
+
+    threads = [threading.Thread(target=send, args=(rel,)) for rel in rels]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert sorted(results) == sorted(rels)
+    for rel, (status, result) in results.items():
+        assert status == 200
+        np.testing.assert_array_equal(png_array(base64.b64decode(result["color_png"])),
+                                      reference(collection, rel, "_color"))
+    assert max(result["batch"] for _, result in results.values()) > 1  # some requests shared a model call
+
+
+def test_bad_uploads_get_a_one_line_4xx_while_a_concurrent_good_request_succeeds(endpoint, collection):
+    good_rel = collection["good"][0]
+    whole = jpeg_bytes(photo((64, 64), seed=5))
+    too_big = jpeg_bytes(photo((120, 120), seed=6))  # 14,400 pixels > MAX_PIXELS
+    bad = {
+        "truncated": (400, "POST", "/segment", whole[: len(whole) // 2], "image/jpeg", "truncated"),
+        "not an image": (400, "POST", "/segment", b"plain words, no picture" * 4, "image/png", "not an image"),
+        "too many pixels": (413, "POST", "/segment", too_big, "image/jpeg", f"limit of {MAX_PIXELS} pixels"),
+        "wrong type": (415, "POST", "/segment", whole, "text/plain", "content type text/plain"),
+        "empty": (400, "POST", "/segment", b"", "image/jpeg", "empty upload"),
+        "no file field": (400, "POST", "/segment", *_no_file_field(), "no file field"),
+        "GET /segment": (405, "GET", "/segment", None, None, "answers POST"),
+        "unknown path": (404, "GET", "/predict", None, None, "no endpoint /predict"),
+        "unknown format": (400, "POST", "/segment?format=xml", whole, "image/jpeg", "format=xml"),
+    }
+    answers = {}
+
+    def send(key, method, path, body, ctype):
+        answers[key] = request(endpoint, method, path, body, ctype)
+
+    threads = [threading.Thread(target=send, args=("good", "POST", "/segment", (collection["input"] / good_rel)
+                                                   .read_bytes(), "image/jpeg"))]
+    threads += [threading.Thread(target=send, args=(k, *v[1:5])) for k, v in bad.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    status, _, body = answers["good"]
+    assert status == 200
+    np.testing.assert_array_equal(png_array(body), reference(collection, good_rel))
+    for key, (want, *_, needle) in bad.items():
+        status, ctype, body = answers[key]
+        text = body.decode()
+        assert status == want, (key, status, text)
+        assert text.startswith("error: ") and text.count("\n") == 1 and needle in text, (key, text)
+    # and the replicas keep serving
+    assert request(endpoint, "GET", "/healthz")[0] == 200
+    status, _, body = request(endpoint, "POST", "/segment", (collection["input"] / good_rel).read_bytes(), "image/jpeg")
+    assert status == 200 and np.array_equal(png_array(body), reference(collection, good_rel))
+
+
+def _no_file_field():
+    boundary = "b0undary"
+    body = f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n--{boundary}--\r\n"
+    return body.encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_endpoint_binds_loopback_only(endpoint):
+    """The default host is 127.0.0.1: the port is not reachable on the address Ray's nodes use."""
+    import socket
+
+    _, port, lines, _ = endpoint
+    assert any(f"at http://127.0.0.1:{port}" in line for line in lines)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip.startswith("127."):
+        pytest.skip("this machine has no non-loopback address to try")
+    with socket.socket() as s:
+        s.settimeout(5)
+        assert s.connect_ex((node_ip, port)) != 0
+    with socket.socket() as s:  # the check can fail: the same port answers on loopback
+        s.settimeout(5)
+        assert s.connect_ex(("127.0.0.1", port)) == 0
