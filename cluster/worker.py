@@ -20,8 +20,8 @@ from deeplab.config import experiment_from_dict
 class ExitGuard:
     """Ray turns a worker's SIGTERM into sys.exit in the process's main thread: atexit handlers run, then the
     training thread is abandoned wherever it is. Writes done inside ``writing()`` are waited for at exit (up to
-    ``grace_s``), and none starts once the process is exiting, so a shutdown never leaves half a checkpoint in
-    the run's storage."""
+    ``grace_s``), and none starts once the process is exiting (the thread waits for the end instead of raising
+    an error the run would take for a failure), so a shutdown never leaves half a checkpoint in storage."""
 
     def __init__(self, grace_s: float = 60.0):
         self.grace_s, self.exiting = grace_s, False
@@ -35,10 +35,14 @@ class ExitGuard:
 
     @contextmanager
     def writing(self):
-        with self._lock:
-            if self.exiting:
-                raise SystemExit("the node is shutting down: no new checkpoint is started")
+        self._lock.acquire()
+        if self.exiting:  # never begin a write now; the process's exit ends this thread (no error to report)
+            self._lock.release()
+            threading.Event().wait()
+        try:
             yield
+        finally:
+            self._lock.release()
 
 
 def train_worker(config: dict) -> None:
