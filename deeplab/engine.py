@@ -9,7 +9,9 @@ cross-entropy on logits at label size with 255 ignored, global batch `train.batc
 workers. Every `train.eval_interval` iterations and at the end all workers evaluate their shard of the
 validation set, all-reduce the confusion matrix, and call `report` once; rank 0 attaches a directory
 holding `model.ckpt` (model with plain BN, experiment config, iteration, optimizer, metrics, RNG states).
-Resuming from such a checkpoint restores weights, optimizer, iteration, sampler position and RNG states.
+Resuming from such a checkpoint restores weights, optimizer, iteration, sampler position and RNG states. The
+global batches depend on (seed, epoch) only, not on the number of workers (`GlobalBatchSampler`), so a run
+resumed by another number of workers (an elastic run resized) continues the same sequence of global batches.
 
 Read top-down as torchvision's reference script: `setup` (data, model, optimizer, resumed state) ->
 `train_one_epoch` (`train_step`, `log_progress`) -> `evaluate_and_report` (`evaluate_shard`, `_report`).
