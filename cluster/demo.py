@@ -67,9 +67,11 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue runs/demo if it exists (default: start it afresh)")
     parser.add_argument("--skip-export", action="store_true", help="stop after training and evaluation")
+    parser.add_argument("--verbose", action="store_true", help="Ray's own lines on the console too")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
 
+    from cluster.console import ray_init_options
     from cluster.train import init_ray, resolve_storage_path, train
 
     run_dir = os.path.join(resolve_storage_path(cfg.cluster.storage_path), cfg.cluster.name)
@@ -77,11 +79,11 @@ def main(argv=None) -> int:
         print(f"removing the previous demo run {run_dir} (--resume keeps it)")
         shutil.rmtree(run_dir)
     started = time.perf_counter()
-    init_ray(cfg, local=True)  # the demo's own local Ray, whatever else runs on this machine
+    init_ray(cfg, local=True, **ray_init_options(args.verbose))  # the demo's own local Ray, whatever else runs here
     print(f"[1/3] training {cfg.model.backbone} DeepLabv3 on {cfg.cluster.num_workers} CPU workers "
           f"(synchronized BatchNorm), {cfg.train.max_iterations} iterations of batch {cfg.train.batch_size} "
           f"at {cfg.data.crop_size}x{cfg.data.crop_size}", flush=True)
-    train(cfg)
+    train(cfg, verbose=args.verbose)
     import ray
 
     ray.shutdown()  # free the cores for evaluation

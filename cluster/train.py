@@ -21,6 +21,7 @@ import os
 import sys
 from typing import Optional
 
+from cluster.console import project_console, ray_init_options
 from deeplab.cli import command
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args
 from deeplab.fileio import copy_file_atomic, ensure_dir, write_text_atomic
@@ -151,7 +152,8 @@ def _stop_on_training_code_error_callback():
 
 
 def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_path: Optional[str] = None,
-                  callbacks: list = (), max_failures: Optional[int] = None, score: tuple = ("val_miou", "max")):
+                  callbacks: list = (), max_failures: Optional[int] = None, score: tuple = ("val_miou", "max"),
+                  verbose: bool = False):
     """A TorchTrainer for this experiment (Ray Train V2). ``name``/``storage_path`` pin the run directory
     ``<storage_path>/<name>`` (defaults: cluster.name, absolute ``runs/`` of the current directory).
     ``score``: (metric, max|min) that ranks checkpoints; Ray keeps the best one and the latest."""
@@ -181,9 +183,12 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
         callbacks=[*callbacks, _stop_on_training_code_error_callback()],  # last: the others still see the failure
         # Train V2 reroutes print() through its logger *and* the original stream: each line twice
         worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        # Ray Train's INFO lines (process groups, devices, each report) stay in its log files unless --verbose
+        logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
     )
-    config = {"experiment": cfg.to_dict(), "log_dir": log_dir, "run_key": f"{storage.rstrip('/')}/{name}"}
-    return TorchTrainer(train_worker, train_loop_config=config,
+    loop_config = {"experiment": cfg.to_dict(), "log_dir": log_dir, "verbose": verbose,
+                   "run_key": f"{storage.rstrip('/')}/{name}"}
+    return TorchTrainer(train_worker, train_loop_config=loop_config,
                         scaling_config=scaling, torch_config=TorchConfig(timeout_s=c.collective_timeout_s),
                         run_config=run)
 
@@ -314,14 +319,21 @@ def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int]
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **kwargs)
 
 
-def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False):
+def run_logs_dir(cfg: ExperimentConfig) -> Optional[str]:
+    """RUN_DIR/logs: the full console and Ray Train's log files (None for remote storage)."""
+    storage = resolve_storage_path(cfg.cluster.storage_path)
+    return None if _is_remote(storage) else os.path.join(storage, cfg.cluster.name, "logs")
+
+
+def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False, verbose: bool = False):
     """Run the experiment to the end (resuming a previous run of the same name) and write best.ckpt.
     ``callbacks``: extra Ray Train UserCallbacks (they run in the controller); ``checked``: the config already
-    passed its checks and preflight."""
+    passed its checks and preflight; ``verbose``: Ray's own lines on the console too (they are always in the
+    run dir's logs/ and Ray's session folder)."""
     if not checked:
         cfg.check()
         preflight(cfg)
-    init_ray(cfg)
+    init_ray(cfg, **ray_init_options(verbose))
     storage = resolve_storage_path(cfg.cluster.storage_path)
     run_dir = f"{storage.rstrip('/')}/{cfg.cluster.name}"
     if not _is_remote(storage) and os.path.isdir(run_dir):
@@ -329,7 +341,9 @@ def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False)
     if isinstance(cfg.cluster.num_workers, tuple):
         print(f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers; training starts once "
               f"{cfg.cluster.min_workers} fit and grows as nodes join", flush=True)
-    result = build_trainer(cfg, name=cfg.cluster.name, storage_path=storage, callbacks=callbacks).fit()
+    trainer = build_trainer(cfg, name=cfg.cluster.name, storage_path=storage, callbacks=callbacks, verbose=verbose)
+    with project_console(run_logs_dir(cfg), verbose):
+        result = trainer.fit()
     summary = _summary(result, _copy_best(result, f"{run_dir}/{BEST_FILE}"))
     _write_summary(summary, run_dir, result.filesystem)
     _print_summary(cfg, summary)
@@ -357,17 +371,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cluster.train", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser, aliases=ALIASES)
-    cfg = config_from_args(parser.parse_args(argv))
-    cfg.check()
+    parser.add_argument("--verbose", action="store_true",
+                        help="Ray's own lines on the console too (always in RUN_DIR/logs and Ray's session folder)")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
     preflight(cfg)
 
     import ray.train
 
     try:
-        train(cfg, checked=True)
+        train(cfg, checked=True, verbose=args.verbose)
     except ray.train.TrainingFailedError as e:
         reason = divergence_reason(e) or training_code_reason(e) or _first_error_line(e)
-        print(f"error: training failed: {reason}", file=sys.stderr)
+        where = run_logs_dir(cfg)
+        print(f"error: training failed: {reason}" + (f" (tracebacks: {where}/console.log)" if where else ""),
+              file=sys.stderr)
         return 1
     return 0
 

@@ -51,18 +51,23 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from cluster.console import quiet_worker_console
     from cluster.syncbn import convert_sync_batchnorm, revert_sync_batchnorm
     from deeplab.checkpoint import CHECKPOINT_FILE, unwrap
     from deeplab.engine import Worker, train
 
     cfg = experiment_from_dict(config["experiment"])
+    if not config.get("verbose"):
+        quiet_worker_console()
     exit_guard = ExitGuard()
     context = ray.train.get_context()
     world_size = context.get_world_size()
     device = ray.train.torch.get_device()
 
+    synchronized = world_size > 1 and not cfg.train.freeze_bn  # frozen BN uses running stats: nothing to sync
+
     def prepare_model(model):
-        if world_size > 1 and not cfg.train.freeze_bn:  # frozen BN uses running stats: nothing to sync
+        if synchronized:
             model = convert_sync_batchnorm(model, device.type)
         return ray.train.torch.prepare_model(model)
 
@@ -87,7 +92,7 @@ def train_worker(config: dict) -> None:
     record_progress, recorded_progress = _progress_store(config["run_key"])
     train(cfg, Worker(rank=context.get_world_rank(), world_size=world_size, device=device,
                       prepare_model=prepare_model, plain_model=plain_model, report=report,
-                      latest_checkpoint=latest_checkpoint, log_dir=config.get("log_dir"),
+                      latest_checkpoint=latest_checkpoint, log_dir=config.get("log_dir"), synchronized_bn=synchronized,
                       record_progress=record_progress, recorded_progress=recorded_progress,
                       preempted=_preemption_notice()))
 

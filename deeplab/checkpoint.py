@@ -116,6 +116,16 @@ def read_weights_file(path, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file: {first})") from None
 
 
+def _saved_configs(payload: dict) -> tuple:
+    """(ModelConfig, ExperimentConfig or None) as saved. Files written before model.align_corners existed
+    were trained and evaluated without aligned corners: they keep that."""
+    model = {"align_corners": False, **payload["model_config"]}
+    experiment = payload.get("experiment")
+    if experiment:
+        experiment = {**experiment, "model": {"align_corners": False, **(experiment.get("model") or {})}}
+    return model_config_from_dict(model), experiment_from_dict(experiment) if experiment else None
+
+
 def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     """Rebuild the model from the file alone and load its weights; never unpickles code."""
     payload = read_weights_file(path, map_location)
@@ -128,8 +138,7 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
         raise CheckpointError(f"{path}: checkpoint format version {payload['version']} is newer than this code "
                               f"reads ({VERSION}); upgrade the project")
     try:
-        cfg = model_config_from_dict(payload["model_config"])
-        experiment = experiment_from_dict(payload["experiment"]) if payload.get("experiment") else None
+        cfg, experiment = _saved_configs(payload)
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: invalid model config in checkpoint ({e})") from None
     model = build_model(cfg)

@@ -35,7 +35,8 @@ BACKBONE_LAYERS = {
     "resnet_tiny": (1, 1, 1, 1),
 }
 BACKBONE_WIDTH = {"resnet50": 64, "resnet101": 64, "resnet152": 64, "resnet_tiny": 8}
-OUTPUT_STRIDES = (8, 16, 32)
+OUTPUT_STRIDES = (8, 16, 32)  # what inference and export switch between
+MODEL_STRIDES = (8, 16, 32, 64, 128, 256)  # 64-256: the paper's Table 1, carried by cascaded blocks 5-7
 HEADS = ("paper", "torchvision")
 DATASETS = ("synthetic", "voc", "cityscapes", "ade20k", "folder")
 SYNTHETIC_MAX_CLASSES = 12  # background + the 11 shapes of deeplab.data.synthetic
@@ -186,19 +187,32 @@ class ModelConfig(_Section):
     head: str = "paper"  # "paper" | "torchvision" (extra 3x3 conv + dropout, for torchvision weights)
     aux_head: bool = False  # torchvision's FCN auxiliary head on block3
     aspp_channels: int = 256
+    # Bilinear resizes (image pooling, logits, multi-scale inputs) with aligned corners, as the paper's
+    # implementation: feature j of a 33x33 map sits on pixel 16j of a 513 input. null: true for head paper,
+    # false for head torchvision (its published weights were trained so).
+    align_corners: Optional[bool] = None
 
     def check_values(self) -> None:
         self._need_one_of("backbone", BACKBONE_LAYERS)
         self._need(1 <= self.num_classes <= 255, "num_classes", "must be 1-255 (label 255 means ignore)")
-        self._need(self.output_stride in OUTPUT_STRIDES, "output_stride", "is not allowed; use one of 8, 16, 32")
+        self._need(0 <= self.cascade_blocks <= 3, "cascade_blocks", "must be 0-3 (block5..block7)")
+        self._need(self.output_stride in MODEL_STRIDES, "output_stride",
+                   "is not allowed; use one of 8, 16, 32 (64, 128, 256 with cascaded blocks)")
+        deepest = 32 * 2 ** self.cascade_blocks  # block4 strides to 32, each cascaded block doubles it
+        self._need(self.output_stride <= deepest, "output_stride",
+                   f"needs cascaded blocks to carry it: model.cascade_blocks={self.cascade_blocks} reaches "
+                   f"{deepest}; set cascade_blocks >= {int(math.log2(max(self.output_stride, 32) // 32))}")
         self._need(len(self.multi_grid) == 3 and min(self.multi_grid) >= 1, "multi_grid",
                    "must be 3 unit rates >= 1, e.g. [1, 2, 4]")
         self._need(len(self.aspp_rates) >= 1 and min(self.aspp_rates) >= 1, "aspp_rates",
                    "must be one or more atrous rates >= 1, e.g. [6, 12, 18]")
-        self._need(self.output_stride != 32 or not any(r % 2 for r in self.aspp_rates), "aspp_rates",
-                   "cannot be halved for output_stride 32; use even rates")
-        self._need(0 <= self.cascade_blocks <= 3, "cascade_blocks", "must be 0-3 (block5..block7)")
+        step = max(1, self.output_stride // 16)  # the rates are given at OS16 and scaled by 16 / output_stride
+        self._need(not any(r % step for r in self.aspp_rates), "aspp_rates",
+                   "cannot be halved for output_stride 32; use even rates" if step == 2 else
+                   f"cannot be scaled to output_stride {self.output_stride} (x 1/{step}); use multiples of {step}")
         self._need_one_of("head", HEADS)
+        if self.align_corners is None:
+            self.align_corners = self.head == "paper"
         self._need_at_least(1, "aspp_channels")
         if self.head == "torchvision" and (self.multi_grid != (1, 1, 1) or self.cascade_blocks):
             raise ConfigError("model.head='torchvision' has no Multi-Grid or cascaded blocks: "
@@ -271,8 +285,8 @@ class TrainConfig(_Section):
     momentum: float = 0.9
     weight_decay: float = 1e-4
     poly_power: float = 0.9
-    freeze_bn: bool = False
-    bn_momentum: Optional[float] = None  # None: PyTorch's 0.1; the paper's BN decay 0.9997 is 0.0003
+    freeze_bn: bool = False  # stage 2: BatchNorm keeps its statistics and affine parameters the whole run
+    bn_momentum: Optional[float] = 0.0003  # 1 - the paper's BN decay 0.9997; null: PyTorch's 0.1
     init_from: Optional[str] = None  # checkpoint to start from (stage 2)
     pretrained_backbone: Optional[str] = None  # ImageNet ResNet .pth with torchvision keys
     amp: str = "auto"  # auto | bf16 | fp16 | off
@@ -518,14 +532,39 @@ def split_batch(global_batch: int, world_size: int, rank: int) -> int:
     return len(range(rank, global_batch, world_size))
 
 
-def per_worker_batch(batch_size: int, world_size: int) -> int:
-    """The smallest share of the global batch over ``world_size`` workers; a share of 1 cannot train BatchNorm."""
+def per_worker_batch(batch_size: int, world_size: int, synchronized_bn: bool = False, frozen_bn: bool = False) -> int:
+    """The smallest share of the global batch over ``world_size`` workers (they differ by one at most). Every
+    worker needs an image; one image per worker is refused only where a BatchNorm layer in training mode would
+    see one value per channel (the image-pooling branch after global pooling): one worker, or no synchronized
+    BN. Synchronized BN over several workers normalizes over the global batch; frozen BN (eval mode) uses its
+    running statistics."""
+    keys = ("train.batch_size", "cluster.num_workers")
     per_worker = split_batch(batch_size, world_size, world_size - 1)
-    if per_worker < 2:
-        raise ConfigError(f"train.batch_size={batch_size} over {world_size} workers is {per_worker} image per "
-                          "worker; BatchNorm (the image-pooling branch) needs at least 2: raise train.batch_size "
-                          "or use fewer workers", ("train.batch_size", "cluster.num_workers"))
+    if per_worker < 1:
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch: fewer images than the {world_size} "
+                          "workers, and every worker needs one: raise train.batch_size or use fewer workers", keys)
+    seen_by_bn = batch_size if synchronized_bn else per_worker
+    if seen_by_bn < 2 and not frozen_bn:
+        why = "one worker" if world_size == 1 else "BatchNorm not synchronized across the workers"
+        raise ConfigError(f"train.batch_size={batch_size} over {world_size} worker(s) is {per_worker} image per "
+                          f"worker and, with {why}, BatchNorm (the image-pooling branch) would see one value per "
+                          "channel: raise train.batch_size, or freeze BN (train.freeze_bn)", keys)
     return per_worker
+
+
+def bn_momentum_warning(train: TrainConfig) -> Optional[str]:
+    """One line when BatchNorm's running statistics would still be mostly their initial values at the end of
+    the run ((1 - bn_momentum) ** max_iterations > 0.5), naming a value that would work; else None."""
+    momentum = 0.1 if train.bn_momentum is None else train.bn_momentum
+    kept = (1 - momentum) ** train.max_iterations
+    if train.freeze_bn or kept <= 0.5:
+        return None
+    needed = 1 - 0.5 ** (1 / train.max_iterations)
+    scale = 10 ** math.floor(math.log10(needed))
+    suggest = min(1.0, math.ceil(needed / scale) * scale)
+    return (f"train.bn_momentum={momentum:g} leaves {kept:.0%} of BatchNorm's initial running statistics after "
+            f"{train.max_iterations} iterations, so evaluation would normalize with them: set train.bn_momentum "
+            f">= {suggest:.1g} for a run this short (the paper's 0.0003 suits 30000 iterations)")
 
 
 def evaluations_per_run(train: TrainConfig, cap: Optional[int] = None) -> int:
@@ -557,7 +596,8 @@ class ExperimentConfig:
 
     def check_across(self) -> None:
         t, c, tune = self.train, self.cluster, self.tune
-        per_worker_batch(t.batch_size, c.max_workers)  # the smallest share: at the most workers
+        for workers in range(c.min_workers, c.max_workers + 1):  # every size an elastic group can have
+            per_worker_batch(t.batch_size, workers, synchronized_bn=workers > 1, frozen_bn=t.freeze_bn)
         if t.amp == "fp16" and not c.use_gpu:
             raise ConfigError("train.amp='fp16' needs GPUs (cluster.use_gpu, --use-gpu); use bf16, auto or off "
                               "on CPU workers", ("train.amp", "cluster.use_gpu"))

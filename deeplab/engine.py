@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,9 +36,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, read_weights_file, save_checkpoint, unwrap
-from .config import ConfigError, ExperimentConfig, per_worker_batch, split_batch
+from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_worker_batch, split_batch
 from .data import build_dataset, dataset_info
-from .inference import evaluate, model_predictor
+from .inference import align_corners, evaluate, model_predictor
 from .model import build_model, load_backbone_weights
 
 
@@ -52,6 +53,7 @@ class Worker:
     plain_model: Callable[[nn.Module], nn.Module] = unwrap  # the model as saved: no DDP, plain BatchNorm2d
     report: Callable[[dict, Optional[str]], None] = lambda metrics, checkpoint_dir: None  # rank 0 passes a dir
     latest_checkpoint: Callable[[], Optional[str]] = lambda: None  # a model.ckpt to resume from
+    synchronized_bn: bool = False  # prepare_model makes BatchNorm normalize over every worker's batch
     log_dir: Optional[str] = None  # TensorBoard event files (rank 0)
     # Elastic runs: rank 0 records the iteration it reached, for the group that resumes after a resize to read;
     # every rank asks at the same iterations whether a node is being preempted (then all checkpoint at once).
@@ -87,15 +89,6 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
             getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
         return torch.bfloat16 if native else None
     return None
-
-
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """model.train(), except frozen BatchNorm keeps its running statistics (stage 2)."""
-    model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
 
 
 class GlobalBatchSampler(Sampler):
@@ -258,27 +251,45 @@ def _data(cfg: ExperimentConfig, worker: Worker) -> tuple:
 
 
 def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memory_format) -> nn.Module:
-    """BN decay, frozen BN (stage 2) and the unused aux head out of training, on the device, then the
-    runner's wrapping (SyncBN + DDP under Ray)."""
+    """BN decay, frozen BN (stage 2: it stays frozen through every train()/eval() switch) and the unused aux
+    head out of training, on the device, then the runner's wrapping (SyncBN + DDP under Ray)."""
     t = cfg.train
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            if t.bn_momentum is not None:
+    if t.bn_momentum is not None:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = t.bn_momentum
-            if t.freeze_bn:
-                m.requires_grad_(False)
+    if t.freeze_bn:
+        model.freeze_batchnorm()
     if getattr(model, "aux_classifier", None) is not None:  # kept for torchvision weights, not trained
         model.aux_classifier.requires_grad_(False)
     model = worker.prepare_model(model.to(worker.device, memory_format=memory_format))
-    set_train_mode(model, t.freeze_bn)
-    return model
+    return model.train()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list:
+    """SGD groups as the authors' implementation regularizes: weight decay on convolution weights (and any
+    other weight), none on BatchNorm scale/shift or biases. Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                plain = isinstance(module, nn.modules.batchnorm._BatchNorm) or name == "bias"
+                (no_decay if plain else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _restore(run: Run, state: Optional[dict], resume: Optional[str]) -> None:
     """Optimizer, iteration and this rank's RNG states from a resumed checkpoint."""
     if not state:
         return
+    saved_groups = len(state["optimizer"].get("param_groups", []))
+    if saved_groups != len(run.optimizer.param_groups):
+        raise ConfigError(f"{resume}: its optimizer has {saved_groups} parameter group(s), this version trains "
+                          f"with {len(run.optimizer.param_groups)} (no weight decay on BN and biases): start a new "
+                          "run (another --name), with train.init_from to keep the weights")
     run.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler") and run.scaler.is_enabled():  # fp16: the loss scale and its growth tracker
+        run.scaler.load_state_dict(state["scaler"])
     run.iteration = int(state["iteration"])
     rng = state.get("rng") or []
     if len(rng) == run.worker.world_size:
@@ -305,7 +316,7 @@ def describe_resume(record: dict) -> str:
 def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
     """Data, model, optimizer and resumed state for one worker, seeded per rank."""
     t = cfg.train
-    per_worker_batch(t.batch_size, worker.world_size)
+    per_worker_batch(t.batch_size, worker.world_size, worker.synchronized_bn, t.freeze_bn)
     batch = split_batch(t.batch_size, worker.world_size, worker.rank)
     amp = resolve_amp(t.amp, worker.device)
     num_classes = dataset_info(cfg.data).num_classes
@@ -318,12 +329,14 @@ def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
     model, state = build_model_for_training(cfg, resume)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
     model = _prepare_model(model, cfg, worker, memory_format)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    optimizer = torch.optim.SGD(param_groups(model, t.weight_decay), lr=t.lr, momentum=t.momentum)
     scaler = torch.amp.GradScaler(worker.device.type, enabled=amp == torch.float16)
     run = Run(cfg, worker, model, optimizer, scaler, train_set, val_set, sampler, generator, loader, batch,
               steps_per_epoch, num_classes, amp, memory_format)
     _restore(run, state, resume)
+    warning = bn_momentum_warning(t)
+    if run.main and warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     if run.main and worker.log_dir:
         from torch.utils.tensorboard import SummaryWriter
 
@@ -374,7 +387,8 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> tuple:
     with torch.autocast(device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
         logits = run.model(images)
     if logits.shape[-2:] != masks.shape[-2:]:
-        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear",
+                               align_corners=align_corners(run.model))
     # weighted by this rank's share of the global batch, so that DDP's mean over ranks is the global batch's
     share = run.batch * run.worker.world_size / t.batch_size
     loss = F.cross_entropy(logits.float(), masks, ignore_index=run.cfg.data.ignore_index) * share

@@ -41,6 +41,13 @@ def output_stride_as(model, output_stride: Optional[int]):
         net.set_output_stride(previous)
 
 
+def align_corners(model) -> bool:
+    """How the model resizes (model.align_corners): the multi-scale resizes follow it. False for models
+    without a config (torchvision's convention)."""
+    net = getattr(model, "module", model)
+    return bool(getattr(getattr(net, "config", None), "align_corners", False))
+
+
 def scaled_size(size: int, scale: float) -> int:
     """(size - 1) * scale + 1: keeps 513 = 16k + 1 sizes on the same grid (513 -> 257, 385, 641, ...)."""
     return max(1, int(round((size - 1) * scale)) + 1)
@@ -87,6 +94,7 @@ def predict_logits(model, images: torch.Tensor, output_stride: Optional[int] = N
         window = (window, window)
     scales = tuple(float(s) for s in scales) or (1.0,)
     h, w = images.shape[-2:]
+    corners = align_corners(model)
     with output_stride_as(model, output_stride):
         if scales == (1.0,) and not flip and (window is None or (h <= window[0] and w <= window[1])):
             return model(images).float()
@@ -95,14 +103,14 @@ def predict_logits(model, images: torch.Tensor, output_stride: Optional[int] = N
             x = images
             if s != 1.0:
                 x = F.interpolate(images, size=(scaled_size(h, s), scaled_size(w, s)), mode="bilinear",
-                                  align_corners=False)
+                                  align_corners=corners)
             for flipped in ((False, True) if flip else (False,)):
                 xi = x.flip(-1) if flipped else x
                 p = _forward(model, xi, window)
                 if flipped:
                     p = p.flip(-1)
                 if p.shape[-2:] != (h, w):
-                    p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=False)
+                    p = F.interpolate(p, size=(h, w), mode="bilinear", align_corners=corners)
                 total = p if total is None else total + p
         count = len(scales) * (2 if flip else 1)
         return (total / count).clamp_min(1e-12).log()

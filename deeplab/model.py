@@ -137,15 +137,16 @@ class ResNetBackbone(nn.Module):
 class ASPPPooling(nn.Sequential):
     """Image-level features (Section 3.3): global average pool, 1x1 conv + BN + ReLU, bilinear upsample."""
 
-    def __init__(self, in_channels: int, channels: int):
+    def __init__(self, in_channels: int, channels: int, align_corners: bool = False):
         super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(in_channels, channels, 1, bias=False),
                          nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.align_corners = align_corners
 
     def forward(self, x):
         size = x.shape[-2:]
         for module in self:
             x = module(x)
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=self.align_corners)
 
 
 def _conv_bn_relu(in_channels: int, channels: int, kernel: int, rate: int = 1) -> nn.Sequential:
@@ -159,12 +160,12 @@ class ASPP(nn.Module):
     concatenated and projected by a 1x1 conv, all with 256 filters and BatchNorm."""
 
     def __init__(self, in_channels: int, rates, channels: int = 256, image_pooling: bool = True,
-                 dropout: float = 0.0):
+                 dropout: float = 0.0, align_corners: bool = False):
         super().__init__()
         branches = [_conv_bn_relu(in_channels, channels, 1)]
         branches += [_conv_bn_relu(in_channels, channels, 3, r) for r in rates]
         if image_pooling:
-            branches.append(ASPPPooling(in_channels, channels))
+            branches.append(ASPPPooling(in_channels, channels, align_corners))
         self.convs = nn.ModuleList(branches)
         project = [nn.Conv2d(channels * len(branches), channels, 1, bias=False), nn.BatchNorm2d(channels),
                    nn.ReLU(inplace=True)]
@@ -185,9 +186,11 @@ def _head(cfg: ModelConfig, in_channels: int) -> nn.Sequential:
     rates = cfg.rates_at()
     ch = cfg.aspp_channels
     if cfg.head == "paper":  # ASPP, then the final 1x1 conv that gives the logits
-        return nn.Sequential(ASPP(in_channels, rates, ch, cfg.image_pooling), nn.Conv2d(ch, cfg.num_classes, 1))
+        return nn.Sequential(ASPP(in_channels, rates, ch, cfg.image_pooling, align_corners=cfg.align_corners),
+                             nn.Conv2d(ch, cfg.num_classes, 1))
     # torchvision's DeepLabHead: dropout in the projection and an extra 3x3 conv + BN + ReLU before the logits
-    return nn.Sequential(ASPP(in_channels, rates, ch, cfg.image_pooling, dropout=0.5),
+    return nn.Sequential(ASPP(in_channels, rates, ch, cfg.image_pooling, dropout=0.5,
+                              align_corners=cfg.align_corners),
                          nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
                          nn.Conv2d(ch, cfg.num_classes, 1))
 
@@ -209,6 +212,7 @@ class DeepLabV3(nn.Module):
     def __init__(self, cfg: ModelConfig, zero_init_last: bool = True):
         super().__init__()
         self.config = cfg
+        self.bn_frozen = False
         self.backbone = ResNetBackbone(cfg)
         self.classifier = _head(cfg, self.backbone.out_channels)
         self.aux_classifier = _aux_head(self.backbone.aux_channels, cfg.num_classes) if cfg.aux_head else None
@@ -226,9 +230,27 @@ class DeepLabV3(nn.Module):
         self.config = cfg
         return self
 
+    def freeze_batchnorm(self) -> "DeepLabV3":
+        """Stage 2 (Section 4.1): every BatchNorm keeps its running statistics and affine parameters for the
+        rest of the model's life: out of the gradient, and in eval mode whatever ``train()`` is called."""
+        self.bn_frozen = True
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.requires_grad_(False)
+        return self.train(self.training)
+
+    def train(self, mode: bool = True) -> "DeepLabV3":
+        super().train(mode)
+        if self.bn_frozen:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
     def forward(self, images):
         logits = self.classifier(self.backbone(images)["out"])
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                             align_corners=self.config.align_corners)
 
 
 def _init_weights(model: DeepLabV3, zero_init_last: bool) -> None:

@@ -172,11 +172,15 @@ def test_checks_across_sections_name_what_the_user_wrote():
 
     parser = argparse.ArgumentParser()
     add_config_args(parser, aliases=[Alias("--num-workers", "cluster.num_workers")])
-    # demo: global batch 8; over 3 workers 3, 3, 2 images; over 5 some worker would get 1
+    # demo: global batch 8; over 3 workers 3, 3, 2 images; over 8 one each (BatchNorm synchronized over the 8)
     assert config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "3"])).cluster.num_workers == 3
+    assert config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "8"])).cluster.num_workers == 8
     with pytest.raises(ConfigError) as info:
-        config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "5"]))
-    assert str(info.value).startswith("--num-workers 5: train.batch_size=8 over 5 workers is 1 image per worker")
+        config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "9"]))
+    assert str(info.value).startswith("--num-workers 9: train.batch_size=8 is the global batch: fewer images than "
+                                      "the 9 workers")
+    with pytest.raises(ConfigError, match=r"^--set train\.batch_size=1, --num-workers 1: .*1 image per worker"):
+        config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "1", "--set", "train.batch_size=1"]))
     with pytest.raises(ConfigError, match=r"^--set train\.amp=fp16: train\.amp='fp16' needs GPUs"):
         load_config(DEMO, ["train.amp=fp16"])
     assert load_config(DEMO, ["train.amp=fp16", "cluster.use_gpu=true"]).train.amp == "fp16"
@@ -199,8 +203,8 @@ def test_changed_fields_are_checked_again_by_check():
     cfg.train.lr = -1
     with pytest.raises(ConfigError, match=r"^train\.lr=-1 must be"):
         cfg.check()
-    cfg.train.lr, cfg.cluster.num_workers = 0.01, 5
-    with pytest.raises(ConfigError, match="over 5 workers is 1 image per worker"):
+    cfg.train.lr, cfg.cluster.num_workers = 0.01, 9
+    with pytest.raises(ConfigError, match="fewer images than the 9 workers"):
         cfg.check()
 
 
@@ -286,7 +290,8 @@ def test_every_deeplab_command_answers_a_config_error_with_exit_2(command, tmp_p
             "deeplab.data": ["check", "--format", "voc", "--root", str(tmp_path)]}[command]
     module = importlib.import_module(command if command != "deeplab.data" else "deeplab.data.__main__")
     assert module.main([*argv, "--set", "train.momentum=1.5"]) == 2
-    assert capsys.readouterr().err == "error: --set train.momentum=1.5: train.momentum=1.5 must be in [0, 1), e.g. 0.9\n"
+    assert capsys.readouterr().err == ("error: --set train.momentum=1.5: train.momentum=1.5 must be in [0, 1), "
+                                       "e.g. 0.9\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
 
 
@@ -308,5 +313,7 @@ def test_num_workers_is_a_count_or_an_elastic_range():
                            ("[1, 2, 3]", "a list of 2 integers")):
         with pytest.raises(ConfigError, match=problem):
             load_config(DEMO, [f"cluster.num_workers={value}"])
-    with pytest.raises(ConfigError, match="over 5 workers is 1 image per worker"):
-        load_config(DEMO, ["cluster.num_workers=2-5"])  # the global batch 8 cannot be split over 5
+    with pytest.raises(ConfigError, match="fewer images than the 9 workers"):
+        load_config(DEMO, ["cluster.num_workers=2-9"])  # the global batch 8 cannot be split over 9
+    with pytest.raises(ConfigError, match="with one worker"):
+        load_config(DEMO, ["cluster.num_workers=1-4", "train.batch_size=1"])  # a group of 1 would see 1 image

@@ -53,13 +53,14 @@ def test_per_worker_batch_of_one_is_refused_in_one_line():
     assert per_worker_batch(8, 3) == 2  # uneven shares 3, 3, 2 are fine
 
 
-def test_cli_refuses_batch_one_per_worker_before_starting_ray():
+def test_cli_refuses_batch_one_on_a_single_worker_before_starting_ray():
     proc = subprocess.run([sys.executable, "-m", "cluster.train", "--config", "configs/demo.yaml",
-                           "--num-workers", "2", "--set", "train.batch_size=2"],
+                           "--set", "cluster.num_workers=1", "--set", "train.batch_size=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "train.batch_size=2" in lines[0] and "1 image per worker" in lines[0]
+    assert len(lines) == 1 and "train.batch_size=1" in lines[0] and "1 image per worker and, with one worker" \
+        in lines[0]
 
 
 def test_lr_follows_poly_schedule_and_checkpoints_load(tmp_path):

@@ -79,10 +79,13 @@ def test_impossible_model_config_is_pruned_with_configerror_message():
     assert "cannot be halved for output_stride 32" in pruned[0][1]
 
 
-def test_batch_of_one_per_worker_is_pruned():
+def test_batch_of_one_per_worker_is_pruned_where_bn_would_see_one_value():
     base = ExperimentConfig(model=ModelConfig(backbone="resnet_tiny"))
     base.train.batch_size = 4
-    _, pruned = spaces.prune([{"crop_size": 513}], base, 0.15, workers=4)
+    kept, _ = spaces.prune([{"crop_size": 513}], base, 0.15, workers=4)  # synchronized BN over 4 workers
+    assert kept == [{"crop_size": 513}]
+    base.train.batch_size, base.cluster.num_workers = 1, 1
+    _, pruned = spaces.prune([{"crop_size": 513}], base, 0.15, workers=1)
     assert "1 image per worker" in pruned[0][1]
 
 

@@ -196,7 +196,7 @@ def prune_reason(cfg: ExperimentConfig, min_valid_weight: float, workers: int) -
                 f"{crop} at output stride {os_} (< tune.min_valid_weight {min_valid_weight:.0%}): "
                 f"it degenerates towards a 1x1 filter (paper Fig. 4)")
     try:
-        per_worker_batch(cfg.train.batch_size, workers)
+        per_worker_batch(cfg.train.batch_size, workers, synchronized_bn=workers > 1, frozen_bn=cfg.train.freeze_bn)
     except ConfigError as e:
         return str(e)
     return None

@@ -1,0 +1,144 @@
+"""The console of a training run: the project's lines for a person to read; Ray's own lines in its logs.
+
+Ray forwards everything its processes print to the driver's terminal: Ray Train's INFO lines (process groups,
+devices, every report), Ray Core's C++ log lines, other Ray actors' output (placement-group cleaners,
+preemption watchers) and the same worker traceback from several processes. By default the console keeps what
+the training workers print (progress, evaluations, warnings) and the controller's warnings; a failure is
+reported by the driver in one line. Every forwarded line also goes to ``RUN_DIR/logs/console.log``, Ray
+Train's own log files are copied to ``RUN_DIR/logs/ray_train/``, and ``--verbose`` shows everything.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+from contextlib import contextmanager
+from typing import Optional
+
+PROJECT_PROCESSES = ("RayTrainWorker", "TrainController")  # the training function and its controller
+_RAY_CORE_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z] \d+ \d+\] ")  # C++ glog format
+_TRACEBACK_START = ("Traceback (most recent call last)", "Error in training function", "Error in control loop")
+_EXCEPTION_LINE = re.compile(r"^[\w.]+(Error|Exception|Interrupt|Exit)\b")
+
+
+def _warnings_and_up(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING
+
+
+def quiet_worker_console() -> None:
+    """In a training worker: the root logger's console output from WARNING up. Ray Train logs some worker INFO
+    lines ("Reporting training result") through a logger its LoggingConfig does not reach; its log files keep
+    them."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and _warnings_and_up not in handler.filters:
+            handler.addFilter(_warnings_and_up)
+
+
+def ray_init_options(verbose: bool) -> dict:
+    """ray.init options for the console: Ray's own INFO lines only with --verbose."""
+    return {"logging_level": logging.INFO if verbose else logging.WARNING}
+
+
+class ConsoleFilter:
+    """Which forwarded lines the default console shows. Tracebacks are left out (the driver states the failure
+    in one line; the traceback is in console.log), so the filter remembers, per process, that it is inside
+    one: they arrive split over several batches."""
+
+    def __init__(self):
+        self._in_traceback: set = set()
+
+    def keep(self, batch: dict, line: str) -> bool:
+        if (batch.get("actor_name") or "") not in PROJECT_PROCESSES or _RAY_CORE_LINE.match(line) or not line.strip():
+            return False
+        pid = batch.get("pid")
+        if line.startswith(_TRACEBACK_START):
+            self._in_traceback.add(pid)
+            return False
+        if pid in self._in_traceback:
+            if line[:1].isspace():
+                return False
+            self._in_traceback.discard(pid)
+            return not _EXCEPTION_LINE.match(line)  # the traceback's last line, else a new message
+        return True
+
+
+class _Console:
+    """The handler that replaces Ray's printing of forwarded lines for the rest of the process (late lines
+    of a failed run arrive after fit() returns); ``log`` is the run's console.log while a run is on."""
+
+    def __init__(self, show, verbose: bool):
+        self.show, self.verbose, self.filter, self.log = show, verbose, ConsoleFilter(), None
+        self.lock = threading.Lock()  # Ray's logger thread writes while the driver opens and closes the log
+
+    def open_log(self, path: Optional[str]) -> None:
+        with self.lock:
+            if self.log:
+                self.log.close()
+            self.log = open(path, "a") if path else None
+
+    def __call__(self, batch: dict) -> None:
+        lines = batch.get("lines", [])
+        with self.lock:
+            if self.log:
+                name = batch.get("actor_name") or batch.get("task_name") or ""
+                self.log.writelines(f"({name} pid={batch.get('pid')}) {line}\n" for line in lines)
+                self.log.flush()
+        if self.verbose:
+            self.show(batch, ignore_prefix=False)
+            return
+        kept = [line for line in lines if self.filter.keep(batch, line)]
+        if kept:
+            self.show({**batch, "lines": kept}, ignore_prefix=True)
+
+
+def _install(verbose: bool) -> Optional[_Console]:
+    """Our handler in place of Ray's ``ray_print_logs`` (None where Ray forwards nothing or has moved the
+    private dispatcher: then Ray prints as it always did)."""
+    try:
+        from ray._private import worker as ray_worker
+
+        dispatcher = ray_worker.global_worker_stdstream_dispatcher
+        handlers = dict(dispatcher.handlers)
+    except (ImportError, AttributeError):
+        return None
+    if "deeplab_console" in handlers:
+        handlers["deeplab_console"].verbose = verbose
+        return handlers["deeplab_console"]
+    if "ray_print_logs" not in handlers:  # ray.init(log_to_driver=False)
+        return None
+    console = _Console(ray_worker.print_to_stdstream, verbose)
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("deeplab_console", console)
+    return console
+
+
+def _copy_ray_train_logs(log_dir: str) -> None:
+    """Ray Train's own log files (every level) from this machine's session folder into the run dir."""
+    try:
+        from ray._private import worker as ray_worker
+
+        source = os.path.join(ray_worker._global_node.get_session_dir_path(), "logs", "train")
+    except (ImportError, AttributeError):
+        return
+    if os.path.isdir(source):
+        shutil.copytree(source, os.path.join(log_dir, "ray_train"), dirs_exist_ok=True)
+
+
+@contextmanager
+def project_console(log_dir: Optional[str], verbose: bool = False):
+    """Inside the block, forwarded lines are filtered for the console (all shown with ``verbose``) and logged
+    to ``log_dir/console.log``; on the way out Ray Train's log files are copied to ``log_dir/ray_train``."""
+    console = _install(verbose)
+    if log_dir:
+        os.makedirs(log_dir, exist_ok=True)
+    if console:
+        console.open_log(os.path.join(log_dir, "console.log") if log_dir else None)
+    try:
+        yield
+    finally:
+        if console:
+            console.open_log(None)
+        if log_dir:
+            _copy_ray_train_logs(log_dir)
