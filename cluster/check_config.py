@@ -5,7 +5,8 @@ validation `ray up` itself runs first (`prepare_config` merges the provider's de
 checks the JSON schema), offline, and then refuses firewall rules that together open Ray's unauthenticated
 ports (GCS 6379, dashboard/job API 8265, client 10001) to the internet (more public sources than a /16,
 however the ranges are split), and any AWS node type left without its own security group (Ray would create
-one with SSH open to 0.0.0.0/0).
+one with SSH open to 0.0.0.0/0). Spot node types are checked against what AWS accepts for nodes Ray manages
+(AWS would refuse a wrong one only at launch), and the head may not be a spot node (a reclaim ends the run).
 
     python -m cluster.check_config ray_cluster.yaml cluster/onprem.yaml
 """
@@ -141,6 +142,34 @@ def security_problems(config: dict) -> list[str]:
     return problems
 
 
+SPOT_OPTIONS = {"SpotInstanceType": ("one-time",), "InstanceInterruptionBehavior": ("terminate",),
+                "MaxPrice": None, "ValidUntil": None, "BlockDurationMinutes": None}
+
+
+def spot_problems(config: dict) -> list[str]:
+    """Every AWS spot setting that would fail at launch or undo an elastic run, one line each."""
+    problems = []
+    for name, node_type in config.get("available_node_types", {}).items():
+        market = node_type.get("node_config", {}).get("InstanceMarketOptions")
+        if market is None:
+            continue
+        where = f"node type {name!r}: InstanceMarketOptions"
+        if market.get("MarketType") != "spot":
+            problems.append(f"{where}.MarketType={market.get('MarketType')!r}: AWS knows only 'spot'")
+            continue
+        if name == config.get("head_node_type"):
+            problems.append(f"{where}: the head node on spot ends the whole run when it is reclaimed; keep the "
+                            "head on demand and put spot capacity in worker types")
+        for key, value in (market.get("SpotOptions") or {}).items():
+            allowed = SPOT_OPTIONS.get(key, ())
+            if key not in SPOT_OPTIONS:
+                problems.append(f"{where}.SpotOptions.{key} is not a spot option; known: {', '.join(SPOT_OPTIONS)}")
+            elif allowed and value not in allowed:
+                problems.append(f"{where}.SpotOptions.{key}={value!r}: Ray replaces reclaimed nodes itself, use "
+                                f"{allowed[0]!r}")
+    return problems
+
+
 def validate(config: dict) -> dict:
     """Ray's own offline validation (what `ray up` runs before it touches the cloud); returns the
     config merged with the provider's defaults. Raises on an invalid config."""
@@ -165,7 +194,7 @@ def check_file(path: str | Path) -> dict:
     except Exception as e:  # jsonschema, click aborts and KeyErrors all mean "Ray rejects this file"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ValueError(f"{path}: Ray rejects the cluster config: {first}") from None
-    problems = security_problems(config)
+    problems = security_problems(config) + spot_problems(config)
     if problems:
         raise ValueError(f"{path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     return prepared

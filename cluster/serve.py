@@ -95,9 +95,36 @@ def png_bytes(picture) -> bytes:
     return buffer.getvalue()
 
 
+def route(method: str, path: str, fmt: str) -> str:
+    """The endpoint a request asks for ("/segment", "/info" or "/healthz"), or a Problem saying why not."""
+    path = path.rstrip("/") or "/"
+    if path in ("/healthz", "/info"):
+        if method != "GET":
+            raise Problem(405, f"{path} answers GET only")
+        return path
+    if path != "/segment":
+        raise Problem(404, f"no endpoint {path}; use POST /segment, GET /info or GET /healthz")
+    if method != "POST":
+        raise Problem(405, "/segment answers POST with an image; " + USAGE)
+    if fmt not in ("png", "json"):
+        raise Problem(400, f"format={fmt}: use png (default) or json")
+    return path
+
+
+def json_answer(image, labels, color_picture, info, batch: int, seconds: float) -> dict:
+    """The ?format=json body: size, per-class pixel counts, the colour mask as base64 PNG, how it ran."""
+    from cluster.infer import class_pixels
+
+    return {"width": int(image.shape[1]), "height": int(image.shape[0]),
+            "pixels": class_pixels(labels, info.class_names), "classes": info.class_names,
+            "color_png": base64.b64encode(png_bytes(color_picture)).decode("ascii"),
+            "backend": info.backend, "batch": batch, "seconds": round(seconds, 4)}
+
+
 # ----------------------------------------------------------------------------------------------- replica
 def _deployment_class():
-    """The Serve deployment, defined on first use so `--help` and the request helpers need no Ray."""
+    """The Serve deployment, defined on first use so `--help` and the request helpers need no Ray (hence one
+    function holding the class; each method stays short: routing and answers are the module functions above)."""
     from ray import serve
     from starlette.responses import JSONResponse, PlainTextResponse, Response
 
@@ -133,18 +160,10 @@ def _deployment_class():
         async def __call__(self, request):
             fmt = request.query_params.get("format", "png")
             try:
-                path = request.url.path.rstrip("/") or "/"
-                if path in ("/healthz", "/info"):
-                    if request.method != "GET":
-                        raise Problem(405, f"{path} answers GET only")
-                    return PlainTextResponse("ok\n") if path == "/healthz" else JSONResponse(self.info)
-                if path != "/segment":
-                    raise Problem(404, f"no endpoint {path}; use POST /segment, GET /info or GET /healthz")
-                if request.method != "POST":
-                    raise Problem(405, "/segment answers POST with an image; " + USAGE)
-                if fmt not in ("png", "json"):
-                    raise Problem(400, f"format={fmt}: use png (default) or json")
-                return await self._segment(request, fmt)
+                endpoint = route(request.method, request.url.path, fmt)
+                if endpoint == "/healthz":
+                    return PlainTextResponse("ok\n")
+                return JSONResponse(self.info) if endpoint == "/info" else await self._segment(request, fmt)
             except Exception as e:  # a Problem is the client's; anything else is ours: 500, one line, logged
                 if not isinstance(e, Problem):
                     logging.getLogger("ray.serve").exception("segment request failed")
@@ -154,7 +173,6 @@ def _deployment_class():
                                 media_type="application/json" if fmt == "json" else "text/plain")
 
         async def _segment(self, request, fmt: str):
-            from cluster.infer import class_pixels
             from deeplab.data.io import DatasetError, ImageTooLargeError, read_image
             from deeplab.predict import prediction_images
 
@@ -176,12 +194,8 @@ def _deployment_class():
             picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
             if fmt == "png":
                 return Response(png_bytes(picture), media_type="image/png")
-            return JSONResponse({"width": int(image.shape[1]), "height": int(image.shape[0]),
-                                 "pixels": class_pixels(labels, self.runner.info.class_names),
-                                 "classes": self.runner.info.class_names,
-                                 "color_png": base64.b64encode(png_bytes(picture)).decode("ascii"),
-                                 "backend": self.runner.info.backend, "batch": batch,
-                                 "seconds": round(time.perf_counter() - start, 4)})
+            return JSONResponse(json_answer(image, labels, picture, self.runner.info, batch,
+                                            time.perf_counter() - start))
 
     return SegmentService
 

@@ -1,10 +1,13 @@
 """Train DeepLabv3 on N Ray workers: ``python -m cluster.train --config configs/demo.yaml``.
 
-The config becomes a Ray Train ``TorchTrainer``: one worker per process/GPU running `deeplab.engine.train`,
-DDP with synchronized BatchNorm (``torch.nn.SyncBatchNorm`` on CUDA, `cluster.syncbn.SyncBatchNorm2d` on
-CPU/gloo), the best checkpoint by validation mIoU kept, lost workers replaced and resumed from the last
-checkpoint. The run is pinned to ``<storage_path>/<name>``: running the same command again after the driver
-dies resumes it. At the end the best checkpoint is copied to ``<storage_path>/<name>/best.ckpt``.
+The config becomes a Ray Train ``TorchTrainer``: one worker per process/GPU running `deeplab.engine.train`
+(`cluster.worker`), DDP with synchronized BatchNorm (``torch.nn.SyncBatchNorm`` on CUDA,
+`cluster.syncbn.SyncBatchNorm2d` on CPU/gloo), the best checkpoint by validation mIoU kept, lost workers replaced
+and resumed from the last checkpoint. ``--num-workers MIN-MAX`` makes the group elastic: it starts once MIN
+workers fit, grows towards MAX as nodes join and shrinks when they leave, each time from the latest checkpoint,
+with the same global batch. The run is pinned to ``<storage_path>/<name>``: running the same command again after
+the driver dies resumes it. At the end the best checkpoint is copied to ``<storage_path>/<name>/best.ckpt`` and
+what the run did to ``summary.json`` beside it.
 
 Connects to a running cluster (``cluster.address``, ``RAY_ADDRESS``, or one started with ``ray start`` /
 ``ray up`` on this machine) and starts a local one otherwise.
@@ -18,14 +21,16 @@ import os
 import sys
 from typing import Optional
 
-from cluster.console import project_console, quiet_worker_console, ray_init_options
+from cluster.console import project_console, ray_init_options
 from deeplab.cli import command
-from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, experiment_from_dict
-from deeplab.fileio import copy_file_atomic, ensure_dir
+from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args
+from deeplab.fileio import copy_file_atomic, ensure_dir, write_text_atomic
 
 BEST_FILE = "best.ckpt"
+SUMMARY_FILE = "summary.json"
 ALIASES = [
-    Alias("--num-workers", "cluster.num_workers", "Ray Train workers", metavar="N"),
+    Alias("--num-workers", "cluster.num_workers", "Ray Train workers: N, or MIN-MAX to grow and shrink with the "
+          "cluster (elastic)", metavar="N|MIN-MAX"),
     Alias("--use-gpu", "cluster.use_gpu", "one GPU per worker", switch=True),
     Alias("--cpus-per-worker", "cluster.cpus_per_worker", "CPUs reserved per worker", metavar="C"),
     Alias("--storage-path", "cluster.storage_path", "run storage: a local/NFS folder or s3://...", metavar="P"),
@@ -51,57 +56,6 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
         if value and not _is_remote(value):
             setattr(obj, name, os.path.abspath(os.path.expanduser(value)))
     return cfg
-
-
-# ---------------------------------------------------------------------------------------------------------
-# What runs in each Ray worker
-
-
-def _train_fn(config: dict) -> None:
-    """One Ray Train worker: hand `deeplab.engine.train` the Ray-specific pieces."""
-    import pyarrow.fs
-    import ray.train
-    import ray.train.torch
-
-    from cluster.syncbn import convert_sync_batchnorm, revert_sync_batchnorm
-    from deeplab.checkpoint import CHECKPOINT_FILE, unwrap
-    from deeplab.engine import Worker, train
-
-    cfg = experiment_from_dict(config["experiment"])
-    if not config.get("verbose"):
-        quiet_worker_console()
-    context = ray.train.get_context()
-    world_size = context.get_world_size()
-    device = ray.train.torch.get_device()
-
-    synchronized = world_size > 1 and not cfg.train.freeze_bn  # frozen BN uses running stats: nothing to sync
-
-    def prepare_model(model):
-        if synchronized:
-            model = convert_sync_batchnorm(model, device.type)
-        return ray.train.torch.prepare_model(model)
-
-    def plain_model(model):  # a copy: reverting in place would swap the training model's modules
-        return revert_sync_batchnorm(copy.deepcopy(unwrap(model)))
-
-    def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-    def latest_checkpoint() -> Optional[str]:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            folder = checkpoint.path
-        else:
-            folder = checkpoint.to_directory()  # download from S3/GCS
-        return os.path.join(folder, CHECKPOINT_FILE)
-
-    train(cfg, Worker(rank=context.get_world_rank(), world_size=world_size, device=device,
-                      prepare_model=prepare_model, plain_model=plain_model, report=report,
-                      latest_checkpoint=latest_checkpoint, log_dir=config.get("log_dir"),
-                      synchronized_bn=synchronized))
 
 
 class TrainingCodeError(RuntimeError):
@@ -206,6 +160,8 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from cluster.worker import train_worker
+
     cfg.check()  # every config mistake answered here, on the driver, not by each worker
     cfg = _absolute_paths(cfg)
     c = cfg.cluster
@@ -215,8 +171,9 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = 1
-    scaling = ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
-                                      resources_per_worker=resources, placement_strategy=c.placement_strategy)
+    scaling = ray.train.ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,  # (min, max): elastic
+                                      resources_per_worker=resources, placement_strategy=c.placement_strategy,
+                                      elastic_resize_monitor_interval_s=c.resize_interval_s)
     run = ray.train.RunConfig(
         name=name,
         storage_path=storage,
@@ -229,8 +186,9 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
         # Ray Train's INFO lines (process groups, devices, each report) stay in its log files unless --verbose
         logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
     )
-    loop_config = {"experiment": cfg.to_dict(), "log_dir": log_dir, "verbose": verbose}
-    return TorchTrainer(_train_fn, train_loop_config=loop_config,
+    loop_config = {"experiment": cfg.to_dict(), "log_dir": log_dir, "verbose": verbose,
+                   "run_key": f"{storage.rstrip('/')}/{name}"}
+    return TorchTrainer(train_worker, train_loop_config=loop_config,
                         scaling_config=scaling, torch_config=TorchConfig(timeout_s=c.collective_timeout_s),
                         run_config=run)
 
@@ -257,24 +215,54 @@ def _copy_best(result, destination: str) -> Optional[str]:
     return None if best is None else copy_checkpoint(best.path, destination, best.filesystem)
 
 
-def _print_summary(cfg: ExperimentConfig, result, best_path: Optional[str]) -> None:
-    from deeplab.data import dataset_info
-
+def _summary(result, best_path: Optional[str]) -> dict:
+    """What the run did, for people and scripts: iterations, final and best val mIoU, the best checkpoint, and
+    every restart from a checkpoint (lost node, resize) with the iterations it had to do again."""
     metrics = result.metrics or {}
     best = max((m for _, m in result.best_checkpoints or []), key=lambda m: m.get("val_miou", -1), default=metrics)
+    resumes = metrics.get("resumes") or []
+    redone = sum(r["reached_iteration"] - r["checkpoint_iteration"] for r in resumes
+                 if r.get("reached_iteration") is not None)
+    return {"run": str(result.path), "iterations": metrics.get("iteration"), "final_val_miou": metrics.get("val_miou"),
+            "best_val_miou": best.get("val_miou"), "best_iteration": best.get("iteration"),
+            "best_val_iou": best.get("val_iou") or [], "best_checkpoint": best_path, "resumes": resumes,
+            "redone_iterations": redone}
+
+
+def _print_summary(cfg: ExperimentConfig, summary: dict) -> None:
+    from deeplab.data import dataset_info
+    from deeplab.engine import describe_resume
+
     names = getattr(dataset_info(cfg.data), "class_names", None) or []
-    iou = best.get("val_iou") or []
-    print(f"\nrun {result.path}")
-    print(f"iterations {metrics.get('iteration')}  final val mIoU {metrics.get('val_miou', float('nan')):.4f}  "
-          f"best val mIoU {best.get('val_miou', float('nan')):.4f} (iteration {best.get('iteration')})")
-    if iou:
+    final, best = (float("nan") if v is None else v for v in (summary["final_val_miou"], summary["best_val_miou"]))
+    print(f"\nrun {summary['run']}")
+    print(f"iterations {summary['iterations']}  final val mIoU {final:.4f}  best val mIoU {best:.4f} "
+          f"(iteration {summary['best_iteration']})")
+    if summary["resumes"]:
+        print(f"restarted {len(summary['resumes'])} time(s) from a checkpoint, {summary['redone_iterations']} "
+              f"iteration(s) done again: " + "; ".join(describe_resume(r) for r in summary["resumes"]))
+    if summary["best_val_iou"]:
         print("per-class IoU of the best checkpoint:")
-        for i, value in enumerate(iou):
+        for i, value in enumerate(summary["best_val_iou"]):
             label = names[i] if i < len(names) else f"class {i}"
             shown = "  n/a (absent)" if value is None or math.isnan(value) else f"{value:7.4f}"
             print(f"  {i:3d} {label:<16s}{shown}")
-    if best_path:
-        print(f"best checkpoint: {best_path}")
+    if summary["best_checkpoint"]:
+        print(f"best checkpoint: {summary['best_checkpoint']}")
+
+
+def _write_summary(summary: dict, run_dir: str, filesystem=None) -> None:
+    """<run>/summary.json, whole or not at all (a local atomic rename; one object-store put on S3/GCS)."""
+    import json
+
+    import pyarrow.fs
+
+    text = json.dumps(summary, indent=1, default=str)
+    if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
+        write_text_atomic(os.path.join(run_dir, SUMMARY_FILE), text)
+    else:
+        with filesystem.open_output_stream(f"{run_dir.split('://', 1)[-1]}/{SUMMARY_FILE}") as f:
+            f.write(text.encode())
 
 
 def _port_in_use(port: int) -> bool:
@@ -350,11 +338,15 @@ def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False,
     run_dir = f"{storage.rstrip('/')}/{cfg.cluster.name}"
     if not _is_remote(storage) and os.path.isdir(run_dir):
         print(f"run directory {run_dir} exists: resuming that run where it stopped", flush=True)
+    if isinstance(cfg.cluster.num_workers, tuple):
+        print(f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers; training starts once "
+              f"{cfg.cluster.min_workers} fit and grows as nodes join", flush=True)
     trainer = build_trainer(cfg, name=cfg.cluster.name, storage_path=storage, callbacks=callbacks, verbose=verbose)
     with project_console(run_logs_dir(cfg), verbose):
         result = trainer.fit()
-    best_path = _copy_best(result, f"{run_dir}/{BEST_FILE}")
-    _print_summary(cfg, result, best_path)
+    summary = _summary(result, _copy_best(result, f"{run_dir}/{BEST_FILE}"))
+    _write_summary(summary, run_dir, result.filesystem)
+    _print_summary(cfg, summary)
     return result
 
 

@@ -318,7 +318,9 @@ class ClusterConfig(_Section):
 
     SECTION: ClassVar[str] = "cluster"
 
-    num_workers: int = 2
+    # N workers, or [MIN, MAX] (--num-workers MIN-MAX): elastic, starts once MIN fit, grows to MAX as nodes join
+    num_workers: Union[int, Tuple[int, int]] = 2
+    resize_interval_s: float = 60.0  # elastic: how often Ray looks for room to grow the worker group
     use_gpu: bool = False
     cpus_per_worker: float = 1
     storage_path: str = "runs"
@@ -328,8 +330,27 @@ class ClusterConfig(_Section):
     placement_strategy: str = "PACK"
     address: Optional[str] = None  # None: RAY_ADDRESS or an existing cluster, else a local one
 
+    def check(self) -> None:
+        text = self.num_workers
+        if isinstance(text, str) and text.count("-") == 1 and text.replace("-", "").strip().isdigit():
+            self.num_workers = [int(n) for n in text.split("-")]  # the --num-workers MIN-MAX form
+        super().check()
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+
     def check_values(self) -> None:
-        self._need_at_least(1, "num_workers", "collective_timeout_s")
+        self._need(self.min_workers >= 1, "num_workers", "must be >= 1")
+        self._need(self.min_workers <= self.max_workers, "num_workers", "must be a range MIN-MAX with MIN <= MAX")
+        if self.min_workers == self.max_workers:
+            self.num_workers = self.min_workers  # [4, 4] is a fixed group of 4
+        self._need(self.resize_interval_s >= 0, "resize_interval_s", "must be >= 0")
+        self._need_at_least(1, "collective_timeout_s")
         self._need(0 < self.cpus_per_worker < math.inf, "cpus_per_worker", "must be > 0")
         self._need(bool(self.storage_path), "storage_path", "must name a folder or a URI (s3://...)")
         self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
@@ -505,17 +526,24 @@ class ServeConfig(_Section):
 # What spans sections
 
 
+def split_batch(global_batch: int, world_size: int, rank: int) -> int:
+    """Rank's share of the global batch: every world_size-th image of it, so shares differ by one at most
+    (8 over 3 workers: 3, 3, 2). Synchronized BatchNorm sees the global batch whatever the shares."""
+    return len(range(rank, global_batch, world_size))
+
+
 def per_worker_batch(batch_size: int, world_size: int, synchronized_bn: bool = False, frozen_bn: bool = False) -> int:
-    """The global batch split evenly across workers. One image per worker is refused only where a BatchNorm
-    layer in training mode would see one value per channel (the image-pooling branch after global pooling):
-    one worker, or no synchronized BN. Synchronized BN over several workers normalizes over the global batch;
-    frozen BN (eval mode) uses its running statistics."""
+    """The smallest share of the global batch over ``world_size`` workers (they differ by one at most). Every
+    worker needs an image; one image per worker is refused only where a BatchNorm layer in training mode would
+    see one value per channel (the image-pooling branch after global pooling): one worker, or no synchronized
+    BN. Synchronized BN over several workers normalizes over the global batch; frozen BN (eval mode) uses its
+    running statistics."""
     keys = ("train.batch_size", "cluster.num_workers")
-    if batch_size % world_size:
-        raise ConfigError(f"train.batch_size={batch_size} is the global batch and must divide evenly across "
-                          f"{world_size} workers", keys)
-    per_worker = batch_size // world_size
-    seen_by_bn = per_worker * (world_size if synchronized_bn else 1)
+    per_worker = split_batch(batch_size, world_size, world_size - 1)
+    if per_worker < 1:
+        raise ConfigError(f"train.batch_size={batch_size} is the global batch: fewer images than the {world_size} "
+                          "workers, and every worker needs one: raise train.batch_size or use fewer workers", keys)
+    seen_by_bn = batch_size if synchronized_bn else per_worker
     if seen_by_bn < 2 and not frozen_bn:
         why = "one worker" if world_size == 1 else "BatchNorm not synchronized across the workers"
         raise ConfigError(f"train.batch_size={batch_size} over {world_size} worker(s) is {per_worker} image per "
@@ -568,7 +596,8 @@ class ExperimentConfig:
 
     def check_across(self) -> None:
         t, c, tune = self.train, self.cluster, self.tune
-        per_worker_batch(t.batch_size, c.num_workers, synchronized_bn=c.num_workers > 1, frozen_bn=t.freeze_bn)
+        for workers in range(c.min_workers, c.max_workers + 1):  # every size an elastic group can have
+            per_worker_batch(t.batch_size, workers, synchronized_bn=workers > 1, frozen_bn=t.freeze_bn)
         if t.amp == "fp16" and not c.use_gpu:
             raise ConfigError("train.amp='fp16' needs GPUs (cluster.use_gpu, --use-gpu); use bf16, auto or off "
                               "on CPU workers", ("train.amp", "cluster.use_gpu"))

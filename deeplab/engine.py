@@ -9,7 +9,9 @@ cross-entropy on logits at label size with 255 ignored, global batch `train.batc
 workers. Every `train.eval_interval` iterations and at the end all workers evaluate their shard of the
 validation set, all-reduce the confusion matrix, and call `report` once; rank 0 attaches a directory
 holding `model.ckpt` (model with plain BN, experiment config, iteration, optimizer, metrics, RNG states).
-Resuming from such a checkpoint restores weights, optimizer, iteration, sampler position and RNG states.
+Resuming from such a checkpoint restores weights, optimizer, iteration, sampler position and RNG states. The
+global batches depend on (seed, epoch) only, not on the number of workers (`GlobalBatchSampler`), so a run
+resumed by another number of workers (an elastic run resized) continues the same sequence of global batches.
 
 Read top-down as torchvision's reference script: `setup` (data, model, optimizer, resumed state) ->
 `train_one_epoch` (`train_step`, `log_progress`) -> `evaluate_and_report` (`evaluate_shard`, `_report`).
@@ -31,10 +33,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Sampler, Subset
 
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, read_weights_file, save_checkpoint, unwrap
-from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_worker_batch
+from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_worker_batch, split_batch
 from .data import build_dataset, dataset_info
 from .inference import align_corners, evaluate, model_predictor
 from .model import build_model, load_backbone_weights
@@ -53,6 +55,11 @@ class Worker:
     latest_checkpoint: Callable[[], Optional[str]] = lambda: None  # a model.ckpt to resume from
     synchronized_bn: bool = False  # prepare_model makes BatchNorm normalize over every worker's batch
     log_dir: Optional[str] = None  # TensorBoard event files (rank 0)
+    # Elastic runs: rank 0 records the iteration it reached, for the group that resumes after a resize to read;
+    # every rank asks at the same iterations whether a node is being preempted (then all checkpoint at once).
+    record_progress: Callable[[int], None] = lambda iteration: None
+    recorded_progress: Callable[[], Optional[int]] = lambda: None
+    preempted: Callable[[], bool] = lambda: False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,17 +91,33 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
     return None
 
 
-class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way through, so a resumed run sees the rest of
-    the interrupted epoch instead of its beginning."""
+class GlobalBatchSampler(Sampler):
+    """This rank's share of each global batch. Epoch e's order is one permutation drawn from (seed, e), cut into
+    global batches (a last partial one is dropped); rank r of W takes every W-th image of each. So the batches
+    an epoch is made of do not depend on the number of workers, and a run resized mid-epoch resumes at the same
+    global batch and sees each image of the epoch once. ``start``: global batches of this epoch already done.
+    When W divides the batch and the dataset, each rank gets what DistributedSampler(shuffle=True, seed) gives it."""
 
-    start = 0  # samples of this rank's shard to skip in the current epoch
+    def __init__(self, size: int, global_batch: int, world_size: int, rank: int, seed: int):
+        self.size, self.global_batch, self.world_size, self.rank, self.seed = size, global_batch, world_size, rank, seed
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.size // self.global_batch
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start:])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g).tolist()
+        for step in range(self.start, self.steps_per_epoch):
+            yield order[step * self.global_batch:(step + 1) * self.global_batch][self.rank::self.world_size]
 
-    def __len__(self):
-        return self.num_samples - self.start
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start
 
 
 def _rng_state() -> dict:
@@ -160,16 +183,18 @@ class Run:
     scaler: Any  # torch.amp.GradScaler
     train_set: Any
     val_set: Any
-    sampler: ResumableSampler
+    sampler: GlobalBatchSampler
     generator: torch.Generator
     loader: DataLoader
-    batch: int  # per worker
+    batch: int  # this worker's share of the global batch
     steps_per_epoch: int
     num_classes: int
     amp: Optional[torch.dtype]
     memory_format: torch.memory_format
     iteration: int = 0
     writer: Any = None  # TensorBoard SummaryWriter on rank 0 when the runner gives a log_dir
+    batches: list = field(default_factory=list)  # [images, iterations] runs this rank trained since its last report
+    resumes: list = field(default_factory=list)  # every restart of the run from a checkpoint, with group sizes
 
     @property
     def main(self) -> bool:
@@ -208,20 +233,20 @@ def _seed(seed: int) -> None:
     random.seed(seed)
 
 
-def _data(cfg: ExperimentConfig, worker: Worker, batch: int) -> tuple:
-    """(train set, val set, sampler, loader generator, loader, steps per epoch): each rank reads its shard;
-    the sampler can start part-way through an epoch."""
+def _data(cfg: ExperimentConfig, worker: Worker) -> tuple:
+    """(train set, val set, sampler, loader generator, loader, steps per epoch): each rank reads its share of
+    every global batch; the sampler can start part-way through an epoch."""
     train_set = build_dataset(cfg.data, cfg.data.train_split, train=True)
     val_set = build_dataset(cfg.data, cfg.data.val_split, train=False)
-    sampler = ResumableSampler(train_set, num_replicas=worker.world_size, rank=worker.rank, shuffle=True,
-                               seed=cfg.train.seed, drop_last=False)
-    steps_per_epoch = sampler.num_samples // batch
+    sampler = GlobalBatchSampler(len(train_set), cfg.train.batch_size, worker.world_size, worker.rank,
+                                 seed=cfg.train.seed)
+    steps_per_epoch = sampler.steps_per_epoch
     if steps_per_epoch == 0:
         raise ConfigError(f"data: {len(train_set)} training images are fewer than the global batch "
                           f"{cfg.train.batch_size}")
     generator = torch.Generator()
-    loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=cfg.data.loader_workers,
-                        drop_last=True, pin_memory=worker.device.type == "cuda", generator=generator)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.data.loader_workers,
+                        pin_memory=worker.device.type == "cuda", generator=generator)
     return train_set, val_set, sampler, generator, loader, steps_per_epoch
 
 
@@ -269,21 +294,37 @@ def _restore(run: Run, state: Optional[dict], resume: Optional[str]) -> None:
     rng = state.get("rng") or []
     if len(rng) == run.worker.world_size:
         _set_rng_state(rng[run.worker.rank])
+    resumed = {"workers": [int(state.get("world_size") or len(rng) or 1), run.worker.world_size],
+               "checkpoint_iteration": run.iteration, "reached_iteration": run.worker.recorded_progress(),
+               "time": time.time()}  # when the new group was ready to train again
+    run.resumes = [*state.get("resumes", []), resumed]
     if run.main:
         print(f"resuming from {resume} at iteration {run.iteration}/{run.cfg.train.max_iterations}", flush=True)
+        if resumed["workers"][0] != resumed["workers"][1]:
+            print(describe_resume(resumed), flush=True)
+
+
+def describe_resume(record: dict) -> str:
+    """``workers 2 -> 3 at iteration 140, resumed from checkpoint of iteration 120`` (the work in between is
+    done again; "at iteration" is left out when the previous group's progress is unknown)."""
+    before, after = record["workers"]
+    reached = record.get("reached_iteration")
+    at = f" at iteration {reached}" if reached is not None else ""
+    return f"workers {before} -> {after}{at}, resumed from checkpoint of iteration {record['checkpoint_iteration']}"
 
 
 def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
     """Data, model, optimizer and resumed state for one worker, seeded per rank."""
     t = cfg.train
-    batch = per_worker_batch(t.batch_size, worker.world_size, worker.synchronized_bn, t.freeze_bn)
+    per_worker_batch(t.batch_size, worker.world_size, worker.synchronized_bn, t.freeze_bn)
+    batch = split_batch(t.batch_size, worker.world_size, worker.rank)
     amp = resolve_amp(t.amp, worker.device)
     num_classes = dataset_info(cfg.data).num_classes
     if num_classes != cfg.model.num_classes:
         raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data ({cfg.data.dataset}) has "
                           f"{num_classes} classes")
     _seed(t.seed + worker.rank)
-    train_set, val_set, sampler, generator, loader, steps_per_epoch = _data(cfg, worker, batch)
+    train_set, val_set, sampler, generator, loader, steps_per_epoch = _data(cfg, worker)
     resume = worker.latest_checkpoint()
     model, state = build_model_for_training(cfg, resume)
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
@@ -348,7 +389,9 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> tuple:
     if logits.shape[-2:] != masks.shape[-2:]:
         logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear",
                                align_corners=align_corners(run.model))
-    loss = F.cross_entropy(logits.float(), masks, ignore_index=run.cfg.data.ignore_index)
+    # weighted by this rank's share of the global batch, so that DDP's mean over ranks is the global batch's
+    share = run.batch * run.worker.world_size / t.batch_size
+    loss = F.cross_entropy(logits.float(), masks, ignore_index=run.cfg.data.ignore_index) * share
     loss_value = _mean_across(loss.detach(), run.worker).item()
     if not math.isfinite(loss_value):
         raise FloatingPointError(f"loss is {loss_value} at iteration {run.iteration + 1}")
@@ -385,7 +428,9 @@ def evaluate_and_report(run: Run, meter: Meter, epoch: int, lr: float) -> dict:
     cm = evaluate_shard(run.model, run.val_set, run.num_classes, run.worker, run.amp, run.cfg.data.ignore_index)
     metrics = {"iteration": run.iteration, "epoch": epoch, "loss": float(np.mean(meter.losses)), "lr": lr,
                "images_per_s": meter.images / max(meter.train_time, 1e-9), "val_miou": float(cm.miou()),
-               "val_iou": [float(v) for v in cm.iou()]}
+               "val_iou": [float(v) for v in cm.iou()], "world_size": run.worker.world_size,
+               "worker_batches": run.batches, "resumes": run.resumes}
+    run.batches = []
     rng = _gather_rng(run.worker)
     if run.main:
         print(f"eval at iter {run.iteration}: val mIoU {metrics['val_miou']:.4f}", flush=True)
@@ -408,7 +453,8 @@ def _report(run: Run, metrics: dict, rng: list) -> None:
     try:
         save_checkpoint(os.path.join(folder, CHECKPOINT_FILE), worker.plain_model(run.model), run.cfg,
                         iteration=metrics["iteration"], optimizer=run.optimizer.state_dict(),
-                        scaler=run.scaler.state_dict(), metrics=metrics, rng=rng)
+                        scaler=run.scaler.state_dict(), metrics=metrics, rng=rng, world_size=worker.world_size,
+                        resumes=run.resumes)
         worker.report(metrics, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -421,22 +467,35 @@ def train_one_epoch(run: Run, meter: Meter, epoch: int, position: int) -> Option
     run.sampler.set_epoch(epoch)
     if hasattr(run.train_set, "set_epoch"):  # new augmentations each epoch, the same ones on a replay
         run.train_set.set_epoch(epoch)
-    run.sampler.start = position * run.batch
+    run.sampler.start = position
     run.generator.manual_seed(t.seed * 100003 + epoch * 1009 + run.worker.rank)  # loader worker seeds
     metrics = None
     step_start = time.perf_counter()
     for images, masks in run.loader:
         lr, loss = train_step(run, images, masks)
         meter.step(loss, time.perf_counter() - step_start, t.batch_size)
+        _count_batch(run, len(images))
         last = run.iteration == t.max_iterations
-        if run.main and (run.iteration % t.log_interval == 0 or last):
-            log_progress(run, meter, lr, loss)
-        if run.iteration % t.eval_interval == 0 or last:
+        if run.main:
+            run.worker.record_progress(run.iteration)
+            if run.iteration % t.log_interval == 0 or last:
+                log_progress(run, meter, lr, loss)
+        # a node about to be preempted: checkpoint now, while it can be written whole (asked on every rank alike)
+        if (run.iteration % t.eval_interval == 0 or last
+                or (run.iteration % t.log_interval == 0 and run.worker.preempted())):
             metrics = evaluate_and_report(run, meter, epoch, lr)
         if run.iteration >= t.max_iterations:
             break
         step_start = time.perf_counter()
     return metrics
+
+
+def _count_batch(run: Run, images: int) -> None:
+    """Log the images this rank trained on this iteration, as [images, iterations] runs."""
+    if run.batches and run.batches[-1][0] == images:
+        run.batches[-1][1] += 1
+    else:
+        run.batches.append([images, 1])
 
 
 def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:

@@ -107,3 +107,46 @@ def test_init_ray_starts_a_local_cluster_off_a_taken_dashboard_port(monkeypatch)
             ray.shutdown()
     finally:
         holder.close()
+
+
+_WRITER = '''
+import signal, sys, threading, time
+from pathlib import Path
+from cluster.worker import ExitGuard
+from deeplab.fileio import atomic_path
+
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # what Ray does in a worker process's main thread
+guard, out = ExitGuard(grace_s=30), Path(sys.argv[1])
+
+def checkpoints():  # as a training thread: checkpoint after checkpoint, each written in two halves
+    for n in range(3):
+        with guard.writing(), atomic_path(out / f"checkpoint{n}.bin") as tmp:
+            tmp.write_bytes(b"a" * 1000)
+            (out / f"writing{n}").touch()
+            time.sleep(1.5)
+            with open(tmp, "ab") as f:
+                f.write(b"b" * 1000)
+
+threading.Thread(target=checkpoints, daemon=True).start()
+while True:
+    time.sleep(0.1)
+'''
+
+
+def test_sigterm_lets_the_checkpoint_in_flight_finish_and_starts_no_other(tmp_path):
+    """A worker process gets SIGTERM (its node shuts down) halfway through writing a checkpoint: the write
+    completes, the next one never starts, no temporary file stays."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "writing0").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        proc.kill()
+    assert (tmp_path / "checkpoint0.bin").read_bytes() == b"a" * 1000 + b"b" * 1000  # whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint0.bin", "writing0"]  # no second, no temp

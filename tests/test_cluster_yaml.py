@@ -33,18 +33,27 @@ def _load(path):
 def test_aws_cluster_passes_rays_validator_offline(no_network):
     prepared = validate(_load(AWS))
     assert prepared["provider"]["type"] == "aws"
-    head = prepared["available_node_types"][prepared["head_node_type"]]
-    assert head["max_workers"] == 0
-    (worker_name,) = set(prepared["available_node_types"]) - {prepared["head_node_type"]}
-    worker = prepared["available_node_types"][worker_name]
-    assert worker["node_config"]["InstanceType"] in {"g5.12xlarge", "g5.48xlarge", "p4d.24xlarge", "p5.48xlarge"}
-    assert worker["min_workers"] == 0 and worker["max_workers"] > 0  # autoscaling GPU workers
+    types = prepared["available_node_types"]
+    head = types[prepared["head_node_type"]]
+    assert head["max_workers"] == 0 and "InstanceMarketOptions" not in head["node_config"]
+    workers = {name: t for name, t in types.items() if name != prepared["head_node_type"]}
+    spot = {name for name, t in workers.items() if "InstanceMarketOptions" in t["node_config"]}
+    assert len(workers) == 2 and len(spot) == 1  # an on-demand and a spot type of the same node
+    for worker in workers.values():
+        assert worker["node_config"]["InstanceType"] in {"g5.12xlarge", "g5.48xlarge", "p4d.24xlarge", "p5.48xlarge"}
+        assert worker["min_workers"] == 0 and worker["max_workers"] > 0  # autoscaling GPU workers
+    (spot_type,) = (workers[name] for name in spot)
+    (on_demand,) = (t for name, t in workers.items() if name not in spot)
+    assert spot_type["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert {k: v for k, v in spot_type["node_config"].items() if k != "InstanceMarketOptions"} == on_demand["node_config"]
+    assert sum(t["max_workers"] for t in workers.values()) == prepared["max_workers"]
     # prepare_config merged setup_commands into both roles: torch, then the project, on every node
     for role in ("head_setup_commands", "worker_setup_commands"):
         cmds = " && ".join(prepared[role])
         assert "ray[default,train,tune]" in cmds
         assert cmds.index("torch==") < cmds.index("deeplabv3-ray @ git+")
     assert "boto3" in " ".join(prepared["head_setup_commands"])  # our head commands replace Ray's default
+    assert any("cluster.spot_watch" in cmd for cmd in prepared["worker_start_ray_commands"])
     head_start = " ".join(prepared["head_start_ray_commands"])
     assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
 
@@ -124,6 +133,30 @@ def test_checker_catches_gcp_firewall_and_missing_security_group():
     del config["available_node_types"]["gpu_worker"]["node_config"]["SecurityGroupIds"]
     (problem,) = security_problems(config)
     assert "gpu_worker" in problem and "SecurityGroupIds" in problem
+
+
+@pytest.mark.parametrize("change,problem", [
+    (lambda c: c["available_node_types"]["gpu_spot_worker"]["node_config"]["InstanceMarketOptions"].update(
+        MarketType="Spot"), "AWS knows only 'spot'"),
+    (lambda c: c["available_node_types"]["gpu_spot_worker"]["node_config"]["InstanceMarketOptions"]["SpotOptions"]
+        .update(SpotInstanceType="persistent"), "SpotInstanceType='persistent'"),
+    (lambda c: c["available_node_types"]["gpu_spot_worker"]["node_config"]["InstanceMarketOptions"]["SpotOptions"]
+        .update(MaxPrize="3"), "SpotOptions.MaxPrize is not a spot option"),
+    (lambda c: c["available_node_types"]["head"]["node_config"].update(InstanceMarketOptions={"MarketType": "spot"}),
+     "head node on spot"),
+])
+def test_spot_settings_that_fail_at_launch_are_caught_offline(tmp_path, change, problem):
+    from cluster.check_config import spot_problems
+
+    config = _load(AWS)
+    assert spot_problems(config) == []
+    change(config)
+    (found,) = spot_problems(config)
+    assert problem in found
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ValueError, match=problem.replace("(", r"\(")):
+        check_file(path)
 
 
 def test_checker_allows_ssh_and_private_ranges():

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from deeplab.config import ConfigError, load_config, save_config
+from deeplab.config import ConfigError, experiment_from_dict, load_config, save_config
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -172,11 +172,13 @@ def test_checks_across_sections_name_what_the_user_wrote():
 
     parser = argparse.ArgumentParser()
     add_config_args(parser, aliases=[Alias("--num-workers", "cluster.num_workers")])
-    with pytest.raises(ConfigError) as info:  # demo: global batch 8
-        config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "3"]))
-    assert str(info.value) == ("--num-workers 3: train.batch_size=8 is the global batch and must divide evenly "
-                               "across 3 workers")
+    # demo: global batch 8; over 3 workers 3, 3, 2 images; over 8 one each (BatchNorm synchronized over the 8)
+    assert config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "3"])).cluster.num_workers == 3
     assert config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "8"])).cluster.num_workers == 8
+    with pytest.raises(ConfigError) as info:
+        config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "9"]))
+    assert str(info.value).startswith("--num-workers 9: train.batch_size=8 is the global batch: fewer images than "
+                                      "the 9 workers")
     with pytest.raises(ConfigError, match=r"^--set train\.batch_size=1, --num-workers 1: .*1 image per worker"):
         config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "1", "--set", "train.batch_size=1"]))
     with pytest.raises(ConfigError, match=r"^--set train\.amp=fp16: train\.amp='fp16' needs GPUs"):
@@ -201,8 +203,8 @@ def test_changed_fields_are_checked_again_by_check():
     cfg.train.lr = -1
     with pytest.raises(ConfigError, match=r"^train\.lr=-1 must be"):
         cfg.check()
-    cfg.train.lr, cfg.cluster.num_workers = 0.01, 3
-    with pytest.raises(ConfigError, match="divide evenly across 3 workers"):
+    cfg.train.lr, cfg.cluster.num_workers = 0.01, 9
+    with pytest.raises(ConfigError, match="fewer images than the 9 workers"):
         cfg.check()
 
 
@@ -291,3 +293,27 @@ def test_every_deeplab_command_answers_a_config_error_with_exit_2(command, tmp_p
     assert capsys.readouterr().err == ("error: --set train.momentum=1.5: train.momentum=1.5 must be in [0, 1), "
                                        "e.g. 0.9\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]
+
+
+def test_num_workers_is_a_count_or_an_elastic_range():
+    """--num-workers MIN-MAX, or [MIN, MAX] in YAML: elastic; a batch that cannot be split over MAX is refused."""
+    import argparse
+
+    from deeplab.config import Alias, add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, aliases=[Alias("--num-workers", "cluster.num_workers")])
+    cfg = config_from_args(parser.parse_args(["--config", DEMO, "--num-workers", "2-4"]))  # batch 8: 2 each at 4
+    assert (cfg.cluster.num_workers, cfg.cluster.min_workers, cfg.cluster.max_workers) == ((2, 4), 2, 4)
+    assert load_config(DEMO, ["cluster.num_workers=[2, 3]"]).cluster.num_workers == (2, 3)
+    assert load_config(DEMO, ["cluster.num_workers=[3, 3]"]).cluster.num_workers == 3  # a fixed group
+    again = experiment_from_dict(cfg.to_dict())  # through YAML and checkpoints as a list
+    assert cfg.to_dict()["cluster"]["num_workers"] == [2, 4] and again.cluster.num_workers == (2, 4)
+    for value, problem in (("3-2", "MIN <= MAX"), ("0-2", "must be >= 1"), ("2-x", "must be an integer or a list"),
+                           ("[1, 2, 3]", "a list of 2 integers")):
+        with pytest.raises(ConfigError, match=problem):
+            load_config(DEMO, [f"cluster.num_workers={value}"])
+    with pytest.raises(ConfigError, match="fewer images than the 9 workers"):
+        load_config(DEMO, ["cluster.num_workers=2-9"])  # the global batch 8 cannot be split over 9
+    with pytest.raises(ConfigError, match="with one worker"):
+        load_config(DEMO, ["cluster.num_workers=1-4", "train.batch_size=1"])  # a group of 1 would see 1 image

@@ -48,8 +48,9 @@ def test_per_worker_batch_of_one_is_refused_in_one_line():
     with pytest.raises(ConfigError) as e:
         per_worker_batch(4, 4)
     assert "1 image per worker" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="divide evenly"):
-        per_worker_batch(6, 4)
+    with pytest.raises(ConfigError, match="1 image per worker"):
+        per_worker_batch(7, 4)  # shares 2, 2, 2, 1
+    assert per_worker_batch(8, 3) == 2  # uneven shares 3, 3, 2 are fine
 
 
 def test_cli_refuses_batch_one_on_a_single_worker_before_starting_ray():

@@ -74,3 +74,17 @@ def test_autoscale_flag_becomes_the_config_field():
 
     cfg = config_from_args(serve.parse_args(["m.ckpt", "--autoscale", "1", "3", "--max-batch-size", "4"])).serve
     assert (cfg.autoscale, cfg.replicas, cfg.max_batch_size) == ((1, 3), 1, 4)
+
+
+@pytest.mark.parametrize("method,path,fmt,status", [
+    ("POST", "/segment/", "png", None), ("GET", "/info", "png", None), ("GET", "/healthz", "json", None),
+    ("GET", "/segment", "png", 405), ("POST", "/info", "png", 405), ("POST", "/predict", "png", 404),
+    ("POST", "/segment", "xml", 400),
+])
+def test_routing_without_ray(method, path, fmt, status):
+    if status is None:
+        assert serve.route(method, path, fmt) == path.rstrip("/")
+    else:
+        with pytest.raises(Problem) as info:
+            serve.route(method, path, fmt)
+        assert info.value.status == status and "\n" not in info.value.reason

@@ -126,9 +126,8 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("syncbn")
+def _run_ranks(worker, nprocs, out):
+    """Run ``worker(rank, port, out)`` in ``nprocs`` real processes (one gloo group); what each saved."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -138,8 +137,13 @@ def ranks(tmp_path_factory):
     if method == "forkserver":
         multiprocessing.get_context(method).set_forkserver_preload(
             ["torch", "torch._dynamo", "torch.nn.parallel", "cluster.syncbn", __name__])
-    mp.start_processes(_worker, args=(port, str(out)), nprocs=2, join=True, start_method=method)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    mp.start_processes(worker, args=(port, str(out)), nprocs=nprocs, join=True, start_method=method)
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(nprocs)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _run_ranks(_worker, 2, tmp_path_factory.mktemp("syncbn"))
 
 
 def _close(a, b, atol=1e-5, rtol=1e-5):
@@ -208,9 +212,9 @@ def test_bf16_input_keeps_float32_statistics(ranks):
         _close(r["bf16"]["state"]["running_var"], ref.running_var)
 
 
-def test_ddp_step_equals_single_process_on_concatenated_batch(ranks):
+def _one_process_on_the_8():
+    """The reference for the DDP runs: the same model trained in one process on each whole batch of 8."""
     model = _ddp_model()
-    frozen = {k: v.clone() for k, v in model[4].state_dict().items()}
     _ddp_train_mode(model)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     for step in range(STEPS):
@@ -219,8 +223,13 @@ def test_ddp_step_equals_single_process_on_concatenated_batch(ranks):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return model.state_dict()
+
+
+def test_ddp_step_equals_single_process_on_concatenated_batch(ranks):
+    frozen = {k: v.clone() for k, v in _ddp_model()[4].state_dict().items()}
     assert ranks[0]["ddp_types"][1] == "SyncBatchNorm2d" and ranks[0]["ddp_types"][4] == "SyncBatchNorm2d"
-    ref = model.state_dict()
+    ref = _one_process_on_the_8()
     init = _ddp_model().state_dict()
     assert not torch.allclose(ref["0.weight"], init["0.weight"])  # it did train
     for r in ranks:
@@ -229,6 +238,81 @@ def test_ddp_step_equals_single_process_on_concatenated_batch(ranks):
             _close(r["ddp"][k], ref[k], atol=1e-5, rtol=1e-4)
         for k, v in frozen.items():
             assert torch.equal(r["ddp"][f"4.{k}"], v), k  # frozen BN kept its statistics
+
+
+# --- elastic training's uneven split: 3 workers, global batch 8 -> shares 3, 3, 2 ----------------
+
+
+def _rows(rank, workers=3, batch=8):
+    """The images of the global batch that rank takes (deeplab.engine.GlobalBatchSampler: every W-th)."""
+    return list(range(rank, batch, workers))
+
+
+def _worker_uneven(rank, port, out_dir):
+    """SyncBN on this rank's share of 8 images, then a DDP step with the engine's share-weighted loss."""
+    from deeplab.config import split_batch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=3,
+                            timeout=datetime.timedelta(seconds=60))
+    rows = _rows(rank)
+    assert len(rows) == split_batch(8, 3, rank)
+    bn = _bn(SyncBatchNorm2d)
+    steps = []
+    for step in range(STEPS):
+        x, gout = _data(step, [8])
+        x = x[rows].clone().requires_grad_(True)
+        y = bn(x)
+        (y * gout[rows]).sum().backward()
+        steps.append({"y": y.detach(), "dx": x.grad, "dw": bn.weight.grad.clone()})
+        bn.weight.grad = bn.bias.grad = None
+    ddp = nn.parallel.DistributedDataParallel(convert_sync_batchnorm(_ddp_model(), "cpu"))
+    _ddp_train_mode(ddp)
+    opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    share = split_batch(8, 3, rank) * 3 / 8
+    for step in range(STEPS):
+        x, target = _ddp_batches(step)
+        loss = nn.functional.mse_loss(ddp(x[rows]), target[rows]) * share
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save({"shares": len(rows), "steps": steps, "state": bn.state_dict(),
+                "ddp": revert_sync_batchnorm(ddp.module).state_dict()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory):
+    return _run_ranks(_worker_uneven, 3, tmp_path_factory.mktemp("syncbn3"))
+
+
+def test_uneven_3_3_2_split_has_the_statistics_of_the_whole_batch(three_ranks):
+    assert [r["shares"] for r in three_ranks] == [3, 3, 2]
+    ref = _bn(nn.BatchNorm2d)
+    for step in range(STEPS):
+        x, gout = _data(step, [8])
+        x = x.requires_grad_(True)
+        y = ref(x)
+        (y * gout).sum().backward()
+        y = y.detach()
+        got_y, got_dx = torch.empty_like(y), torch.empty_like(x.grad)
+        for rank, r in enumerate(three_ranks):
+            got_y[_rows(rank)] = r["steps"][step]["y"]
+            got_dx[_rows(rank)] = r["steps"][step]["dx"]
+        _close(got_y, y, atol=1e-5 * float(y.abs().max()))
+        _close(got_dx, x.grad, atol=1e-5 * float(x.grad.abs().max()))
+        _close(sum(r["steps"][step]["dw"] for r in three_ranks), ref.weight.grad)
+        ref.weight.grad = ref.bias.grad = None
+    for r in three_ranks:
+        _close(r["state"]["running_mean"], ref.running_mean)
+        _close(r["state"]["running_var"], ref.running_var, rtol=1e-4)
+
+
+def test_uneven_ddp_step_with_share_weighted_loss_equals_one_process_on_the_8(three_ranks):
+    ref = _one_process_on_the_8()
+    for r in three_ranks:
+        for k in ref:
+            _close(r["ddp"][k], ref[k], atol=1e-5, rtol=1e-4)
 
 
 # --- single process: no process group, conversion round trips ----------------------------------

@@ -10,40 +10,20 @@ import sys
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 from ray.train import UserCallback  # noqa: E402
 
 from deeplab import load_checkpoint  # noqa: E402
 from deeplab.config import load_config  # noqa: E402
+from ray_nodes import one_cpu_nodes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the callback below runs in the controller
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_nodes():
-    saved = os.environ.pop("RAY_ADDRESS", None)  # never join someone else's cluster
-    # Ray Train's placement-group cleaner needs the dashboard's state API; others on this machine may hold 8265
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": _free_port()})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    cluster.connect()
-    try:
+    with one_cpu_nodes(2) as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)
-        if saved is not None:
-            os.environ["RAY_ADDRESS"] = saved
 
 
 def tiny_config(tmp_path, name, **train):

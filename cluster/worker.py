@@ -1,0 +1,131 @@
+"""What runs in each Ray Train worker: `deeplab.engine.train` with the Ray-specific pieces handed in.
+
+Besides DDP with synchronized BatchNorm and checkpoints through Ray, a worker keeps elastic and preemptible runs
+whole: rank 0 records how far it got (a resized group says how much it redoes), every rank checkpoints at once
+on a preemption notice, and a SIGTERM (a node shutting down) lets a checkpoint upload in flight finish and
+starts no other.
+"""
+from __future__ import annotations
+
+import atexit
+import copy
+import os
+import threading
+from contextlib import contextmanager
+from typing import Optional
+
+from deeplab.config import experiment_from_dict
+
+
+class ExitGuard:
+    """Ray turns a worker's SIGTERM into sys.exit in the process's main thread: atexit handlers run, then the
+    training thread is abandoned wherever it is. Writes done inside ``writing()`` are waited for at exit (up to
+    ``grace_s``), and none starts once the process is exiting (the thread waits for the end instead of raising
+    an error the run would take for a failure), so a shutdown never leaves half a checkpoint in storage."""
+
+    def __init__(self, grace_s: float = 60.0):
+        self.grace_s, self.exiting = grace_s, False
+        self._lock = threading.Lock()
+        atexit.register(self.wait)
+
+    def wait(self) -> None:
+        self.exiting = True
+        if self._lock.acquire(timeout=self.grace_s):
+            self._lock.release()
+
+    @contextmanager
+    def writing(self):
+        self._lock.acquire()
+        if self.exiting:  # never begin a write now; the process's exit ends this thread (no error to report)
+            self._lock.release()
+            threading.Event().wait()
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+
+def train_worker(config: dict) -> None:
+    """One Ray Train worker: hand `deeplab.engine.train` the Ray-specific pieces."""
+    import pyarrow.fs
+    import ray.train
+    import ray.train.torch
+
+    from cluster.console import quiet_worker_console
+    from cluster.syncbn import convert_sync_batchnorm, revert_sync_batchnorm
+    from deeplab.checkpoint import CHECKPOINT_FILE, unwrap
+    from deeplab.engine import Worker, train
+
+    cfg = experiment_from_dict(config["experiment"])
+    if not config.get("verbose"):
+        quiet_worker_console()
+    exit_guard = ExitGuard()
+    context = ray.train.get_context()
+    world_size = context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    synchronized = world_size > 1 and not cfg.train.freeze_bn  # frozen BN uses running stats: nothing to sync
+
+    def prepare_model(model):
+        if synchronized:
+            model = convert_sync_batchnorm(model, device.type)
+        return ray.train.torch.prepare_model(model)
+
+    def plain_model(model):  # a copy: reverting in place would swap the training model's modules
+        return revert_sync_batchnorm(copy.deepcopy(unwrap(model)))
+
+    def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        with exit_guard.writing():  # a checkpoint upload is finished, or not begun, when the node shuts down
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    def latest_checkpoint() -> Optional[str]:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+            folder = checkpoint.path
+        else:
+            folder = checkpoint.to_directory()  # download from S3/GCS
+        return os.path.join(folder, CHECKPOINT_FILE)
+
+    record_progress, recorded_progress = _progress_store(config["run_key"])
+    train(cfg, Worker(rank=context.get_world_rank(), world_size=world_size, device=device,
+                      prepare_model=prepare_model, plain_model=plain_model, report=report,
+                      latest_checkpoint=latest_checkpoint, log_dir=config.get("log_dir"), synchronized_bn=synchronized,
+                      record_progress=record_progress, recorded_progress=recorded_progress,
+                      preempted=_preemption_notice()))
+
+
+def _progress_store(run_key: str) -> tuple:
+    """(record, read) of the iteration a run's rank 0 reached, kept in Ray's key-value store (the GCS), so the
+    group that resumes after a resize can say how much work it redoes. Ray has no public key-value store;
+    internal_kv is the one its own libraries use."""
+    from ray.experimental import internal_kv
+
+    key = f"deeplab/progress/{run_key}"
+
+    def record(iteration: int) -> None:
+        internal_kv._internal_kv_put(key, str(iteration), overwrite=True)
+
+    def read() -> Optional[int]:
+        value = internal_kv._internal_kv_get(key)
+        return int(value) if value else None
+
+    return record, read
+
+
+def _preemption_notice():
+    """True once per new preemption notice (Ray drains a node being preempted: a spot reclaim). It is a barrier:
+    every rank calls it at the same iterations, and Ray gives them all the same answer."""
+    import ray.train
+
+    seen: set = set()
+
+    def preempted() -> bool:
+        info = ray.train.get_preemption_info()
+        new = set(info.preempted_node_ids) - seen if info is not None else set()
+        seen.update(new)
+        return bool(new)
+
+    return preempted

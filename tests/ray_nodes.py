@@ -1,0 +1,35 @@
+"""A real multi-node Ray cluster on this machine for the Ray tests: one-CPU nodes of ray.cluster_utils.Cluster."""
+from __future__ import annotations
+
+import os
+import socket
+from contextlib import contextmanager
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def one_cpu_nodes(count: int):
+    """``count`` one-CPU nodes (the head is one), this process connected. Never joins another cluster; the
+    dashboard gets a free port (Ray Train's placement-group cleaner needs its state API, 8265 may be taken)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": free_port()})
+    for _ in range(count - 1):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    cluster.connect()
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
