@@ -1,5 +1,6 @@
 # make test: create a virtualenv unless one is active, install torch==2.13.0 (CPU wheel) then the
 # project, run the tests. make demo: the main job on the embedded default (local Ray, CPU, synthetic data).
+# make gpu-check: the prepared GPU check (export/gpu_check.py).
 SHELL := /bin/bash
 VENV ?= .venv
 ifdef VIRTUAL_ENV
@@ -8,8 +9,11 @@ else
 PY := $(VENV)/bin/python
 endif
 TORCH_SPEC ?= torch==2.13.0
+# gpu-check runs where a GPU machine already has CUDA torch (and no network to install anything): the venv's
+# python when there is one, else the machine's.
+GPU_PY ?= $(if $(VIRTUAL_ENV),python,$(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3))
 
-.PHONY: install test test-fast demo clean
+.PHONY: install test test-fast demo gpu-check clean
 
 $(VENV)/bin/python:
 	@if [ -z "$$VIRTUAL_ENV" ]; then python3 -m venv $(VENV); fi
@@ -27,6 +31,10 @@ test-fast: install
 
 demo: install
 	$(PY) -m cluster.demo
+
+# every GPU figure into one JSON ($$OUT/gpu_check.json when OUT is set), < 8 minutes; exits 2 without a GPU
+gpu-check:
+	$(GPU_PY) -m export.gpu_check
 
 clean:
 	rm -rf runs out .pytest_cache

@@ -46,9 +46,10 @@ def inference_options(args) -> dict:
     return {"output_stride": args.output_stride, "scales": scales, "flip": args.flip, "window": args.window}
 
 
-def resolve_experiment(ckpt, args):
-    """The ExperimentConfig to use: --config if given, else the checkpoint's (or defaults), then --set and the
-    shorthand flags; --data DIR sets data.root (and data.dataset, guessed from the layout unless --format)."""
+def resolve_experiment(base, args):
+    """The ExperimentConfig to use: --config if given, else ``base`` (a checkpoint's own experiment, or None for
+    the defaults), then --set and the shorthand flags; --data DIR sets data.root (and data.dataset, guessed from
+    the layout unless --format)."""
     extra = []
     data = getattr(args, "data", None)
     if data == "synthetic":
@@ -57,7 +58,7 @@ def resolve_experiment(ckpt, args):
         extra.append((f"data.root={data}", f"--data {data}"))
         if not getattr(args, "format", None):
             extra.append((f"data.dataset={detect_format(data)}", f"--data {data}"))
-    return config_from_args(args, base=ckpt.experiment, extra=tuple(extra))
+    return config_from_args(args, base=base, extra=tuple(extra))
 
 
 def format_table(result: dict) -> str:
@@ -84,12 +85,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _loader(exp, ckpt, args):
+def eval_loader(exp, num_classes: int, model_path, args):
     """The evaluation DataLoader for the experiment's val split, checked against the model's classes."""
     data = exp.data
     info = dataset_info(data)
-    if info.num_classes != ckpt.config.num_classes:
-        raise ConfigError(f"{args.checkpoint}: the model predicts {ckpt.config.num_classes} classes but the "
+    if info.num_classes != num_classes:
+        raise ConfigError(f"{model_path}: the model predicts {num_classes} classes but the "
                           f"{data.dataset} dataset has {info.num_classes}; point --data at its dataset")
     if args.batch_size > 1 and not data.val_size:
         raise ConfigError(f"--batch-size {args.batch_size} needs equal-sized images: "
@@ -101,32 +102,47 @@ def _loader(exp, ckpt, args):
     return loader, info
 
 
+def result_path(output, default) -> Path:
+    """The JSON file to write, checked now (not after the evaluation)."""
+    out = Path(output) if output else Path(default)
+    if out.is_dir():
+        raise OutputError(out, "it is a folder; expected a file name")
+    ensure_dir(out.parent)
+    return out
+
+
+def run_evaluation(predict, loader, info, exp, opts: dict, out: Path, model: dict) -> dict:
+    """Evaluate `predict` over `loader` with progress, print the per-class table, write the JSON result.
+    `model`: what was evaluated ({"checkpoint": path} or an exported file's fields); `opts["output_stride"]`
+    is the stride it ran at."""
+    data, images = exp.data, len(loader.dataset)
+    name = next(iter(model.values()))
+    print(f"evaluating {name} on {data.dataset} {data.val_split} ({images} images) at output stride "
+          f"{opts['output_stride']}, scales {list(opts['scales'])}, flip {opts['flip']}", file=sys.stderr)
+    start = time.monotonic()
+    cm = evaluate(predict, loader, info.num_classes, data.ignore_index, progress=Progress(images, "eval").update)
+    result = cm.to_dict(info.class_names)
+    result.update(model)
+    result.update({"dataset": data.dataset, "root": data.root, "split": data.val_split, "images": images,
+                   "output_stride": opts["output_stride"], "scales": list(opts["scales"]), "flip": opts["flip"],
+                   "window": opts["window"], "seconds": round(time.monotonic() - start, 2)})
+    print(format_table(result))
+    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}", file=sys.stderr)
+    return result
+
+
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
     opts = inference_options(args)
     ckpt = load_checkpoint(args.checkpoint)
-    exp = resolve_experiment(ckpt, args)
-    data, split = exp.data, exp.data.val_split
-    loader, info = _loader(exp, ckpt, args)
-    out = Path(args.output) if args.output else Path(f"{args.checkpoint}.eval-{split}.json")
-    if out.is_dir():  # say so now, not after the evaluation
-        raise OutputError(out, "it is a folder; expected a file name")
-    ensure_dir(out.parent)
-    os_ = opts["output_stride"] or ckpt.config.output_stride
-    images = len(loader.dataset)
-    print(f"evaluating {args.checkpoint} on {data.dataset} {split} ({images} images) at output stride "
-          f"{os_}, scales {list(opts['scales'])}, flip {opts['flip']}", file=sys.stderr)
-    start = time.monotonic()
-    cm = evaluate(model_predictor(ckpt.model, **opts), loader, info.num_classes, data.ignore_index,
-                  progress=Progress(images, "eval").update)
-    result = cm.to_dict(info.class_names)
-    result.update({"checkpoint": str(args.checkpoint), "dataset": data.dataset, "root": data.root, "split": split,
-                   "images": images, "output_stride": os_, "scales": list(opts["scales"]),
-                   "flip": opts["flip"], "window": opts["window"], "seconds": round(time.monotonic() - start, 2)})
-    print(format_table(result))
-    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}", file=sys.stderr)
+    exp = resolve_experiment(ckpt.experiment, args)
+    loader, info = eval_loader(exp, ckpt.config.num_classes, args.checkpoint, args)
+    out = result_path(args.output, f"{args.checkpoint}.eval-{exp.data.val_split}.json")
+    predict = model_predictor(ckpt.model, **opts)
+    opts["output_stride"] = opts["output_stride"] or ckpt.config.output_stride
+    run_evaluation(predict, loader, info, exp, opts, out, {"checkpoint": str(args.checkpoint)})
     return 0
 
 

@@ -77,7 +77,7 @@ def write_prediction(out_dir: Path, name: str, image: np.ndarray, labels: np.nda
     return paths
 
 
-def _names_and_palette(exp, num_classes: int) -> tuple:
+def names_and_palette(exp, num_classes: int) -> tuple:
     """Class names and colours of the experiment's dataset when it has the model's classes, else generic."""
     try:
         info = dataset_info(exp.data)
@@ -88,31 +88,13 @@ def _names_and_palette(exp, num_classes: int) -> tuple:
     return [f"class_{i}" for i in range(num_classes)], voc_palette(num_classes)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m deeplab.predict", description=__doc__.split("\n\n")[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a DeepLabv3 checkpoint (.ckpt)")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNGs")
-    add_inference_args(parser)
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0-1)")
-    add_config_args(parser)
-    return parser.parse_args(argv)
-
-
-@command
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not 0 <= args.alpha <= 1:
-        raise ConfigError(f"--alpha {args.alpha}: must be between 0 and 1")
-    opts = inference_options(args)
-    ckpt = load_checkpoint(args.checkpoint)
-    names, palette = _names_and_palette(resolve_experiment(ckpt, args), ckpt.config.num_classes)
-    files = _expand(args.images)
+def predict_files(predict, images, output, names, palette, alpha: float = 0.5) -> int:
+    """The PNGs of every image (files, or folders of them) into the folder `output`, with a progress bar and a
+    line per image; an unreadable image is one error line and the exit code 1, the others are still written."""
+    files = _expand(images)
     if not files:
-        raise DatasetError(f"{', '.join(args.images)}: no images found")
-    out_dir = ensure_dir(args.output)
-    predict = model_predictor(ckpt.model, **opts)
+        raise DatasetError(f"{', '.join(images)}: no images found")
+    out_dir = ensure_dir(output)
     failures, used = 0, set()
     bar = Progress(len(files), "predict", enabled=len(files) > 1)
     for path in files:
@@ -128,13 +110,40 @@ def main(argv=None) -> int:
             name += "_"
         used.add(name)
         labels = predict(normalize(image)[None]).argmax(1)[0].cpu().numpy()
-        paths = write_prediction(out_dir, name, image, labels, palette, args.alpha)
+        paths = write_prediction(out_dir, name, image, labels, palette, alpha)
         counts = np.bincount(labels.ravel(), minlength=len(names))
         found = ", ".join(f"{names[k]} {100 * counts[k] / labels.size:.0f}%" for k in np.argsort(-counts)
                           if counts[k])
         bar.update()
         print(f"{path} -> {paths['overlay']} ({found})")
     return 1 if failures else 0
+
+
+
+def parse_args(argv=None, prog: str = "python -m deeplab.predict", description: str = __doc__.split("\n\n")[1],
+               model=("checkpoint", "a DeepLabv3 checkpoint (.ckpt)")) -> argparse.Namespace:
+    """The predict command's arguments; ``model`` (name, help) is what it predicts with (export.predict: a file)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(model[0], help=model[1])
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNGs")
+    add_inference_args(parser)
+    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0-1)")
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    if not 0 <= args.alpha <= 1:
+        raise ConfigError(f"--alpha {args.alpha}: must be between 0 and 1")
+    return args
+
+
+@command
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    ckpt = load_checkpoint(args.checkpoint)
+    predict = model_predictor(ckpt.model, **inference_options(args))
+    names, palette = names_and_palette(resolve_experiment(ckpt.experiment, args), ckpt.config.num_classes)
+    return predict_files(predict, args.images, args.output, names, palette, args.alpha)
 
 
 if __name__ == "__main__":

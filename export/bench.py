@@ -1,21 +1,25 @@
 """Benchmark every inference backend this machine has, on the same input, and their accuracy next to speed.
 
     python export/bench.py --checkpoint best.ckpt               # output stride 8, 513x513, batch 1
-    python export/bench.py --set model.backbone=resnet101 --repeats 3 --batch 1 2
+    python export/bench.py --set model.backbone=resnet101 --repeats 5 --batch 1 2
 
-Backends: PyTorch eager (fp32, channels_last, bf16 autocast, bf16 + channels_last; CUDA fp32/fp16 when there
-is a GPU), onnxruntime (CPU fp32 and INT8 Q/DQ; CUDA and TensorRT providers where they load) and TensorRT
-engines given with --engine. Each is warmed up, then all are timed interleaved (one call each per round,
-the order rotating) so a noisy shared machine slows them alike. Reported per backend and batch size:
-latency min/median/p90/p99, images/s, peak memory (process RSS on CPU and what one call adds to it; the CUDA
-allocator's peak on GPU, which misses onnxruntime's and TensorRT's own allocations),
-GFLOP/s against the model's FLOP count, the median ratio to eager fp32 and, on labelled validation images,
-mIoU and pixel agreement with fp32. Prints a table, writes bench.json and bench.png; says what it skipped.
+Backends: PyTorch eager (fp32, channels_last, bf16 autocast NCHW/NHWC where the CPU has native bf16;
+CUDA fp32/fp16 when there is a GPU), torch.compile (inductor, frozen weights), onnxruntime (CPU fp32, INT8
+Q/DQ with 8-bit and 7-bit weights; CUDA and TensorRT providers where they load), OpenVINO (FP32 IR at f32
+and, with native bf16, bf16; NNCF INT8 IR; the Q/DQ ONNX) and TensorRT engines given with --engine. Each is
+warmed up, then all are timed interleaved (one call each per round, the order rotating) so a noisy shared
+machine slows them alike. Reported per backend and batch size: latency min/median/p90/p99, images/s, peak
+memory (process RSS on CPU and what one call adds to it; the CUDA allocator's peak on GPU), GFLOP/s against
+the model's FLOP count and as a share of this machine's limit for its arithmetic (fp32 GEMM/convolution,
+bf16 GEMM, int8 GEMM, measured in the same run), the median ratio to eager fp32 and, on labelled validation
+images, mIoU and pixel agreement with fp32. The CPU's VNNI/bf16/AMX are detected and reported. Prints a
+table, writes bench.json and bench.png; says what it skipped and why.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
@@ -23,7 +27,7 @@ import statistics
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -106,21 +110,11 @@ class Backend:
     device: str = "cpu"
     note: str = ""
     logits: Optional[Callable] = None
-    samples: dict = field(default_factory=dict)
+    kind: str = "fp32"  # the arithmetic it mostly runs (fp32 | bf16 | int8): which machine limit it is held to
 
 
 class Skip(Exception):
     """A backend this machine cannot run; the message says why."""
-
-
-def cpu_bf16_native() -> bool:
-    """Whether oneDNN has native bf16 kernels on this CPU (avx512_bf16 / AMX). Without them a bf16
-    convolution is emulated and runs 4x (channels_last) to 100x (NCHW) slower than fp32: measured on an
-    AVX2-only EPYC, a 256-channel 3x3 conv at 65x65 took 0.4 s in fp32, 1.6 s and 50 s in bf16."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
 
 
 def torch_backends(model, cuda: bool, bf16: bool = True) -> list:
@@ -128,7 +122,7 @@ def torch_backends(model, cuda: bool, bf16: bool = True) -> list:
     out = []
     cl = torch.channels_last
 
-    def make(name, net, dtype=None, memory_format=torch.contiguous_format, device="cpu", note=""):
+    def make(name, net, dtype=None, memory_format=torch.contiguous_format, device="cpu", note="", kind="fp32"):
         def prepare(x):
             return x.to(device).contiguous(memory_format=memory_format)
 
@@ -139,15 +133,15 @@ def torch_backends(model, cuda: bool, bf16: bool = True) -> list:
                 torch.cuda.synchronize()
             return y
 
-        return Backend(name, prepare, run, device, note, logits=lambda x: run(prepare(torch.as_tensor(x))).float().cpu())
+        return Backend(name, prepare, run, device, note, lambda x: run(prepare(torch.as_tensor(x))).float().cpu(), kind)
 
     out.append(make("torch_fp32", model, note="eager, NCHW"))
     model_cl = copy.deepcopy(model).to(memory_format=cl)
     out.append(make("torch_channels_last", model_cl, memory_format=cl, note="eager, NHWC"))
     if bf16:
-        out.append(make("torch_bf16", model, torch.bfloat16, note="autocast bf16, NCHW"))
+        out.append(make("torch_bf16", model, torch.bfloat16, note="autocast bf16, NCHW", kind="bf16"))
         out.append(make("torch_bf16_channels_last", model_cl, torch.bfloat16, memory_format=cl,
-                        note="autocast bf16, NHWC"))
+                        note="autocast bf16, NHWC", kind="bf16"))
     if cuda:
         gpu = copy.deepcopy(model).cuda()
         out.append(make("cuda_fp32", gpu, device="cuda", note="eager on GPU"))
@@ -155,7 +149,26 @@ def torch_backends(model, cuda: bool, bf16: bool = True) -> list:
     return out
 
 
-def ort_backend(name: str, onnx_path, provider: str, note: str) -> Backend:
+def compiled_backend(model) -> Backend:
+    """torch.compile (inductor, CPU) with frozen weights (constant-folded, prepacked for oneDNN); compiled at
+    the first (warm-up) call of each input shape."""
+    import torch._inductor.config as inductor
+
+    inductor.freezing = True
+    net = torch.compile(copy.deepcopy(model).to(memory_format=torch.channels_last), backend="inductor")
+
+    def run(x):
+        with torch.inference_mode():
+            return net(x)
+
+    def prepare(x):
+        return x.contiguous(memory_format=torch.channels_last)
+
+    return Backend("torch_compile", prepare, run, note="torch.compile inductor, frozen, NHWC",
+                   logits=lambda x: run(prepare(torch.as_tensor(x))).float())
+
+
+def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp32") -> Backend:
     from export.runtime import OnnxRunner, available_providers
 
     if provider not in available_providers():
@@ -170,7 +183,7 @@ def ort_backend(name: str, onnx_path, provider: str, note: str) -> Backend:
     session, input_name = runner.session, runner.input_name
     return Backend(name, prepare=lambda x: {input_name: np.ascontiguousarray(x.numpy(), np.float32)},
                    run=lambda feed: session.run(None, feed), device="cuda" if provider != "CPUExecutionProvider" else "cpu",
-                   note=note, logits=lambda x: torch.from_numpy(runner(x)))
+                   note=note, logits=lambda x: torch.from_numpy(runner(x)), kind=kind)
 
 
 def trt_backend(engine_path) -> Backend:
@@ -225,8 +238,11 @@ def accuracy(backends: list, batches: list, num_classes: int, ignore_index: int)
             for name, r in report.items()}
 
 
-def summarize(runs: dict, flops: int, backends: list, batch: int, reference: str = "torch_fp32") -> list:
-    rows = []
+def summarize(runs: dict, flops: int, backends: list, batch: int, reference: str = "torch_fp32",
+              limits: Optional[dict] = None) -> list:
+    """One row per backend; `limit_share` is its GFLOP/s over this machine's measured limit for its kind of
+    arithmetic (CPU backends only: the limits are measured on the CPU)."""
+    rows, limits = [], limits or {}
     ref_med = statistics.median(runs["times"][reference]) if reference in runs["times"] else None
     for b in backends:
         t = runs["times"][b.name]
@@ -238,7 +254,9 @@ def summarize(runs: dict, flops: int, backends: list, batch: int, reference: str
             s["speedup_vs_fp32"] = 1 / statistics.median(per_round)
         s.update(backend=b.name, note=b.note, device=b.device, batch=batch, images_per_s=batch / med,
                  gflops_per_s=flops * batch / med / 1e9, peak_mib=runs["peak_bytes"][b.name] / 2**20,
-                 call_mib=runs["extra_bytes"][b.name] / 2**20)
+                 call_mib=runs["extra_bytes"][b.name] / 2**20, kind=b.kind)
+        if b.device == "cpu" and limits.get(b.kind):
+            s["limit_share"] = s["gflops_per_s"] / limits[b.kind]
         rows.append(s)
     return rows
 
@@ -261,7 +279,7 @@ def recommend(rows: list, acc: dict, max_drop: float, device: str = "cpu") -> Op
 
 def format_table(rows: list, acc: dict) -> str:
     head = (f"{'backend':<26}{'batch':>5}{'min ms':>9}{'median':>9}{'p90':>9}{'p99':>9}{'img/s':>8}"
-            f"{'GFLOP/s':>9}{'peak MiB':>9}{'+MiB':>7}{'x fp32':>8}{'mIoU':>7}{'dmIoU':>7}{'agree%':>8}")
+            f"{'GFLOP/s':>9}{'%limit':>7}{'peak MiB':>9}{'+MiB':>7}{'x fp32':>8}{'mIoU':>7}{'dmIoU':>7}{'agree%':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         a = acc.get(r["backend"], {})
@@ -269,9 +287,10 @@ def format_table(rows: list, acc: dict) -> str:
         dm = f"{a['miou_change']:+.2f}" if a.get("miou_change") is not None else "-"
         ag = f"{100 * a['agreement']:.2f}" if "agreement" in a else "-"
         sp = f"{r['speedup_vs_fp32']:.2f}" if "speedup_vs_fp32" in r else "-"
+        share = f"{100 * r['limit_share']:.0f}" if "limit_share" in r else "-"
         lines.append(f"{r['backend']:<26}{r['batch']:>5}{r['min_ms']:>9.1f}{r['median_ms']:>9.1f}{r['p90_ms']:>9.1f}"
-                     f"{r['p99_ms']:>9.1f}{r['images_per_s']:>8.2f}{r['gflops_per_s']:>9.1f}{r['peak_mib']:>9.0f}{r['call_mib']:>7.0f}"
-                     f"{sp:>8}{mi:>7}{dm:>7}{ag:>8}")
+                     f"{r['p99_ms']:>9.1f}{r['images_per_s']:>8.2f}{r['gflops_per_s']:>9.1f}{share:>7}"
+                     f"{r['peak_mib']:>9.0f}{r['call_mib']:>7.0f}{sp:>8}{mi:>7}{dm:>7}{ag:>8}")
     return "\n".join(lines)
 
 
@@ -321,6 +340,8 @@ def parse_args(argv=None):
     p.add_argument("--backends", help="comma-separated subset of backend names to run (default: all available)")
     p.add_argument("--onnx", help="FP32 ONNX to use (default: exported from the model into --out)")
     p.add_argument("--int8-onnx", help="INT8 Q/DQ ONNX to use (default: quantized from the FP32 ONNX)")
+    p.add_argument("--openvino-int8", metavar="MODEL.xml",
+                   help="INT8 IR to use, e.g. from export.to_openvino (default: NNCF on the FP32 IR, no accuracy control)")
     p.add_argument("--engine", action="append", default=[], help="TensorRT engine to include (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.png and the ONNX files")
@@ -342,44 +363,138 @@ def load_subject(args) -> tuple:
     return prepare_model(model, cfg.export.output_stride), cfg
 
 
-def onnx_backends(model, cfg, args, wanted: Callable, skipped: dict) -> list:
-    """onnxruntime backends: the FP32 ONNX, its INT8 Q/DQ twin, the GPU providers this build has."""
-    from export import precision as prec
-    from export.metadata import build_metadata
-    from deeplab.data import DatasetError
-    from export.samples import calibration_images
-    from export.to_onnx import export_model
+class Artifacts:
+    """The model files the onnxruntime and OpenVINO backends run, each made once on first use (into --out)."""
 
-    os_, out = cfg.export.output_stride, Path(args.out)
-    onnx_path = Path(args.onnx) if args.onnx else out / f"model_os{os_}.onnx"
-    if any(wanted(n) for n in ("ort_cpu_fp32", "ort_cpu_int8", "ort_cuda_fp32", "ort_tensorrt_fp32")) and not args.onnx:
-        log.info(f"exporting {onnx_path} (dynamic shapes)...")
-        export_model(model, onnx_path, build_metadata(model.config), torch.randn(2, 3, 65, 65))
-    int8_path = Path(args.int8_onnx) if args.int8_onnx else out / f"model_os{os_}.int8.onnx"
-    if wanted("ort_cpu_int8") and not args.int8_onnx:
-        n, size = cfg.export.calib_images, cfg.export.image_size
+    def __init__(self, model, cfg, args):
+        self.model, self.cfg, self.args = model, cfg, args
+        self.out, self.stem = Path(args.out), f"model_os{cfg.export.output_stride}"
+        self._int8 = {}
+
+    @functools.cached_property
+    def onnx(self) -> Path:
+        from export.metadata import build_metadata
+        from export.to_onnx import export_model
+
+        if self.args.onnx:
+            return Path(self.args.onnx)
+        path = self.out / f"{self.stem}.onnx"
+        log.info(f"exporting {path} (dynamic shapes)...")
+        return export_model(self.model, path, build_metadata(self.model.config), torch.randn(2, 3, 65, 65))
+
+    @functools.cached_property
+    def calib(self) -> list:
+        from deeplab.data import DatasetError
+        from export.samples import calibration_images
+
+        n, size, data = self.cfg.export.calib_images, self.cfg.export.image_size, self.cfg.data
         try:
-            calib, source = calibration_images(cfg.data, n, size), f"{cfg.data.dataset} train images"
+            calib, source = calibration_images(data, n, size), f"{data.dataset} train images"
         except DatasetError:
-            calib, source = [torch.randn(1, 3, size, size).numpy() for _ in range(n)], "random noise (dataset did not load)"
+            calib, source = [torch.randn(1, 3, size, size).numpy() for _ in range(n)], "random noise (no dataset)"
         log.info(f"INT8 calibration on {len(calib)} {source}")
-        prec.quantize_int8(onnx_path, int8_path, calib)
-    candidates = [("ort_cpu_fp32", onnx_path, "CPUExecutionProvider", "onnxruntime CPU fp32"),
-                  ("ort_cpu_int8", int8_path, "CPUExecutionProvider", "onnxruntime CPU INT8 Q/DQ (S8S8, per-channel)"),
-                  ("ort_cuda_fp32", onnx_path, "CUDAExecutionProvider", "onnxruntime CUDA"),
-                  ("ort_tensorrt_fp32", onnx_path, "TensorrtExecutionProvider", "onnxruntime TensorRT EP")]
+        return calib
+
+    def int8_onnx(self, reduce_range: bool) -> Path:
+        """The INT8 Q/DQ ONNX with 8-bit weights or, with `reduce_range`, 7-bit ones (--int8-onnx: that file)."""
+        from export.precision import quantize_int8
+
+        if self.args.int8_onnx:
+            return Path(self.args.int8_onnx)
+        if reduce_range not in self._int8:
+            path = self.out / f"{self.stem}.int8{'.rr' if reduce_range else ''}.onnx"
+            self._int8[reduce_range] = quantize_int8(self.onnx, path, self.calib, reduce_range=reduce_range)
+        return self._int8[reduce_range]
+
+    @functools.cached_property
+    def ir(self):
+        from export.metadata import read_metadata
+        from export.to_openvino import convert
+
+        return convert(self.onnx, read_metadata(self.onnx))
+
+    @functools.cached_property
+    def ir_int8(self):
+        from export.to_openvino import quantize
+
+        if self.args.openvino_int8:
+            import openvino as ov
+
+            return ov.Core().read_model(self.args.openvino_int8)
+        return quantize(self.ir, self.calib, None, self.cfg.export.max_int8_miou_drop,
+                        self.model.config.num_classes)[0]
+
+
+def onnx_backends(files: Artifacts, wanted: Callable, skipped: dict) -> list:
+    """onnxruntime backends: the FP32 ONNX, its INT8 Q/DQ twins (8-bit and 7-bit weights: this CPU's choice is
+    marked), the GPU providers this build has."""
+    from export.precision import cpu_reduce_range
+
+    chosen = cpu_reduce_range()
+    why = "no VNNI: 7-bit weights avoid int16 saturation" if chosen else "VNNI: full 8-bit weights"
+    candidates = [("ort_cpu_fp32", lambda: files.onnx, "CPUExecutionProvider", "onnxruntime CPU fp32", "fp32"),
+                  ("ort_cpu_int8", lambda: files.int8_onnx(False), "CPUExecutionProvider",
+                   "onnxruntime INT8 Q/DQ, 8-bit weights" + ("" if chosen else f" (this CPU's choice: {why})"), "int8"),
+                  ("ort_cpu_int8_rr", lambda: files.int8_onnx(True), "CPUExecutionProvider",
+                   "onnxruntime INT8 Q/DQ, 7-bit weights" + (f" (this CPU's choice: {why})" if chosen else ""), "int8"),
+                  ("ort_cuda_fp32", lambda: files.onnx, "CUDAExecutionProvider", "onnxruntime CUDA", "fp32"),
+                  ("ort_tensorrt_fp32", lambda: files.onnx, "TensorrtExecutionProvider", "onnxruntime TensorRT EP",
+                   "fp32")]
     backends = []
-    for name, path, provider, note in candidates:
-        if wanted(name):
-            try:
-                backends.append(ort_backend(name, path, provider, note))
-            except Skip as e:
-                skipped[name] = str(e)
+    for name, path, provider, note, kind in candidates:
+        if not wanted(name):
+            continue
+        if name == "ort_cpu_int8_rr" and files.args.int8_onnx:
+            skipped[name] = "--int8-onnx gives the one INT8 ONNX to run (ort_cpu_int8)"
+            continue
+        try:
+            backends.append(ort_backend(name, path(), provider, note, kind))
+        except Skip as e:
+            skipped[name] = str(e)
+    return backends
+
+
+def openvino_backend(name: str, model, precision: str, threads: int, note: str, kind: str) -> Backend:
+    from export.runtime import OpenVINORunner
+
+    runner = OpenVINORunner(model, threads=threads, hint="latency", precision=precision)
+    return Backend(name, prepare=lambda x: np.ascontiguousarray(x.numpy(), np.float32), run=runner, note=note,
+                   logits=lambda x: torch.from_numpy(runner(x)), kind=kind)
+
+
+def openvino_backends(files: Artifacts, wanted: Callable, skipped: dict, bf16: bool) -> list:
+    """OpenVINO on the CPU (latency hint, static shape per input size, torch's thread count): the FP32 IR at
+    f32, at bf16 where the CPU has it, NNCF's INT8 IR, and the onnxruntime INT8 Q/DQ ONNX read by OpenVINO."""
+    try:
+        import openvino as ov
+        import nncf  # noqa: F401
+    except ImportError as e:
+        skipped["openvino_*"] = f"{e.name} is not installed (pip install 'deeplabv3-ray[cpu]')"
+        return []
+    from export.precision import cpu_reduce_range
+
+    threads = torch.get_num_threads()
+    rr = cpu_reduce_range() and not files.args.int8_onnx  # the Q/DQ file this CPU would pick
+    candidates = [("openvino_fp32", lambda: files.ir, "f32", "OpenVINO FP32 IR", "fp32"),
+                  ("openvino_bf16", lambda: files.ir, "bf16", "OpenVINO FP32 IR run in bf16", "bf16"),
+                  ("openvino_int8", lambda: files.ir_int8, "f32", "OpenVINO NNCF INT8 IR", "int8"),
+                  ("openvino_int8_qdq", lambda: ov.Core().read_model(str(files.int8_onnx(rr))), "f32",
+                   f"OpenVINO on the onnxruntime Q/DQ ONNX ({'7' if rr else '8'}-bit weights)", "int8")]
+    backends = []
+    for name, model, precision, note, kind in candidates:
+        if not wanted(name):
+            continue
+        if precision == "bf16" and not bf16:
+            skipped[name] = "this CPU has no native bf16; name it in --backends to run anyway"
+            continue
+        backends.append(openvino_backend(name, model(), precision, threads, note, kind))
     return backends
 
 
 def all_backends(model, cfg, args, skipped: dict) -> list:
     """Every backend this machine can run that --backends asks for; what it cannot run goes to `skipped`."""
+    from export.cpu import has_native_bf16
+
     want = set(args.backends.split(",")) if args.backends else None
 
     def wanted(name):
@@ -387,7 +502,7 @@ def all_backends(model, cfg, args, skipped: dict) -> list:
 
     cuda = torch.cuda.is_available()
     # bf16 runs when the CPU has native bf16, or when --backends names it explicitly
-    bf16 = cpu_bf16_native() or bool(want and want & {"torch_bf16", "torch_bf16_channels_last"})
+    bf16 = has_native_bf16() or bool(want and want & {"torch_bf16", "torch_bf16_channels_last", "openvino_bf16"})
     backends = torch_backends(model, cuda, bf16)
     if not bf16:
         skipped["torch_bf16, torch_bf16_channels_last"] = (
@@ -395,7 +510,10 @@ def all_backends(model, cfg, args, skipped: dict) -> list:
             "name them in --backends to run anyway")
     if not cuda:
         skipped["cuda_fp32, cuda_fp16"] = "no CUDA GPU (torch.cuda.is_available() is False)"
-    backends += onnx_backends(model, cfg, args, wanted, skipped)
+    if wanted("torch_compile"):
+        backends.append(compiled_backend(model))
+    files = Artifacts(model, cfg, args)
+    backends += onnx_backends(files, wanted, skipped) + openvino_backends(files, wanted, skipped, bf16)
     for engine in args.engine:
         try:
             backends.append(trt_backend(engine))
@@ -406,7 +524,7 @@ def all_backends(model, cfg, args, skipped: dict) -> list:
     return [b for b in backends if wanted(b.name)]
 
 
-def time_backends(backends: list, cfg, args, flops: int) -> list:
+def time_backends(backends: list, cfg, args, flops: int, limits: dict) -> list:
     """Summary rows of every backend at every --batch size, timed interleaved on the same real images."""
     from export.samples import sample_images
 
@@ -418,7 +536,7 @@ def time_backends(backends: list, cfg, args, flops: int) -> list:
         log.info(f"batch {batch}: {args.warmup} warm-up call(s) each, then {args.repeats} interleaved round(s) "
                  f"of {len(backends)} backends")
         runs = interleaved(backends, inputs, args.repeats, args.warmup)
-        rows += summarize(runs, flops, backends, batch, backends[0].name)
+        rows += summarize(runs, flops, backends, batch, backends[0].name, limits)
     return rows
 
 
@@ -452,6 +570,8 @@ def report(result: dict, out: Path) -> None:
 
 
 def benchmark(args) -> int:
+    from export.cpu import cpu_features, measured_limits
+
     model, cfg = load_subject(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -461,16 +581,20 @@ def benchmark(args) -> int:
     log.info(f"{model.config.backbone}, output stride {ex.output_stride}, {ex.image_size}x{ex.image_size}: "
              f"{flops / 1e9:.1f} GFLOP per image; torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{'CUDA ' + torch.cuda.get_device_name() if cuda else 'no GPU'}")
+    features, limits = cpu_features(), measured_limits(torch.get_num_threads())
+    log.info(f"CPU {features['cpu']}: VNNI {features['vnni']}, native bf16 {features['native_bf16']}, AMX "
+             f"{features['amx']}; measured limits (GFLOP/s): "
+             + ", ".join(f"{k} {limits[k]:.0f}" for k in ("fp32", "bf16", "int8") if k in limits))
     skipped = {}
     backends = all_backends(model, cfg, args, skipped)
     if not backends:
         raise UserError("no backend left to run (check --backends)")
-    rows = time_backends(backends, cfg, args, flops)
+    rows = time_backends(backends, cfg, args, flops, limits)
     acc = measure_accuracy(backends, cfg, model.config.num_classes, skipped)
     report({"model": model.config.backbone, "output_stride": ex.output_stride, "size": ex.image_size,
-            "flops_per_image": flops, "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows,
-            "accuracy": acc, "skipped": skipped, "checkpoint": args.checkpoint,
-            "recommendation": recommend(rows, acc, ex.max_int8_miou_drop)}, out)
+            "flops_per_image": flops, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": features, "limits": limits, "rows": rows, "accuracy": acc, "skipped": skipped,
+            "checkpoint": args.checkpoint, "recommendation": recommend(rows, acc, ex.max_int8_miou_drop)}, out)
     return 0
 
 

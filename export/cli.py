@@ -2,13 +2,15 @@
 on stdout (export's modules log them; a command shows them), and the flag that sets a boolean field false."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from deeplab.cli import UserError
-from deeplab.config import Alias
+from deeplab.config import Alias, add_config_args, config_from_args
 
 
 class ExportError(UserError, RuntimeError):
@@ -49,3 +51,34 @@ def show_progress(level: int = logging.INFO) -> None:
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
     logger.setLevel(level)
+
+
+def source_and_config(args) -> tuple:
+    """(source path, Checkpoint or None for an ONNX file, experiment) of a command that takes either: the
+    experiment starts from the checkpoint's own unless --config says otherwise."""
+    from deeplab.checkpoint import load_checkpoint
+
+    src = Path(args.source)
+    if not src.is_file():
+        raise UserError(f"{src}: no such file")
+    ckpt = None if src.suffix == ".onnx" else load_checkpoint(src)
+    return src, ckpt, config_from_args(args, base=ckpt.experiment if ckpt is not None else None)
+
+
+def source_parser(prog: str, description: str, output_help: str, force_help: str) -> argparse.ArgumentParser:
+    """The arguments of a command that turns a checkpoint or ONNX file into another model file."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("source", help="a checkpoint (exported to ONNX first) or an ONNX file from export.to_onnx")
+    p.add_argument("-o", "--output", help=output_help)
+    p.add_argument("--calib-data", metavar="FOLDER",
+                   help="folder of INT8 calibration images (default: the config's data section, train split)")
+    p.add_argument("--force", action="store_true", help=force_help)
+    return p
+
+
+def parse_and_run(parser: argparse.ArgumentParser, aliases, argv, run) -> int:
+    """Add the config flags and `aliases`, parse `argv`, show progress, and run(args)."""
+    add_config_args(parser, aliases=aliases)
+    args = parser.parse_args(argv)
+    show_progress()
+    return run(args)

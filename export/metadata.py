@@ -33,8 +33,9 @@ def dataset_meta(data_cfg, num_classes: int):
 
 
 def build_metadata(model_cfg, class_names: Optional[Sequence[str]] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   state: Optional[dict] = None, source: Optional[str] = None) -> dict:
-    """What a runtime needs besides the graph; values are JSON-encodable Python objects."""
+                   state: Optional[dict] = None, source: Optional[str] = None, data_cfg=None) -> dict:
+    """What a runtime needs besides the graph; values are JSON-encodable Python objects. ``data_cfg``: the
+    dataset the model was trained for, the default of ``export.evaluate`` as of ``deeplab.evaluate``."""
     names = list(class_names) if class_names else []
     if len(names) != model_cfg.num_classes:
         names = [f"class_{i}" for i in range(model_cfg.num_classes)]
@@ -60,6 +61,8 @@ def build_metadata(model_cfg, class_names: Optional[Sequence[str]] = None, mean=
         meta["val_miou"] = float(val_miou)
     if source:
         meta["source"] = source
+    if data_cfg is not None:
+        meta["data_config"] = to_plain(data_cfg)
     return meta
 
 
@@ -99,3 +102,22 @@ def read_metadata(onnx_model_or_path) -> dict:
     if not hasattr(model, "metadata_props"):
         model = onnx.load(str(onnx_model_or_path), load_external_data=False)
     return decode((p.key, p.value) for p in model.metadata_props)
+
+
+def set_ir_metadata(ov_model, meta: dict) -> None:
+    """Store `meta` in an OpenVINO model's rt_info under ``deeplab`` (``<rt_info><deeplab><num_classes ...>``)."""
+    for key, text in encode(meta).items():
+        ov_model.set_rt_info(text, ["deeplab", key[len(META_PREFIX):]])
+
+
+def read_ir_metadata(ov_model_or_path) -> dict:
+    """The ``deeplab`` rt_info of an OpenVINO model (or IR .xml file), JSON-decoded."""
+    model = ov_model_or_path
+    if not hasattr(model, "get_rt_info"):
+        import openvino as ov
+
+        model = ov.Core().read_model(str(ov_model_or_path))
+    if not model.has_rt_info("deeplab"):
+        return {}
+    section = model.get_rt_info()["deeplab"]
+    return decode((META_PREFIX + key, value.astype(str)) for key, value in section.items())

@@ -23,6 +23,7 @@ from deeplab.cli import UserError
 from deeplab.fileio import atomic_path
 from deeplab.inference import evaluate
 
+from .cli import ExportError
 from .metadata import read_metadata, set_metadata
 from .runtime import OnnxRunner
 
@@ -54,9 +55,19 @@ def _calibration_reader(input_name: str, arrays: Sequence[np.ndarray]):
     return Reader()
 
 
+def cpu_reduce_range() -> bool:
+    """7-bit weights for onnxruntime on this CPU: needed without VNNI, where u8 x s8 products saturate."""
+    from .cpu import has_vnni
+
+    return not has_vnni()
+
+
 def quantize_int8(src, dst, calib: Sequence[np.ndarray], per_channel: bool = True, symmetric: bool = True,
-                  method: str = "minmax") -> Path:
-    """FP32 ONNX -> INT8 Q/DQ ONNX (int8 weights per channel, int8 activations, zero points 0), atomically."""
+                  method: str = "minmax", reduce_range: bool = False) -> Path:
+    """FP32 ONNX -> INT8 Q/DQ ONNX (int8 weights per channel, int8 activations, zero points 0), atomically.
+
+    ``reduce_range``: 7-bit weights, for onnxruntime on a CPU without VNNI (`cpu_reduce_range()`); a GPU
+    (TensorRT) wants the full 8 bits. The choice and the CPU's VNNI are recorded in the metadata."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
@@ -71,7 +82,7 @@ def quantize_int8(src, dst, calib: Sequence[np.ndarray], per_channel: bool = Tru
     t0 = time.time()
     images = int(sum(len(a) for a in calib))
     log.info(f"calibrating INT8 on {images} image(s) ({method}, {'per-channel' if per_channel else 'per-tensor'} "
-             f"weights, {'symmetric' if symmetric else 'asymmetric'})...")
+             f"{'7-bit' if reduce_range else '8-bit'} weights, {'symmetric' if symmetric else 'asymmetric'})...")
     root = logging.getLogger()
     level = root.level
     with atomic_path(dst) as tmp:
@@ -81,7 +92,7 @@ def quantize_int8(src, dst, calib: Sequence[np.ndarray], per_channel: bool = Tru
             root.setLevel(logging.ERROR)
             quantize_static(str(src), str(tmp), _calibration_reader(input_name, calib), quant_format=QuantFormat.QDQ,
                             per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=methods[method],
+                            calibrate_method=methods[method], reduce_range=reduce_range,
                             # biases stay float: TensorRT dequantizes only 8-bit (and lower) tensors, not int32
                             extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True,
                                            "QuantizeBias": False})
@@ -91,7 +102,8 @@ def quantize_int8(src, dst, calib: Sequence[np.ndarray], per_channel: bool = Tru
         meta = read_metadata(model)  # quantize_static keeps the source's metadata_props; add how this was made
         meta.update(precision="int8", quantization={"format": "QDQ", "per_channel": per_channel,
                                                     "symmetric": symmetric, "method": method,
-                                                    "calibration_images": images})
+                                                    "calibration_images": images, "reduce_range": reduce_range,
+                                                    "cpu_vnni": not cpu_reduce_range()})
         set_metadata(model, meta)
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
@@ -222,3 +234,15 @@ def accuracy_report(models: Dict[str, object], batches: Sequence, num_classes: i
     for name in results:
         results[name]["miou_drop"] = results[reference]["miou"] - results[name]["miou"]
     return results
+
+
+def gate_int8(report: dict, max_drop: float, force: bool) -> None:
+    """Refuse an INT8 model that loses more than `max_drop` mIoU points against FP32 (ExportError: nothing is
+    written), or only warn with --force."""
+    drop = report["int8"]["miou_drop"]
+    if drop > max_drop:
+        msg = (f"INT8 loses {drop:.2f} mIoU points (> export.max_int8_miou_drop={max_drop}); calibrate on more / "
+               "more typical images (--calib-images, --calib-data) or pass --force")
+        if not force:
+            raise ExportError(msg)
+        log.info(f"warning: {msg}; writing it anyway (--force)")

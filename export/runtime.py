@@ -1,5 +1,6 @@
 """Runners shared by predict, evaluate and bench: a TensorRT engine with torch CUDA tensors as its buffers
-(no pycuda), and an ONNX model in onnxruntime with execution providers tried in order.
+(no pycuda), an ONNX model in onnxruntime with execution providers tried in order, and an OpenVINO IR
+compiled per input shape.
 
 An engine runs only on the TensorRT version and GPU model that built it, so every engine has a JSON sidecar
 (``model.engine.json``) recording both; `TensorRTRunner` refuses an engine whose sidecar disagrees with the
@@ -22,7 +23,7 @@ SIDECAR_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
 
 
 class EngineError(UserError, ValueError):
-    """An engine cannot run here (wrong GPU / TensorRT version, missing sidecar, no GPU); one-line message."""
+    """A model file cannot run here (wrong GPU / TensorRT version, missing sidecar, no GPU, unreadable IR); one line."""
 
 
 # ----------------------------------------------------------------------------------------------- sidecar
@@ -165,9 +166,27 @@ class TensorRTRunner:
         return out
 
 
+def require(module: str, what: str):
+    """Import an optional runtime, or say in one line which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EngineError(f"{what} is not installed: pip install 'deeplabv3-ray[cpu]' (onnxruntime, OpenVINO, NNCF) "
+                          "or, on a GPU machine, 'deeplabv3-ray[gpu]' (onnxruntime-gpu, TensorRT); not both") from None
+
+
+def _reason(error: Exception) -> str:
+    """The informative line of a runtime's multi-line C++ exception text (not its "Exception from file:line")."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
+    return ((useful or lines or [type(error).__name__])[0])[:200]
+
+
 # ------------------------------------------------------------------------------------------ onnxruntime
 def available_providers() -> list:
-    import onnxruntime as ort
+    ort = require("onnxruntime", "onnxruntime")
 
     return list(ort.get_available_providers())
 
@@ -186,11 +205,18 @@ def pick_providers(wanted: Optional[Sequence[str]] = None, available: Optional[S
     return chosen
 
 
+def _ort_load_errors(ort) -> tuple:
+    """The exception types onnxruntime raises for a file it cannot load (they derive from Exception only)."""
+    state = ort.capi.onnxruntime_pybind11_state
+    names = ("Fail", "InvalidProtobuf", "InvalidGraph", "InvalidArgument", "NoSuchFile", "NotImplemented")
+    return (RuntimeError,) + tuple(getattr(state, n) for n in names if hasattr(state, n))
+
+
 class OnnxRunner:
     """An ONNX model in onnxruntime. `providers` are tried in order; `.providers` says which ones loaded."""
 
     def __init__(self, onnx_path, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None):
-        import onnxruntime as ort
+        ort = require("onnxruntime", "onnxruntime")
 
         onnx_path = Path(onnx_path)
         if not onnx_path.is_file():
@@ -201,7 +227,10 @@ class OnnxRunner:
             opts.intra_op_num_threads = threads
         opts.log_severity_level = 3
         self.path = onnx_path
-        self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=pick_providers(providers))
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=pick_providers(providers))
+        except _ort_load_errors(ort) as e:
+            raise EngineError(f"{onnx_path}: onnxruntime cannot load it ({_reason(e)})") from None
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type  # e.g. "tensor(float)" or "tensor(float16)"
@@ -214,12 +243,91 @@ class OnnxRunner:
         return out.astype(np.float32, copy=False)
 
 
+# ------------------------------------------------------------------------------------------- OpenVINO
+OPENVINO_HINTS = ("latency", "throughput")
+OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
+
+
+def _check_ir_root(path: Path) -> None:
+    """Refuse an .xml that is not an IR before OpenVINO sees it: OpenVINO would offer it to every frontend it
+    has (TensorFlow's parses text graphs through its own protobuf), which is slow, noisy and can crash."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        _, root = next(ET.iterparse(str(path), events=("start",)))
+    except (ET.ParseError, StopIteration) as e:
+        raise EngineError(f"{path}: not an OpenVINO IR (not well-formed XML: {e})") from None
+    if root.tag != "net" or "version" not in root.attrib:
+        raise EngineError(f"{path}: not an OpenVINO IR (its XML root is <{root.tag}>, not <net version=...>)")
+
+
+class OpenVINORunner:
+    """An OpenVINO IR (file or ov.Model) on the CPU. The CPU plugin is fastest on static shapes, so the model
+    is reshaped and compiled once per input shape and kept (the `cache` most recent shapes).
+
+    ``hint``: "latency" (one request at a time, all threads on it) or "throughput" (parallel streams).
+    ``precision``: the inference precision of layers that are not int8: "f32" (exact; the default, since
+    OpenVINO would otherwise pick bf16 on CPUs with AMX/avx512_bf16), "bf16" or "f16" where the CPU has them.
+    """
+
+    def __init__(self, model, threads: Optional[int] = None, hint: str = "latency", precision: str = "f32",
+                 device: str = "CPU", cache: int = 8):
+        ov = require("openvino", "OpenVINO")
+
+        if hint not in OPENVINO_HINTS or precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"OpenVINO hint {hint!r} / precision {precision!r}: use one of {OPENVINO_HINTS} / "
+                             f"{OPENVINO_PRECISIONS}")
+        self.core = ov.Core()
+        self.path = None
+        if isinstance(model, ov.Model):
+            model = model.clone()  # reshaping per input shape must not change the caller's model
+        else:
+            self.path = Path(model)
+            model = self._read(self.path)
+        self.model, self.device, self.cache = model, device, cache
+        self.config = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self._compiled = {}  # input shape -> infer request, least recently used first
+
+    def _read(self, path: Path):
+        if not path.is_file() or not path.with_suffix(".bin").is_file():
+            raise EngineError(f"{path}: an OpenVINO IR needs {path.name} and {path.with_suffix('.bin').name} "
+                              "side by side")
+        _check_ir_root(path)
+        try:
+            return self.core.read_model(str(path), str(path.with_suffix(".bin")))
+        except RuntimeError as e:
+            raise EngineError(f"{path}: not a readable OpenVINO IR ({_reason(e)})") from None
+
+    def request(self, shape: tuple):
+        """The infer request compiled for this input shape (compiled on first use)."""
+        shape = tuple(int(d) for d in shape)
+        request = self._compiled.pop(shape, None)
+        if request is None:
+            if len(self._compiled) >= self.cache:
+                self._compiled.pop(next(iter(self._compiled)))  # the least recently used shape
+            self.model.reshape({0: list(shape)})
+            request = self.core.compile_model(self.model, self.device, self.config).create_infer_request()
+        self._compiled[shape] = request  # most recently used last
+        return request
+
+    def __call__(self, images) -> np.ndarray:
+        """images: (N, 3, H, W) numpy array or CPU torch tensor; returns logits as float32 numpy."""
+        x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+        x = np.ascontiguousarray(x, np.float32)
+        request = self.request(x.shape)
+        request.infer({0: x})
+        return np.array(request.get_output_tensor(0).data, np.float32)  # a copy: the next call reuses the buffer
+
+
 def load_runner(path, *, output_stride: Optional[int] = None, device: Optional[str] = None,
                 providers: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> "ModelRunner":
     """Open any model file the project writes, the one way every consumer does (segment, serve, ...).
 
     ``.ckpt``: PyTorch (deeplab.load_checkpoint), run at ``output_stride`` (default: the checkpoint's).
     ``.onnx``: onnxruntime, FP32, FP16 or INT8 Q/DQ, metadata from the file (export.metadata.read_metadata).
+    ``.xml``: an OpenVINO IR (FP32 or INT8) on the CPU, metadata from its rt_info.
     ``.engine``/``.plan``/``.trt`` (or any file with an ENGINE.json sidecar): TensorRT on this GPU.
     ``device``: "cpu" or "cuda" (default: cuda when torch sees a GPU). Errors are one line naming the file."""
     path = Path(path)
@@ -230,10 +338,13 @@ def load_runner(path, *, output_stride: Optional[int] = None, device: Optional[s
         return _torch_runner(path, output_stride, device)
     if suffix == ".onnx":
         return _onnx_runner(path, output_stride, device, providers, threads)
+    if suffix == ".xml":
+        return _openvino_runner(path, output_stride, device, threads)
     if suffix in ENGINE_SUFFIXES or sidecar_path(path).is_file():
         return _tensorrt_runner(path, output_stride, device)
     raise ModelFileError(f"{path}: unknown model file type {path.suffix or '(no suffix)'!r}; expected a checkpoint "
-                         f"(.ckpt), an ONNX file (.onnx) or a TensorRT engine ({', '.join(ENGINE_SUFFIXES)})")
+                         f"(.ckpt), an ONNX file (.onnx), an OpenVINO IR (.xml) or a TensorRT engine "
+                         f"({', '.join(ENGINE_SUFFIXES)})")
 
 
 # ------------------------------------------------------------------------------------- any model, one way
@@ -260,6 +371,7 @@ class ModelInfo:
     std: tuple
     backbone: Optional[str] = None
     val_miou: Optional[float] = None
+    data_config: Optional[dict] = None  # the data section the model was trained with, where the file says
 
     def to_dict(self) -> dict:
         """JSON-ready (tuples as lists)."""
@@ -360,7 +472,7 @@ def _info_from_metadata(path: Path, meta: dict, backend: str, output_stride: Opt
     _check_normalization(path, mean, std)
     return ModelInfo(str(path), backend, str(meta.get("precision", "fp32")), n, list(names),
                      int(stride) if stride is not None else None, mean, std, meta.get("backbone"),
-                     meta.get("val_miou"))
+                     meta.get("val_miou"), meta.get("data_config"))
 
 
 def _onnx_info(path: Path, output_stride, backend: str = "onnxruntime") -> ModelInfo:
@@ -383,6 +495,21 @@ def _onnx_runner(path: Path, output_stride, device, providers, threads) -> Model
     runner = OnnxRunner(path, providers, threads)
     info.backend = f"onnxruntime ({runner.providers[0]})"
     return ModelRunner(runner, info)
+
+
+def _openvino_info(path: Path, output_stride, model=None) -> ModelInfo:
+    from .metadata import read_ir_metadata
+
+    if model is None:
+        model = OpenVINORunner(path).model  # one-line errors for a missing .bin or an unreadable IR
+    return _info_from_metadata(path, read_ir_metadata(model), "openvino (CPU)", output_stride)
+
+
+def _openvino_runner(path: Path, output_stride, device, threads) -> ModelRunner:
+    if device == "cuda":
+        raise ModelFileError(f"{path}: this project runs OpenVINO IRs on the CPU, not on device cuda")
+    runner = OpenVINORunner(path, threads=threads)
+    return ModelRunner(runner, _openvino_info(path, output_stride, runner.model))
 
 
 def _tensorrt_runner(path: Path, output_stride, device) -> ModelRunner:
@@ -408,6 +535,8 @@ def read_model_info(path, output_stride: Optional[int] = None) -> ModelInfo:
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return _onnx_info(path, output_stride)
+    if suffix == ".xml":
+        return _openvino_info(path, output_stride)
     if suffix in ENGINE_SUFFIXES or sidecar_path(path).is_file():
         return _engine_info(path, output_stride)
     return load_runner(path, output_stride=output_stride, device="cpu").info

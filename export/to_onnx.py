@@ -82,20 +82,22 @@ def export_model(model: nn.Module, path, meta: dict, example: Optional[torch.Ten
     return Path(path)
 
 
+def compare(ref: np.ndarray, out: np.ndarray, shape, runtime: str = "onnxruntime") -> dict:
+    """One parity row: max |logit diff|, max |logit| of the reference, argmax agreement."""
+    if out.shape != ref.shape:
+        raise ExportError(f"{runtime} output shape {out.shape} != reference {ref.shape} for input {tuple(shape)}")
+    return {"shape": list(shape), "max_abs_diff": float(np.abs(out - ref).max()),
+            "max_abs_logit": float(np.abs(ref).max()),
+            "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).mean())}
+
+
 def parity(model: nn.Module, onnx_path, inputs: Sequence[torch.Tensor], providers=None) -> list:
-    """PyTorch vs onnxruntime on each input batch: max |logit diff|, max |logit|, argmax agreement."""
+    """PyTorch vs onnxruntime on each input batch."""
     runner = OnnxRunner(onnx_path, providers or ["CPUExecutionProvider"])
     rows = []
     for x in inputs:
         with torch.no_grad():
-            ref = model(x).float().numpy()
-        out = runner(x)
-        if out.shape != ref.shape:
-            raise ExportError(f"{onnx_path}: onnxruntime output shape {out.shape} != PyTorch {ref.shape} "
-                              f"for input {tuple(x.shape)}")
-        rows.append({"shape": list(x.shape), "max_abs_diff": float(np.abs(out - ref).max()),
-                     "max_abs_logit": float(np.abs(ref).max()),
-                     "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).mean())})
+            rows.append(compare(model(x).float().numpy(), runner(x), x.shape))
     return rows
 
 
@@ -125,7 +127,8 @@ def checkpoint_model(ckpt, output_stride: int, data_cfg=None) -> tuple:
         data_cfg = ckpt.experiment.data
     class_names, mean, std = dataset_meta(data_cfg, ckpt.config.num_classes)
     source = Path(ckpt.path).name if ckpt.path else None
-    return model, build_metadata(model.config, class_names, mean, std, ckpt.state, source=source), data_cfg
+    meta = build_metadata(model.config, class_names, mean, std, ckpt.state, source=source, data_cfg=data_cfg)
+    return model, meta, data_cfg
 
 
 def export_checkpoint(ckpt, out_path, output_stride: int = 8, dynamic: bool = True, opset: Optional[int] = None,

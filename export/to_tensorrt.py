@@ -12,7 +12,6 @@ metadata, parity and accuracy figures) are written atomically; a failed build le
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import logging
@@ -23,10 +22,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from deeplab.cli import USAGE, UserError, command
-from deeplab.config import Alias, ExportConfig, add_config_args, config_from_args
+from deeplab.config import Alias, ExportConfig
 from deeplab.fileio import atomic_path, ensure_dir
 
-from .cli import ExportError, show_progress
+from .cli import parse_and_run, source_and_config, source_parser
 from .metadata import read_metadata
 from .runtime import device_info, sidecar_path, write_sidecar
 
@@ -222,7 +221,7 @@ def precision_onnx(fp32_onnx: Path, cfg, args, path: Optional[str]) -> dict:
 def check_accuracy(onnx_files: dict, cfg, num_classes: Optional[int], force: bool) -> Optional[dict]:
     """FP32 vs the reduced precision ONNX in onnxruntime on held-out images; refuses an INT8 model that
     loses more than export.max_int8_miou_drop unless forced."""
-    from .precision import accuracy_report
+    from .precision import accuracy_report, gate_int8
     from .samples import labelled_batches
 
     ex = cfg.export
@@ -238,13 +237,8 @@ def check_accuracy(onnx_files: dict, cfg, num_classes: Optional[int], force: boo
     batches = labelled_batches(cfg.data, cfg.data.val_split, ex.accuracy_images)
     accuracy = accuracy_report({k: onnx_files[k] for k in ("fp32", ex.precision)}, batches, num_classes,
                                cfg.data.ignore_index)
-    drop = accuracy[ex.precision]["miou_drop"]
-    if ex.precision == "int8" and drop > ex.max_int8_miou_drop:
-        msg = (f"INT8 loses {drop:.2f} mIoU points (> export.max_int8_miou_drop={ex.max_int8_miou_drop}); "
-               "calibrate on more / more typical images (--calib-images, --calib-data) or pass --force")
-        if not force:
-            raise ExportError(msg)
-        log.info(f"warning: {msg}; building anyway (--force)")
+    if ex.precision == "int8":
+        gate_int8(accuracy, ex.max_int8_miou_drop, force)
     return accuracy
 
 
@@ -270,13 +264,7 @@ def build_and_write(engine_path: Path, onnx_in: Path, fp32_onnx: Path, path: str
 
 
 def run(args) -> int:
-    from deeplab.checkpoint import load_checkpoint
-
-    src = Path(args.source)
-    if not src.is_file():
-        raise UserError(f"{src}: no such file")
-    ckpt = None if src.suffix == ".onnx" else load_checkpoint(src)
-    cfg = config_from_args(args, base=ckpt.experiment if ckpt is not None else None)
+    src, ckpt, cfg = source_and_config(args)
     engine_path = Path(args.output) if args.output else src.with_suffix(f".{cfg.export.precision}.engine")
     ensure_dir(engine_path.parent)
     blocker = machine_blocker()
@@ -310,19 +298,12 @@ ALIASES = [Alias("--precision", "export.precision", "fp32, fp16, bf16 or int8"),
 
 @command
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.to_tensorrt", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="a checkpoint (exported to ONNX first) or an ONNX file from export.to_onnx")
-    p.add_argument("-o", "--output", help="engine file (default: SOURCE.<precision>.engine); sidecar: ENGINE.json")
-    p.add_argument("--calib-data", metavar="FOLDER",
-                   help="folder of calibration images (default: the config's data section, train split)")
+    p = source_parser("python -m export.to_tensorrt", __doc__.split("\n\n")[0],
+                      "engine file (default: SOURCE.<precision>.engine); sidecar: ENGINE.json",
+                      "build even if INT8 loses more than export.max_int8_miou_drop")
     p.add_argument("--check-accuracy", action="store_true",
                    help="compare FP32 vs the reduced precision ONNX mIoU in onnxruntime on held-out images")
-    p.add_argument("--force", action="store_true", help="build even if INT8 loses more than export.max_int8_miou_drop")
-    add_config_args(p, aliases=ALIASES)
-    args = p.parse_args(argv)
-    show_progress()
-    return run(args)
-
+    return parse_and_run(p, ALIASES, argv, run)
 
 if __name__ == "__main__":
     sys.exit(main())

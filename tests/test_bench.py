@@ -11,12 +11,15 @@ import torch
 
 from deeplab import ModelConfig, build_model
 from export import bench
+from export.cpu import has_vnni
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.backbone=resnet_tiny", "--set", "model.aspp_channels=16", "--set", "model.num_classes=6",
         "--set", "data.synthetic_size=65", "--set", "data.synthetic_val=2", "--set", "data.synthetic_train=2"]
-CPU_BACKENDS = {"torch_fp32", "torch_channels_last", "torch_bf16", "torch_bf16_channels_last", "ort_cpu_fp32",
-                "ort_cpu_int8"}
+CPU_BACKENDS = {"torch_fp32", "torch_channels_last", "torch_bf16", "torch_bf16_channels_last", "torch_compile",
+                "ort_cpu_fp32", "ort_cpu_int8", "ort_cpu_int8_rr", "openvino_fp32", "openvino_int8", "openvino_int8_qdq"}
+KINDS = {"torch_bf16": "bf16", "torch_bf16_channels_last": "bf16", "ort_cpu_int8": "int8", "ort_cpu_int8_rr": "int8",
+         "openvino_int8": "int8", "openvino_int8_qdq": "int8"}
 
 
 def _conv_flops_by_hooks(model, size):
@@ -74,11 +77,20 @@ def test_bench_script_runs_every_cpu_backend(tmp_path):
         assert r["images_per_s"] == pytest.approx(1000 * r["batch"] / r["median_ms"])
         assert r["gflops_per_s"] == pytest.approx(result["flops_per_image"] * r["images_per_s"] / 1e9)
         assert r["peak_mib"] > 0
+        kind = KINDS.get(r["backend"], "fp32")
+        assert r["kind"] == kind
+        if kind in result["limits"]:  # its GFLOP/s against this machine's limit for that arithmetic
+            assert r["limit_share"] == pytest.approx(r["gflops_per_s"] / result["limits"][kind])
     assert all(r["speedup_vs_fp32"] == 1.0 for r in rows if r["backend"] == "torch_fp32")
     acc = result["accuracy"]
     assert set(acc) == CPU_BACKENDS
     assert acc["torch_fp32"]["agreement"] == 1.0 and acc["torch_fp32"]["miou_change"] == 0.0
     assert acc["torch_channels_last"]["agreement"] > 0.99 and acc["ort_cpu_fp32"]["agreement"] > 0.99
+    assert acc["torch_compile"]["agreement"] > 0.99 and acc["openvino_fp32"]["agreement"] > 0.99
+    limits = result["limits"]
+    assert limits["fp32"] == max(limits["fp32_gemm"], limits["fp32_conv"]) > 0
+    assert limits["int8"] == max(limits["int8_by_engine"].values()) > 0
+    assert result["cpu"]["vnni"] == has_vnni() and ("bf16" in limits) == result["cpu"]["native_bf16"]
     skipped = result["skipped"]
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in skipped["cuda_fp32, cuda_fp16"]
@@ -110,3 +122,12 @@ def test_recommendation_is_the_fastest_backend_that_keeps_accuracy():
     assert bench.recommend(rows, acc, 1.0).startswith("fastest CPU path within 1.0 mIoU of fp32: torch_bf16 (3.00x")
     assert "ort_cpu_int8 (4.00x" in bench.recommend(rows, acc, 3.0)
     assert "accuracy not measured" in bench.recommend(rows, {}, 1.0)
+
+
+def test_cpu_features_come_from_the_flags():
+    from export import cpu
+
+    assert cpu.has_vnni(frozenset({"avx2", "fma"})) is False
+    assert cpu.has_vnni(frozenset({"avx2", "avx_vnni"})) and cpu.has_vnni(frozenset({"avx512f", "avx512_vnni"}))
+    flags = cpu.cpu_flags()
+    assert cpu.cpu_features()["vnni"] == any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))

@@ -236,3 +236,22 @@ def test_calibration_images_from_a_folder_or_the_dataset(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty: no images"):
         calibration_images(None, 2, 33, folder=tmp_path / "empty")
+
+
+def test_int8_reduce_range_keeps_weights_in_7_bits_and_says_so(exported, tmp_path):
+    """Without VNNI, u8 x s8 products saturate int16: 7-bit weights (reduce_range) avoid it. Each file records
+    the choice; the weights show it."""
+    from onnx import numpy_helper
+
+    calib = [img.numpy() for img, _ in labelled_batches(DataConfig(**DATA), "train", 2)]
+    peaks = {}
+    for reduce in (False, True):
+        path = prec.quantize_int8(exported["out"] / "model.onnx", tmp_path / f"rr{int(reduce)}.onnx", calib,
+                                  reduce_range=reduce)
+        q = read_metadata(path)["quantization"]
+        assert q["reduce_range"] is reduce and q["cpu_vnni"] is (not prec.cpu_reduce_range())
+        weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and t.dims and len(t.dims) == 4]
+        assert weights
+        peaks[reduce] = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+    assert peaks[False] == 127 and peaks[True] <= 64

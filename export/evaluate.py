@@ -1,0 +1,88 @@
+"""python -m export.evaluate MODEL [--data DIR] [--format F] [--split S] [--multi-scale | --scales S ...] [--flip]
+
+Per-class IoU table and mIoU of an exported model (an ONNX file, an OpenVINO .xml IR or a TensorRT engine) on a
+dataset split: the same table, JSON and evaluator as ``deeplab.evaluate`` gives for a checkpoint, so an exported
+model is judged the way its checkpoint was. Classes, output stride and the dataset it was trained for come from
+the file's own metadata; --data, --config or --set choose another dataset.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from deeplab.cli import UserError, command
+from deeplab.config import Alias, add_config_args, experiment_from_dict
+from deeplab.evaluate import (DATA_ALIASES, add_inference_args, eval_loader, inference_options, resolve_experiment,
+                              result_path, run_evaluation)
+from deeplab.inference import predict_logits
+
+from .cli import show_progress
+from .runtime import load_runner
+
+ENGINE_HINT = "a TensorRT engine (with its ENGINE.json sidecar)"
+
+
+def open_exported(path, output_stride=None):
+    """The exported model opened the one way every command opens model files (export.runtime.load_runner);
+    an --output-stride other than the exported one is refused there in one line."""
+    if Path(path).suffix.lower() in (".ckpt", ".pt", ".pth"):
+        raise UserError(f"{path}: a checkpoint; use python -m deeplab.evaluate / deeplab.predict for it")
+    return load_runner(path, output_stride=output_stride)
+
+
+def exported_predictor(runner, opts: dict):
+    """``predict(images) -> logits`` with the checkpoint path's scales, flips and windows around the runner."""
+    def model(images):
+        return torch.from_numpy(runner(images))
+
+    def predict(images):
+        return predict_logits(model, images, None, opts["scales"], opts["flip"], opts["window"])
+
+    return predict
+
+
+def exported_options(args) -> tuple:
+    """(runner, inference options at the stride the file was exported at: it cannot change)."""
+    opts = inference_options(args)
+    runner = open_exported(args.model, opts["output_stride"])
+    return runner, {**opts, "output_stride": runner.info.output_stride}
+
+
+def model_experiment(info):
+    """The experiment the file remembers (its training data section), or None for the defaults."""
+    return experiment_from_dict({"data": info.data_config}, "model metadata") if info.data_config else None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m export.evaluate", description=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help=f"an exported model: .onnx, OpenVINO .xml, or {ENGINE_HINT}")
+    parser.add_argument("--data", help="dataset folder, or 'synthetic' (default: the model's own data section)")
+    add_inference_args(parser)
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("-o", "--output", help="JSON results (default: MODEL.eval-SPLIT.json)")
+    add_config_args(parser, aliases=DATA_ALIASES + [Alias("--split", "data.val_split", "split to evaluate"),
+                                                    Alias("--workers", "data.loader_workers", "DataLoader workers")])
+    args = parser.parse_args(argv)
+    args.batch_size = 1  # exported models may have a fixed batch; images of a split differ in size anyway
+    return args
+
+
+@command
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    show_progress()
+    runner, opts = exported_options(args)
+    info = runner.info
+    exp = resolve_experiment(model_experiment(info), args)
+    loader, data_info = eval_loader(exp, info.num_classes, args.model, args)
+    out = result_path(args.output, f"{args.model}.eval-{exp.data.val_split}.json")
+    run_evaluation(exported_predictor(runner, opts), loader, data_info, exp, opts, out,
+                   {"model": str(args.model), "backend": info.backend, "precision": info.precision})
+    return 0
+
+if __name__ == "__main__":
+    sys.exit(main())
