@@ -26,7 +26,7 @@ class OutputError(UserError, OSError):
 
     def __init__(self, path, reason: str, exit_code: int = USAGE):
         super().__init__(f"{path}: cannot write ({reason})")
-        self.path, self.exit_code = path, exit_code
+        self.path, self.reason, self.exit_code = path, reason, exit_code
 
 
 def command(main):

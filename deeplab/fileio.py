@@ -41,7 +41,10 @@ def ensure_dir(path) -> Path:
 
 def _output_error(path: Path, tmp: Path, error: BaseException):
     """The OutputError for a failed write of ``path``, or None when ``error`` is not about writing it.
-    The cause may sit in the exception chain: torch.save re-raises a file object's OSError as RuntimeError."""
+    The cause may sit in the exception chain: torch.save re-raises a file object's OSError as RuntimeError.
+    A nested atomic write (a writer that is itself atomic, handed our temporary path) names our target."""
+    if isinstance(error, OutputError) and str(error.path) == str(tmp):
+        return OutputError(path, error.reason, error.exit_code)
     seen = error
     while seen is not None and not isinstance(seen, OutputError):
         if isinstance(seen, OSError):

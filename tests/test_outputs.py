@@ -90,3 +90,15 @@ def test_command_edge(capsys):
     from deeplab.config import ConfigError
     from deeplab.data import DatasetError
     assert all(issubclass(e, UserError) for e in (ConfigError, CheckpointError, DatasetError, OutputError))
+
+
+def test_a_nested_atomic_write_names_the_outer_target(tmp_path):
+    """Export writes the ONNX through an atomic writer into another's temporary path: a failure names the
+    file the user asked for, never a temporary name."""
+    target = tmp_path / "model.onnx"
+    with pytest.raises(OutputError) as info:
+        with atomic_path(target) as outer:
+            with atomic_path(outer) as inner:
+                raise OSError(28, "No space left on device", str(inner))
+    assert str(info.value) == f"{target}: cannot write (disk full or file size limit reached)"
+    assert info.value.exit_code == 1 and list(tmp_path.iterdir()) == []
