@@ -169,13 +169,14 @@ def compiled_backend(model) -> Backend:
 
 
 def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp32") -> Backend:
+
     from export.runtime import OnnxRunner, available_providers
 
     if provider not in available_providers():
         raise Skip(f"onnxruntime has no {provider} (available: {', '.join(available_providers())}; "
                    "GPU providers come with onnxruntime-gpu)")
     try:
-        runner = OnnxRunner(onnx_path, [provider])
+        runner = OnnxRunner(onnx_path, [provider], threads=torch.get_num_threads())  # as many threads as torch
     except Exception as e:
         raise Skip(f"{provider} did not load {Path(onnx_path).name}: {str(e).splitlines()[0][:200]}") from None
     if runner.providers[0] != provider:

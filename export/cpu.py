@@ -82,37 +82,36 @@ def _best_seconds(fn, repeats: int = 5) -> float:
     return best
 
 
-def _qdq_gemm_onnx(n: int) -> bytes:
-    """An n x n x n GEMM as int8 Q/DQ ONNX (int8 activations and weights): what onnxruntime and OpenVINO run
-    as an int8 kernel."""
+def _gemm_onnx(n: int, int8: bool) -> bytes:
+    """An n x n x n GEMM as ONNX: plain fp32 MatMul, or int8 Q/DQ (int8 activations and weights), which
+    onnxruntime and OpenVINO run as an int8 kernel."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    inits = [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "w"),
-             numpy_helper.from_array(np.array(0.02, np.float32), "s"),
-             numpy_helper.from_array(np.array(0, np.int8), "z")]
-    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
-             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
-             helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wd"]),
-             helper.make_node("MatMul", ["xd", "wd"], ["y"])]
-    graph = helper.make_graph(nodes, "qdq_gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+    if int8:
+        inits = [numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "w"),
+                 numpy_helper.from_array(np.array(0.02, np.float32), "s"),
+                 numpy_helper.from_array(np.array(0, np.int8), "z")]
+        nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+                 helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+                 helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wd"]),
+                 helper.make_node("MatMul", ["xd", "wd"], ["y"])]
+    else:
+        inits = [numpy_helper.from_array(rng.standard_normal((n, n)).astype(np.float32), "w")]
+        nodes = [helper.make_node("MatMul", ["x", "w"], ["y"])]
+    graph = helper.make_graph(nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
-def _int8_gemm_rates(n: int, threads: int) -> dict:
-    """GOP/s of an int8 GEMM in every engine here that has one (torch, onnxruntime, OpenVINO)."""
+def _onnx_gemm_rates(n: int, threads: int, int8: bool) -> dict:
+    """G(FL)OP/s of the GEMM above in onnxruntime and OpenVINO (OpenVINO held to f32 for the fp32 one: it would
+    otherwise run bf16 on CPUs with AMX)."""
     import numpy as np
-    import torch
 
     rates, ops = {}, 2 * n ** 3
-    a = torch.randint(-127, 128, (n, n), dtype=torch.int8)
-    try:
-        rates["torch._int_mm"] = ops / _best_seconds(lambda: torch._int_mm(a, a)) / 1e9
-    except Exception:  # no int8 GEMM kernel in this torch build
-        pass
-    model, x = _qdq_gemm_onnx(n), np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
+    model, x = _gemm_onnx(n, int8), np.random.default_rng(1).standard_normal((n, n)).astype(np.float32)
     try:
         import onnxruntime as ort
 
@@ -125,9 +124,11 @@ def _int8_gemm_rates(n: int, threads: int) -> dict:
     try:
         import openvino as ov
 
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        if not int8:
+            config["INFERENCE_PRECISION_HINT"] = "f32"
         core = ov.Core()
-        compiled = core.compile_model(core.read_model(model, ov.Tensor(np.empty(0, np.uint8))), "CPU",
-                                      {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads})
+        compiled = core.compile_model(core.read_model(model, ov.Tensor(np.empty(0, np.uint8))), "CPU", config)
         request = compiled.create_infer_request()
         rates["openvino"] = ops / _best_seconds(lambda: request.infer({0: x})) / 1e9
     except ImportError:
@@ -135,9 +136,23 @@ def _int8_gemm_rates(n: int, threads: int) -> dict:
     return rates
 
 
+def _int8_gemm_rates(n: int, threads: int) -> dict:
+    """GOP/s of an int8 GEMM in every engine here that has one (torch, onnxruntime, OpenVINO)."""
+    import torch
+
+    rates = {}
+    a = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+    try:
+        rates["torch._int_mm"] = 2 * n ** 3 / _best_seconds(lambda: torch._int_mm(a, a)) / 1e9
+    except Exception:  # no int8 GEMM kernel in this torch build
+        pass
+    return {**rates, **_onnx_gemm_rates(n, threads, int8=True)}
+
+
 def measured_limits(threads: int, n: int = 2048) -> dict:
     """This machine's dense-arithmetic limits in GFLOP/s (GOP/s for int8), measured now with `threads`:
-    fp32 = the faster of an n^3 GEMM and a 3x3 256-channel convolution at 65x65 (NCHW or channels_last),
+    fp32 = the fastest of an n^3 GEMM (torch, onnxruntime, OpenVINO at f32) and a 3x3 256-channel convolution at
+    65x65 (NCHW or channels_last),
     bf16 = a bf16 GEMM where the CPU has native bf16, int8 = the fastest int8 GEMM any engine here runs."""
     import torch
 
@@ -153,7 +168,9 @@ def measured_limits(threads: int, n: int = 2048) -> dict:
             nchw = conv_ops / _best_seconds(lambda: conv(x)) / 1e9
             conv_cl, x_cl = conv.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
             nhwc = conv_ops / _best_seconds(lambda: conv_cl(x_cl)) / 1e9
-        limits = {"fp32": max(gemm, nchw, nhwc), "fp32_gemm": gemm, "fp32_conv": max(nchw, nhwc)}
+        fp32 = {"torch_gemm": gemm, "torch_conv": max(nchw, nhwc),
+                **{f"{k}_gemm": v for k, v in _onnx_gemm_rates(n, threads, int8=False).items()}}
+        limits = {"fp32": max(fp32.values()), "fp32_gemm": gemm, "fp32_conv": max(nchw, nhwc), "fp32_by_engine": fp32}
         if has_native_bf16():
             b = a.bfloat16()
             limits["bf16"] = 2 * n ** 3 / _best_seconds(lambda: b @ b) / 1e9
