@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deeplab import CheckpointError, ModelConfig, build_model, load_checkpoint, save_checkpoint
+from deeplab import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from deeplab.config import ExperimentConfig
 
 

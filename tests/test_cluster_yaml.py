@@ -1,5 +1,4 @@
 """The cluster YAMLs pass Ray's own validator offline, and never open Ray's ports to the internet."""
-import copy
 import socket
 import subprocess
 import sys

@@ -3,9 +3,7 @@ ties an engine to its GPU and TensorRT version, and onnxruntime provider order. 
 engine needs an NVIDIA GPU and tensorrt, which CI does not have; a GPU machine's fields are written by hand
 here where a test needs "another machine"."""
 import hashlib
-import json
 
-import numpy as np
 import pytest
 import torch
 
