@@ -32,7 +32,7 @@ from .metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, dataset_meta, set
 from .runtime import OnnxRunner
 from .samples import parity_inputs
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("export.to_onnx")  # not __name__: run as -m it would be __main__, outside "export"
 MIN_ARGMAX_AGREEMENT = 0.99  # ties between near-equal logits may flip a few pixels; more is a real mismatch
 
 

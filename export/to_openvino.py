@@ -32,7 +32,7 @@ from .cli import parse_and_run, source_and_config, source_parser
 from .metadata import read_ir_metadata, read_metadata, set_ir_metadata
 from .runtime import require
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("export.to_openvino")  # not __name__: run as -m it would be __main__, outside "export"
 PRECISIONS = ("fp32", "int8")
 
 

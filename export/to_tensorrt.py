@@ -29,7 +29,7 @@ from .cli import parse_and_run, source_and_config, source_parser
 from .metadata import read_metadata
 from .runtime import device_info, sidecar_path, write_sidecar
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("export.to_tensorrt")  # not __name__: run as -m it would be __main__, outside "export"
 PRECISIONS = ExportConfig.PRECISIONS
 
 
