@@ -1,7 +1,9 @@
 """The training console (issue 11, point 8): the project's lines for a person; Ray's own in its logs."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -61,13 +63,18 @@ def test_every_forwarded_line_goes_to_the_log_and_verbose_shows_all(tmp_path):
 def test_a_training_run_prints_progress_evaluations_and_the_summary_only(tmp_path):
     """A real 2-worker run on a local Ray: Ray Train's INFO lines ("Setting up process group", "Moving model to
     device", "Reporting training result") and Ray Core's C++ lines stay off the console, in RUN_DIR/logs."""
-    env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(tmp_path / "ray"))}
+    # Ray's socket paths must stay under 108 bytes: a short folder of its own, not one under pytest's tmp_path
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", ray_tmp)}
     env.pop("RAY_ADDRESS", None)
     cmd = [sys.executable, "-m", "cluster.train", "--config", "configs/demo.yaml", "--storage-path", str(tmp_path),
            "--name", "console", "--set", "model.backbone=resnet_tiny", "--set", "model.aspp_channels=16",
            "--set", "data.crop_size=65", "--set", "data.synthetic_val=2", "--set", "train.max_iterations=4",
            "--set", "train.eval_interval=2", "--set", "train.log_interval=2", "--set", "cluster.address=local"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     for line in ("iter 2/4", "iter 4/4", "eval at iter 2: val mIoU", "eval at iter 4: val mIoU", "best checkpoint:"):
