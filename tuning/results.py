@@ -21,12 +21,16 @@ CSV_FIELDS = ("trial_id", "label", "multi_grid", "aspp_rates", "image_pooling", 
               "cascade_blocks", "lr", "seed", "miou", "best_miou", "score", "iterations", "max_iterations",
               "stopped_early", "wall_s", "status", "checkpoint")
 RUNS_DIR = "runs"  # in the search folder: the Ray Train runs, one per trial named after its id, and trial markers
+# a failed trial's marker -> whether a resumed search with --retry-errored runs it again: a diverged trial stays
+# failed; one whose training code failed runs again (its cause, such as a bad file, may have been fixed)
+FAILURE_MARKERS = {"diverged": False, "code_error": True}
 
 
 def marker(runs_path, trial_id: str, what: str) -> Path:
     """``runs/<trial_id>.<what>``, a trial's record on disk. ``complete``: it ran to its end or the scheduler
     stopped it (Tune's ``done`` flag lives only in memory, so after a resume this tells a finished trial from
-    one the interrupt cut short). ``diverged``: its loss went NaN/inf; holds the reason; it is never re-run."""
+    one the interrupt cut short). ``diverged``: its loss went NaN/inf; ``code_error``: its training code failed (a
+    bad data file); each holds the reason and stops Tune's retries; a diverged trial is never re-run."""
     return Path(runs_path) / f"{trial_id}.{what}"
 
 
@@ -74,9 +78,10 @@ def _status(result, tune_status, runs_path: Path, trial_id: str, max_iterations:
     """finished | stopped early | failed: reason | unfinished. A trial that trained to its end or was stopped by
     the scheduler has done=True in its last result (in memory only) and a ``complete`` marker (survives a
     resume); an interrupted search leaves running and pending trials TERMINATED but never done."""
-    diverged = marker(runs_path, trial_id, "diverged")
-    if diverged.exists():
-        return f"failed: {diverged.read_text().strip()}"
+    for kind in FAILURE_MARKERS:
+        failed = marker(runs_path, trial_id, kind)
+        if failed.exists():
+            return f"failed: {failed.read_text().strip()}"
     if tune_status == "ERROR" or (result.error and tune_status != "TERMINATED"):
         return f"failed: {_error_line(result.error)}" if result.error else "failed"
     metrics = result.metrics or {}

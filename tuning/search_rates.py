@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.train import build_trainer, copy_checkpoint, divergence_reason, init_ray
+from cluster.train import build_trainer, copy_checkpoint, divergence_reason, init_ray, training_code_reason
 from deeplab.cli import UserError, command
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, \
     experiment_from_dict, save_config, to_plain
@@ -46,8 +46,10 @@ class SearchError(UserError):
     """A problem a user can fix; printed as one line, exit 2."""
 
 
-class TrialDiverged(RuntimeError):
-    """The trial's loss went NaN/inf. Recorded as failed; retrying would diverge again, so it is not re-run."""
+class TrialFailed(RuntimeError):
+    """The trial's loss went NaN/inf, or its training code failed (a bad data file, a shape error). Recorded in a
+    marker; a retry would fail the same way, so Tune's retries (tune.max_failures, meant for lost nodes) stop at
+    the marker instead of training again."""
 
 
 def run_trial(config: dict, base: dict, runs_path: str) -> None:
@@ -56,21 +58,25 @@ def run_trial(config: dict, base: dict, runs_path: str) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = ray.tune.get_context().get_trial_id()
-    marker = results.marker(runs_path, trial_id, "diverged")
-    if marker.exists():  # a retry (lost node, resumed search) of a trial that diverged: do not spend it again
-        raise TrialDiverged(marker.read_text().strip())
+    for kind in results.FAILURE_MARKERS:
+        marker = results.marker(runs_path, trial_id, kind)
+        if marker.exists():  # a retry (lost node, resumed search) of a trial that would fail again: not re-run
+            raise TrialFailed(f"{marker.read_text().strip()} (recorded by an earlier attempt; not re-run)")
     cfg = spaces.apply_point(experiment_from_dict(base), config["point"])
     trainer = build_trainer(cfg, name=trial_id, storage_path=runs_path, callbacks=[TuneReportCallback()],
                             score=(cfg.tune.metric, cfg.tune.metric_mode))
     try:
         trainer.fit()
-    except Exception as e:  # TrainingFailedError, or the divergence itself raised by cluster.train's callback
-        reason = divergence_reason(e)
-        if reason is None:
-            raise
-        message = f"diverged: {reason} (lr {cfg.train.lr:g})"
-        write_text_atomic(marker, message + "\n")
-        raise TrialDiverged(message) from None
+    except Exception as e:  # TrainingFailedError, or the reason itself raised by cluster.train's callback
+        diverged, code_error = divergence_reason(e), training_code_reason(e)
+        if diverged:
+            kind, message = "diverged", f"diverged: {diverged} (lr {cfg.train.lr:g})"
+        elif code_error:
+            kind, message = "code_error", f"training failed: {code_error}"
+        else:
+            raise  # a lost node or worker: Tune retries it up to tune.max_failures
+        write_text_atomic(results.marker(runs_path, trial_id, kind), message + "\n")
+        raise TrialFailed(message) from None
 
 
 def _progress_callback(max_iterations: int, runs_path: str):
@@ -166,7 +172,8 @@ def parse_args(argv=None):
                                 epilog="--space ... --output are shorthands for the config fields shown; --set reaches any field.")
     add_config_args(p, aliases=ALIASES)
     p.add_argument("--resume", action="store_true", help="continue the search in STORAGE/NAME (the default when it exists)")
-    p.add_argument("--retry-errored", action="store_true", help="on resume, run failed trials again (diverged ones stay failed)")
+    p.add_argument("--retry-errored", action="store_true",
+                   help="on resume, run failed trials again (diverged ones stay failed)")
     p.add_argument("--dry-run", action="store_true", help="print the configurations and pruning reasons, run nothing")
     return p.parse_args(argv)
 
@@ -215,6 +222,10 @@ def _run_trials(base: ExperimentConfig, search_dir: Path, kept: list, restore: b
     print(f"[search] {len(kept)} trials x {t.workers_per_trial} workers, {t.max_concurrent} at a time, "
           f"scheduler {t.scheduler}, up to {base.train.max_iterations} iterations each; folder {search_dir}",
           flush=True)
+    if restore and retry_errored:
+        for marker in (search_dir / results.RUNS_DIR).glob("*.*"):
+            if results.FAILURE_MARKERS.get(marker.suffix[1:]):
+                marker.unlink()  # run it again
     return _build_tuner(base, search_dir, kept, restore, retry_errored).fit()
 
 
