@@ -36,6 +36,25 @@ def quiet_worker_console() -> None:
             handler.addFilter(_warnings_and_up)
 
 
+def quiet_ray_data(verbose: bool) -> None:
+    """On a Ray Data driver: Ray Data's INFO lines (each execution plan, "execution finished") and its note that
+    progress bars are off (the command prints its own progress line) go to its log file only (ray-data.log in
+    the session's logs folder); warnings and errors still reach the console. ``verbose``: everything."""
+    import ray.data  # noqa: F401  (configures the ray.data logger)
+
+    if verbose:
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+            if _not_the_progress_bar_note not in handler.filters:
+                handler.addFilter(_not_the_progress_bar_note)
+
+
+def _not_the_progress_bar_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Progress bars disabled")
+
+
 def ray_init_options(verbose: bool) -> dict:
     """ray.init options for the console: Ray's own INFO lines only with --verbose."""
     return {"logging_level": logging.INFO if verbose else logging.WARNING}

@@ -496,6 +496,8 @@ def parse_args(argv):
                         "mounts at the same path)")
     p.add_argument("--extensions", help="only files with these suffixes in a folder or prefix, e.g. jpg,png "
                    "(default: every file; a file that is not an image is listed as failed)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's and Ray Data's own INFO lines too (always in Ray's session logs)")
     add_config_args(p, aliases=ALIASES)
     return p.parse_args(argv)
 
@@ -517,9 +519,11 @@ def main(argv=None) -> int:
     print(f"model: {args.model} ({info.backend.split(' ')[0]}, {info.precision}, {info.num_classes} classes, "
           f"output stride {info.output_stride})", flush=True)
 
+    from cluster.console import quiet_ray_data, ray_init_options
     from cluster.train import init_ray
 
-    init_ray(exp)
+    init_ray(exp, **ray_init_options(args.verbose))
+    quiet_ray_data(args.verbose)
     summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True))
     done = summary.ok + summary.failed
     manifest = os.path.join(out_dir, MANIFEST)

@@ -87,6 +87,8 @@ def test_segment_matches_predict_lists_failures_and_a_rerun_skips_what_is_done(c
     assert "error: 2 of 22 images failed" in first.stderr
     assert "22 images: 22 to segment, 0 already done" in first.stdout
     assert "segmented 22 images in" in first.stdout and "images/s (20 ok, 2 failed, 0 already done)" in first.stdout
+    for noise in ("streaming_executor", "Execution plan", "Progress bars disabled"):  # Ray Data's, in its log
+        assert noise not in text, noise
 
     # every picture, at the input's relative path, equal to deeplab.predict's pixel for pixel
     written = outputs(out)
