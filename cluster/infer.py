@@ -71,17 +71,28 @@ def open_model(shipped, **kwargs):
     return load_runner(path, **kwargs)
 
 
-def predict_labels(runner, images: Sequence[np.ndarray], keep_errors: bool = False) -> list:
-    """Label maps (HxW uint8) for HxWx3 uint8 images, each at its own size; one model call per size.
-    ``keep_errors``: a size the model fails on (an engine profile too small, out of GPU memory) gets the
-    exception in place of its label maps, and the other sizes still run."""
+def model_calls(shapes: Sequence[tuple], max_batch_pixels: Optional[int] = None) -> list:
+    """Which images share a model call: same-size images only (never resized), at most ``max_batch_pixels``
+    pixels per call (the memory a call needs grows with its pixels); an image over the budget runs alone."""
+    by_size = defaultdict(list)
+    for i, shape in enumerate(shapes):
+        by_size[tuple(shape[:2])].append(i)
+    calls = []
+    for (height, width), indices in by_size.items():
+        per_call = max(1, (max_batch_pixels or len(indices) * height * width) // max(1, height * width))
+        calls += [indices[k:k + per_call] for k in range(0, len(indices), per_call)]
+    return calls
+
+
+def predict_labels(runner, images: Sequence[np.ndarray], keep_errors: bool = False,
+                   max_batch_pixels: Optional[int] = None) -> list:
+    """Label maps (HxW uint8) for HxWx3 uint8 images, each at its own size; one model call per size and per
+    ``max_batch_pixels`` (see model_calls). ``keep_errors``: a call the model fails on (an engine profile too
+    small, out of GPU memory) gets the exception in place of its label maps, and the other calls still run."""
     from deeplab.data import normalize
 
     out: list = [None] * len(images)
-    by_size = defaultdict(list)
-    for i, image in enumerate(images):
-        by_size[image.shape[:2]].append(i)
-    for indices in by_size.values():
+    for indices in model_calls([image.shape for image in images], max_batch_pixels):
         batch = np.stack([normalize(images[i]).numpy() for i in indices])
         try:
             labels = list(runner.labels(batch))

@@ -272,7 +272,7 @@ class SegmentWorker:
     per image. Outputs that already exist (from a killed attempt or an earlier run) are kept, not rewritten."""
 
     def __init__(self, model, out_dir: str, color: bool, alpha: float, output_stride: Optional[int],
-                 num_gpus: float, cpus: float):
+                 num_gpus: float, cpus: float, max_batch_pixels: Optional[int] = None):
         from cluster.infer import open_model, set_threads, worker_device
         from deeplab.data import palette_for_classes
         from deeplab.predict import PREDICTION_KINDS
@@ -283,6 +283,7 @@ class SegmentWorker:
         self.palette = palette_for_classes(self.names)
         self.kinds = PREDICTION_KINDS if color else ("labels",)
         self.out_dir, self.alpha = Path(out_dir), alpha
+        self.max_batch_pixels = max_batch_pixels  # same-size images share a call up to this many pixels
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def __call__(self, batch: dict) -> dict:
@@ -296,7 +297,8 @@ class SegmentWorker:
         missing = [self._missing(str(r["name"])) for r in good]
         run = [i for i, m in enumerate(missing) if m]  # images with outputs to write
         start = time.perf_counter()
-        labels = dict(zip(run, predict_labels(self.runner, [images[i] for i in run], keep_errors=True)))
+        labels = dict(zip(run, predict_labels(self.runner, [images[i] for i in run], keep_errors=True,
+                                                     max_batch_pixels=self.max_batch_pixels)))
         seconds = (time.perf_counter() - start) / max(1, len(run))
         records = {}
         for i, row in enumerate(good):
@@ -399,7 +401,7 @@ def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentCo
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
         fn_constructor_kwargs={"model": model, "out_dir": str(out_dir), "color": cfg.color, "alpha": cfg.alpha,
                                "output_stride": cfg.output_stride, "num_gpus": cfg.gpus_per_worker,
-                               "cpus": cfg.cpus_per_worker})
+                               "cpus": cfg.cpus_per_worker, "max_batch_pixels": cfg.max_batch_pixels})
 
 
 def size_pool(cfg: SegmentConfig, resources: dict, log=print) -> int:

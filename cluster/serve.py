@@ -1,16 +1,20 @@
-"""python -m cluster.serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas N | --autoscale MIN MAX]
+"""python -m cluster.serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas N | --autoscale MIN MAX] [--verbose]
 
 A Ray Serve HTTP endpoint for a model file (.ckpt, .onnx FP32/FP16/INT8, TensorRT engine):
 
   POST /segment        an image as the raw body (Content-Type image/* or application/octet-stream) or as a
                        multipart/form-data file field; answers the label PNG (pixel value = class id), or with
                        ?format=json: {"width", "height", "pixels": {class: count}, "color_png": base64, ...}
-  GET  /info           the model's metadata: classes, output stride, backend, precision, batching
-  GET  /healthz        "ok" while the replica serves
+  GET  /info           the model's metadata: classes, output stride, backend, precision, batching, limits
+  GET  /healthz        "ok" while the replica serves (liveness)
+  GET  /readyz         200 once the model is loaded and warmed up (readiness), else 503
 
-Concurrent requests are batched (serve.batch; same-size images share a model call). Bad input answers 4xx
-with a one-line reason (400 not an image or truncated, 413 too large, 415 wrong content type) and the
-replica keeps serving. The endpoint binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops it.
+Concurrent requests are batched (serve.batch; same-size images share a model call, up to serve.max_batch_pixels
+pixels). Bad input answers 4xx with a one-line reason (400 not an image or truncated, 408 upload too slow, 413
+too large, 415 wrong content type) and the replica keeps serving; a full queue answers 503 with Retry-After, a
+request over serve.request_timeout_s 504, an internal error 500 with a request id (details in the log). The
+console shows one traffic line per serve.stats_interval_s; Serve's access lines stay in its log files unless
+--verbose. The endpoint binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops what the command started.
 """
 from __future__ import annotations
 
@@ -20,14 +24,16 @@ import base64
 import io
 import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
 import urllib.request
+import uuid
 from typing import Optional
 
-from deeplab.cli import command
+from deeplab.cli import UserError, command
 from deeplab.config import Alias, ServeConfig, add_config_args, config_from_args
 
 APP_NAME = "deeplab"
@@ -45,18 +51,26 @@ class Problem(Exception):
 
 
 # ------------------------------------------------------------------------------------------ request bodies
-async def read_body(request, limit: int) -> bytes:
-    """The body, refusing (413) more than ``limit`` bytes before reading them all."""
+async def read_body(request, limit: int, timeout_s: float = math.inf) -> bytes:
+    """The body, refusing (413) more than ``limit`` bytes before reading them all, and (408) a body that takes
+    longer than ``timeout_s`` to arrive: a slow client must not hold a replica's slot."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise Problem(413, f"upload of {int(declared)} bytes is over the limit of {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    loop = asyncio.get_running_loop()
+    deadline, chunks, size = loop.time() + timeout_s, [], 0
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), max(0.0, deadline - loop.time()))
+        except StopAsyncIteration:
+            return b"".join(chunks)
+        except asyncio.TimeoutError:
+            raise Problem(408, f"the upload did not arrive within serve.read_timeout_s={timeout_s:g} s") from None
         size += len(chunk)
         if size > limit:
             raise Problem(413, f"upload is over the limit of {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def multipart_file(content_type: str, body: bytes) -> bytes:
@@ -96,14 +110,14 @@ def png_bytes(picture) -> bytes:
 
 
 def route(method: str, path: str, fmt: str) -> str:
-    """The endpoint a request asks for ("/segment", "/info" or "/healthz"), or a Problem saying why not."""
+    """The endpoint a request asks for (/segment, /info, /healthz, /readyz), or a Problem saying why not."""
     path = path.rstrip("/") or "/"
-    if path in ("/healthz", "/info"):
+    if path in ("/healthz", "/readyz", "/info"):
         if method != "GET":
             raise Problem(405, f"{path} answers GET only")
         return path
     if path != "/segment":
-        raise Problem(404, f"no endpoint {path}; use POST /segment, GET /info or GET /healthz")
+        raise Problem(404, f"no endpoint {path}; use POST /segment, GET /info, GET /healthz or GET /readyz")
     if method != "POST":
         raise Problem(405, "/segment answers POST with an image; " + USAGE)
     if fmt not in ("png", "json"):
@@ -121,6 +135,58 @@ def json_answer(image, labels, color_picture, info, batch: int, seconds: float) 
             "backend": info.backend, "batch": batch, "seconds": round(seconds, 4)}
 
 
+def as_problem(e: BaseException, request_timeout_s: float, request_id: str) -> Problem:
+    """What the client is told: a Problem as it is; a timeout 504; anything else (ours) a generic 500 with the
+    request id, its details in the replica's log under that id (never paths or library internals to a client)."""
+    if isinstance(e, Problem):
+        return e
+    if isinstance(e, asyncio.TimeoutError):
+        return Problem(504, f"no answer within serve.request_timeout_s={request_timeout_s:g} s (replica busy, or "
+                            "the image too large for it); try again later")
+    logging.getLogger("ray.serve").error("request %s failed", request_id, exc_info=e)
+    return Problem(500, f"internal error (request id {request_id}; the details are in the replica's log)")
+
+
+def error_response(problem: Problem, fmt: str):
+    from starlette.responses import Response
+
+    body = json.dumps({"error": problem.reason}) if fmt == "json" else f"error: {problem.reason}\n"
+    return Response(body, status_code=problem.status, media_type="application/json" if fmt == "json" else "text/plain")
+
+
+def request_id(request) -> str:
+    """Serve's id for this request (the proxy's x-request-id answer header), or a fresh one."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+
+        return _get_serve_request_context().request_id or uuid.uuid4().hex
+    except Exception:  # outside a replica
+        return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
+def warm_up(runner, side: int = 64) -> dict:
+    """One model call at start, so the first request does not pay the model's first-call cost (allocations,
+    kernel selection, lazy initialization); the replica takes no traffic before it returns."""
+    import numpy as np
+
+    from cluster.infer import first_line, predict_labels
+
+    start = time.perf_counter()
+    try:
+        predict_labels(runner, [np.zeros((side, side, 3), np.uint8)])
+    except Exception as e:  # e.g. an engine whose profile excludes this size: it still serves what it can
+        logging.getLogger("ray.serve").warning("warm-up call failed: %s", first_line(e))
+        return {"warmed_up": False, "warmup_error": first_line(e)}
+    return {"warmed_up": True, "warmup_ms": round((time.perf_counter() - start) * 1000, 1)}
+
+
+def image_limit(cfg: ServeConfig) -> tuple:
+    """(pixels, the option that sets it): an upload over the per-image limit or the per-call budget is 413."""
+    if cfg.max_batch_pixels < cfg.max_pixels:
+        return cfg.max_batch_pixels, "serve.max_batch_pixels"
+    return cfg.max_pixels, "serve.max_pixels"
+
+
 # ----------------------------------------------------------------------------------------------- replica
 def _deployment_class():
     """The Serve deployment, defined on first use so `--help` and the request helpers need no Ray (hence one
@@ -132,57 +198,85 @@ def _deployment_class():
 
     @serve.deployment(name="SegmentService")
     class SegmentService:
-        def __init__(self, model, output_stride: Optional[int], num_gpus: float, cpus: float, max_batch_size: int,
-                     batch_wait_s: float, max_pixels: int, max_upload_bytes: int):
+        def __init__(self, model, cfg: ServeConfig, stats=None):
             from cluster.infer import open_model, set_threads, worker_device
+            from cluster.serve_stats import ReplicaMetrics
             from deeplab.data import palette_for_classes
 
+            output_stride, num_gpus, cpus = cfg.output_stride, cfg.gpus_per_replica, cfg.cpus_per_replica
             threads = set_threads(cpus)
             self.runner = open_model(model, output_stride=output_stride, device=worker_device(num_gpus),
                                      threads=threads)
             self.palette = palette_for_classes(self.runner.info.class_names)
-            self.max_pixels, self.max_upload_bytes = max_pixels, max_upload_bytes
-            self.segment_batch.set_max_batch_size(max_batch_size)
-            self.segment_batch.set_batch_wait_timeout_s(batch_wait_s)
-            self.info = {**self.runner.info.to_dict(), "max_batch_size": max_batch_size,
-                         "batch_wait_ms": batch_wait_s * 1000, "max_pixels": max_pixels,
-                         "max_upload_bytes": max_upload_bytes}
+            self.cfg, self.stats, self.metrics = cfg, stats, ReplicaMetrics()
+            self.max_upload_bytes = int(cfg.max_upload_mb * 2**20)
+            self.segment_batch.set_max_batch_size(cfg.max_batch_size)
+            self.segment_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+            self.ready = warm_up(self.runner)
+            self.info = {**self.runner.info.to_dict(), "max_batch_size": cfg.max_batch_size,
+                         "batch_wait_ms": cfg.batch_wait_ms, "max_pixels": image_limit(cfg)[0],
+                         "max_batch_pixels": cfg.max_batch_pixels, "max_upload_bytes": self.max_upload_bytes,
+                         "request_timeout_s": cfg.request_timeout_s, "read_timeout_s": cfg.read_timeout_s, **self.ready}
             self.info["path"] = os.path.basename(self.info["path"])
 
         @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
         async def segment_batch(self, images: list) -> list:
-            """Concurrent requests' images -> (labels, how many requests shared the batch) each."""
-            from cluster.infer import predict_labels
+            """Concurrent requests' images -> (labels, images in its model call) each; same-size images share
+            a call up to serve.max_batch_pixels, so a batch of large images runs as several calls."""
+            from cluster.infer import model_calls, predict_labels
 
-            labels = await asyncio.to_thread(predict_labels, self.runner, images, True)
-            return [(one, len(images)) for one in labels]  # a failed size gets its exception, alone
+            budget = self.cfg.max_batch_pixels
+            labels = await asyncio.to_thread(predict_labels, self.runner, images, True, budget)
+            call_size = {}
+            for call in model_calls([image.shape for image in images], budget):
+                self._count_call(len(call))
+                call_size.update((i, len(call)) for i in call)
+            return [(one, call_size[i]) for i, one in enumerate(labels)]  # a failed call: its exception
 
         async def __call__(self, request):
-            fmt = request.query_params.get("format", "png")
+            fmt, start = request.query_params.get("format", "png"), time.perf_counter()
             try:
                 endpoint = route(request.method, request.url.path, fmt)
-                if endpoint == "/healthz":
-                    return PlainTextResponse("ok\n")
-                return JSONResponse(self.info) if endpoint == "/info" else await self._segment(request, fmt)
-            except Exception as e:  # a Problem is the client's; anything else is ours: 500, one line, logged
-                if not isinstance(e, Problem):
-                    logging.getLogger("ray.serve").exception("segment request failed")
-                    e = Problem(500, f"internal error: {first_line(e)}")
-                body = json.dumps({"error": e.reason}) if fmt == "json" else f"error: {e.reason}\n"
-                return Response(body, status_code=e.status,
-                                media_type="application/json" if fmt == "json" else "text/plain")
+                if endpoint != "/segment":
+                    return self._status(endpoint)
+                response = await asyncio.wait_for(self._segment(request, fmt), self.cfg.request_timeout_s)
+            except Exception as e:  # a Problem is the client's; a timeout 504; anything else ours: 500 + id
+                response = error_response(as_problem(e, self.cfg.request_timeout_s, request_id(request)), fmt)
+                if request.url.path.rstrip("/") != "/segment":
+                    return response
+            self._count(response.status_code, time.perf_counter() - start)
+            return response
+
+        def _status(self, endpoint: str):
+            if endpoint == "/healthz":  # liveness: the replica answers
+                return PlainTextResponse("ok\n")
+            if endpoint == "/readyz":  # readiness: the model is loaded and has run once
+                return JSONResponse({"ready": self.ready["warmed_up"], "model_loaded": True, **self.ready},
+                                    status_code=200 if self.ready["warmed_up"] else 503)
+            return JSONResponse(self.info)
+
+        def _count(self, status: int, seconds: float) -> None:
+            self.metrics.request(status, seconds)
+            if self.stats is not None:
+                self.stats.record.remote(status, seconds)
+
+        def _count_call(self, images: int) -> None:
+            self.metrics.model_call(images)
+            if self.stats is not None:
+                self.stats.record_call.remote(images)
 
         async def _segment(self, request, fmt: str):
             from deeplab.data.io import DatasetError, ImageTooLargeError, read_image
             from deeplab.predict import prediction_images
 
             start = time.perf_counter()
-            body = await read_body(request, self.max_upload_bytes)
+            body = await read_body(request, self.max_upload_bytes, self.cfg.read_timeout_s)
             data = upload_bytes(request.headers.get("content-type", ""), body)
+            limit, option = image_limit(self.cfg)
             try:
-                image = await asyncio.to_thread(read_image, data, name="upload", max_pixels=self.max_pixels)
+                image = await asyncio.to_thread(read_image, data, name="upload", max_pixels=limit)
             except ImageTooLargeError as e:
-                raise Problem(413, str(e)) from None
+                raise Problem(413, f"{e} ({option})") from None
             except DatasetError as e:
                 raise Problem(400, str(e)) from None
             labels, batch = await self.segment_batch(image)
@@ -202,9 +296,14 @@ def _deployment_class():
 
 def deployment_options(cfg: ServeConfig) -> dict:
     """Replicas (fixed, or autoscaled on requests in flight: one full batch per replica), their resources,
-    and room for a full batch plus the next one queued."""
+    room for a full batch plus the next one in each replica, and at most serve.max_queued_requests waiting at
+    the proxy beyond that (more: 503 with Retry-After)."""
+    from ray.serve.config import BackpressureConfig
+
     options = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
-               "max_ongoing_requests": max(8, 2 * cfg.max_batch_size)}
+               "max_ongoing_requests": max(8, 2 * cfg.max_batch_size),
+               "max_queued_requests": cfg.max_queued_requests,
+               "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s)}
     if cfg.autoscale is not None:
         options["autoscaling_config"] = {"min_replicas": cfg.autoscale[0], "max_replicas": cfg.autoscale[1],
                                          "target_ongoing_requests": max(1, cfg.max_batch_size)}
@@ -213,13 +312,12 @@ def deployment_options(cfg: ServeConfig) -> dict:
     return options
 
 
-def build_app(model_path, cfg: ServeConfig):
-    """The bound Serve application for ``model_path`` (shipped to the replicas through the object store)."""
+def build_app(model_path, cfg: ServeConfig, stats=None):
+    """The bound Serve application for ``model_path`` (shipped to the replicas through the object store);
+    ``stats``: a TrafficStats actor the replicas tell about each request (the console's traffic line)."""
     from cluster.infer import ship_model
 
-    return _deployment_class().options(**deployment_options(cfg)).bind(
-        ship_model(model_path), cfg.output_stride, cfg.gpus_per_replica, cfg.cpus_per_replica, cfg.max_batch_size,
-        cfg.batch_wait_ms / 1000, cfg.max_pixels, int(cfg.max_upload_mb * 2**20))
+    return _deployment_class().options(**deployment_options(cfg)).bind(ship_model(model_path), cfg, stats)
 
 
 def local_url(cfg: ServeConfig) -> str:
@@ -241,17 +339,40 @@ def wait_healthy(url: str, timeout_s: float) -> bool:
     return False
 
 
-def start(model_path, cfg: ServeConfig, timeout_s: float = 300):
-    """Deploy (Ray must be initialized) and wait until /healthz answers; returns the local URL."""
+class ServeConflict(UserError):
+    """Serve already runs on the cluster with other HTTP options: Ray would keep them and serve elsewhere."""
+
+
+def start_serve(cfg: ServeConfig) -> bool:
+    """Start Serve's HTTP proxy on serve.host:serve.port, or join a running Serve bound there; True when this
+    call started it (so only then does the command stop it). A Serve bound elsewhere is refused (ServeConflict):
+    serve.start would ignore the new options, log that, and the endpoint would not be where the user asked."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
+        return True
+    running = client.http_config
+    if (running.host, running.port) != (cfg.host, cfg.port):
+        raise ServeConflict(f"Serve already runs on this cluster bound to {running.host}:{running.port}, not "
+                            f"{cfg.host}:{cfg.port} as asked (serve.host/serve.port): use --host {running.host} "
+                            f"--port {running.port}, or stop it first (serve shutdown)")
+    return False
+
+
+def start(model_path, cfg: ServeConfig, timeout_s: float = 300, stats=None) -> tuple:
+    """Deploy (Ray must be initialized) and wait until /healthz answers; returns (the local URL, whether this
+    call started Serve itself)."""
     from ray import serve
 
-    serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
-    serve.run(build_app(model_path, cfg), name=APP_NAME, route_prefix="/")
+    started = start_serve(cfg)
+    serve.run(build_app(model_path, cfg, stats), name=APP_NAME, route_prefix="/")
     url = local_url(cfg)
     if not wait_healthy(url, timeout_s):
-        raise RuntimeError(f"{url}/healthz did not answer within {timeout_s:.0f}s (is Serve already running on "
-                           "this cluster with another host or port? `serve shutdown` stops it)")
-    return url
+        raise RuntimeError(f"{url}/healthz did not answer within {timeout_s:.0f}s")
+    return url, started
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -268,6 +389,11 @@ ALIASES = [
     Alias("--output-stride", "serve.output_stride", "checkpoints only: run at this output stride "
           "(default: the checkpoint's)"),
     Alias("--max-pixels", "serve.max_pixels", "larger images answer 413"),
+    Alias("--max-batch-pixels", "serve.max_batch_pixels", "pixels per model call; a larger image answers 413"),
+    Alias("--max-queued-requests", "serve.max_queued_requests", "requests waiting beyond the replicas' slots; "
+          "more answer 503 with Retry-After"),
+    Alias("--request-timeout-s", "serve.request_timeout_s", "longer requests answer 504"),
+    Alias("--read-timeout-s", "serve.read_timeout_s", "an upload slower than this answers 408"),
 ]
 
 
@@ -276,18 +402,55 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
     add_config_args(p, aliases=ALIASES)
+    p.add_argument("--verbose", action="store_true",
+                   help="Serve's own lines on the console too (an access line per request; always in its log files)")
     return p.parse_args(argv)
 
 
-def _wait_for_signal() -> None:
-    """Block until Ctrl-C or SIGTERM."""
+def _watch(stats, interval_s: float) -> None:
+    """Until Ctrl-C or SIGTERM: every ``interval_s``, one console line for the traffic since the last one."""
+    import ray
+
+    from cluster.serve_stats import traffic_line
+
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    next_line = time.monotonic() + interval_s
     try:
         while not stop:
-            time.sleep(0.5)
+            time.sleep(min(0.5, interval_s))
+            if time.monotonic() >= next_line:
+                next_line += interval_s
+                line = traffic_line(ray.get(stats.take.remote(), timeout=30), interval_s)
+                if line:
+                    print(line, flush=True)
     except KeyboardInterrupt:
         pass
+
+
+def where_to_look() -> str:
+    """The start line's pointers: the Prometheus endpoint of the head node (where the proxy runs) and the
+    folder of Serve's log files (access lines, errors by request id)."""
+    import ray
+
+    head = next((n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
+    metrics = (f"http://{head['NodeManagerAddress']}:{head['MetricsExportPort']}/metrics" if head
+               else "each node's Ray metrics port")
+    try:
+        logs = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")
+    except AttributeError:
+        logs = "the Ray session's logs/serve folder"
+    return f"metrics (Prometheus): {metrics}; access lines and errors by request id: {logs}/ on the head node"
+
+
+def quiet_serve_console(verbose: bool) -> dict:
+    """Serve's lines (an access line per request, deployment INFO lines) stay in its log files unless
+    ``verbose``; returns ray.init's options for that."""
+    from cluster.console import ray_init_options
+
+    if not verbose:
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    return {**ray_init_options(verbose), "log_to_driver": verbose}
 
 
 @command
@@ -299,13 +462,18 @@ def main(argv=None) -> int:
     cfg = exp.serve
     info = read_model_info(args.model, cfg.output_stride)
 
+    import ray
     from ray import serve
 
+    from cluster.serve_stats import TrafficStats
     from cluster.train import init_ray
 
-    init_ray(exp)
+    joins = exp.cluster.address or os.environ.get("RAY_ADDRESS")
+    local = {} if joins or cfg.metrics_port is None else {"_metrics_export_port": cfg.metrics_port}
+    init_ray(exp, **quiet_serve_console(args.verbose), **local)
+    stats = ray.remote(num_cpus=0)(TrafficStats).remote()
     try:
-        url = start(args.model, cfg)
+        url, started = start(args.model, cfg, stats=stats)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -313,10 +481,14 @@ def main(argv=None) -> int:
              else f"{cfg.replicas} replica{'s' * (cfg.replicas != 1)}")
     print(f"serving {args.model} ({info.backend.split(' ')[0]}, {info.num_classes} classes, output stride "
           f"{info.output_stride}; {scale}, batches of up to {cfg.max_batch_size}) at {url}: POST /segment, "
-          f"GET /info, GET /healthz; Ctrl-C stops", flush=True)
-    _wait_for_signal()
+          f"GET /info, GET /healthz, GET /readyz; Ctrl-C stops", flush=True)
+    print(where_to_look(), flush=True)
+    _watch(stats, cfg.stats_interval_s)
     print("stopping...", flush=True)
-    serve.delete(APP_NAME)
+    if started:
+        serve.shutdown()
+    else:  # Serve was running before: only this command's application goes
+        serve.delete(APP_NAME)
     return 0
 
 

@@ -472,10 +472,11 @@ class SegmentConfig(_Section):
     color: bool = False  # also NAME_color.png and NAME_overlay.png
     alpha: float = 0.5  # overlay opacity
     max_pixels: Optional[int] = None  # larger images fail (None: Pillow's decompression-bomb limit)
+    max_batch_pixels: int = 2048 * 2048  # pixels per model call (~0.75 KB each at OS8); a larger image runs alone
     progress_interval_s: float = 5.0
 
     def check_values(self) -> None:
-        self._need_at_least(1, "workers", "batch_size", "max_pixels")
+        self._need_at_least(1, "workers", "batch_size", "max_pixels", "max_batch_pixels")
         for name in ("cpus_per_worker", "gpus_per_worker", "cpus_per_decode"):
             self._need(0 <= getattr(self, name) < math.inf, name, "must be >= 0")
         self._need(self.cpus_per_worker > 0 or self.gpus_per_worker > 0, "cpus_per_worker",
@@ -501,13 +502,20 @@ class ServeConfig(_Section):
     cpus_per_replica: float = 1
     gpus_per_replica: float = 0
     output_stride: Optional[int] = None  # checkpoints only
-    max_pixels: int = 4096 * 4096  # larger uploads answer 413
+    max_pixels: int = 2048 * 2048  # larger uploads answer 413
+    max_batch_pixels: int = 2048 * 2048  # pixels per model call (~0.75 KB each at OS8); an image over it: 413
     max_upload_mb: float = 32.0
+    max_queued_requests: int = 32  # waiting at the proxy beyond each replica's batch slots; more: 503
+    retry_after_s: float = 1.0  # the Retry-After header of a 503
+    request_timeout_s: float = 60.0  # from the request's arrival at a replica to its answer; longer: 504
+    read_timeout_s: float = 10.0  # to receive an upload's body; slower: 408 and the slot is freed
+    stats_interval_s: float = 60.0  # the console's traffic line (requests, latency, batch size, errors)
+    metrics_port: Optional[int] = None  # Prometheus /metrics of a local Ray instance (None: Ray picks one)
 
     def check_values(self) -> None:
         self._need(bool(self.host), "host", "must be an address to bind, e.g. 127.0.0.1")
         self._need(1 <= self.port <= 65535, "port", "must be 1-65535")
-        self._need_at_least(1, "replicas", "max_batch_size", "max_pixels")
+        self._need_at_least(1, "replicas", "max_batch_size", "max_pixels", "max_batch_pixels", "max_queued_requests")
         if self.autoscale is not None:
             low, high = self.autoscale
             self._need(0 <= low <= high and high >= 1, "autoscale",
@@ -519,7 +527,10 @@ class ServeConfig(_Section):
             self._need(0 <= getattr(self, name) < math.inf, name, "must be >= 0")
         self._need(self.output_stride in (None, *OUTPUT_STRIDES), "output_stride",
                    "is not allowed; use one of 8, 16, 32 (or null: the checkpoint's)")
-        self._need(0 < self.max_upload_mb < math.inf, "max_upload_mb", "must be > 0")
+        for name in ("max_upload_mb", "request_timeout_s", "read_timeout_s", "stats_interval_s"):
+            self._need(0 < getattr(self, name) < math.inf, name, "must be > 0")
+        self._need(0 <= self.retry_after_s < math.inf, "retry_after_s", "must be >= 0")
+        self._need(self.metrics_port is None or 1 <= self.metrics_port <= 65535, "metrics_port", "must be 1-65535")
 
 
 # ---------------------------------------------------------------------------------------------------------
