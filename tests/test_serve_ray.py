@@ -27,6 +27,17 @@ from inference_files import image_collection, jpeg_bytes, photo, read_png, refer
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 100 * 100
+STATS_INTERVAL_S = 3
+
+
+def serve_controllers(address) -> list:
+    from ray.util.state import list_actors
+
+    ray.init(address=address)
+    try:
+        return [a for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=60) if a.class_name == "ServeController"]
+    finally:
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +61,7 @@ def endpoint(collection):
     port = _free_port()
     command = [sys.executable, "-m", "cluster.serve", str(collection["ckpt"]), "--port", str(port), "--replicas", "2",
                "--batch-wait-ms", "300", "--max-batch-size", "8", "--set", f"serve.max_pixels={MAX_PIXELS}",
-               "--set", f"cluster.address={nodes.address}"]
+               "--set", f"cluster.address={nodes.address}", "--set", f"serve.stats_interval_s={STATS_INTERVAL_S}"]
     proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
@@ -64,6 +75,7 @@ def endpoint(collection):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0, "".join(lines[-40:])
         assert any(line.startswith("stopping") for line in lines)
+        assert serve_controllers(nodes.address) == []  # it started Serve, so it stopped it
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -231,3 +243,46 @@ def test_endpoint_binds_loopback_only(endpoint):
     with socket.socket() as s:  # the check can fail: the same port answers on loopback
         s.settimeout(5)
         assert s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_second_serve_with_other_http_options_is_refused_in_one_line_and_the_first_keeps_serving(endpoint):
+    """Serve already runs bound to the first port: Ray would ignore a new port and keep the old proxy, so the
+    command refuses in one line and prints no URL; the running endpoint is left alone."""
+    from cluster.train import _free_port
+
+    other = _free_port()
+    done = subprocess.run([sys.executable, "-m", "cluster.serve", "MODEL_UNUSED", "--port", str(other), "--set",
+                           f"cluster.address={endpoint[3]}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert done.returncode == 2
+    assert "MODEL_UNUSED: no such model file" in done.stderr  # the model is checked before Ray
+    model = next(line.split()[1] for line in endpoint[2] if line.startswith("serving "))
+    done = subprocess.run([sys.executable, "-m", "cluster.serve", model, "--port", str(other), "--set",
+                           f"cluster.address={endpoint[3]}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and err[-1].startswith("error: Serve already runs") and f":{endpoint[1]}" in err[-1]
+    assert "http://" not in done.stdout and "serving" not in done.stdout
+    assert request(endpoint, "GET", "/healthz")[0] == 200
+
+
+def test_the_console_keeps_a_traffic_line_and_the_access_lines_go_to_the_log_files(endpoint, collection):
+    """After the requests above: a line per stats interval with traffic (requests, p50/p99, mean batch, 4xx/5xx),
+    no Serve access line on the console, and the access lines in the log folder the start line names."""
+    import glob
+    import re
+
+    rel = collection["good"][0]
+    for _ in range(3):
+        assert request(endpoint, "POST", "/segment", (collection["input"] / rel).read_bytes(), "image/jpeg")[0] == 200
+    time.sleep(2 * STATS_INTERVAL_S + 1)
+    lines = endpoint[2]
+    traffic = [line for line in lines if re.search(r"requests, p50 \d+ ms, p99 \d+ ms, mean batch [\d.]+, "
+                                                  r"4xx \d+, 5xx \d+$", line.strip())]
+    assert traffic, "".join(lines[-20:])
+    assert sum(int(line.split(": ", 1)[1].split()[0]) for line in traffic) >= 3
+    assert not [line for line in lines if "POST / " in line or "ServeReplica" in line or "GET / " in line]
+    pointers = next(line for line in lines if line.startswith("metrics (Prometheus): "))
+    logs = re.search(r"errors by request id: (\S+)/ on the head node", pointers).group(1)
+    access = [f for f in glob.glob(os.path.join(logs, "replica_*.log")) if " 200 " in Path(f).read_text()]
+    assert access, logs
