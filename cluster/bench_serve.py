@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import io
 import os
 import sys
 import tempfile
@@ -116,6 +117,44 @@ def bench_serve(model: str, exp, bodies: list, requests: int, clients_list, cpus
     return rows
 
 
+def vm_high_water_mib(pid: int) -> float:
+    """A process's peak resident memory so far (VmHWM), in MiB; the replica runs on this machine."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+def bench_peak_rss(model: str, exp, uploads: int, cpus: float, port: int) -> dict:
+    """The replica's peak RSS while ``uploads`` concurrent uploads of serve.max_batch_pixels pixels each (the
+    largest image it accepts) arrive: the budget makes them run one model call at a time."""
+    import ray
+    from PIL import Image
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from cluster.serve import APP_NAME, image_limit, start
+
+    cfg = exp.serve
+    cfg.port, cfg.host, cfg.replicas, cfg.autoscale, cfg.cpus_per_replica = port, "127.0.0.1", 1, None, cpus
+    cfg.request_timeout_s = max(cfg.request_timeout_s, 3600.0)  # images at the limit take minutes on a small CPU
+    pixels = image_limit(cfg)[0]
+    width = int(pixels ** 0.5)
+    height = pixels // width
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), np.uint8)).save(buffer, "PNG")
+    start(model, cfg)
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], timeout=60)
+    pid = next(a.pid for a in alive if "SegmentService" in a.class_name)
+    loaded = vm_high_water_mib(pid)
+    row = load("127.0.0.1", port, [buffer.getvalue()], uploads, uploads, timeout_s=cfg.request_timeout_s + 60)
+    row.update(peak_mib=vm_high_water_mib(pid), loaded_mib=loaded, width=width, height=height,
+               max_batch_pixels=cfg.max_batch_pixels)
+    serve.delete(APP_NAME)
+    print(f"peak RSS of the replica: {row['peak_mib']:.0f} MiB under {uploads} concurrent {width}x{height} uploads "
+          f"(serve.max_batch_pixels={cfg.max_batch_pixels}; {loaded:.0f} MiB after loading and warm-up); "
+          f"{uploads - row['errors']} answered 200 in {row['seconds']:.0f}s", flush=True)
+    return row
+
+
 def bench_segment(model: str, exp, folder: Path, workdir: Path, actors_list, cpus: float) -> list:
     """Each actor gets ``cpus``, or less where the cluster cannot hold the actors next to a read task."""
     import ray
@@ -164,6 +203,8 @@ def main(argv=None) -> int:
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="segment actor counts (default 1 2)")
     p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs (threads) per replica / actor (default 1)")
     p.add_argument("--port", type=int, default=0, help="loopback port for Serve (default: a free one)")
+    p.add_argument("--peak-rss", type=int, default=0, metavar="N",
+                   help="only measure the replica's peak RSS under N concurrent uploads at the pixel limit")
     add_config_args(p)
     args = p.parse_args(argv)
     exp = config_from_args(args)
@@ -182,6 +223,9 @@ def main(argv=None) -> int:
         init_ray(exp, local=exp.cluster.address is None)
         print(f"model {model}; images {args.image_size}x{args.image_size}; {os.cpu_count()} CPUs here; "
               f"{args.cpus_per_worker:g} CPU(s) per replica/actor", flush=True)
+        if args.peak_rss:
+            bench_peak_rss(model, exp, args.peak_rss, args.cpus_per_worker, args.port or _free_port())
+            return 0
         bench_serve(model, exp, bodies, args.requests, args.clients, args.cpus_per_worker, args.port or _free_port())
         bench_segment(model, exp, work / "images", work, args.actors, args.cpus_per_worker)
     return 0

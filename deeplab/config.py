@@ -472,7 +472,7 @@ class SegmentConfig(_Section):
     color: bool = False  # also NAME_color.png and NAME_overlay.png
     alpha: float = 0.5  # overlay opacity
     max_pixels: Optional[int] = None  # larger images fail (None: Pillow's decompression-bomb limit)
-    max_batch_pixels: int = 2048 * 2048  # pixels per model call (~0.75 KB each at OS8); a larger image runs alone
+    max_batch_pixels: int = 2048 * 2048  # pixels per model call (~0.6 KB each at OS8, R-101); a larger image runs alone
     progress_interval_s: float = 5.0
 
     def check_values(self) -> None:
@@ -503,7 +503,7 @@ class ServeConfig(_Section):
     gpus_per_replica: float = 0
     output_stride: Optional[int] = None  # checkpoints only
     max_pixels: int = 2048 * 2048  # larger uploads answer 413
-    max_batch_pixels: int = 2048 * 2048  # pixels per model call (~0.75 KB each at OS8); an image over it: 413
+    max_batch_pixels: int = 2048 * 2048  # pixels per model call (~0.6 KB each at OS8, R-101); an image over it: 413
     max_upload_mb: float = 32.0
     max_queued_requests: int = 32  # waiting at the proxy beyond each replica's batch slots; more: 503
     retry_after_s: float = 1.0  # the Retry-After header of a 503

@@ -35,7 +35,8 @@ def serve_controllers(address) -> list:
 
     ray.init(address=address)
     try:
-        return [a for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=60) if a.class_name == "ServeController"]
+        alive = list_actors(address=address, filters=[("state", "=", "ALIVE")], timeout=60)
+        return [a for a in alive if a.class_name == "ServeController"]
     finally:
         ray.shutdown()
 
