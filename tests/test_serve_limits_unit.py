@@ -122,3 +122,27 @@ def test_traffic_line_summarizes_the_window_and_a_quiet_window_prints_nothing():
     line = traffic_line(summary, 60)
     assert "100 requests" in line and "p50 100 ms" in line and "mean batch 2.0" in line and "4xx 1, 5xx 1" in line
     assert traffic_line(stats.take(), 60) is None  # the window was reset
+
+
+def test_segment_workers_hold_their_pixel_budget(tmp_path):
+    """cluster.segment's model actor (called here as Ray Data calls it) splits a batch of same-size images into
+    calls of at most segment.max_batch_pixels, and writes every mask."""
+    from cluster.infer import ship_model
+    from cluster.segment import SegmentWorker
+    from deeplab.config import SegmentConfig
+    from inference_files import photo, read_png, tiny_checkpoint
+
+    assert SegmentConfig().max_batch_pixels == ServeConfig().max_batch_pixels == 2048 * 2048
+    worker = SegmentWorker(ship_model(tiny_checkpoint(tmp_path / "m.ckpt")), str(tmp_path / "out"), False, 0.5, None,
+                           0, 1, max_batch_pixels=2 * 40 * 48)
+    calls, labels_of = [], worker.runner.labels
+    worker.runner.labels = lambda batch: calls.append(len(batch)) or labels_of(batch)
+    images = [photo((40, 48), seed=s) for s in range(5)]
+    batch = {"uri": [f"/in/img{i}.png" for i in range(5)], "name": [f"img{i}" for i in range(5)],
+             "pixels": [im.tobytes() for im in images], "height": [40] * 5, "width": [48] * 5, "error": [""] * 5,
+             "decode_seconds": [0.0] * 5, "path": [f"/in/img{i}.png" for i in range(5)]}
+    worker(batch)
+    assert sorted(calls) == [1, 2, 2]
+    for i, image in enumerate(images):
+        alone = predict_labels(worker.runner, [image])[0]
+        np.testing.assert_array_equal(read_png(tmp_path / "out" / f"img{i}.png"), alone)
