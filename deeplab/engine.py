@@ -251,8 +251,8 @@ def _data(cfg: ExperimentConfig, worker: Worker) -> tuple:
 
 
 def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memory_format) -> nn.Module:
-    """BN decay, frozen BN (stage 2: it stays frozen through every train()/eval() switch) and the unused aux
-    head out of training, on the device, then the runner's wrapping (SyncBN + DDP under Ray)."""
+    """BN decay, frozen BN (stage 2: it stays frozen through every train()/eval() switch), on the device,
+    then the runner's wrapping (SyncBN + DDP under Ray)."""
     t = cfg.train
     if t.bn_momentum is not None:
         for m in model.modules():
@@ -260,8 +260,6 @@ def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memo
                 m.momentum = t.bn_momentum
     if t.freeze_bn:
         model.freeze_batchnorm()
-    if getattr(model, "aux_classifier", None) is not None:  # kept for torchvision weights, not trained
-        model.aux_classifier.requires_grad_(False)
     model = worker.prepare_model(model.to(worker.device, memory_format=memory_format))
     return model.train()
 
