@@ -191,3 +191,12 @@ def test_the_layout_reaches_an_exported_models_metadata(tmp_path):
     model, meta, _ = checkpoint_model(load_checkpoint(tmp_path / "old.ckpt"), 8)
     assert meta["model_config"]["atrous_layout"] == "legacy" and model.config.atrous_layout == "legacy"
     assert [u.conv2.dilation[0] for u in model.backbone.layer3] == [2]
+
+
+if __name__ == "__main__":  # the figure in the README: python tests/test_densify.py
+    image = torch.randn(1, 3, 129, 129, generator=torch.Generator().manual_seed(1))
+    for rule in ("legacy", "exact"):  # legacy: the rule before issue 18; same weights for both
+        net = _randomized(ModelConfig(backbone="resnet50", output_stride=16, atrous_layout=rule))
+        f16, f8 = _features(net, image, 16), _features(net, image, 8)[..., ::2, ::2]
+        print(f"atrous_layout {rule}: max |OS8[::2, ::2] - OS16| = {(f8 - f16).abs().max():.4g} "
+              f"(largest |OS16| value {f16.abs().max():.4g})")

@@ -424,6 +424,17 @@ def test_cascade_only_aspp_at_a_stride_its_rates_cannot_reach_names_the_way_out(
         ModelConfig(head="torchvision", multi_grid=(1, 1, 1), aspp=False)
 
 
+def test_cascade_only_is_not_pruned_for_aspp_rates_it_does_not_have():
+    """The search prunes ASPP rates that degenerate to 1x1 filters (Figure 4); without ASPP there are none."""
+    from deeplab.config import ExperimentConfig
+    from tuning.spaces import prune_reason
+
+    with_aspp = load_config(None, ["model.backbone=resnet_tiny", "data.crop_size=65", "model.output_stride=16"])
+    assert "ASPP rate" in prune_reason(with_aspp, 0.5, 1)
+    without = ExperimentConfig(**{**with_aspp.__dict__, "model": ModelConfig(backbone="resnet_tiny", aspp=False)})
+    assert prune_reason(without, 0.5, 1) is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("output_stride", [4, 8, 16, 32, 64, 128, 256])
 def test_cascade_only_builds_trains_and_exports_at_every_stride(tmp_path, output_stride):
