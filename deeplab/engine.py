@@ -204,14 +204,15 @@ class Run:
 def build_model_for_training(cfg: ExperimentConfig, resume: Optional[str]) -> tuple:
     """The model with its starting weights: a resumed checkpoint, else init_from (stage 2), else an ImageNet
     backbone, else the builder's from-scratch start. Returns (model, resumed checkpoint state or None)."""
-    model = build_model(cfg.model)
     if resume:
         ck = load_checkpoint(resume)
         if ck.config.backbone != cfg.model.backbone or ck.config.num_classes != cfg.model.num_classes:
             raise ConfigError(f"{resume}: this run was started with another model ({ck.config.backbone}, "
                               f"{ck.config.num_classes} classes); choose another run name (--name)")
+        model = build_model(cfg.model, atrous_layout=ck.config.atrous_layout)  # the rule the run began with
         model.load_state_dict(ck.model.state_dict())
         return model, ck.state
+    model = build_model(cfg.model)
     if cfg.train.init_from:
         ck = load_checkpoint(cfg.train.init_from)
         try:

@@ -179,6 +179,25 @@ def test_an_old_torchvision_checkpoint_keeps_torchvisions_layout_and_drops_its_a
         torch.testing.assert_close(ckpt.model(x), model(x), rtol=0, atol=0)
 
 
+def test_a_resumed_run_keeps_the_layout_it_began_with_and_a_new_stage_takes_the_exact_rule(tmp_path):
+    """Resuming a stage-2 run (OS8) begun before issue 18 must not switch its rule mid-run; a new run
+    initialized from that file (train.init_from) is a new network and gets the config's rule."""
+    from deeplab import save_checkpoint
+    from deeplab.config import ExperimentConfig, TrainConfig
+    from deeplab.engine import build_model_for_training
+
+    old = ModelConfig(backbone="resnet_tiny", num_classes=3, aspp_channels=8, output_stride=8, atrous_layout="legacy")
+    path = tmp_path / "old.ckpt"
+    save_checkpoint(path, build_model(old), ExperimentConfig(model=old))
+    _rewrite(path, _as_before_issue_18)
+    new = ExperimentConfig(model=ModelConfig(backbone="resnet_tiny", num_classes=3, aspp_channels=8, output_stride=8))
+    resumed, _ = build_model_for_training(new, str(path))
+    assert resumed.config.atrous_layout == "legacy" and resumed.backbone.layer3[0].conv2.dilation == (2, 2)
+    stage2 = ExperimentConfig(**{**new.__dict__, "train": TrainConfig(init_from=str(path))})
+    started, _ = build_model_for_training(stage2, None)
+    assert started.config.atrous_layout == "exact" and started.backbone.layer3[0].conv2.dilation == (1, 1)
+
+
 def test_the_layout_reaches_an_exported_models_metadata(tmp_path):
     """Export rebuilds the model from the checkpoint: the record travels in the model config it embeds."""
     pytest.importorskip("onnx")
