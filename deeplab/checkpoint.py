@@ -1,7 +1,9 @@
 """One self-describing checkpoint format for every stage: model config, weights, optional training state.
 
 A file is a ``torch.save`` of plain containers and tensors only, so ``torch.load(weights_only=True)`` reads
-it without unpickling code. The model is rebuilt from the config in the file alone.
+it without unpickling code. The model is rebuilt from the config in the file alone; that config records the
+atrous layout the weights were trained with (``model.atrous_layout``), and a file from before a field existed
+is read as the code that wrote it ran (`_as_written`), so no checkpoint changes its outputs.
 """
 from __future__ import annotations
 

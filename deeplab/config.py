@@ -235,8 +235,9 @@ class ModelConfig(_Section):
         working = sorted({-(-r // step) * step for r in self.aspp_rates})
         what = "cannot be halved for output_stride 32: use even rates" if step == 2 else \
             f"cannot be scaled to output_stride {self.output_stride} (x 1/{step}): use multiples of {step}"
-        _fail(self._key("aspp_rates"), self.aspp_rates,
-              f"{what}, e.g. {_show(working)}, or model.aspp: false (the cascade-only head of Tables 1-3)")
+        raise ConfigError(f"{self._key('aspp_rates')}={_show(self.aspp_rates)} {what}, e.g. {_show(working)}, or "
+                          "model.aspp: false (the cascade-only head of Tables 1-3)",
+                          (self._key("aspp_rates"), self._key("output_stride")))
 
     def rates_at(self, output_stride: Optional[int] = None) -> tuple:
         """ASPP rates at an output stride: the configured (OS16) rates scaled by 16 / output_stride; none

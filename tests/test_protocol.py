@@ -417,6 +417,8 @@ def test_cascade_only_aspp_at_a_stride_its_rates_cannot_reach_names_the_way_out(
     message = str(e.value)
     assert "\n" not in message and "model.aspp: false" in message and "use multiples of 4, e.g. [8, 12, 20]" in message
     ModelConfig(output_stride=64, cascade_blocks=1, aspp_rates=(8, 12, 20))  # the rates it proposes work
+    with pytest.raises(ConfigError, match=r"^--set model.output_stride=64: model.aspp_rates=\[6, 12, 18\]"):
+        load_config(None, ["model.output_stride=64", "model.cascade_blocks=1"])  # names what the user changed
     with pytest.raises(ConfigError, match="model.aspp: false"):
         ModelConfig(output_stride=32, aspp_rates=(3, 6, 9))
     assert ModelConfig(output_stride=256, cascade_blocks=3, aspp=False).aspp_rates == (6, 12, 18)  # ignored
