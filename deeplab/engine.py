@@ -40,6 +40,7 @@ from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_work
 from .data import build_dataset, dataset_info
 from .inference import align_corners, evaluate, model_predictor
 from .model import build_model, load_backbone_weights
+from .visualize import validation_grid
 
 
 @dataclass
@@ -436,6 +437,10 @@ def evaluate_and_report(run: Run, meter: Meter, epoch: int, lr: float) -> dict:
         print(f"eval at iter {run.iteration}: val mIoU {metrics['val_miou']:.4f}", flush=True)
         if run.writer:
             run.writer.add_scalar("val/miou", metrics["val_miou"], run.iteration)
+            info = dataset_info(run.cfg.data)  # image | ground truth | prediction at OS8, as the demo draws it
+            run.writer.add_image("val/predictions_os8", validation_grid(
+                unwrap(run.model), run.val_set, info.palette, amp=run.amp, ignore_index=run.cfg.data.ignore_index,
+                names=info.class_names), run.iteration, dataformats="HWC")
             run.writer.flush()
     _report(run, metrics, rng)
     meter.reset()
