@@ -1,10 +1,10 @@
 """What a model learned, as one picture: a few validation images, one row each, as
-image | ground truth | prediction (both overlaid in the dataset's palette). The demo writes it as a PNG and
-the training loop sends it to TensorBoard at each evaluation.
+image | ground truth | prediction (both in the dataset's palette over the photo in grey). The demo writes it
+as a PNG, the training loop sends it to TensorBoard at each evaluation.
 
-``prediction_grid(images, masks, predictions, palette)`` lays the panels out (a title strip, then rows x 3
-panels, each the image's size times ``scale``, `grid_size`); ``validation_grid(model, dataset, palette)`` predicts the first images of a
-dataset and lays them out.
+``prediction_grid(images, masks, predictions, palette)`` lays the panels out (a title strip, rows x 3 panels
+each the image's size times ``scale``, a legend: `grid_size`); ``validation_grid(model, dataset, palette)``
+predicts the first images of a dataset and lays them out.
 """
 from __future__ import annotations
 

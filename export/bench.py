@@ -13,8 +13,8 @@ memory (process RSS on CPU and what one call adds to it; the CUDA allocator's pe
 FLOPs no engine can skip (products with zero padding left out) and as a share (%limit) of this CPU's peak for
 its arithmetic (fp32, bf16, int8: an upper bound from the instruction set, cores and clock, export.cpu's
 peak_limits; GEMMs measured in the same run are reported against it), the median ratio to eager fp32 and,
-on labelled validation images, mIoU and pixel agreement with fp32. The CPU's VNNI/bf16/AMX are detected and reported. Prints a
-table, writes bench.json and bench.png; says what it skipped and why.
+on labelled validation images, mIoU and pixel agreement with fp32. The CPU's VNNI/bf16/AMX are detected and
+reported. Prints a table, writes bench.json and bench.png; says what it skipped and why.
 """
 from __future__ import annotations
 
@@ -281,8 +281,8 @@ def accuracy(backends: list, batches: list, num_classes: int, ignore_index: int)
 
 def summarize(runs: dict, flops: int, backends: list, batch: int, reference: str = "torch_fp32",
               limits: Optional[dict] = None) -> list:
-    """One row per backend; `limit_share` is its GFLOP/s over this machine's peak (an upper bound) for its kind of
-    arithmetic (CPU backends only: the limits are measured on the CPU)."""
+    """One row per backend; `limit_share` is its GFLOP/s over this CPU's peak for its kind of arithmetic (an
+    upper bound, export.cpu.peak_limits; CPU backends only)."""
     rows, limits = [], limits or {}
     ref_med = statistics.median(runs["times"][reference]) if reference in runs["times"] else None
     for b in backends:
@@ -322,10 +322,10 @@ def describe_limits(peak: dict, measured: dict) -> str:
     """The %limit column's denominators and how they were found, with what GEMMs reached of them."""
     kinds = [k for k in ("fp32", "bf16", "int8") if k in peak]
     if not kinds:
-        return f"no peak known for this CPU ({peak.get('clock_source', 'no vector unit recognized')}): %limit left out"
+        return f"no peak known for this CPU ({peak.get('clock_source')}, no vector unit recognized): %limit left out"
     per_cycle = "/".join(str(peak["ops_per_cycle"][k]) for k in kinds)
     reached = ", ".join(f"{k} {measured[k]:.0f} ({100 * measured[k] / peak[k]:.0f}%)" for k in kinds if k in measured)
-    return (f"peak, the %limit column's upper bound (G(FL)OP/s): " + ", ".join(f"{k} {peak[k]:.0f}" for k in kinds)
+    return ("peak, the %limit column's upper bound (G(FL)OP/s): " + ", ".join(f"{k} {peak[k]:.0f}" for k in kinds)
             + f" = {peak['cores']} core(s) x {per_cycle} {'/'.join(kinds)} operations per cycle x "
             f"{peak['clock_ghz']:.2f} GHz [{peak['clock_source']}]; GEMMs measured now reach {reached}")
 
@@ -632,7 +632,8 @@ def benchmark(args) -> int:
     dense, flops = count_flops(model, ex.image_size), required_flops(model, ex.image_size)
     cuda = torch.cuda.is_available()
     log.info(f"{model.config.backbone}, output stride {ex.output_stride}, {ex.image_size}x{ex.image_size}: "
-             f"{flops / 1e9:.1f} GFLOP per image ({dense / 1e9:.1f} with the products with zero padding); torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"{flops / 1e9:.1f} GFLOP per image ({dense / 1e9:.1f} with the products with zero padding); "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{'CUDA ' + torch.cuda.get_device_name() if cuda else 'no GPU'}")
     features, limits = cpu_features(), peak_limits(torch.get_num_threads())
     measured = measured_limits(torch.get_num_threads())

@@ -108,8 +108,9 @@ def test_demo_writes_the_picture_and_names_it_on_the_last_line(tmp_path):
             "train.eval_interval=4", "train.log_interval=2", "train.amp=off", "cluster.num_workers=1",
             f"cluster.storage_path={tmp_path}", "cluster.name=tiny"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "cluster.demo", "--skip-export", *sum((["--set", s] for s in sets), [])],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "cluster.demo", "--skip-export", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     last = proc.stdout.strip().splitlines()[-1]
     picture = tmp_path / "tiny" / "predictions_os8.png"
