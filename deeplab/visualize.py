@@ -40,7 +40,11 @@ def _titles(grid: np.ndarray, titles: Sequence[str], width: int) -> None:
     from PIL import Image, ImageDraw, ImageFont
 
     strip = Image.fromarray(grid[:TITLE_HEIGHT])
-    draw, font = ImageDraw.Draw(strip), ImageFont.load_default(size=13)
+    draw = ImageDraw.Draw(strip)
+    for size in (13, 11, 9):  # the largest that fits a panel (96 px synthetic images at scale 1)
+        font = ImageFont.load_default(size=size)
+        if all(draw.textlength(title, font=font) <= width for title in titles):
+            break
     for col, title in enumerate(titles):
         left, top, right, bottom = draw.textbbox((0, 0), title, font=font)
         x = col * (width + GAP) + max(0, (width - (right - left)) // 2)
