@@ -5,6 +5,9 @@ and bf16 paths are fast, or even exact.
   path multiplies into saturating int16 pairs (VPMADDUBSW), so int8 models need 7-bit weights
   (onnxruntime ``reduce_range``) or NNCF's overflow fix to stay accurate.
 - native bf16 (avx512_bf16, amx_bf16): without it oneDNN emulates bf16 4-100x slower than fp32.
+
+`peak_limits` is the most arithmetic per second it can do (bench's %limit: an upper bound from the flags,
+cores and clock, explained above it); `measured_limits` is what GEMMs reach now, reported against it.
 """
 from __future__ import annotations
 
@@ -152,7 +155,8 @@ def _int8_gemm_rates(n: int, threads: int) -> dict:
 
 
 def measured_limits(threads: int, n: int = 2048) -> dict:
-    """This machine's dense-arithmetic limits in GFLOP/s (GOP/s for int8), measured now with `threads`:
+    """What dense arithmetic reaches here in GFLOP/s (GOP/s for int8), measured now with `threads` (reported
+    beside `peak_limits`; engines beat these GEMMs, so they are no limit):
     fp32 = the fastest of an n^3 GEMM (torch, onnxruntime, OpenVINO at f32) and a 3x3 256-channel convolution at
     65x65 (NCHW or channels_last),
     bf16 = a bf16 GEMM where the CPU has native bf16, int8 = the fastest int8 GEMM any engine here runs."""
