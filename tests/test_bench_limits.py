@@ -82,3 +82,11 @@ def test_required_flops_leave_out_products_with_zero_padding():
     assert bench.required_flops(atrous, 9) == 2 * 3 * 4 * 1 * 81
     same = torch.nn.Conv2d(3, 4, 3, padding=1)  # 9x9, pad 1: each axis has 9 + 8 + 8 taps inside of 27
     assert bench.required_flops(same, 9) == 2 * 3 * 4 * 25 * 25
+
+
+def test_the_log_line_gives_the_peak_how_it_was_found_and_the_measured_share():
+    peak = cpu.peak_limits(2, frozenset({"avx2", "fma"}), clock_hz=3e9, cpus=2)  # 2 x 32 x 3 = 192 GFLOP/s
+    line = bench.describe_limits(peak, {"fp32": 96.0, "int8": 192.0})
+    assert "fp32 192, bf16 192, int8 768 = 2 core(s) x 32/32/128" in line and "3.00 GHz [given]" in line
+    assert "fp32 96 (50%)" in line and "int8 192 (25%)" in line
+    assert "%limit left out" in bench.describe_limits(cpu.peak_limits(1, frozenset(), clock_hz=3e9, cpus=1), {})
