@@ -208,8 +208,8 @@ def measured_limits(threads: int, n: int = 2048) -> dict:
 # Clock: the highest of the cpufreq maximum (sysfs; lscpu's "CPU max MHz" is the same), /proc/cpuinfo's
 # "cpu MHz" and the model name's "@ x.xxGHz". Only intel_pstate and amd-pstate publish the boost clock as
 # the maximum; otherwise (a virtual machine shows the nominal clock only; acpi-cpufreq the highest P-state)
-# boost can run above it, so the bound is that clock x BOOST_ALLOWANCE, more than any server CPU's ratio of
-# boost to nominal clock (AMD EPYC 9634: 3.7/2.25 GHz = 1.64; Intel Xeon 8480+: 3.8/2.0 = 1.9).
+# boost can run above it, so the bound is that clock x BOOST_ALLOWANCE, above the ratio of boost to nominal
+# clock of the server CPUs VMs run on (AMD EPYC 9634: 3.7/2.25 GHz = 1.64; Intel Xeon 8480+: 3.8/2.0 = 1.9).
 X86_FP32_PER_CYCLE = (("avx512f", 64), ("avx2", 32), ("avx", 32), ("sse2", 16), ("sse", 16))
 ARM_FP32_PER_CYCLE = (("sve", 64), ("asimd", 32))
 BOOST_AWARE_DRIVERS = ("intel_pstate", "intel_cpufreq", "amd-pstate", "amd-pstate-epp")
