@@ -142,3 +142,24 @@ def test_pretrained_backbone_is_read_by_the_caller_and_a_wrong_file_is_named(tmp
         build_model_for_training(tiny_config(pretrained_backbone=str(wrong)), None)
     assert str(info.value) == f"train.pretrained_backbone={wrong}: no ResNet keys (conv1.weight, " \
                               "layer1.0.conv1.weight, ...) found"
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((6, 0), torch.float16), ((7, 0), torch.float16), ((7, 5), torch.float16),  # P100, V100, T4: emulated bf16
+    ((8, 0), torch.bfloat16), ((8, 6), torch.bfloat16), ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16),
+    ((10, 0), torch.bfloat16), ((12, 0), torch.bfloat16)])
+def test_amp_auto_picks_bf16_only_where_the_gpu_has_it_natively(capability, expected):
+    from deeplab.engine import cuda_amp_for_capability
+
+    assert cuda_amp_for_capability(capability) == expected
+
+
+def test_amp_auto_on_cuda_asks_the_capability_not_is_bf16_supported(monkeypatch):
+    """A T4: torch.cuda.is_bf16_supported() says True (emulation); amp auto must still pick fp16 + GradScaler."""
+    from deeplab.engine import resolve_amp
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # the GPU is mocked, not our code
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert resolve_amp("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_amp("auto", torch.device("cuda")) == torch.bfloat16
