@@ -407,8 +407,9 @@ def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False,
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-    """Open the datasets and checkpoints once on the driver, so a bad path fails in one line here."""
-    from deeplab.checkpoint import load_checkpoint
+    """Open the datasets and checkpoints once on the driver, so a bad path fails in one line here; remote
+    weights (s3://...) are read as the workers will read them (pyarrow)."""
+    from deeplab.checkpoint import load_checkpoint, read_weights_file
     from deeplab.data import build_dataset, dataset_info
 
     cfg = _absolute_paths(cfg)
@@ -418,8 +419,10 @@ def preflight(cfg: ExperimentConfig) -> None:
                           f"{num_classes} classes")
     build_dataset(cfg.data, cfg.data.train_split, train=True)
     build_dataset(cfg.data, cfg.data.val_split, train=False)
-    if cfg.train.init_from and not _is_remote(cfg.train.init_from):
+    if cfg.train.init_from:
         load_checkpoint(cfg.train.init_from)
+    elif cfg.train.pretrained_backbone and _is_remote(cfg.train.pretrained_backbone):  # local: checked by config
+        read_weights_file(cfg.train.pretrained_backbone)
 
 
 @command
