@@ -27,6 +27,7 @@ from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import parse_and_run, source_and_config, source_parser
 from .metadata import read_metadata
+from .opset import TENSORRT_MAX_OPSET, check_onnx_file, check_opset
 from .runtime import device_info, sidecar_path, write_sidecar
 
 log = logging.getLogger("export.to_tensorrt")  # not __name__: run as -m it would be __main__, outside "export"
@@ -265,6 +266,10 @@ def build_and_write(engine_path: Path, onnx_in: Path, fp32_onnx: Path, path: str
 
 def run(args) -> int:
     src, ckpt, cfg = source_and_config(args)
+    if ckpt is None:
+        check_onnx_file(src, "tensorrt")
+    else:
+        cfg.export.opset = check_opset(cfg.export.opset, "tensorrt")
     engine_path = Path(args.output) if args.output else src.with_suffix(f".{cfg.export.precision}.engine")
     ensure_dir(engine_path.parent)
     blocker = machine_blocker()
@@ -293,7 +298,9 @@ ALIASES = [Alias("--precision", "export.precision", "fp32, fp16, bf16 or int8"),
            Alias("--min-shape", "export.min_shape", "NxCxHxW, smallest input", metavar="NxCxHxW"),
            Alias("--opt-shape", "export.opt_shape", "NxCxHxW the engine is tuned for", metavar="NxCxHxW"),
            Alias("--max-shape", "export.max_shape", "NxCxHxW, largest input", metavar="NxCxHxW"),
-           Alias("--workspace", "export.workspace_gb", "builder workspace in GiB", metavar="GIB")]
+           Alias("--workspace", "export.workspace_gb", "builder workspace in GiB", metavar="GIB"),
+           Alias("--opset", "export.opset", f"ONNX opset for a checkpoint (TensorRT 10.0 parses up to {TENSORRT_MAX_OPSET}; "
+                 "null: the exporter's, capped there)")]
 
 
 @command
