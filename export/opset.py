@@ -84,7 +84,10 @@ def check_onnx_file(path, backend: str) -> None:
 
     from deeplab.cli import UserError
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return  # not an ONNX file: the converter's own reading says so in its words
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     problem = _backend_refuses(opset, backend)
     if problem:
