@@ -1,7 +1,6 @@
 """export.opset against what the backend that reads the file parses: TensorRT 10.0 up to 20 (its documented
 range), onnxruntime and OpenVINO as installed (asked with a real one-node model). One line, before any export."""
 import pytest
-import torch
 
 from deeplab import build_model, save_checkpoint
 from deeplab.config import ConfigError, load_config
@@ -35,6 +34,7 @@ def test_onnxruntime_bound_is_what_the_installed_version_loads():
                                           rf"load opset {newest + 1} .*; use a lower --opset$"):
         check_opset(newest + 1, "onnxruntime")
     assert check_opset(None, "onnxruntime") == exporter_default()
+    assert check_opset(None, "openvino") == exporter_default()  # OpenVINO's reader loads it (it falls back per op)
 
 
 def test_converters_refuse_a_backend_opset_in_one_line_before_writing(tmp_path, tiny_model_config, capsys):
