@@ -352,9 +352,13 @@ def check_storage_visible(cfg: ExperimentConfig, storage: str, timeout_s: float 
     nodes = [n for n in _worker_nodes(cfg) if n["NodeID"] != here]
     if not nodes:
         return
-    ensure_dir(storage)
     marker = os.path.join(storage, f"{STORAGE_MARKER}-{uuid.uuid4().hex}")
-    write_text_atomic(marker, "written by the driver; each node looks for it\n")
+    try:
+        ensure_dir(storage)
+        write_text_atomic(marker, "written by the driver; each node looks for it\n")
+    except OSError as e:
+        raise ConfigError(f"cluster.storage_path={storage}: cannot write there ({e.strerror or e})",
+                          ("cluster.storage_path",)) from None
     look = ray.remote(num_cpus=0, max_retries=0)(_sees_file)
     try:
         pending = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))

@@ -158,7 +158,7 @@ class TensorRTRunner:
         shape = tuple(int(d) for d in shape)
         if shapes.get("fixed"):
             fixed = tuple(shapes["fixed"])
-            return None if shape == fixed else f"the engine is static {'x'.join(map(str, fixed))}"
+            return None if shape == fixed else f"not the engine's static shape {'x'.join(map(str, fixed))}"
         if not (shapes.get("min") and shapes.get("max")):
             return None  # not recorded: TensorRT itself will say
         low, high = tuple(shapes["min"]), tuple(shapes["max"])

@@ -143,7 +143,7 @@ def test_engine_profile_is_read_from_the_sidecar_without_a_gpu():
     assert TensorRTRunner.outside_profile(profile, (8, 3, 513, 513)) is not None
     static = {"shapes": {"fixed": [1, 3, 513, 513]}}
     assert TensorRTRunner.outside_profile(static, (1, 3, 513, 513)) is None
-    assert TensorRTRunner.outside_profile(static, (2, 3, 513, 513)) == "the engine is static 1x3x513x513"
+    assert TensorRTRunner.outside_profile(static, (2, 3, 513, 513)) == "not the engine's static shape 1x3x513x513"
     assert TensorRTRunner.outside_profile({}, (9, 3, 9, 9)) is None  # nothing recorded: TensorRT will say
 
 
