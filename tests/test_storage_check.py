@@ -9,6 +9,7 @@ import pytest
 
 from ray_nodes import one_cpu_nodes
 
+pytestmark = pytest.mark.slow  # a real 2-node Ray cluster (~20 s)
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 NODE_LOCAL = "/proc/self/cwd/runs"  # each process's own working folder: the head's (and the driver's) or node 2's
 
