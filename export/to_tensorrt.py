@@ -256,8 +256,10 @@ def build_and_write(engine_path: Path, onnx_in: Path, fp32_onnx: Path, path: str
         par = engine_parity(tmp_engine, fp32_onnx, fixed or profile["opt"])
         log.info(f"engine vs ONNX fp32: max |logit diff| {par['max_abs_diff']:.3g}, "
                  f"argmax agreement {100 * par['argmax_agreement']:.2f}%")
-        return make_sidecar(device_info(), ex.precision, path, profile or {"fixed": fixed}, onnx_in,
-                            read_metadata(fp32_onnx), parity=par, workspace_gb=ex.workspace_gb, **sidecar_extra)
+        meta = {**read_metadata(fp32_onnx), "precision": ex.precision}  # the record, for this engine
+        return make_sidecar(device_info(), ex.precision, path, profile or {"fixed": fixed}, onnx_in, meta,
+                            parity=par, workspace_gb=ex.workspace_gb, engine_sha256=sha256(tmp_engine),
+                            **sidecar_extra)
 
     write_engine(engine_path, data, describe)
     log.info(f"wrote {engine_path} ({len(data) / 2**20:.1f} MiB) and {sidecar_path(engine_path).name}")
