@@ -25,7 +25,9 @@ def model_cache() -> Path:
 
 
 def _identity(name: str, files: dict) -> dict:
-    digest = hashlib.sha256("".join(f"{n}\0{sha}\n" for n, sha in files.items()).encode()).hexdigest()
+    """``files``: name -> sha256, the main file first. The model's sha256 is over the files' hashes in that
+    order, not their names: a renamed copy is the same model."""
+    digest = hashlib.sha256("".join(f"{sha}\n" for sha in files.values()).encode()).hexdigest()
     return {"name": name, "sha256": digest, "files": files}
 
 
