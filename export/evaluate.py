@@ -2,8 +2,9 @@
 
 Per-class IoU table and mIoU of an exported model (an ONNX file, an OpenVINO IR or a TensorRT engine) on a
 dataset split: the same table, JSON and evaluator as ``deeplab.evaluate`` gives for a checkpoint, so an exported
-model is judged the way its checkpoint was. Classes, output stride and the dataset it was trained for come from
-the file's own metadata; --data, --config or --set choose another dataset.
+model is judged the way its checkpoint was. Classes, output stride, align_corners (how multi-scale inference
+resizes) and the dataset it was trained for come from the file's own metadata; --data, --config or --set
+choose another dataset.
 """
 from __future__ import annotations
 
