@@ -1,7 +1,9 @@
 """One self-describing checkpoint format for every stage: model config, weights, optional training state.
 
 A file is a ``torch.save`` of plain containers and tensors only, so ``torch.load(weights_only=True)`` reads
-it without unpickling code. The model is rebuilt from the config in the file alone.
+it without unpickling code. The model is rebuilt from the config in the file alone; that config records the
+atrous layout the weights were trained with (``model.atrous_layout``), and a file from before a field existed
+is read as the code that wrote it ran (`_as_written`), so no checkpoint changes its outputs.
 """
 from __future__ import annotations
 
@@ -93,15 +95,60 @@ def save_checkpoint(path, model: torch.nn.Module, cfg, **state) -> Path:
     return path
 
 
-def read_weights_file(path, map_location="cpu") -> dict:
-    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file")
+def _remote_filesystem(uri: str) -> tuple:
+    """(pyarrow filesystem, path on it), as Ray Train resolves its storage_path: pyarrow's own (s3, gs, hdfs,
+    file), else an fsspec one (abfs, memory, ...) wrapped for pyarrow."""
+    import pyarrow
+    import pyarrow.fs
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except pyarrow.ArrowInvalid:
+        import fsspec
+
+        fs, where = fsspec.core.url_to_fs(uri)
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), where
+
+
+def _read_remote(uri: str):
+    """An object-store file (s3://, gs://, file://...) read whole through pyarrow's filesystems, the layer the
+    cluster reads remote images and run storage with; pyarrow is imported only for such a path."""
+    import io
+
+    import pyarrow.fs
+
+    try:
+        fs, where = _remote_filesystem(uri)
+        info = fs.get_file_info(where)
+        if info.type == pyarrow.fs.FileType.NotFound:
+            raise CheckpointError(f"{uri}: no such file")
+        if info.type == pyarrow.fs.FileType.Directory:
+            raise CheckpointError(f"{uri}: is a folder, not a weights file")
+        with fs.open_input_file(where) as f:
+            data = f.readall()
+    except CheckpointError:
+        raise
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad URIs, credentials, unreachable stores
+        raise CheckpointError(f"{uri}: cannot read ({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
+    if not data:
+        raise CheckpointError(f"{uri}: empty file")
+    return io.BytesIO(data)
+
+
+def read_weights_file(path, map_location="cpu") -> dict:
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError. A URI
+    (s3://bucket/best.ckpt) is read through pyarrow."""
+    if "://" in str(path):
+        path = source = str(path)
+        source = _read_remote(path)
+    else:
+        path = source = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file")
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).split("\n")[0].strip()
         detail = ""
@@ -117,13 +164,27 @@ def read_weights_file(path, map_location="cpu") -> dict:
 
 
 def _saved_configs(payload: dict) -> tuple:
-    """(ModelConfig, ExperimentConfig or None) as saved. Files written before model.align_corners existed
-    were trained and evaluated without aligned corners: they keep that."""
-    model = {"align_corners": False, **payload["model_config"]}
+    """(ModelConfig, ExperimentConfig or None) as saved, read as the code that wrote the file ran them."""
+    model = _as_written(payload["model_config"])
     experiment = payload.get("experiment")
     if experiment:
-        experiment = {**experiment, "model": {"align_corners": False, **(experiment.get("model") or {})}}
+        experiment = {**experiment, "model": _as_written(experiment.get("model") or {})}
     return model_config_from_dict(model), experiment_from_dict(experiment) if experiment else None
+
+
+def _as_written(model: dict) -> dict:
+    """A saved model config with what files from before a field existed meant: no aligned corners (before
+    model.align_corners), the atrous layout they were trained with (before model.atrous_layout: torchvision's
+    for head torchvision, else the legacy rule, so their outputs at every stride stay as they were), and
+    without model.aux_head (the auxiliary head was removed: it was never trained)."""
+    model = {k: v for k, v in model.items() if k != "aux_head"}
+    layout = "torchvision" if model.get("head") == "torchvision" else "legacy"
+    return {"align_corners": False, "atrous_layout": layout, **model}
+
+
+def _without_aux_head(weights: dict) -> dict:
+    """Weights less torchvision's auxiliary head, which files from before its removal may hold."""
+    return {k: v for k, v in weights.items() if not k.startswith("aux_classifier.")}
 
 
 def load_checkpoint(path, map_location="cpu") -> Checkpoint:
@@ -145,6 +206,7 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     weights = payload.get("model")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path}: checkpoint has no weights")
+    weights = _without_aux_head(weights)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))

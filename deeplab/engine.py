@@ -71,9 +71,16 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 
     return base_lr * (1 - iteration / max_iterations) ** power
 
 
+def cuda_amp_for_capability(capability: tuple) -> torch.dtype:
+    """amp: auto on a GPU of this compute capability: bf16 where it is native (Ampere, 8.0, and newer), fp16
+    with GradScaler before that. Not torch.cuda.is_bf16_supported(): by default it counts emulation, so a
+    T4 (7.5) or V100 (7.0) would train in slow emulated bf16."""
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """train.amp -> autocast dtype (None: full precision). auto: bf16 on CUDA (fp16 on GPUs without bf16)
-    and on CPUs with native bf16 (AVX512-BF16 / AMX), else off."""
+    """train.amp -> autocast dtype (None: full precision). auto: bf16 on GPUs with native bf16 (compute
+    capability 8.0+), fp16 on older GPUs, bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), else off."""
     if amp == "off":
         return None
     if amp == "bf16":
@@ -83,7 +90,7 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
             raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16, auto or off on CPU")
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_amp_for_capability(torch.cuda.get_device_capability(device))
     if device.type == "cpu":
         native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
             getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
@@ -204,14 +211,15 @@ class Run:
 def build_model_for_training(cfg: ExperimentConfig, resume: Optional[str]) -> tuple:
     """The model with its starting weights: a resumed checkpoint, else init_from (stage 2), else an ImageNet
     backbone, else the builder's from-scratch start. Returns (model, resumed checkpoint state or None)."""
-    model = build_model(cfg.model)
     if resume:
         ck = load_checkpoint(resume)
         if ck.config.backbone != cfg.model.backbone or ck.config.num_classes != cfg.model.num_classes:
             raise ConfigError(f"{resume}: this run was started with another model ({ck.config.backbone}, "
                               f"{ck.config.num_classes} classes); choose another run name (--name)")
+        model = build_model(cfg.model, atrous_layout=ck.config.atrous_layout)  # the rule the run began with
         model.load_state_dict(ck.model.state_dict())
         return model, ck.state
+    model = build_model(cfg.model)
     if cfg.train.init_from:
         ck = load_checkpoint(cfg.train.init_from)
         try:
@@ -251,8 +259,8 @@ def _data(cfg: ExperimentConfig, worker: Worker) -> tuple:
 
 
 def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memory_format) -> nn.Module:
-    """BN decay, frozen BN (stage 2: it stays frozen through every train()/eval() switch) and the unused aux
-    head out of training, on the device, then the runner's wrapping (SyncBN + DDP under Ray)."""
+    """BN decay, frozen BN (stage 2: it stays frozen through every train()/eval() switch), on the device,
+    then the runner's wrapping (SyncBN + DDP under Ray)."""
     t = cfg.train
     if t.bn_momentum is not None:
         for m in model.modules():
@@ -260,8 +268,6 @@ def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memo
                 m.momentum = t.bn_momentum
     if t.freeze_bn:
         model.freeze_batchnorm()
-    if getattr(model, "aux_classifier", None) is not None:  # kept for torchvision weights, not trained
-        model.aux_classifier.requires_grad_(False)
     model = worker.prepare_model(model.to(worker.device, memory_format=memory_format))
     return model.train()
 

@@ -111,6 +111,7 @@ class Backend:
     note: str = ""
     logits: Optional[Callable] = None
     kind: str = "fp32"  # the arithmetic it mostly runs (fp32 | bf16 | int8): which machine limit it is held to
+    refuses: Optional[Callable] = None  # refuses(shape) -> why it cannot run an input of that shape, or None
 
 
 class Skip(Exception):
@@ -194,9 +195,28 @@ def trt_backend(engine_path) -> Backend:
         runner = TensorRTRunner(engine_path)
     except (EngineError, ImportError) as e:
         raise Skip(str(e)) from None
-    precision = read_sidecar(engine_path).get("precision", "?")
+    sidecar = read_sidecar(engine_path)
     return Backend(f"tensorrt_{Path(engine_path).stem}", prepare=lambda x: x.cuda(), run=runner, device="cuda",
-                   note=f"TensorRT engine ({precision})", logits=lambda x: runner(torch.as_tensor(x)).float().cpu())
+                   note=f"TensorRT engine ({sidecar.get('precision', '?')})",
+                   logits=lambda x: runner(torch.as_tensor(x)).float().cpu(),
+                   refuses=lambda shape: TensorRTRunner.outside_profile(sidecar, shape))
+
+
+def _shape_text(shape) -> str:
+    return "x".join(map(str, tuple(shape)))
+
+
+def runnable(backends: list, shapes: list, skipped: dict, what: str) -> list:
+    """The backends that accept every input shape; the others are recorded in `skipped` with the reason (an
+    engine's optimization profile): one out-of-profile input must not cost the whole run its figures."""
+    keep = []
+    for b in backends:
+        why = next(((shape, r) for shape in shapes if (r := b.refuses and b.refuses(shape))), None)
+        if why is None:
+            keep.append(b)
+        else:
+            skipped[f"{b.name} {what}"] = f"input {_shape_text(why[0])}: {why[1]}"
+    return keep
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -528,19 +548,22 @@ def all_backends(model, cfg, args, skipped: dict) -> list:
     return [b for b in backends if wanted(b.name)]
 
 
-def time_backends(backends: list, cfg, args, flops: int, limits: dict) -> list:
-    """Summary rows of every backend at every --batch size, timed interleaved on the same real images."""
+def time_backends(backends: list, cfg, args, flops: int, limits: dict, skipped: Optional[dict] = None) -> list:
+    """Summary rows of every backend at every --batch size, timed interleaved on the same real images; a
+    backend that cannot take a batch's shape is skipped at that batch size (the reason in `skipped`)."""
     from export.samples import sample_images
 
     rows, size = [], cfg.export.image_size
+    skipped = {} if skipped is None else skipped
     for batch in args.batch:
         x = sample_images(cfg.data, cfg.data.val_split, batch, size)
         x = x if x is not None else torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-        inputs = {b.name: b.prepare(x) for b in backends}
+        now = runnable(backends, [x.shape], skipped, f"at batch {batch}")
+        inputs = {b.name: b.prepare(x) for b in now}
         log.info(f"batch {batch}: {args.warmup} warm-up call(s) each, then {args.repeats} interleaved round(s) "
-                 f"of {len(backends)} backends")
-        runs = interleaved(backends, inputs, args.repeats, args.warmup)
-        rows += summarize(runs, flops, backends, batch, backends[0].name, limits)
+                 f"of {len(now)} backends")
+        runs = interleaved(now, inputs, args.repeats, args.warmup)
+        rows += summarize(runs, flops, now, batch, backends[0].name, limits)
     return rows
 
 
@@ -556,6 +579,7 @@ def measure_accuracy(backends: list, cfg, num_classes: int, skipped: dict) -> di
         skipped["accuracy"] = f"no labelled images ({str(e).splitlines()[0][:160]})"
         return {}
     log.info(f"accuracy on {len(batches)} {cfg.data.dataset}/{cfg.data.val_split} image(s):")
+    backends = runnable(backends, sorted({tuple(x.shape) for x, _ in batches}), skipped, "accuracy")
     return accuracy(backends, batches, num_classes, cfg.data.ignore_index)
 
 
@@ -593,7 +617,7 @@ def benchmark(args) -> int:
     backends = all_backends(model, cfg, args, skipped)
     if not backends:
         raise UserError("no backend left to run (check --backends)")
-    rows = time_backends(backends, cfg, args, flops, limits)
+    rows = time_backends(backends, cfg, args, flops, limits, skipped)
     acc = measure_accuracy(backends, cfg, model.config.num_classes, skipped)
     report({"model": model.config.backbone, "output_stride": ex.output_stride, "size": ex.image_size,
             "flops_per_image": flops, "torch": torch.__version__, "threads": torch.get_num_threads(),
