@@ -3,14 +3,16 @@
 Segment a whole image collection on a Ray cluster with Ray Data: the files are read through pyarrow's
 filesystems and decoded in parallel tasks, then a pool of model actors (map_batches with a callable class)
 runs the model on batches of same-size images. MODEL is a checkpoint (.ckpt), an ONNX file (FP32, FP16 or
-INT8 Q/DQ) or a TensorRT engine; classes, output stride and mean/std come from the file itself. INPUT is a
+INT8 Q/DQ), an OpenVINO IR (.xml + .bin) or a TensorRT engine (+ its sidecar); every file of it is shipped to
+the nodes, and classes, output stride and mean/std come from the file itself. INPUT is a
 folder (recursive), a text file listing paths (one a line, relative to the list's folder or absolute), or
 an object-store prefix such as s3://bucket/photos/.
 
 For every image OUTPUT gets NAME.png (class ids) and, with --color, NAME_color.png and NAME_overlay.png,
 at the image's relative path, plus manifest.jsonl (one JSON line per image: path, size, seconds, pixels per
-class, or the reason it failed). Running the same command again skips images already done; a killed actor
-is replaced and its images redone, each output written once. Unreadable files are listed as failed and the
+class, or the reason it failed) and model.json (the model, by content hash). Running the same command again
+skips images already done; with another model it stops before any work unless --overwrite (which redoes
+every image). A killed actor is replaced and its images redone, each output written once. Unreadable files are listed as failed and the
 run goes on; it exits 1 at the end if any failed (2 for a bad command line, model or input).
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Optional
 
 from deeplab.cli import UserError, command
 from deeplab.config import Alias, ConfigError, SegmentConfig, add_config_args, config_from_args
+from export.runtime import formats_help
 
 MANIFEST = "manifest.jsonl"
 # temporary names of atomic writes: deeplab.predict's .NAME.png.PID.tmp and deeplab.fileio's .NAME.tmpPID.png
@@ -245,6 +248,61 @@ def remove_stale_temps(out_dir: Path) -> int:
     return removed
 
 
+# ------------------------------------------------------------------------------------------ model identity
+MODEL_RECORD = "model.json"
+
+
+class ModelMismatch(UserError, ValueError):
+    """OUTPUT holds another model's results; one line naming both models."""
+
+
+def _recorded_model(out_dir: Path, manifest: Manifest) -> Optional[dict]:
+    """OUTPUT's model record; {} for results a run before the record existed left (no model.json)."""
+    path = out_dir / MODEL_RECORD
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict) and "sha256" in record:
+            return record
+        return {}
+    return {} if manifest.records else None
+
+
+def _clear_outputs(out_dir: Path, items: list, manifest: Manifest) -> None:
+    """--overwrite: every result of the other model goes (its PNGs, its manifest) before the new model runs,
+    so an interrupted overwrite never leaves the other model's masks to be taken as this one's."""
+    names = [f"{item.name}{s}.png" for item in items for s in ("", "_color", "_overlay")]
+    names += [out for record in manifest.records.values() for out in record.get("outputs", [])]
+    for rel in names:
+        (out_dir / rel).unlink(missing_ok=True)
+    manifest.records.clear()
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def claim_output(out_dir: Path, model_path, items: list, manifest: Manifest, overwrite: bool) -> dict:
+    """OUTPUT belongs to one model (by content: cluster.infer.model_identity). The same model resumes; another
+    stops here, before any work, unless ``overwrite`` (its results are removed and every image is redone)."""
+    from cluster.infer import model_identity
+    from deeplab.fileio import write_text_atomic
+
+    identity = {"model": os.path.abspath(model_path), **model_identity(model_path)}
+    recorded = _recorded_model(out_dir, manifest)
+    if recorded is not None and recorded.get("sha256") == identity["sha256"]:
+        return identity
+    if recorded is not None and not overwrite:
+        theirs = (f"model {recorded.get('model')} (sha256 {recorded['sha256'][:12]})" if recorded
+                  else "a model it did not record (segmented before OUTPUT recorded its model)")
+        raise ModelMismatch(f"{out_dir}: holds the results of {theirs}, not of {identity['model']} (sha256 "
+                            f"{identity['sha256'][:12]}); choose another -o, or add --overwrite to redo every "
+                            "image with this model")
+    if recorded is not None:
+        _clear_outputs(out_dir, items, manifest)
+    write_text_atomic(out_dir / MODEL_RECORD, json.dumps(identity, indent=2) + "\n")
+    return identity
+
+
 # ------------------------------------------------------------------------------------- Ray Data stages
 def read_and_decode(row: dict, filesystem, max_pixels: Optional[int]) -> dict:
     """A Ray Data task: read one file through pyarrow and decode it; a bad file becomes an error string."""
@@ -421,8 +479,9 @@ def size_pool(cfg: SegmentConfig, resources: dict, log=print) -> int:
     return cfg.workers
 
 
-def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print) -> Summary:
-    """Run the pipeline over the images of ``inputs`` not done yet; Ray must be initialized."""
+def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print, overwrite: bool = False) -> Summary:
+    """Run the pipeline over the images of ``inputs`` not done yet; Ray must be initialized. OUTPUT records the
+    model (claim_output): another model's OUTPUT is refused unless ``overwrite``."""
     import ray.data
 
     from cluster.infer import ship_model
@@ -430,8 +489,9 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     from deeplab.fileio import ensure_dir
 
     out_dir = ensure_dir(out_dir)
-    remove_stale_temps(out_dir)
     manifest = Manifest(out_dir / MANIFEST)
+    claim_output(out_dir, model_path, inputs.items, manifest, overwrite)
+    remove_stale_temps(out_dir)
     todo, done = split_done(inputs.items, manifest, out_dir, cfg.color)
     summary = Summary(total=len(inputs.items), skipped=len(done))
     log(f"{len(inputs.items)} images: {len(todo)} to segment, {len(done)} already done"
@@ -488,7 +548,7 @@ ALIASES = [
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m cluster.segment", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
+    p.add_argument("model", metavar="MODEL", help=formats_help())
     p.add_argument("input", metavar="INPUT", help="a folder, a text file listing paths, one image, or "
                    "s3://bucket/prefix/")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -496,6 +556,9 @@ def parse_args(argv):
                         "mounts at the same path)")
     p.add_argument("--extensions", help="only files with these suffixes in a folder or prefix, e.g. jpg,png "
                    "(default: every file; a file that is not an image is listed as failed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUTPUT holds another model's results: remove them and segment every image with MODEL "
+                        "(without it, such a run stops before any work)")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's and Ray Data's own INFO lines too (always in Ray's session logs)")
     add_config_args(p, aliases=ALIASES)
@@ -518,13 +581,15 @@ def main(argv=None) -> int:
     inputs = list_inputs(args.input, exclude=out_dir, extensions=extensions)
     print(f"model: {args.model} ({info.backend.split(' ')[0]}, {info.precision}, {info.num_classes} classes, "
           f"output stride {info.output_stride})", flush=True)
+    if os.path.isdir(out_dir):  # another model's OUTPUT stops here, before Ray starts
+        claim_output(Path(out_dir), args.model, inputs.items, Manifest(Path(out_dir) / MANIFEST), args.overwrite)
 
     from cluster.console import quiet_ray_data, ray_init_options
     from cluster.train import init_ray
 
     init_ray(exp, **ray_init_options(args.verbose))
     quiet_ray_data(args.verbose)
-    summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True))
+    summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True), overwrite=args.overwrite)
     done = summary.ok + summary.failed
     manifest = os.path.join(out_dir, MANIFEST)
     print(f"segmented {done} images in {summary.seconds:.1f}s: {summary.images_per_s:.2f} images/s "
