@@ -285,3 +285,25 @@ def test_outputs_that_resolve_outside_output_are_refused_and_failed_in_the_manif
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["path"] for r in lines) == sorted(reasons) and all(r["status"] == "failed" for r in lines)
     assert list(elsewhere.iterdir()) == []
+
+
+def test_a_decode_task_loads_neither_torch_nor_an_inference_runtime(tmp_path):
+    """segment's read + decode tasks share Ray worker processes (multi-threaded: gRPC, abseil) that the raylet
+    reuses and kills; they import only Pillow, numpy and pyarrow, none of torch's thread runtimes (issue 20's
+    native crash in Map(read_and_decode))."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (9, 7), (10, 20, 30)).save(tmp_path / "a.png")
+    code = (
+        "import sys, pyarrow.fs as fs\n"
+        "from cluster.segment import read_and_decode\n"
+        f"row = read_and_decode({{'path': {str(tmp_path / 'a.png')!r}, 'uri': 'a.png', 'name': 'a'}}, fs.LocalFileSystem(), None)\n"
+        "assert not row['error'] and (row['height'], row['width']) == (7, 9), row\n"
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'openvino', 'tensorrt', 'export') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(segment.Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
