@@ -100,25 +100,30 @@ def _output_names(rels: list) -> list:
     return [s if seen[s] == 1 else r for s, r in zip(stems, rels)]
 
 
-def _walk_local(root: str, exclude: Optional[str]):
+def _walk_local(root: str, exclude: Optional[str]) -> list:
     """(path, rel) of the regular files under a local folder, following links to folders but entering each
-    real folder once and listing each real file once, so a link loop lists nothing twice. Hidden entries and
-    OUTPUT (``exclude``) are skipped; real folders come before links to them."""
+    real folder once and listing each real file once, so a link loop lists nothing twice; a file reached
+    both as itself and through a link is named by itself. Hidden entries and OUTPUT (``exclude``) are skipped."""
     skip = os.path.realpath(exclude) if exclude else None
-    seen_dirs, seen_files = set(), set()
+    seen_dirs, files_by_identity = set(), {}
     for folder, dirs, files in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
         if real in seen_dirs or (skip and (real + "/").startswith(skip.rstrip("/") + "/")):
             dirs[:] = []
             continue
         seen_dirs.add(real)
-        dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=lambda d: (os.path.islink(os.path.join(folder, d)), d))
-        for f in sorted(files):
+        links_last = lambda name: (os.path.islink(os.path.join(folder, name)), name)  # noqa: E731
+        dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=links_last)
+        for f in (f for f in files if not f.startswith(".")):
             path = os.path.join(folder, f)
-            if f.startswith(".") or not os.path.isfile(path) or os.path.realpath(path) in seen_files:
+            if not os.path.isfile(path):  # regular files (or links to one) only: no FIFOs, no broken links
                 continue
-            seen_files.add(os.path.realpath(path))
-            yield path, os.path.relpath(path, root).replace(os.sep, "/")
+            link = os.path.islink(path) or os.path.islink(folder)
+            identity = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, f)
+            rank = (link, path)
+            if identity not in files_by_identity or rank < files_by_identity[identity]:
+                files_by_identity[identity] = rank
+    return [(path, os.path.relpath(path, root).replace(os.sep, "/")) for _, path in files_by_identity.values()]
 
 
 def _walk_store(fs, root: str):
@@ -146,7 +151,7 @@ def _list_folder(source: str, exclude: Optional[str], extensions, fs=None) -> In
             raise InputError(f"{source}: no such folder or prefix")
         if info.type == pafs.FileType.File:  # one object
             return InputSet(fs, [InputItem(root, _uri(scheme, root), PurePosixPath(root).stem)])
-        listed = list(_walk_local(root, exclude) if local else _walk_store(fs, root))
+        listed = _walk_local(root, exclude) if local else list(_walk_store(fs, root))
     except OSError as e:
         raise InputError(f"{source}: cannot list ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
     paths, refused, ignored = {}, [], 0

@@ -256,6 +256,7 @@ def test_link_loops_list_each_file_once(tmp_path):
     (root / "sub/loop").symlink_to(root)  # in/sub/loop/sub/loop/... forever
     (root / "again").symlink_to(root / "sub")
     (root / "alias.jpg").symlink_to(root / "a.jpg")
+    (root / "0first.jpg").symlink_to(root / "sub/b.jpg")  # a link that sorts first: the real file still names it
     (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
     for source in (str(root), f"file://{root}"):
         inputs = list_inputs(source)
