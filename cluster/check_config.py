@@ -8,7 +8,8 @@ rules that together open a port Ray or Serve listens on (GCS 6379, dashboard/job
 the internet (more public sources than a /16, however the ranges are split; protocol -1 is every port; a
 prefix list cannot be judged offline), `ray start --dashboard-host` other than loopback, and any AWS node type
 left without its own security group (Ray would create one with SSH open to 0.0.0.0/0). Only AWS keeps its
-firewall in the file: other providers are reported "not checked: PROVIDER", never "ok". Spot node types are checked against what AWS accepts for nodes Ray manages
+firewall in the file: other providers are reported "not checked: PROVIDER", never "ok".
+Spot node types are checked against what AWS accepts for nodes Ray manages
 (AWS would refuse a wrong one only at launch), and the head may not be a spot node (a reclaim ends the run).
 
     python -m cluster.check_config ray_cluster.yaml cluster/onprem.yaml
@@ -214,7 +215,8 @@ def _prefix_list_problems(config: dict, ports: dict) -> list[str]:
     for path, rule, _, opened in _firewall_rules(config, ports):
         lists = [p.get("PrefixListId", "?") for p in rule.get("PrefixListIds", [])]
         if lists and opened:
-            problems.append(f"{path} admits prefix list {', '.join(lists)} on {', '.join(_label(p, ports) for p in opened)}"
+            named = ", ".join(_label(p, ports) for p in opened)
+            problems.append(f"{path} admits prefix list {', '.join(lists)} on {named}"
                             ": its addresses cannot be checked offline; use CIDRs (a /16 at most) or a group reference")
     return problems
 
