@@ -1,7 +1,9 @@
 """One self-describing checkpoint format for every stage: model config, weights, optional training state.
 
 A file is a ``torch.save`` of plain containers and tensors only, so ``torch.load(weights_only=True)`` reads
-it without unpickling code. The model is rebuilt from the config in the file alone.
+it without unpickling code. The model is rebuilt from the config in the file alone; that config records the
+atrous layout the weights were trained with (``model.atrous_layout``), and a file from before a field existed
+is read as the code that wrote it ran (`_as_written`), so no checkpoint changes its outputs.
 """
 from __future__ import annotations
 
@@ -117,13 +119,27 @@ def read_weights_file(path, map_location="cpu") -> dict:
 
 
 def _saved_configs(payload: dict) -> tuple:
-    """(ModelConfig, ExperimentConfig or None) as saved. Files written before model.align_corners existed
-    were trained and evaluated without aligned corners: they keep that."""
-    model = {"align_corners": False, **payload["model_config"]}
+    """(ModelConfig, ExperimentConfig or None) as saved, read as the code that wrote the file ran them."""
+    model = _as_written(payload["model_config"])
     experiment = payload.get("experiment")
     if experiment:
-        experiment = {**experiment, "model": {"align_corners": False, **(experiment.get("model") or {})}}
+        experiment = {**experiment, "model": _as_written(experiment.get("model") or {})}
     return model_config_from_dict(model), experiment_from_dict(experiment) if experiment else None
+
+
+def _as_written(model: dict) -> dict:
+    """A saved model config with what files from before a field existed meant: no aligned corners (before
+    model.align_corners), the atrous layout they were trained with (before model.atrous_layout: torchvision's
+    for head torchvision, else the legacy rule, so their outputs at every stride stay as they were), and
+    without model.aux_head (the auxiliary head was removed: it was never trained)."""
+    model = {k: v for k, v in model.items() if k != "aux_head"}
+    layout = "torchvision" if model.get("head") == "torchvision" else "legacy"
+    return {"align_corners": False, "atrous_layout": layout, **model}
+
+
+def _without_aux_head(weights: dict) -> dict:
+    """Weights less torchvision's auxiliary head, which files from before its removal may hold."""
+    return {k: v for k, v in weights.items() if not k.startswith("aux_classifier.")}
 
 
 def load_checkpoint(path, map_location="cpu") -> Checkpoint:
@@ -145,6 +161,7 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     weights = payload.get("model")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{path}: checkpoint has no weights")
+    weights = _without_aux_head(weights)
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))

@@ -36,8 +36,11 @@ BACKBONE_LAYERS = {
 }
 BACKBONE_WIDTH = {"resnet50": 64, "resnet101": 64, "resnet152": 64, "resnet_tiny": 8}
 OUTPUT_STRIDES = (8, 16, 32)  # what inference and export switch between
-MODEL_STRIDES = (8, 16, 32, 64, 128, 256)  # 64-256: the paper's Table 1, carried by cascaded blocks 5-7
+MODEL_STRIDES = (4, 8, 16, 32, 64, 128, 256)  # the paper's Table 1; 64-256 carried by cascaded blocks 5-7
 HEADS = ("paper", "torchvision")
+# Where atrous rates go once strides are removed (deeplab.model.block_layout): "exact" (the OS16 <-> OS8 switch is
+# an exact densification), "torchvision" (its _make_layer), "legacy" (checkpoints written before it was recorded).
+ATROUS_LAYOUTS = ("exact", "torchvision", "legacy")
 DATASETS = ("synthetic", "voc", "cityscapes", "ade20k", "folder")
 SYNTHETIC_MAX_CLASSES = 12  # background + the 11 shapes of deeplab.data.synthetic
 AMP_MODES = ("auto", "bf16", "fp16", "off")
@@ -183,10 +186,13 @@ class ModelConfig(_Section):
     multi_grid: Tuple[int, ...] = (1, 2, 4)
     aspp_rates: Tuple[int, ...] = (6, 12, 18)  # given for output stride 16; doubled at 8, halved at 32
     image_pooling: bool = True
+    aspp: bool = True  # false: the cascade-only head of Tables 1-3, logits by a 1x1 conv on the last block
     cascade_blocks: int = 0  # 0-3: the paper's block5..block7 (Section 3.2)
     head: str = "paper"  # "paper" | "torchvision" (extra 3x3 conv + dropout, for torchvision weights)
-    aux_head: bool = False  # torchvision's FCN auxiliary head on block3
     aspp_channels: int = 256
+    # The rule placing atrous rates (ATROUS_LAYOUTS); a checkpoint records the rule it was trained with.
+    # null: "torchvision" for head torchvision, else "exact".
+    atrous_layout: Optional[str] = None
     # Bilinear resizes (image pooling, logits, multi-scale inputs) with aligned corners, as the paper's
     # implementation: feature j of a 33x33 map sits on pixel 16j of a 513 input. null: true for head paper,
     # false for head torchvision (its published weights were trained so).
@@ -197,7 +203,7 @@ class ModelConfig(_Section):
         self._need(1 <= self.num_classes <= 255, "num_classes", "must be 1-255 (label 255 means ignore)")
         self._need(0 <= self.cascade_blocks <= 3, "cascade_blocks", "must be 0-3 (block5..block7)")
         self._need(self.output_stride in MODEL_STRIDES, "output_stride",
-                   "is not allowed; use one of 8, 16, 32 (64, 128, 256 with cascaded blocks)")
+                   "is not allowed; use one of 4, 8, 16, 32 (64, 128, 256 with cascaded blocks)")
         deepest = 32 * 2 ** self.cascade_blocks  # block4 strides to 32, each cascaded block doubles it
         self._need(self.output_stride <= deepest, "output_stride",
                    f"needs cascaded blocks to carry it: model.cascade_blocks={self.cascade_blocks} reaches "
@@ -206,20 +212,38 @@ class ModelConfig(_Section):
                    "must be 3 unit rates >= 1, e.g. [1, 2, 4]")
         self._need(len(self.aspp_rates) >= 1 and min(self.aspp_rates) >= 1, "aspp_rates",
                    "must be one or more atrous rates >= 1, e.g. [6, 12, 18]")
-        step = max(1, self.output_stride // 16)  # the rates are given at OS16 and scaled by 16 / output_stride
-        self._need(not any(r % step for r in self.aspp_rates), "aspp_rates",
-                   "cannot be halved for output_stride 32; use even rates" if step == 2 else
-                   f"cannot be scaled to output_stride {self.output_stride} (x 1/{step}); use multiples of {step}")
+        if self.aspp:
+            self._check_aspp_rates_scale()
         self._need_one_of("head", HEADS)
         if self.align_corners is None:
             self.align_corners = self.head == "paper"
+        if self.atrous_layout is None:
+            self.atrous_layout = "torchvision" if self.head == "torchvision" else "exact"
+        self._need_one_of("atrous_layout", ATROUS_LAYOUTS)
         self._need_at_least(1, "aspp_channels")
-        if self.head == "torchvision" and (self.multi_grid != (1, 1, 1) or self.cascade_blocks):
-            raise ConfigError("model.head='torchvision' has no Multi-Grid or cascaded blocks: "
-                              "set multi_grid [1, 1, 1] and cascade_blocks 0", ("model.head",))
+        if self.head == "torchvision" and (self.multi_grid != (1, 1, 1) or self.cascade_blocks or not self.aspp):
+            raise ConfigError("model.head='torchvision' has ASPP and no Multi-Grid or cascaded blocks: "
+                              "set multi_grid [1, 1, 1], cascade_blocks 0 and aspp true", ("model.head",))
+        self._need(self.atrous_layout != "torchvision" or self.multi_grid == (1, 1, 1), "atrous_layout",
+                   "has no Multi-Grid: set model.multi_grid [1, 1, 1]")
+
+    def _check_aspp_rates_scale(self) -> None:
+        """The rates are given at OS16 and scaled by 16 / output_stride: beyond 16 they must divide."""
+        step = max(1, self.output_stride // 16)
+        if not any(r % step for r in self.aspp_rates):
+            return
+        working = sorted({-(-r // step) * step for r in self.aspp_rates})
+        what = "cannot be halved for output_stride 32: use even rates" if step == 2 else \
+            f"cannot be scaled to output_stride {self.output_stride} (x 1/{step}): use multiples of {step}"
+        raise ConfigError(f"{self._key('aspp_rates')}={_show(self.aspp_rates)} {what}, e.g. {_show(working)}, or "
+                          "model.aspp: false (the cascade-only head of Tables 1-3)",
+                          (self._key("aspp_rates"), self._key("output_stride")))
 
     def rates_at(self, output_stride: Optional[int] = None) -> tuple:
-        """ASPP rates at an output stride: the configured (OS16) rates scaled by 16 / output_stride."""
+        """ASPP rates at an output stride: the configured (OS16) rates scaled by 16 / output_stride; none
+        without ASPP."""
+        if not self.aspp:
+            return ()
         os_ = output_stride or self.output_stride
         return tuple(r * 16 // os_ for r in self.aspp_rates)
 

@@ -204,14 +204,15 @@ class Run:
 def build_model_for_training(cfg: ExperimentConfig, resume: Optional[str]) -> tuple:
     """The model with its starting weights: a resumed checkpoint, else init_from (stage 2), else an ImageNet
     backbone, else the builder's from-scratch start. Returns (model, resumed checkpoint state or None)."""
-    model = build_model(cfg.model)
     if resume:
         ck = load_checkpoint(resume)
         if ck.config.backbone != cfg.model.backbone or ck.config.num_classes != cfg.model.num_classes:
             raise ConfigError(f"{resume}: this run was started with another model ({ck.config.backbone}, "
                               f"{ck.config.num_classes} classes); choose another run name (--name)")
+        model = build_model(cfg.model, atrous_layout=ck.config.atrous_layout)  # the rule the run began with
         model.load_state_dict(ck.model.state_dict())
         return model, ck.state
+    model = build_model(cfg.model)
     if cfg.train.init_from:
         ck = load_checkpoint(cfg.train.init_from)
         try:
@@ -251,8 +252,8 @@ def _data(cfg: ExperimentConfig, worker: Worker) -> tuple:
 
 
 def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memory_format) -> nn.Module:
-    """BN decay, frozen BN (stage 2: it stays frozen through every train()/eval() switch) and the unused aux
-    head out of training, on the device, then the runner's wrapping (SyncBN + DDP under Ray)."""
+    """BN decay, frozen BN (stage 2: it stays frozen through every train()/eval() switch), on the device,
+    then the runner's wrapping (SyncBN + DDP under Ray)."""
     t = cfg.train
     if t.bn_momentum is not None:
         for m in model.modules():
@@ -260,8 +261,6 @@ def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memo
                 m.momentum = t.bn_momentum
     if t.freeze_bn:
         model.freeze_batchnorm()
-    if getattr(model, "aux_classifier", None) is not None:  # kept for torchvision weights, not trained
-        model.aux_classifier.requires_grad_(False)
     model = worker.prepare_model(model.to(worker.device, memory_format=memory_format))
     return model.train()
 

@@ -4,7 +4,9 @@
     python -m deeplab.import_torchvision deeplabv3_resnet101_coco-586e9e4e.pth -o deeplabv3_r101.ckpt
 
 A ResNet file becomes the backbone of the paper's model (head freshly initialized, ready to train); a
-DeepLabV3 file becomes ``head="torchvision"`` at output stride 8 with torchvision's rates, giving its outputs.
+DeepLabV3 file becomes ``head="torchvision"`` at output stride 8 with torchvision's rates and atrous layout,
+giving its outputs. Its auxiliary head (``aux_classifier.*``, an FCN on block3 used only as a training loss)
+is dropped: this project neither trains nor exports it.
 """
 from __future__ import annotations
 
@@ -50,7 +52,9 @@ def import_state_dict(state: dict, arch: str | None = None, base: ModelConfig | 
         num_classes = state["classifier.4.weight"].shape[0] if "classifier.4.weight" in state else 21
         cfg = ModelConfig(backbone=arch[len("deeplabv3_"):], num_classes=num_classes, output_stride=8,
                           multi_grid=(1, 1, 1), aspp_rates=(6, 12, 18), image_pooling=True, head="torchvision",
-                          aux_head=any(k.startswith("aux_classifier.") for k in state))
+                          atrous_layout="torchvision")
+        aux = sorted(k for k in state if k.startswith("aux_classifier."))
+        state = {k: v for k, v in state.items() if not k.startswith("aux_classifier.")}
         model = build_model(cfg)
         own = model.state_dict()
         missing = sorted(set(own) - set(state))
@@ -61,7 +65,7 @@ def import_state_dict(state: dict, arch: str | None = None, base: ModelConfig | 
             raise ValueError(f"does not match torchvision's {arch}: {len(missing)} missing, {len(unexpected)} "
                              f"unexpected, {len(wrong)} mismatched keys (e.g. {example})")
         model.load_state_dict(state)
-        report = {"loaded": len(state), "missing": [], "unexpected": []}
+        report = {"loaded": len(state), "missing": [], "unexpected": [], "dropped": aux}
     else:
         base = base or ModelConfig()
         cfg = ModelConfig(**{**base.__dict__, "backbone": arch})
@@ -91,7 +95,9 @@ def main(argv=None) -> int:
     extra = [k for k in report["unexpected"] if not k.startswith("fc.")]
     print(f"imported {report['loaded']} tensors from {args.file} as {model_cfg.backbone} head={model_cfg.head} "
           f"OS{model_cfg.output_stride}; {len(report['missing'])} left at initialization"
-          + (f"; ignored unexpected keys: {', '.join(extra[:5])}" if extra else ""))
+          + (f"; ignored unexpected keys: {', '.join(extra[:5])}" if extra else "")
+          + (f"; dropped torchvision's auxiliary head ({len(report['dropped'])} aux_classifier tensors: "
+             "a training-only loss this project does not use)" if report.get("dropped") else ""))
     print(args.output)
     return 0
 

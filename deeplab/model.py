@@ -3,8 +3,8 @@
 State-dict keys match torchvision's ResNet (``backbone.conv1``, ``backbone.layer4.0.conv2``, ...) and, with
 ``head="torchvision"``, torchvision's DeepLabV3 (``classifier.0.convs.*``), so published weights load.
 
-The contract between parts: the backbone returns a dict of tensors (``out``: last block, ``aux``: block3);
-the head maps ``out`` to logits; the model upsamples logits to the input size.
+The contract between parts: the backbone returns a dict of tensors (``out``: the last block); the head maps
+``out`` to logits; the model upsamples logits to the input size.
 """
 from __future__ import annotations
 
@@ -23,29 +23,59 @@ from .config import BACKBONE_LAYERS, BACKBONE_WIDTH, ModelConfig
 def block_layout(cfg: ModelConfig, output_stride: Optional[int] = None) -> list:
     """Per block (block1..block4, then cascaded block5..7): ``(stride, [dilation of each unit's 3x3 conv])``.
 
-    Paper rule (Sections 3.1-3.2.1): once the feature map reaches ``output_stride``, a block that would stride
-    keeps stride 1 and doubles the atrous rate instead; from block4 on, unit i's rate is the block's rate
-    times the Multi-Grid unit rate r_i (OS16, MG (1,2,4): block4 rates (2,4,8)). Torchvision's layout gives
-    the first unit of a dilated block the previous rate (its layer4 at OS8 is (2,4,4)), kept for its weights.
+    Once the feature map reaches ``output_stride`` a block that would stride keeps stride 1 and the atrous rate
+    doubles (Section 3.1). Where the doubled rate starts is ``cfg.atrous_layout``:
+
+    - ``exact``: in block2-3 the unit whose stride is removed keeps the rate of its input and the units after
+      it get the doubled rate (the authors' TF-slim ``stack_blocks_dense``); block4 and the cascaded blocks
+      follow the paper's Multi-Grid rule, block rate x unit rate (Section 3.2.1: (2, 4, 8) at OS16, (4, 8, 16)
+      at OS8 with (1, 2, 4)).
+    - ``torchvision``: every block as block2-3 above (its ``_make_layer``; layer4 at OS8 is (2, 4, 4)).
+    - ``legacy``: every unit of a block whose stride is removed gets the doubled rate (files written before
+      the rule was recorded were trained so).
+
+    Which output-stride switches on the same weights are exact (see `densifies`): with ``exact``, every pair
+    of 4, 8 and 16, because only block2-3 lose strides between them; a pair that removes block4's or a
+    cascaded block's stride is not, since that unit's Multi-Grid rate (block rate x r1) is twice what
+    densifying needs. With ``torchvision`` every pair; with ``legacy`` none.
     """
     os_ = output_stride or cfg.output_stride
     units = list(BACKBONE_LAYERS[cfg.backbone]) + [BACKBONE_LAYERS[cfg.backbone][3]] * cfg.cascade_blocks
     layout = []
     current, rate = 4, 1  # the stem (7x7 stride-2 conv, stride-2 max pool) leaves stride 4
     for index, n_units in enumerate(units):
-        previous_rate = rate
+        input_rate = rate
         if index > 0 and current >= os_:
             stride, rate = 1, rate * 2
         else:
             stride = 1 if index == 0 else 2
             current *= stride
-        if cfg.head == "torchvision":
-            rates = [previous_rate] + [rate] * (n_units - 1)
-        else:
-            grid = cfg.multi_grid if index >= 3 else (1, 1, 1)
-            rates = [rate * grid[u % 3] for u in range(n_units)]
-        layout.append((stride, rates))
+        layout.append((stride, _unit_rates(cfg, index, n_units, input_rate, rate)))
     return layout
+
+
+def _unit_rates(cfg: ModelConfig, index: int, n_units: int, input_rate: int, rate: int) -> list:
+    """The 3x3 rates of one block's units: ``input_rate`` reaches the block, ``rate`` is the block's rate."""
+    if index >= 3 and cfg.atrous_layout != "torchvision":  # block4 and the cascaded blocks: Multi-Grid
+        return [rate * cfg.multi_grid[u % 3] for u in range(n_units)]
+    if cfg.atrous_layout == "legacy":
+        return [rate] * n_units
+    return [input_rate] + [rate] * (n_units - 1)
+
+
+def densifies(cfg: ModelConfig, coarse: int, fine: int) -> bool:
+    """Whether the backbone at output stride ``fine`` computes the ``coarse`` features at every position,
+    i.e. its output sampled every ``coarse // fine`` pixels equals the ``coarse`` output (same weights, eval
+    mode). Walks both layouts: a unit must use ``d`` times the coarse rate, where its input is ``d`` times
+    denser; ASPP's atrous branches then follow (their rates scale by the same factor), image pooling not."""
+    d = 1
+    for (s_coarse, r_coarse), (s_fine, r_fine) in zip(block_layout(cfg, coarse), block_layout(cfg, fine)):
+        for u, (a, b) in enumerate(zip(r_coarse, r_fine)):
+            if b != d * a:
+                return False
+            if u == 0:
+                d = d * s_coarse // s_fine
+    return d == coarse // fine
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,7 +112,11 @@ class Bottleneck(nn.Module):
             self.downsample[0].stride = (stride, stride)
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
+        stride = self.conv2.stride[0]
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        else:  # a cascaded unit built without stride and switched to one: subsample, as a strided 1x1 would
+            identity = x[..., ::stride, ::stride] if stride > 1 else x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
@@ -112,7 +146,6 @@ class ResNetBackbone(nn.Module):
             self.add_module(name, nn.Sequential(*units))
             self.block_names.append(name)
         self.out_channels = inplanes
-        self.aux_channels = width * 4 * Bottleneck.expansion
 
     def configure(self, layout: list) -> None:
         for name, (stride, rates) in zip(self.block_names, layout):
@@ -121,13 +154,9 @@ class ResNetBackbone(nn.Module):
 
     def forward(self, x) -> dict:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        features = {}
         for name in self.block_names:
             x = getattr(self, name)(x)
-            if name == "layer3":
-                features["aux"] = x
-        features["out"] = x
-        return features
+        return {"out": x}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -185,6 +214,8 @@ class ASPP(nn.Module):
 def _head(cfg: ModelConfig, in_channels: int) -> nn.Sequential:
     rates = cfg.rates_at()
     ch = cfg.aspp_channels
+    if not cfg.aspp:  # Tables 1-3: the cascaded blocks alone, logits by a 1x1 conv on the last block
+        return nn.Sequential(nn.Conv2d(in_channels, cfg.num_classes, 1))
     if cfg.head == "paper":  # ASPP, then the final 1x1 conv that gives the logits
         return nn.Sequential(ASPP(in_channels, rates, ch, cfg.image_pooling, align_corners=cfg.align_corners),
                              nn.Conv2d(ch, cfg.num_classes, 1))
@@ -193,13 +224,6 @@ def _head(cfg: ModelConfig, in_channels: int) -> nn.Sequential:
                               align_corners=cfg.align_corners),
                          nn.Conv2d(ch, ch, 3, padding=1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
                          nn.Conv2d(ch, cfg.num_classes, 1))
-
-
-def _aux_head(in_channels: int, num_classes: int) -> nn.Sequential:
-    """torchvision's FCNHead on block3, for an auxiliary loss."""
-    inter = in_channels // 4
-    return nn.Sequential(nn.Conv2d(in_channels, inter, 3, padding=1, bias=False), nn.BatchNorm2d(inter),
-                         nn.ReLU(inplace=True), nn.Dropout(0.1), nn.Conv2d(inter, num_classes, 1))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,7 +239,6 @@ class DeepLabV3(nn.Module):
         self.bn_frozen = False
         self.backbone = ResNetBackbone(cfg)
         self.classifier = _head(cfg, self.backbone.out_channels)
-        self.aux_classifier = _aux_head(self.backbone.aux_channels, cfg.num_classes) if cfg.aux_head else None
         _init_weights(self, zero_init_last)
 
     @property
@@ -223,10 +246,12 @@ class DeepLabV3(nn.Module):
         return self.config.output_stride
 
     def set_output_stride(self, output_stride: int) -> "DeepLabV3":
-        """Switch stride in place with the same weights (train at 16, infer at 8: Tables 4 and 6)."""
+        """Switch stride in place with the same weights (train at 16, infer at 8: Tables 4 and 6); which
+        switches are exact densifications is said in `block_layout`."""
         cfg = ModelConfig(**{**self.config.__dict__, "output_stride": output_stride})  # validates
         self.backbone.configure(block_layout(cfg))
-        self.classifier[0].set_rates(cfg.rates_at())
+        if cfg.aspp:
+            self.classifier[0].set_rates(cfg.rates_at())
         self.config = cfg
         return self
 

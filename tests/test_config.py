@@ -21,7 +21,7 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize("text,needle", [
     ("model:\n  backbon: resnet50\n", "unknown field(s) backbon"),
     ("modle: {}\n", "unknown section(s) modle"),
-    ("model:\n  output_stride: 4\n", "output_stride=4"),
+    ("model:\n  output_stride: 12\n", "output_stride=12"),
     ("model: [1, 2\n", "not valid YAML"),
 ])
 def test_bad_config_names_file_and_field(tmp_path, text, needle):
@@ -70,10 +70,10 @@ def test_shorthand_flag_is_the_set_override(tmp_path):
                               "--rates", "3", "6"])
     cfg = config_from_args(args)
     assert (cfg.cluster.num_workers, cfg.cluster.use_gpu, cfg.model.aspp_rates) == (8, True, (3, 6))
-    with pytest.raises(ConfigError, match="output_stride=4"):
+    with pytest.raises(ConfigError, match="output_stride=12"):
         bad = argparse.ArgumentParser()
         add_config_args(bad, aliases=[Alias("--output-stride", "model.output_stride")])
-        config_from_args(bad.parse_args(["--output-stride", "4"]))
+        config_from_args(bad.parse_args(["--output-stride", "12"]))
     # a base experiment (a checkpoint's own) is kept unless --config replaces it
     base = config_from_args(parser.parse_args(["--set", "train.lr=0.5"]))
     assert config_from_args(parser.parse_args(["--num-workers", "4"]), base=base).train.lr == 0.5

@@ -8,6 +8,9 @@
 6. one image per worker where BatchNorm still sees a batch       -> test_one_image_per_worker_*
 7. Table 1's output strides 64-256 with cascaded blocks          -> test_table1_strides_*
 (8, the console, is tests/test_console.py.)
+Issue 18 (OS switch as an exact densification: tests/test_densify.py):
+9. the cascade-only head of Tables 1-3 (model.aspp: false), OS 4-256 -> test_cascade_only_*
+10. the VOC stage configs: eval crop 513, stage 2 bootstraps         -> test_voc_stage_configs_*
 """
 import datetime
 import multiprocessing
@@ -350,8 +353,9 @@ def test_one_image_per_worker_trains_with_synchronized_bn_over_two_gloo_workers(
 
 def test_table1_strides_block_layout_against_the_paper():
     """ResNet with block5-7 (cascade_blocks 3): each block strides until the output stride is reached, then
-    keeps stride 1 and doubles the rate (Section 3.1). Multi-Grid (1, 2, 4) multiplies block4+ unit rates."""
-    for output_stride in (8, 16, 32, 64, 128, 256):
+    keeps stride 1 and doubles the rate (Section 3.1). Multi-Grid (1, 2, 4) multiplies block4+ unit rates; in
+    block2-3 the unit whose stride is removed keeps the rate of its input (issue 18: an exact densification)."""
+    for output_stride in (4, 8, 16, 32, 64, 128, 256):
         cfg = ModelConfig(backbone="resnet50", output_stride=output_stride, cascade_blocks=3,
                           aspp_rates=(max(1, output_stride // 16),))
         layout = block_layout(cfg)
@@ -365,8 +369,10 @@ def test_table1_strides_block_layout_against_the_paper():
                 s, rate = 1, rate * 2
             stride *= s
             expected.append((s, rate))
-        block_rates = [(s, rates[0] // (cfg.multi_grid[0] if b >= 3 else 1)) for b, (s, rates) in enumerate(layout)]
+        block_rates = [(s, rates[0] // cfg.multi_grid[0] if b >= 3 else rates[-1]) for b, (s, rates) in enumerate(layout)]
         assert block_rates == expected
+        for b in (1, 2):
+            assert layout[b][1][0] == expected[b - 1][1]  # the first unit: its input's rate
         assert stride == output_stride
         for b in range(3, 7):  # Multi-Grid on block4..7
             assert layout[b][1] == [expected[b][1] * r for r in cfg.multi_grid]
@@ -391,3 +397,112 @@ def test_table1_strides_need_the_cascaded_blocks_that_carry_them():
         features = model.backbone(torch.zeros(1, 3, 513, 513))["out"]
         assert features.shape[-2:] == (3, 3)  # 513 / 256, rounded up
         assert model(torch.zeros(1, 3, 513, 513)).shape == (1, 2, 513, 513)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 9. The cascade-only head of Tables 1-3
+
+
+def test_cascade_only_head_is_a_1x1_conv_on_the_last_block():
+    cfg = ModelConfig(backbone="resnet_tiny", num_classes=3, output_stride=64, cascade_blocks=1, aspp=False)
+    model = build_model(cfg)
+    assert cfg.rates_at() == () and not any(isinstance(m, nn.BatchNorm2d) for m in model.classifier.modules())
+    assert [type(m) for m in model.classifier] == [nn.Conv2d]
+    assert model.classifier[0].kernel_size == (1, 1) and model.classifier[0].in_channels == model.backbone.out_channels
+
+
+def test_cascade_only_aspp_at_a_stride_its_rates_cannot_reach_names_the_way_out():
+    with pytest.raises(ConfigError) as e:
+        ModelConfig(output_stride=64, cascade_blocks=1)
+    message = str(e.value)
+    assert "\n" not in message and "model.aspp: false" in message and "use multiples of 4, e.g. [8, 12, 20]" in message
+    ModelConfig(output_stride=64, cascade_blocks=1, aspp_rates=(8, 12, 20))  # the rates it proposes work
+    with pytest.raises(ConfigError, match=r"^--set model.output_stride=64: model.aspp_rates=\[6, 12, 18\]"):
+        load_config(None, ["model.output_stride=64", "model.cascade_blocks=1"])  # names what the user changed
+    with pytest.raises(ConfigError, match="model.aspp: false"):
+        ModelConfig(output_stride=32, aspp_rates=(3, 6, 9))
+    assert ModelConfig(output_stride=256, cascade_blocks=3, aspp=False).aspp_rates == (6, 12, 18)  # ignored
+    with pytest.raises(ConfigError, match="aspp true"):
+        ModelConfig(head="torchvision", multi_grid=(1, 1, 1), aspp=False)
+
+
+def test_cascade_only_is_not_pruned_for_aspp_rates_it_does_not_have():
+    """The search prunes ASPP rates that degenerate to 1x1 filters (Figure 4); without ASPP there are none."""
+    from deeplab.config import ExperimentConfig
+    from tuning.spaces import prune_reason
+
+    with_aspp = load_config(None, ["model.backbone=resnet_tiny", "data.crop_size=65", "model.output_stride=16"])
+    assert "ASPP rate" in prune_reason(with_aspp, 0.5, 1)
+    without = ExperimentConfig(**{**with_aspp.__dict__, "model": ModelConfig(backbone="resnet_tiny", aspp=False)})
+    assert prune_reason(without, 0.5, 1) is None
+
+
+TABLE1_STRIDES = (4, 8, 16, 32, 64, 128, 256)
+
+
+def _cascade_only(output_stride, *extra):
+    return load_config(None, ["model.backbone=resnet_tiny", "model.num_classes=3", "model.cascade_blocks=3",
+                              "model.aspp=false", f"model.output_stride={output_stride}", "train.max_iterations=1",
+                              "train.batch_size=2", "train.eval_interval=1", "train.amp=off", "data.crop_size=65",
+                              "data.synthetic_size=65", "data.synthetic_train=2", "data.synthetic_val=1",
+                              "data.synthetic_classes=3", "data.loader_workers=0", "cluster.num_workers=1", *extra])
+
+
+@pytest.mark.parametrize("output_stride", TABLE1_STRIDES)
+def test_cascade_only_trains_at_every_stride(tmp_path, output_stride):
+    """Table 1: block4..block7 without ASPP at output stride 4-256 builds and takes a training step (the
+    project's loop, one worker) that changes its weights; the checkpoint rebuilds it."""
+    keep = Keep(tmp_path)
+    torch.manual_seed(0)
+    before = build_model(_cascade_only(output_stride).model).classifier[0].weight.clone()
+    train(_cascade_only(output_stride), Worker(report=keep))
+    ckpt = load_checkpoint(keep.paths[1])
+    assert ckpt.config.output_stride == output_stride and not ckpt.config.aspp
+    assert not torch.equal(ckpt.model.classifier[0].weight, before)
+
+
+@pytest.mark.slow
+def test_cascade_only_exports_at_every_stride(tmp_path):
+    """Each stride's model exports to ONNX (static 65x65: the exporter checks parity) and gives the same
+    logits in onnxruntime."""
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from export.to_onnx import export_checkpoint
+
+    x = torch.randn(1, 3, 65, 65)
+    for output_stride in TABLE1_STRIDES:
+        cfg = _cascade_only(output_stride).model
+        model = build_model(cfg).eval()
+        nn.init.normal_(model.classifier[0].weight, std=1.0)  # logits with some range
+        save_checkpoint(tmp_path / "m.ckpt", model, cfg)
+        onnx_path = tmp_path / f"os{output_stride}.onnx"
+        export_checkpoint(tmp_path / "m.ckpt", onnx_path, output_stride=output_stride, dynamic=False,
+                          parity_sizes=(65,), parity_batch=1)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        session = onnxruntime.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        assert got.shape == (1, 3, 65, 65)
+        assert abs(got - expected).max() <= 1e-3 * max(1.0, abs(expected).max()), output_stride
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 10. The VOC stage configs
+
+
+def test_voc_stage_configs_evaluate_at_513_and_stage2_bootstraps():
+    """Section 4.1: crop 513 "during both training and test"; Section 4.3: the test-server model (stage 2)
+    duplicates images with the hard classes bicycle, chair, table, potted plant and sofa."""
+    from pathlib import Path
+
+    import yaml
+
+    from deeplab.config import experiment_from_dict
+
+    configs = Path(__file__).parents[1] / "configs"
+    stage1, stage2 = (experiment_from_dict(yaml.safe_load((configs / name).read_text()))
+                      for name in ("voc_stage1.yaml", "voc_stage2.yaml"))
+    for cfg in (stage1, stage2):
+        assert cfg.data.crop_size == 513 and cfg.data.val_size == 513
+    assert stage1.data.bootstrap_classes == () and stage1.model.output_stride == 16
+    assert stage2.data.bootstrap_classes == (2, 9, 11, 16, 18) and stage2.data.bootstrap_repeat == 2
+    assert stage2.model.output_stride == 8 and stage2.model.atrous_layout == "exact"
