@@ -2,7 +2,9 @@
 
 1. local Ray, 2 CPU workers, DDP with synchronized BatchNorm, synthetic scenes: ResNet-50 DeepLabv3
    trained from scratch with `cluster.train` (configs/demo.yaml) -> runs/demo/best.ckpt
-2. the best checkpoint evaluated on the validation set at output stride 16 (as trained) and 8 (paper: run at 8)
+2. the best checkpoint evaluated on the validation set at output stride 16 (as trained) and 8 (paper: run at 8),
+   and a picture of what it learned: 4 validation images, each as image | ground truth | prediction at output
+   stride 8 (in the dataset's palette) -> runs/demo/predictions_os8.png, named on the console's last line
 3. if the export package is installed: ONNX at output stride 8 (checked against PyTorch in onnxruntime) and a
    short benchmark of the backends it finds
 
@@ -19,6 +21,7 @@ import time
 from deeplab.cli import command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PICTURE = "predictions_os8.png"  # in the run folder: what the demo learned, named on the console's last line
 
 
 def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
@@ -33,6 +36,21 @@ def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
     loader = DataLoader(build_dataset(ck.experiment.data, ck.experiment.data.val_split, train=False), batch_size=1)
     return {os_: evaluate(model_predictor(ck.model, output_stride=os_), loader, ck.config.num_classes).miou()
             for os_ in output_strides}
+
+
+def write_picture(path: str, output: str, count: int = 4, scale: int = 2) -> str:
+    """image | ground truth | prediction at output stride 8 for the first ``count`` validation images of the
+    checkpoint's experiment, in its dataset's palette, as one PNG (panels enlarged ``scale`` times)."""
+    from deeplab import load_checkpoint
+    from deeplab.data import build_dataset, dataset_info
+    from deeplab.visualize import validation_grid, write_png
+
+    ck = load_checkpoint(path)
+    data = ck.experiment.data
+    info = dataset_info(data)
+    grid = validation_grid(ck.model, build_dataset(data, data.val_split, train=False), info.palette, count=count,
+                           output_stride=8, ignore_index=data.ignore_index, scale=scale, names=info.class_names)
+    return str(write_png(output, grid))
 
 
 def export_and_bench(best: str, out: str) -> None:
@@ -97,6 +115,7 @@ def main(argv=None) -> int:
     miou = evaluate_checkpoint(best)
     for os_, value in miou.items():
         print(f"  output stride {os_:2d}: val mIoU {value:.4f}")
+    picture = write_picture(best, os.path.join(run_dir, PICTURE))
     evaluated = time.perf_counter()
 
     if args.skip_export:
@@ -108,6 +127,7 @@ def main(argv=None) -> int:
     print(f"\ndemo finished in {(done - started) / 60:.1f} min (training {(trained - started) / 60:.1f}, evaluation "
           f"{(evaluated - trained) / 60:.1f}, export+bench {(done - evaluated) / 60:.1f}); "
           f"val mIoU at output stride 8: {miou[8]:.4f}; best checkpoint {best}")
+    print(f"what it learned (image | ground truth | prediction at output stride 8): {picture}")
     return 0
 
 

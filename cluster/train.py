@@ -319,6 +319,65 @@ def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int]
              runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **kwargs)
 
 
+STORAGE_MARKER = ".storage-check"
+
+
+def _sees_file(path: str) -> bool:
+    return os.path.isfile(path)
+
+
+def _worker_nodes(cfg: ExperimentConfig) -> list:
+    """The live nodes a worker of this run may be placed on: those with a GPU for a GPU run, else with CPUs."""
+    import ray
+
+    need = "GPU" if cfg.cluster.use_gpu else "CPU"
+    return [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get(need, 0) > 0]
+
+
+def check_storage_visible(cfg: ExperimentConfig, storage: str, timeout_s: float = 120.0) -> None:
+    """Refuse, in one line, a storage folder that a node the run may use cannot see.
+
+    Ray Train checks this only at the first checkpoint upload, hours into a run. Same test, up front: the
+    driver writes a marker into ``storage`` and a task pinned to each other node looks for it. Object stores
+    (s3://, gs://) and a shared filesystem mounted at the same path on every node pass; nodes that join later
+    are checked by Ray itself at their first upload."""
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    if _is_remote(storage):
+        return
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in _worker_nodes(cfg) if n["NodeID"] != here]
+    if not nodes:
+        return
+    marker = os.path.join(storage, f"{STORAGE_MARKER}-{uuid.uuid4().hex}")
+    try:
+        ensure_dir(storage)
+        write_text_atomic(marker, "written by the driver; each node looks for it\n")
+    except OSError as e:
+        raise ConfigError(f"cluster.storage_path={storage}: cannot write there ({e.strerror or e})",
+                          ("cluster.storage_path",)) from None
+    look = ray.remote(num_cpus=0, max_retries=0)(_sees_file)
+    try:
+        pending = [look.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                   .remote(marker) for n in nodes]
+        seen = ray.get(pending, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(f"cluster.storage_path={storage}: a node did not answer the storage check within "
+                          f"{timeout_s:.0f} s", ("cluster.storage_path",)) from None
+    finally:
+        os.remove(marker)
+    blind = next((n for n, ok in zip(nodes, seen) if not ok), None)
+    if blind is not None:
+        raise ConfigError(
+            f"cluster.storage_path={storage} is not visible on node {blind['NodeManagerAddress']} (id "
+            f"{blind['NodeID'][:12]}), where workers may run: use an object store (--storage-path "
+            f"s3://BUCKET/runs) or a shared filesystem (NFS) mounted at the same path on every node",
+            ("cluster.storage_path",))
+
+
 def run_logs_dir(cfg: ExperimentConfig) -> Optional[str]:
     """RUN_DIR/logs: the full console and Ray Train's log files (None for remote storage)."""
     storage = resolve_storage_path(cfg.cluster.storage_path)
@@ -335,6 +394,7 @@ def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False,
         preflight(cfg)
     init_ray(cfg, **ray_init_options(verbose))
     storage = resolve_storage_path(cfg.cluster.storage_path)
+    check_storage_visible(cfg, storage)  # before any training, not at the first checkpoint upload
     run_dir = f"{storage.rstrip('/')}/{cfg.cluster.name}"
     if not _is_remote(storage) and os.path.isdir(run_dir):
         print(f"run directory {run_dir} exists: resuming that run where it stopped", flush=True)
@@ -351,8 +411,9 @@ def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False,
 
 
 def preflight(cfg: ExperimentConfig) -> None:
-    """Open the datasets and checkpoints once on the driver, so a bad path fails in one line here."""
-    from deeplab.checkpoint import load_checkpoint
+    """Open the datasets and checkpoints once on the driver, so a bad path fails in one line here; remote
+    weights (s3://...) are read as the workers will read them (pyarrow)."""
+    from deeplab.checkpoint import load_checkpoint, read_weights_file
     from deeplab.data import build_dataset, dataset_info
 
     cfg = _absolute_paths(cfg)
@@ -362,8 +423,10 @@ def preflight(cfg: ExperimentConfig) -> None:
                           f"{num_classes} classes")
     build_dataset(cfg.data, cfg.data.train_split, train=True)
     build_dataset(cfg.data, cfg.data.val_split, train=False)
-    if cfg.train.init_from and not _is_remote(cfg.train.init_from):
+    if cfg.train.init_from:
         load_checkpoint(cfg.train.init_from)
+    elif cfg.train.pretrained_backbone and _is_remote(cfg.train.pretrained_backbone):  # local: checked by config
+        read_weights_file(cfg.train.pretrained_backbone)
 
 
 @command

@@ -95,15 +95,60 @@ def save_checkpoint(path, model: torch.nn.Module, cfg, **state) -> Path:
     return path
 
 
-def read_weights_file(path, map_location="cpu") -> dict:
-    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file")
+def _remote_filesystem(uri: str) -> tuple:
+    """(pyarrow filesystem, path on it), as Ray Train resolves its storage_path: pyarrow's own (s3, gs, hdfs,
+    file), else an fsspec one (abfs, memory, ...) wrapped for pyarrow."""
+    import pyarrow
+    import pyarrow.fs
+
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return pyarrow.fs.FileSystem.from_uri(uri)
+    except pyarrow.ArrowInvalid:
+        import fsspec
+
+        fs, where = fsspec.core.url_to_fs(uri)
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), where
+
+
+def _read_remote(uri: str):
+    """An object-store file (s3://, gs://, file://...) read whole through pyarrow's filesystems, the layer the
+    cluster reads remote images and run storage with; pyarrow is imported only for such a path."""
+    import io
+
+    import pyarrow.fs
+
+    try:
+        fs, where = _remote_filesystem(uri)
+        info = fs.get_file_info(where)
+        if info.type == pyarrow.fs.FileType.NotFound:
+            raise CheckpointError(f"{uri}: no such file")
+        if info.type == pyarrow.fs.FileType.Directory:
+            raise CheckpointError(f"{uri}: is a folder, not a weights file")
+        with fs.open_input_file(where) as f:
+            data = f.readall()
+    except CheckpointError:
+        raise
+    except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad URIs, credentials, unreachable stores
+        raise CheckpointError(f"{uri}: cannot read ({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
+    if not data:
+        raise CheckpointError(f"{uri}: empty file")
+    return io.BytesIO(data)
+
+
+def read_weights_file(path, map_location="cpu") -> dict:
+    """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError. A URI
+    (s3://bucket/best.ckpt) is read through pyarrow."""
+    if "://" in str(path):
+        path = source = str(path)
+        source = _read_remote(path)
+    else:
+        path = source = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        if path.stat().st_size == 0:
+            raise CheckpointError(f"{path}: empty file")
+    try:
+        return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = str(e).split("\n")[0].strip()
         detail = ""

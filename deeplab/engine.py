@@ -40,6 +40,7 @@ from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_work
 from .data import build_dataset, dataset_info
 from .inference import align_corners, evaluate, model_predictor
 from .model import build_model, load_backbone_weights
+from .visualize import validation_grid
 
 
 @dataclass
@@ -71,9 +72,16 @@ def poly_lr(base_lr: float, iteration: int, max_iterations: int, power: float = 
     return base_lr * (1 - iteration / max_iterations) ** power
 
 
+def cuda_amp_for_capability(capability: tuple) -> torch.dtype:
+    """amp: auto on a GPU of this compute capability: bf16 where it is native (Ampere, 8.0, and newer), fp16
+    with GradScaler before that. Not torch.cuda.is_bf16_supported(): by default it counts emulation, so a
+    T4 (7.5) or V100 (7.0) would train in slow emulated bf16."""
+    return torch.bfloat16 if tuple(capability) >= (8, 0) else torch.float16
+
+
 def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    """train.amp -> autocast dtype (None: full precision). auto: bf16 on CUDA (fp16 on GPUs without bf16)
-    and on CPUs with native bf16 (AVX512-BF16 / AMX), else off."""
+    """train.amp -> autocast dtype (None: full precision). auto: bf16 on GPUs with native bf16 (compute
+    capability 8.0+), fp16 on older GPUs, bf16 on CPUs with native bf16 (AVX512-BF16 / AMX), else off."""
     if amp == "off":
         return None
     if amp == "bf16":
@@ -83,7 +91,7 @@ def resolve_amp(amp: str, device: torch.device) -> Optional[torch.dtype]:
             raise ConfigError("train.amp=fp16 needs a CUDA device; use bf16, auto or off on CPU")
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_amp_for_capability(torch.cuda.get_device_capability(device))
     if device.type == "cpu":
         native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or \
             getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
@@ -435,6 +443,10 @@ def evaluate_and_report(run: Run, meter: Meter, epoch: int, lr: float) -> dict:
         print(f"eval at iter {run.iteration}: val mIoU {metrics['val_miou']:.4f}", flush=True)
         if run.writer:
             run.writer.add_scalar("val/miou", metrics["val_miou"], run.iteration)
+            info = dataset_info(run.cfg.data)  # image | ground truth | prediction at OS8, as the demo draws it
+            run.writer.add_image("val/predictions_os8", validation_grid(
+                unwrap(run.model), run.val_set, info.palette, amp=run.amp, ignore_index=run.cfg.data.ignore_index,
+                names=info.class_names), run.iteration, dataformats="HWC")
             run.writer.flush()
     _report(run, metrics, rng)
     meter.reset()

@@ -9,11 +9,12 @@ Q/DQ with 8-bit and 7-bit weights; CUDA and TensorRT providers where they load),
 and, with native bf16, bf16; NNCF INT8 IR; the Q/DQ ONNX) and TensorRT engines given with --engine. Each is
 warmed up, then all are timed interleaved (one call each per round, the order rotating) so a noisy shared
 machine slows them alike. Reported per backend and batch size: latency min/median/p90/p99, images/s, peak
-memory (process RSS on CPU and what one call adds to it; the CUDA allocator's peak on GPU), GFLOP/s against
-the model's FLOP count and as a share of this machine's limit for its arithmetic (fp32 GEMM/convolution,
-bf16 GEMM, int8 GEMM, measured in the same run), the median ratio to eager fp32 and, on labelled validation
-images, mIoU and pixel agreement with fp32. The CPU's VNNI/bf16/AMX are detected and reported. Prints a
-table, writes bench.json and bench.png; says what it skipped and why.
+memory (process RSS on CPU and what one call adds to it; the CUDA allocator's peak on GPU), GFLOP/s of the
+FLOPs no engine can skip (products with zero padding left out) and as a share (%limit) of this CPU's peak for
+its arithmetic (fp32, bf16, int8: an upper bound from the instruction set, cores and clock, export.cpu's
+peak_limits; GEMMs measured in the same run are reported against it), the median ratio to eager fp32 and,
+on labelled validation images, mIoU and pixel agreement with fp32. The CPU's VNNI/bf16/AMX are detected and
+reported. Prints a table, writes bench.json and bench.png; says what it skipped and why.
 """
 from __future__ import annotations
 
@@ -53,6 +54,45 @@ def count_flops(model: torch.nn.Module, size: int) -> int:
     with torch.no_grad(), counter:
         meta(torch.zeros(1, 3, size, size, device="meta"))
     return int(counter.get_total_flops())
+
+
+def taps_inside(size_in: int, size_out: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Along one axis of a convolution: the (output position, kernel tap) pairs whose input falls inside the
+    image. A tap that reads zero padding needs no arithmetic, and engines skip it (an atrous rate larger
+    than the feature map leaves only the centre tap)."""
+    count = 0
+    for tap in range(kernel):
+        offset = tap * dilation - padding  # input index = output index * stride + offset
+        first = max(0, -(offset // stride))  # ceil(-offset / stride)
+        last = min(size_out - 1, (size_in - 1 - offset) // stride)
+        count += max(0, last - first + 1)
+    return count
+
+
+def required_flops(model: torch.nn.Module, size: int) -> int:
+    """FLOPs of one forward pass that no engine can avoid: `count_flops` less every convolution's products
+    with zero padding (bench's GFLOP/s and %limit use this count, so skipping padding cannot pass 100%)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    saved = []
+
+    def hook(conv, inputs, output):
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            return
+        (_, _, h, w), (_, c_out, oh, ow) = inputs[0].shape, output.shape
+        per_pair = 2 * conv.in_channels // conv.groups * c_out * output.shape[0]
+        inside = (taps_inside(h, oh, conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
+                  * taps_inside(w, ow, conv.kernel_size[1], conv.stride[1], conv.padding[1], conv.dilation[1]))
+        saved.append(per_pair * (conv.kernel_size[0] * conv.kernel_size[1] * oh * ow - inside))
+
+    meta = copy.deepcopy(model).to("meta")
+    for m in meta.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(hook)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        meta(torch.zeros(1, 3, size, size, device="meta"))
+    return int(counter.get_total_flops()) - sum(saved)
 
 
 def percentile(values, q: float) -> float:
@@ -111,6 +151,7 @@ class Backend:
     note: str = ""
     logits: Optional[Callable] = None
     kind: str = "fp32"  # the arithmetic it mostly runs (fp32 | bf16 | int8): which machine limit it is held to
+    refuses: Optional[Callable] = None  # refuses(shape) -> why it cannot run an input of that shape, or None
 
 
 class Skip(Exception):
@@ -194,9 +235,28 @@ def trt_backend(engine_path) -> Backend:
         runner = TensorRTRunner(engine_path)
     except (EngineError, ImportError) as e:
         raise Skip(str(e)) from None
-    precision = read_sidecar(engine_path).get("precision", "?")
+    sidecar = read_sidecar(engine_path)
     return Backend(f"tensorrt_{Path(engine_path).stem}", prepare=lambda x: x.cuda(), run=runner, device="cuda",
-                   note=f"TensorRT engine ({precision})", logits=lambda x: runner(torch.as_tensor(x)).float().cpu())
+                   note=f"TensorRT engine ({sidecar.get('precision', '?')})",
+                   logits=lambda x: runner(torch.as_tensor(x)).float().cpu(),
+                   refuses=lambda shape: TensorRTRunner.outside_profile(sidecar, shape))
+
+
+def _shape_text(shape) -> str:
+    return "x".join(map(str, tuple(shape)))
+
+
+def runnable(backends: list, shapes: list, skipped: dict, what: str) -> list:
+    """The backends that accept every input shape; the others are recorded in `skipped` with the reason (an
+    engine's optimization profile): one out-of-profile input must not cost the whole run its figures."""
+    keep = []
+    for b in backends:
+        why = next(((shape, r) for shape in shapes if (r := b.refuses and b.refuses(shape))), None)
+        if why is None:
+            keep.append(b)
+        else:
+            skipped[f"{b.name} {what}"] = f"input {_shape_text(why[0])}: {why[1]}"
+    return keep
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -241,8 +301,8 @@ def accuracy(backends: list, batches: list, num_classes: int, ignore_index: int)
 
 def summarize(runs: dict, flops: int, backends: list, batch: int, reference: str = "torch_fp32",
               limits: Optional[dict] = None) -> list:
-    """One row per backend; `limit_share` is its GFLOP/s over this machine's measured limit for its kind of
-    arithmetic (CPU backends only: the limits are measured on the CPU)."""
+    """One row per backend; `limit_share` is its GFLOP/s over this CPU's peak for its kind of arithmetic (an
+    upper bound, export.cpu.peak_limits; CPU backends only)."""
     rows, limits = [], limits or {}
     ref_med = statistics.median(runs["times"][reference]) if reference in runs["times"] else None
     for b in backends:
@@ -276,6 +336,18 @@ def recommend(rows: list, acc: dict, max_drop: float, device: str = "cpu") -> Op
     return (f"fastest {device.upper()} path within {max_drop} mIoU of fp32: {best['backend']} "
             f"({best['speedup_vs_fp32']:.2f}x eager fp32 at batch {first}, median {best['median_ms']:.0f} ms; "
             + (f"mIoU change {change:+.2f})" if change is not None else "accuracy not measured)"))
+
+
+def describe_limits(peak: dict, measured: dict) -> str:
+    """The %limit column's denominators and how they were found, with what GEMMs reached of them."""
+    kinds = [k for k in ("fp32", "bf16", "int8") if k in peak]
+    if not kinds:
+        return f"no peak known for this CPU ({peak.get('clock_source')}, no vector unit recognized): %limit left out"
+    per_cycle = "/".join(str(peak["ops_per_cycle"][k]) for k in kinds)
+    reached = ", ".join(f"{k} {measured[k]:.0f} ({100 * measured[k] / peak[k]:.0f}%)" for k in kinds if k in measured)
+    return ("peak, the %limit column's upper bound (G(FL)OP/s): " + ", ".join(f"{k} {peak[k]:.0f}" for k in kinds)
+            + f" = {peak['cores']} core(s) x {per_cycle} {'/'.join(kinds)} operations per cycle x "
+            f"{peak['clock_ghz']:.2f} GHz [{peak['clock_source']}]; GEMMs measured now reach {reached}")
 
 
 def format_table(rows: list, acc: dict) -> str:
@@ -525,19 +597,22 @@ def all_backends(model, cfg, args, skipped: dict) -> list:
     return [b for b in backends if wanted(b.name)]
 
 
-def time_backends(backends: list, cfg, args, flops: int, limits: dict) -> list:
-    """Summary rows of every backend at every --batch size, timed interleaved on the same real images."""
+def time_backends(backends: list, cfg, args, flops: int, limits: dict, skipped: Optional[dict] = None) -> list:
+    """Summary rows of every backend at every --batch size, timed interleaved on the same real images; a
+    backend that cannot take a batch's shape is skipped at that batch size (the reason in `skipped`)."""
     from export.samples import sample_images
 
     rows, size = [], cfg.export.image_size
+    skipped = {} if skipped is None else skipped
     for batch in args.batch:
         x = sample_images(cfg.data, cfg.data.val_split, batch, size)
         x = x if x is not None else torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
-        inputs = {b.name: b.prepare(x) for b in backends}
+        now = runnable(backends, [x.shape], skipped, f"at batch {batch}")
+        inputs = {b.name: b.prepare(x) for b in now}
         log.info(f"batch {batch}: {args.warmup} warm-up call(s) each, then {args.repeats} interleaved round(s) "
-                 f"of {len(backends)} backends")
-        runs = interleaved(backends, inputs, args.repeats, args.warmup)
-        rows += summarize(runs, flops, backends, batch, backends[0].name, limits)
+                 f"of {len(now)} backends")
+        runs = interleaved(now, inputs, args.repeats, args.warmup)
+        rows += summarize(runs, flops, now, batch, backends[0].name, limits)
     return rows
 
 
@@ -553,6 +628,7 @@ def measure_accuracy(backends: list, cfg, num_classes: int, skipped: dict) -> di
         skipped["accuracy"] = f"no labelled images ({str(e).splitlines()[0][:160]})"
         return {}
     log.info(f"accuracy on {len(batches)} {cfg.data.dataset}/{cfg.data.val_split} image(s):")
+    backends = runnable(backends, sorted({tuple(x.shape) for x, _ in batches}), skipped, "accuracy")
     return accuracy(backends, batches, num_classes, cfg.data.ignore_index)
 
 
@@ -571,30 +647,32 @@ def report(result: dict, out: Path) -> None:
 
 
 def benchmark(args) -> int:
-    from export.cpu import cpu_features, measured_limits
+    from export.cpu import cpu_features, measured_limits, peak_limits
 
     model, cfg = load_subject(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     ex, out = cfg.export, ensure_dir(args.out)
-    flops = count_flops(model, ex.image_size)
+    dense, flops = count_flops(model, ex.image_size), required_flops(model, ex.image_size)
     cuda = torch.cuda.is_available()
     log.info(f"{model.config.backbone}, output stride {ex.output_stride}, {ex.image_size}x{ex.image_size}: "
-             f"{flops / 1e9:.1f} GFLOP per image; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+             f"{flops / 1e9:.1f} GFLOP per image ({dense / 1e9:.1f} with the products with zero padding); "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
              f"{'CUDA ' + torch.cuda.get_device_name() if cuda else 'no GPU'}")
-    features, limits = cpu_features(), measured_limits(torch.get_num_threads())
+    features, limits = cpu_features(), peak_limits(torch.get_num_threads())
+    measured = measured_limits(torch.get_num_threads())
     log.info(f"CPU {features['cpu']}: VNNI {features['vnni']}, native bf16 {features['native_bf16']}, AMX "
-             f"{features['amx']}; measured limits (GFLOP/s): "
-             + ", ".join(f"{k} {limits[k]:.0f}" for k in ("fp32", "bf16", "int8") if k in limits))
+             f"{features['amx']}; {describe_limits(limits, measured)}")
     skipped = {}
     backends = all_backends(model, cfg, args, skipped)
     if not backends:
         raise UserError("no backend left to run (check --backends)")
-    rows = time_backends(backends, cfg, args, flops, limits)
+    rows = time_backends(backends, cfg, args, flops, limits, skipped)
     acc = measure_accuracy(backends, cfg, model.config.num_classes, skipped)
     report({"model": model.config.backbone, "output_stride": ex.output_stride, "size": ex.image_size,
-            "flops_per_image": flops, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": features, "limits": limits, "rows": rows, "accuracy": acc, "skipped": skipped,
+            "flops_per_image": flops, "dense_flops_per_image": dense, "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": features, "limits": limits, "measured_limits": measured,
+            "rows": rows, "accuracy": acc, "skipped": skipped,
             "checkpoint": args.checkpoint, "recommendation": recommend(rows, acc, ex.max_int8_miou_drop)}, out)
     return 0
 

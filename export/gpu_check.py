@@ -5,14 +5,20 @@ without TensorRT (the case of a lent GPU machine).
     python -m export.gpu_check                  # writes $OUT/gpu_check.json (else runs/gpu_check.json)
 
 Sections, each timed with CUDA synchronization, written to the JSON as soon as it is done (a run cut short
-keeps what it measured), skipped with a reason when the time budget (--budget-s) is spent:
-1. inference, R-101 (--backbone) at output stride 8, --size 513, batch 1 and 8: eager fp32, fp16 and bf16
-   autocast (channels_last), torch.compile (inductor) in bf16: median latency and images/s;
-2. training steps of the full model at --size crops with torch.nn.SyncBatchNorm in a process group of 1
-   (nccl): fp32, and AMP bf16 + channels_last: images/s;
+keeps what it measured), each failing alone (its reason in "skipped", the others' figures kept), skipped with
+a reason when the time budget (--budget-s) is spent:
+1. inference, R-101 (--backbone) at output stride 8, --size 513, batch 1 and 8, one section per variant:
+   eager fp32, fp16 and bf16 autocast (channels_last), torch.compile (inductor) in bf16;
+2. training, one section per variant (AMP fp16 with GradScaler, AMP bf16, both channels_last; fp32 NCHW):
+   a few iterations of the project's own loop (`deeplab.engine.train`) on synthetic --size crops with
+   SyncBatchNorm converted, one evaluation, its checkpoint saved, loaded and resumed for one more iteration.
+   With 2+ GPUs it runs as 2 processes under DDP and NCCL; on one GPU a group of one runs SyncBatchNorm as
+   plain BatchNorm, and the JSON says so;
 3. ONNX export parity: the exported ONNX in onnxruntime (CPU) against the model on the GPU;
 4. where tensorrt imports: FP16 and INT8 engines built and timed with export.runtime.TensorRTRunner.
-Without a CUDA GPU it prints one line, ``no CUDA GPU``, and exits 2.
+fp32 figures carry the TF32 switches they ran under (torch.backends.cuda.matmul / cudnn.allow_tf32).
+Without a CUDA GPU it prints one line, ``no CUDA GPU``, and exits 2; ``--cpu-dry-run`` runs the same sections
+on the CPU with a tiny model instead (what the tests use).
 """
 from __future__ import annotations
 
@@ -97,11 +103,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="inference batch sizes")
     p.add_argument("--train-batch", type=int, default=8, help="training images per step")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per inference variant")
-    p.add_argument("--train-steps", type=int, default=10, help="timed training steps per variant")
+    p.add_argument("--train-steps", type=int, default=10, help="training iterations per variant")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting sections after this (default 7 min)")
+    p.add_argument("--cpu-dry-run", action="store_true",
+                   help="no GPU needed: every section on the CPU with a tiny model at 65 px (checks the check)")
     args = p.parse_args(argv)
     if args.size < 33 or min(args.batches) < 1 or args.train_batch < 2 or args.repeats < 1 or args.train_steps < 1:
         p.error("--size >= 33, --batches >= 1, --train-batch >= 2 (BatchNorm), --repeats and --train-steps >= 1")
+    if args.cpu_dry_run:
+        args.backbone, args.size, args.batches, args.train_batch = "resnet_tiny", 65, [1], 2
+        args.repeats, args.train_steps = min(args.repeats, 2), min(args.train_steps, 2)
+    args.device = "cpu" if args.cpu_dry_run else "cuda"
     args.output = args.output or default_output()
     return args
 
@@ -111,74 +123,166 @@ def build(backbone: str, output_stride: int):
     from deeplab import build_model
     from deeplab.config import ModelConfig
 
-    return build_model(ModelConfig(backbone=backbone, num_classes=21, output_stride=output_stride))
+    small = {"aspp_channels": 16} if backbone == "resnet_tiny" else {}
+    return build_model(ModelConfig(backbone=backbone, num_classes=21, output_stride=output_stride, **small))
 
 
-def inference(args) -> dict:
+def tf32_state() -> dict:
+    """Whether fp32 convolutions and matmuls ran as TF32 (Ampere and newer; cuDNN's default allows it)."""
     import torch
 
-    model = build(args.backbone, 8).cuda().eval().to(memory_format=torch.channels_last)
-    compiled = torch.compile(model, dynamic=False)  # one static graph per batch size, compiled in the warm-up
-    variants = {"eager_fp32": (model, None), "eager_fp16": (model, torch.float16),
-                "eager_bf16": (model, torch.bfloat16), "compile_bf16": (compiled, torch.bfloat16)}
+    native = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    return {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "float32_matmul_precision": torch.get_float32_matmul_precision(), "gpu_has_tf32": native}
+
+
+INFERENCE_VARIANTS = {"eager_fp32": ("eager", None), "eager_fp16": ("eager", "float16"),
+                      "eager_bf16": ("eager", "bfloat16"), "compile_bf16": ("compile", "bfloat16")}
+
+
+def inference(args, variant: str, models: dict) -> dict:
+    """One variant at every batch size; the model is built once and shared by the variants (``models``)."""
+    import torch
+
+    mode, dtype_name = INFERENCE_VARIANTS[variant]
+    dtype = getattr(torch, dtype_name) if dtype_name else None
+    if "eager" not in models:
+        models["eager"] = build(args.backbone, 8).to(args.device).eval().to(memory_format=torch.channels_last)
+    if mode == "compile":  # one static graph per batch size, compiled in the warm-up
+        models.setdefault("compile", torch.compile(models["eager"], dynamic=False))
+    net = models[mode]
+    sync = torch.cuda.synchronize if args.device == "cuda" else None
     out = {}
     for batch in args.batches:
-        x = torch.randn(batch, 3, args.size, args.size, device="cuda").contiguous(memory_format=torch.channels_last)
-        for name, (net, dtype) in variants.items():
-            def call():
-                with torch.inference_mode(), torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-                    net(x)
+        x = torch.randn(batch, 3, args.size, args.size, device=args.device).contiguous(memory_format=torch.channels_last)
 
-            m = measure(call, warmup=3, repeats=args.repeats, sync=torch.cuda.synchronize)
-            m["images_per_s"] = 1000 * batch / m["median_ms"]
-            out[f"{name}_batch{batch}"] = m
-            print(f"  {name} batch {batch}: {m['median_ms']:.1f} ms, {m['images_per_s']:.1f} images/s", flush=True)
+        def call():
+            with torch.inference_mode(), torch.autocast(args.device, dtype=dtype or torch.float32,
+                                                        enabled=dtype is not None):
+                net(x)
+
+        m = measure(call, warmup=3, repeats=args.repeats, sync=sync)
+        m["images_per_s"] = 1000 * batch / m["median_ms"]
+        if dtype is None and args.device == "cuda":
+            m["tf32"] = tf32_state()
+        out[f"batch{batch}"] = m
+        print(f"  {variant} batch {batch}: {m['median_ms']:.1f} ms, {m['images_per_s']:.1f} images/s", flush=True)
     return out
 
 
-def _process_group_of_one() -> None:
+# name: (train.amp, channels_last); fp16 needs CUDA (GradScaler), so the CPU dry run leaves it out
+TRAIN_VARIANTS = {"fp16_channels_last": ("fp16", True), "bf16_channels_last": ("bf16", True),
+                  "fp32_nchw": ("off", False)}
+
+
+def train_config(args, amp: str, channels_last: bool, iterations: int):
+    """Synthetic --size crops, --train-batch images per step, one evaluation at the end."""
+    from deeplab.config import load_config
+
+    small = ["model.aspp_channels=16"] if args.backbone == "resnet_tiny" else []
+    return load_config(None, [
+        f"model.backbone={args.backbone}", "model.num_classes=6", "model.output_stride=16", *small,
+        "data.dataset=synthetic", "data.synthetic_classes=6", f"data.synthetic_size={args.size}",
+        f"data.crop_size={args.size}", f"data.synthetic_train={args.train_batch * iterations}",
+        "data.synthetic_val=2", f"data.loader_workers={0 if args.device == 'cpu' else 4}",
+        f"train.batch_size={args.train_batch}",
+        f"train.max_iterations={iterations}", f"train.eval_interval={iterations}", f"train.log_interval={iterations}",
+        f"train.amp={amp}", f"train.channels_last={str(channels_last).lower()}", "train.lr=0.001",
+        "train.bn_momentum=0.5", "cluster.num_workers=1"]).check()  # a few iterations: running stats must move
+
+
+def _loop_worker(device, rank: int, world_size: int, keep: Path, resume: Optional[Path], reports: list):
+    """deeplab.engine's Worker as a runner gives it: SyncBatchNorm converted (DDP across 2+ processes), rank 0's
+    checkpoint kept at ``keep``."""
+    import shutil
+
+    import torch
+
+    from deeplab.checkpoint import CHECKPOINT_FILE
+    from deeplab.engine import Worker
+
+    def prepare(model):
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
+        return model
+
+    def report(metrics, folder):
+        reports.append(metrics)
+        if folder:
+            shutil.copyfile(Path(folder) / CHECKPOINT_FILE, keep)
+
+    return Worker(rank=rank, world_size=world_size, device=device, prepare_model=prepare, report=report,
+                  latest_checkpoint=lambda: str(resume) if resume else None, synchronized_bn=world_size > 1)
+
+
+def training_loop(args, amp: str, channels_last: bool, device, folder: Path, rank: int = 0,
+                  world_size: int = 1) -> dict:
+    """--train-steps iterations of the project's loop, then its checkpoint loaded and resumed for one more."""
+    import torch
+
+    from deeplab.checkpoint import load_checkpoint
+    from deeplab.engine import resolve_amp, train
+
+    steps, keep = args.train_steps, folder / "model.ckpt"
+    cfg, reports = train_config(args, amp, channels_last, steps), []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    metrics = train(cfg, _loop_worker(device, rank, world_size, keep, None, reports))
+    wall = time.perf_counter() - t0
+    if world_size > 1:
+        torch.distributed.barrier()  # rank 0's checkpoint is written
+    saved = load_checkpoint(keep, map_location=str(device))
+    resumed = train(train_config(args, amp, channels_last, steps + 1),
+                    _loop_worker(device, rank, world_size, folder / "resumed.ckpt", keep, []))
+    dtype = resolve_amp(amp, device)
+    sync = "SyncBatchNorm over NCCL, DDP" if world_size > 1 else (
+        "SyncBatchNorm converted; a group of one runs it as BatchNorm (no NCCL, no DDP: they need 2+ GPUs)")
+    figures = {"iterations": metrics["iteration"], "images_per_s": metrics["images_per_s"],
+               "loss": metrics["loss"], "val_miou": metrics["val_miou"], "evaluations": len(reports),
+               "autocast": str(dtype).replace("torch.", "") if dtype else "off", "grad_scaler": dtype == torch.float16,
+               "channels_last": channels_last, "world_size": world_size, "sync_bn": sync, "wall_s": wall,
+               "checkpoint": {"saved_iteration": saved.state["iteration"], "bytes": keep.stat().st_size,
+                              "has_scaler_state": bool(saved.state.get("scaler")),
+                              "resumed_to_iteration": resumed["iteration"]}}
+    if device.type == "cuda":
+        figures["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if dtype is None:
+            figures["tf32"] = tf32_state()
+    return figures
+
+
+def _spawned_rank(rank: int, args, amp: str, channels_last: bool, folder: str) -> None:
+    """One of 2 processes (one GPU each) training under DDP with NCCL; rank 0 writes the figures."""
+    import torch
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        store = tempfile.NamedTemporaryFile(prefix="gpu_check_pg_", delete=False).name
-        dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+    from deeplab.fileio import write_text_atomic
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"file://{folder}/process_group", rank=rank, world_size=2)
+    try:
+        figures = training_loop(args, amp, channels_last, torch.device("cuda", rank), Path(folder), rank, 2)
+        if rank == 0:
+            write_text_atomic(Path(folder) / "figures.json", json.dumps(figures))
+    finally:
+        dist.destroy_process_group()
 
 
-def train_steps(args, dtype, memory_format) -> dict:
-    """Images/s of SGD steps on the full model with SyncBatchNorm (the process group of one) on the GPU."""
+def training(args, variant: str) -> dict:
+    """One training variant: 2 processes under DDP/NCCL where there are 2+ GPUs, else this process."""
     import torch
 
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build(args.backbone, 16)).cuda().train()
-    model = model.to(memory_format=memory_format)
-    opt = torch.optim.SGD(model.parameters(), lr=0.007, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(args.train_batch, 3, args.size, args.size, device="cuda").contiguous(memory_format=memory_format)
-    y = torch.randint(0, 21, (args.train_batch, args.size, args.size), device="cuda")
-
-    def step():
-        with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = torch.nn.functional.cross_entropy(model(x), y, ignore_index=255)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    torch.cuda.reset_peak_memory_stats()
-    m = measure(step, warmup=3, repeats=args.train_steps, sync=torch.cuda.synchronize)
-    m["images_per_s"] = 1000 * args.train_batch / m["median_ms"]
-    m["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    return m
-
-
-def training(args) -> dict:
-    import torch
-
-    _process_group_of_one()
-    out = {}
-    for name, dtype, memory_format in (("fp32", None, torch.contiguous_format),
-                                       ("amp_bf16_channels_last", torch.bfloat16, torch.channels_last)):
-        out[name] = train_steps(args, dtype, memory_format)
-        torch.cuda.empty_cache()
-        print(f"  train {name}: {out[name]['images_per_s']:.1f} images/s", flush=True)
-    return out
+    amp, channels_last = TRAIN_VARIANTS[variant]
+    with tempfile.TemporaryDirectory(prefix="gpu_check_train_") as folder:
+        if args.device == "cuda" and torch.cuda.device_count() >= 2:
+            torch.multiprocessing.spawn(_spawned_rank, args=(args, amp, channels_last, folder), nprocs=2, join=True)
+            return json.loads((Path(folder) / "figures.json").read_text())
+        figures = training_loop(args, amp, channels_last, torch.device(args.device), Path(folder))
+    print(f"  train {variant}: {figures['images_per_s']:.1f} images/s", flush=True)
+    return figures
 
 
 def onnx_parity(args) -> dict:
@@ -193,8 +297,9 @@ def onnx_parity(args) -> dict:
         path = export_model(model, Path(d) / "model.onnx", build_metadata(model.config))
         x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            ref = model.cuda()(x.cuda()).float().cpu().numpy()
-        return compare(ref, OnnxRunner(path, ["CPUExecutionProvider"])(x), x.shape, "onnxruntime (CPU) vs CUDA")
+            ref = model.to(args.device)(x.to(args.device)).float().cpu().numpy()
+        return compare(ref, OnnxRunner(path, ["CPUExecutionProvider"])(x), x.shape,
+                       f"onnxruntime (CPU) vs {args.device.upper()}")
 
 
 def tensorrt_engines(args) -> dict:
@@ -227,27 +332,55 @@ def tensorrt_engines(args) -> dict:
     return out
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def environment(args) -> dict:
     import torch
 
-    if not torch.cuda.is_available():
-        print("no CUDA GPU", file=sys.stderr)
-        return NO_GPU_EXIT
-    report = Report(args.output, args.budget_s)
-    report.add("environment", {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
-                               "capability": ".".join(map(str, torch.cuda.get_device_capability())),
-                               "backbone": args.backbone, "size": args.size})
-    torch.backends.cudnn.benchmark = True
-    report.run("inference", 150, lambda: inference(args))
-    report.run("training", 90, lambda: training(args))
+    if args.device == "cpu":
+        return {"torch": torch.__version__, "gpu": None, "dry_run": "cpu: every section on the CPU, tiny model",
+                "backbone": args.backbone, "size": args.size}
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
+            "gpus": torch.cuda.device_count(), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+            "backbone": args.backbone, "size": args.size, "tf32": tf32_state()}
+
+
+def run_sections(args, report: Report) -> None:
+    """Each variant its own section: one failing (a torch.compile error, out of memory) keeps the others."""
+    models: dict = {}
+    for variant in INFERENCE_VARIANTS:
+        if args.device == "cpu" and variant == "eager_fp16":
+            report.skip(f"inference_{variant}", "cpu dry run: fp16 autocast is a GPU variant")
+            continue
+        if not variant.startswith("compile"):
+            report.run(f"inference_{variant}", 40, lambda v=variant: inference(args, v, models))
+    for variant in TRAIN_VARIANTS:
+        if args.device == "cpu" and TRAIN_VARIANTS[variant][0] == "fp16":
+            report.skip(f"training_{variant}", "cpu dry run: fp16 with GradScaler needs CUDA")
+            continue
+        report.run(f"training_{variant}", 60, lambda v=variant: training(args, v))
     report.run("onnx_parity", 90, lambda: onnx_parity(args))
+    report.run("inference_compile_bf16", 90, lambda: inference(args, "compile_bf16", models))
+    if args.device == "cpu":
+        report.skip("tensorrt", "cpu dry run")
+        return
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         report.skip("tensorrt", "tensorrt is not importable here")
     else:
         report.run("tensorrt", 150, lambda: tensorrt_engines(args))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA GPU", file=sys.stderr)
+        return NO_GPU_EXIT
+    report = Report(args.output, args.budget_s)
+    report.add("environment", environment(args))
+    torch.backends.cudnn.benchmark = args.device == "cuda"
+    run_sections(args, report)
     print(f"wrote {args.output} ({report.data['elapsed_s']:.0f}s)")
     return 0
 

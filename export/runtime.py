@@ -147,22 +147,44 @@ class TensorRTRunner:
             raise EngineError(f"{engine_path}: expected one input and one output, got {self.inputs} -> {self.outputs}")
         self.input_dtype = torch_dtype_for(self.engine.get_tensor_dtype(self.inputs[0]))
         self.output_dtype = torch_dtype_for(self.engine.get_tensor_dtype(self.outputs[0]))
+        # its own stream: enqueueing on the legacy default stream makes TensorRT add device syncs to every call
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    @staticmethod
+    def outside_profile(sidecar: dict, shape) -> Optional[str]:
+        """Why an input of ``shape`` (N, C, H, W) is outside the engine's optimization profile as its sidecar
+        records it ({min, opt, max} or {fixed}), or None; no GPU needed, so callers can skip such inputs."""
+        shapes = (sidecar or {}).get("shapes") or {}
+        shape = tuple(int(d) for d in shape)
+        if shapes.get("fixed"):
+            fixed = tuple(shapes["fixed"])
+            return None if shape == fixed else f"not the engine's static shape {'x'.join(map(str, fixed))}"
+        if not (shapes.get("min") and shapes.get("max")):
+            return None  # not recorded: TensorRT itself will say
+        low, high = tuple(shapes["min"]), tuple(shapes["max"])
+        if len(shape) == len(low) and all(a <= d <= b for a, d, b in zip(low, shape, high)):
+            return None
+        return f"outside the engine's profile {'x'.join(map(str, low))} to {'x'.join(map(str, high))}"
 
     def __call__(self, images):
         """images: (N, 3, H, W) tensor (any device); returns logits on the GPU, as the engine's output dtype."""
         torch = self._torch
-        x = images.to(self.device, self.input_dtype).contiguous()
-        name_in, name_out = self.inputs[0], self.outputs[0]
-        if not self.context.set_input_shape(name_in, tuple(x.shape)):
-            raise EngineError(f"{self.path}: input shape {tuple(x.shape)} is outside the engine's optimization "
-                              f"profile ({self.sidecar.get('shapes', 'see its sidecar')})")
-        out = torch.empty(tuple(self.context.get_tensor_shape(name_out)), dtype=self.output_dtype, device=self.device)
-        self.context.set_tensor_address(name_in, x.data_ptr())
-        self.context.set_tensor_address(name_out, out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"{self.path}: execute_async_v3 failed")
-        stream.synchronize()
+        caller = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(caller)  # the input may still be written on the caller's stream
+        with torch.cuda.stream(self.stream):
+            x = images.to(self.device, self.input_dtype).contiguous()
+            name_in, name_out = self.inputs[0], self.outputs[0]
+            if not self.context.set_input_shape(name_in, tuple(x.shape)):
+                raise EngineError(f"{self.path}: input shape {tuple(x.shape)} is "
+                                  f"{self.outside_profile(self.sidecar, x.shape) or 'outside the engine profile'}")
+            out = torch.empty(tuple(self.context.get_tensor_shape(name_out)), dtype=self.output_dtype,
+                              device=self.device)
+            self.context.set_tensor_address(name_in, x.data_ptr())
+            self.context.set_tensor_address(name_out, out.data_ptr())
+            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                raise RuntimeError(f"{self.path}: execute_async_v3 failed")
+        self.stream.synchronize()
+        out.record_stream(caller)  # the caller uses it on its stream: not reused before that work is done
         return out
 
 

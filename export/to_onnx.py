@@ -29,6 +29,7 @@ from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import ExportError, SwitchOff, show_progress
 from .metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, dataset_meta, set_metadata
+from .opset import check_opset
 from .runtime import OnnxRunner
 from .samples import parity_inputs
 
@@ -177,6 +178,7 @@ def main(argv=None) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     cfg = config_from_args(args, base=ckpt.experiment)
     ex = cfg.export
+    ex.opset = check_opset(ex.opset, "onnxruntime")  # the parity check loads it in onnxruntime
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
     _, meta, _ = export_checkpoint(ckpt, out, ex.output_stride, ex.dynamic, ex.opset, args.parity_size,
                                    args.parity_batch, ex.tolerance, cfg.data)

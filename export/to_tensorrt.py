@@ -27,6 +27,7 @@ from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import parse_and_run, source_and_config, source_parser
 from .metadata import read_metadata
+from .opset import TENSORRT_MAX_OPSET, check_onnx_file, check_opset
 from .runtime import device_info, sidecar_path, write_sidecar
 
 log = logging.getLogger("export.to_tensorrt")  # not __name__: run as -m it would be __main__, outside "export"
@@ -194,20 +195,81 @@ def fp32_onnx_for(src: Path, ckpt, engine_path: Path, cfg) -> Path:
     return fp32_onnx
 
 
-def precision_onnx(fp32_onnx: Path, cfg, args, path: Optional[str]) -> dict:
-    """{variant: ONNX file} made on CPU: the INT8 Q/DQ or FP16/BF16 ONNX the builder (or the accuracy
-    check) needs, beside the FP32 one."""
+def modelopt_quantize():
+    """modelopt.onnx.quantization.quantize, or None where ModelOpt is not installed."""
+    try:
+        from modelopt.onnx.quantization import quantize
+    except Exception:
+        return None
+    return quantize
+
+
+def int8_layout(path: Optional[str], modelopt: bool) -> dict:
+    """Who writes the INT8 Q/DQ ONNX and in which precision TensorRT runs the layers outside the Q/DQ pairs.
+    TensorRT 10 takes them to fp16 itself (BuilderFlag.FP16); on 11 the network is strongly typed, so they
+    run in the ONNX's own type: fp16 only when ModelOpt wrote them so (high_precision_dtype), else fp32."""
+    if path == "flags":
+        return {"int8_quantizer": "onnxruntime.quantize_static", "int8_other_layers": "fp16 (BuilderFlag.FP16)"}
+    if modelopt:
+        return {"int8_quantizer": "modelopt.onnx.quantization", "int8_other_layers": "fp16 (high_precision_dtype)"}
+    return {"int8_quantizer": "onnxruntime.quantize_static",
+            "int8_other_layers": "fp32 (install nvidia-modelopt[onnx] for fp16)"}
+
+
+def modelopt_int8(quantize: Callable, fp32_onnx: Path, dst: Path, calib: list, size: int) -> Path:
+    """FP32 ONNX -> INT8 Q/DQ ONNX whose other layers are fp16 (ModelOpt, calibrated on CPU), atomically,
+    with the source's metadata."""
+    import onnx
+    import torch
+
+    from .metadata import set_metadata
+
+    # one calibration array: every image at the profile's opt size
+    data = torch.cat([torch.nn.functional.interpolate(torch.as_tensor(a), size=(size, size), mode="bilinear",
+                                                      align_corners=False) for a in calib]).numpy()
+    meta = read_metadata(fp32_onnx)
+    with atomic_path(dst) as tmp:
+        quantize(onnx_path=str(fp32_onnx), quantize_mode="int8", calibration_data=data, calibration_method="max",
+                 calibration_eps=["cpu"], high_precision_dtype="fp16", output_path=str(tmp))
+        model = onnx.load(str(tmp))
+        meta.update(precision="int8", quantization={"format": "QDQ", "tool": "modelopt", "high_precision": "fp16",
+                                                    "calibration_images": int(len(data))})
+        set_metadata(model, meta)
+        onnx.save(model, str(tmp))
+    return dst
+
+
+def int8_onnx(fp32_onnx: Path, cfg, args, path: Optional[str]) -> tuple:
+    """(INT8 Q/DQ ONNX, its int8_layout record): ModelOpt with fp16 other layers for TensorRT 11 (or when
+    TensorRT is not here: the typed path's file), onnxruntime's quantizer for TensorRT 10 or without ModelOpt."""
     from . import precision as prec
     from .samples import calibration_images
 
     ex = cfg.export
+    dst = Path(f"{fp32_onnx.with_suffix('')}.int8.onnx")
+    quantize = modelopt_quantize() if path != "flags" else None
+    opt_size = ex.profile()["opt"][2]
+    size = opt_size if args.calib_data else None  # dataset images keep their own size
+    calib = calibration_images(cfg.data, ex.calib_images, size, args.calib_data)
+    if quantize is not None:
+        return modelopt_int8(quantize, fp32_onnx, dst, calib, opt_size), int8_layout(path, True)
+    layout = int8_layout(path, False)
+    if path != "flags":
+        log.info(f"note: the INT8 engine runs its other layers in {layout['int8_other_layers']}")
+    return prec.quantize_int8(fp32_onnx, dst, calib), layout
+
+
+def precision_onnx(fp32_onnx: Path, cfg, args, path: Optional[str]) -> tuple:
+    """({variant: ONNX file} made on CPU: the INT8 Q/DQ or FP16/BF16 ONNX the builder (or the accuracy
+    check) needs, beside the FP32 one; what the sidecar records of how they were made)."""
+    from . import precision as prec
+
+    ex = cfg.export
     variant = onnx_variant(ex.precision, path)
-    files = {"fp32": fp32_onnx}
+    files, record = {"fp32": fp32_onnx}, {}
     stem = fp32_onnx.with_suffix("")
     if variant == "int8" or (args.check_accuracy and ex.precision == "int8"):
-        size = ex.profile()["opt"][2] if args.calib_data else None  # dataset images keep their own size
-        calib = calibration_images(cfg.data, ex.calib_images, size, args.calib_data)
-        files["int8"] = prec.quantize_int8(fp32_onnx, Path(f"{stem}.int8.onnx"), calib)
+        files["int8"], record = int8_onnx(fp32_onnx, cfg, args, path)
     if variant in ("fp16", "bf16") or (args.check_accuracy and ex.precision in ("fp16", "bf16")):
         try:
             files[ex.precision], _ = prec.lowp_onnx(fp32_onnx, Path(f"{stem}.{ex.precision}.onnx"), ex.precision)
@@ -215,7 +277,7 @@ def precision_onnx(fp32_onnx: Path, cfg, args, path: Optional[str]) -> dict:
             if variant == ex.precision and path == "typed":
                 raise
             log.info(f"note: no {ex.precision} ONNX written: {e}")
-    return files
+    return files, record
 
 
 def check_accuracy(onnx_files: dict, cfg, num_classes: Optional[int], force: bool) -> Optional[dict]:
@@ -265,6 +327,10 @@ def build_and_write(engine_path: Path, onnx_in: Path, fp32_onnx: Path, path: str
 
 def run(args) -> int:
     src, ckpt, cfg = source_and_config(args)
+    if ckpt is None:
+        check_onnx_file(src, "tensorrt")
+    else:
+        cfg.export.opset = check_opset(cfg.export.opset, "tensorrt")
     engine_path = Path(args.output) if args.output else src.with_suffix(f".{cfg.export.precision}.engine")
     ensure_dir(engine_path.parent)
     blocker = machine_blocker()
@@ -274,7 +340,7 @@ def run(args) -> int:
 
         path = build_path(trt.__version__)
     fp32_onnx = fp32_onnx_for(src, ckpt, engine_path, cfg)
-    onnx_files = precision_onnx(fp32_onnx, cfg, args, path)
+    onnx_files, made = precision_onnx(fp32_onnx, cfg, args, path)
     num_classes = int(read_metadata(fp32_onnx).get("num_classes", 0)) or None
     accuracy = check_accuracy(onnx_files, cfg, num_classes, args.force) if args.check_accuracy else None
     if blocker:
@@ -282,7 +348,7 @@ def run(args) -> int:
         raise Unsupported(f"cannot build a TensorRT engine here: {blocker}; wrote "
                           f"{', '.join(map(str, written)) or 'nothing'}")
     build_and_write(engine_path, onnx_files[onnx_variant(cfg.export.precision, path)], fp32_onnx, path, cfg.export,
-                    accuracy=accuracy)
+                    accuracy=accuracy, **made)
     return 0
 
 
@@ -293,7 +359,9 @@ ALIASES = [Alias("--precision", "export.precision", "fp32, fp16, bf16 or int8"),
            Alias("--min-shape", "export.min_shape", "NxCxHxW, smallest input", metavar="NxCxHxW"),
            Alias("--opt-shape", "export.opt_shape", "NxCxHxW the engine is tuned for", metavar="NxCxHxW"),
            Alias("--max-shape", "export.max_shape", "NxCxHxW, largest input", metavar="NxCxHxW"),
-           Alias("--workspace", "export.workspace_gb", "builder workspace in GiB", metavar="GIB")]
+           Alias("--workspace", "export.workspace_gb", "builder workspace in GiB", metavar="GIB"),
+           Alias("--opset", "export.opset", f"ONNX opset for a checkpoint (TensorRT 10.0 parses up to {TENSORRT_MAX_OPSET}; "
+                 "null: the exporter's, capped there)")]
 
 
 @command

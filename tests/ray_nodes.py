@@ -13,16 +13,23 @@ def free_port() -> int:
 
 
 @contextmanager
-def one_cpu_nodes(count: int):
+def one_cpu_nodes(count: int, added_nodes_cwd=None):
     """``count`` one-CPU nodes (the head is one), this process connected. Never joins another cluster; the
-    dashboard gets a free port (Ray Train's placement-group cleaner needs its state API, 8265 may be taken)."""
+    dashboard gets a free port (Ray Train's placement-group cleaner needs its state API, 8265 may be taken).
+    ``added_nodes_cwd``: the working directory of the nodes after the head (their tasks inherit it), so that
+    a path through /proc/self/cwd names another folder there: a node-local folder, as on another machine."""
     import ray
     from ray.cluster_utils import Cluster
 
     saved = os.environ.pop("RAY_ADDRESS", None)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": free_port()})
+    here = os.getcwd()
     for _ in range(count - 1):
-        cluster.add_node(num_cpus=1)
+        os.chdir(added_nodes_cwd or here)
+        try:
+            cluster.add_node(num_cpus=1)
+        finally:
+            os.chdir(here)
     cluster.wait_for_nodes()
     cluster.connect()
     try:

@@ -87,10 +87,15 @@ def test_bench_script_runs_every_cpu_backend(tmp_path):
     assert acc["torch_fp32"]["agreement"] == 1.0 and acc["torch_fp32"]["miou_change"] == 0.0
     assert acc["torch_channels_last"]["agreement"] > 0.99 and acc["ort_cpu_fp32"]["agreement"] > 0.99
     assert acc["torch_compile"]["agreement"] > 0.99 and acc["openvino_fp32"]["agreement"] > 0.99
-    limits = result["limits"]
-    assert limits["fp32"] == max(limits["fp32_by_engine"].values()) >= max(limits["fp32_gemm"], limits["fp32_conv"]) > 0
-    assert limits["int8"] == max(limits["int8_by_engine"].values()) > 0
-    assert result["cpu"]["vnni"] == has_vnni() and ("bf16" in limits) == result["cpu"]["native_bf16"]
+    limits, measured = result["limits"], result["measured_limits"]
+    assert measured["fp32"] == max(measured["fp32_by_engine"].values()) >= max(measured["fp32_gemm"],
+                                                                                measured["fp32_conv"]) > 0
+    assert measured["int8"] == max(measured["int8_by_engine"].values()) > 0
+    assert result["cpu"]["vnni"] == has_vnni() and ("bf16" in measured) == result["cpu"]["native_bf16"]
+    # %limit is a share of a peak no GEMM measured in the run and no backend passes
+    assert limits["cores"] == 1 and all(measured[k] <= limits[k] for k in ("fp32", "bf16", "int8") if k in measured)
+    assert all(0 < r["limit_share"] <= 1 for r in rows if "limit_share" in r)
+    assert result["flops_per_image"] < result["dense_flops_per_image"]  # OS8 at 65: rates 24, 36 read padding
     skipped = result["skipped"]
     if not torch.cuda.is_available():
         assert "no CUDA GPU" in skipped["cuda_fp32, cuda_fp16"]
@@ -131,3 +136,45 @@ def test_cpu_features_come_from_the_flags():
     assert cpu.has_vnni(frozenset({"avx2", "avx_vnni"})) and cpu.has_vnni(frozenset({"avx512f", "avx512_vnni"}))
     flags = cpu.cpu_flags()
     assert cpu.cpu_features()["vnni"] == any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def test_engine_profile_is_read_from_the_sidecar_without_a_gpu():
+    from export.runtime import TensorRTRunner
+
+    profile = {"shapes": {"min": [1, 3, 257, 257], "opt": [1, 3, 513, 513], "max": [4, 3, 1025, 1025]}}
+    assert TensorRTRunner.outside_profile(profile, (4, 3, 1025, 257)) is None
+    assert TensorRTRunner.outside_profile(profile, (1, 3, 1024, 2048)) == \
+        "outside the engine's profile 1x3x257x257 to 4x3x1025x1025"  # a Cityscapes image
+    assert TensorRTRunner.outside_profile(profile, (8, 3, 513, 513)) is not None
+    static = {"shapes": {"fixed": [1, 3, 513, 513]}}
+    assert TensorRTRunner.outside_profile(static, (1, 3, 513, 513)) is None
+    assert TensorRTRunner.outside_profile(static, (2, 3, 513, 513)) == "not the engine's static shape 1x3x513x513"
+    assert TensorRTRunner.outside_profile({}, (9, 3, 9, 9)) is None  # nothing recorded: TensorRT will say
+
+
+def test_inputs_outside_an_engines_profile_are_skipped_with_the_reason_and_the_rest_is_measured():
+    """A backend wired as trt_backend wires an engine (refuses = the sidecar's profile): the batch and the
+    accuracy images outside it are skipped with the reason; every other figure is still measured. The engine
+    itself needs a GPU: an eager model runs in its place."""
+    from types import SimpleNamespace
+
+    from deeplab.config import load_config
+    from export.runtime import TensorRTRunner
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet_tiny", num_classes=6, aspp_channels=16)).eval()
+    fp32 = bench.torch_backends(model, cuda=False, bf16=False)[0]
+    sidecar = {"shapes": {"min": [1, 3, 33, 33], "opt": [1, 3, 49, 49], "max": [1, 3, 65, 65]}}
+    engine = bench.Backend("tensorrt_model", fp32.prepare, fp32.run, note="TensorRT engine (stand-in)",
+                           logits=fp32.logits, refuses=lambda shape: TensorRTRunner.outside_profile(sidecar, shape))
+    cfg = load_config(None, ["model.num_classes=6", "data.synthetic_classes=6", "data.synthetic_size=80",
+                             "data.synthetic_val=2", "export.image_size=49", "export.accuracy_images=2"])
+    skipped = {}
+    args = SimpleNamespace(batch=[1, 2], warmup=0, repeats=1)
+    rows = bench.time_backends([fp32, engine], cfg, args, flops=1, limits={}, skipped=skipped)
+    assert [(r["backend"], r["batch"]) for r in rows] == [("torch_fp32", 1), ("tensorrt_model", 1), ("torch_fp32", 2)]
+    assert skipped == {"tensorrt_model at batch 2": "input 2x3x49x49: outside the engine's profile 1x3x33x33 "
+                                                    "to 1x3x65x65"}
+    acc = bench.measure_accuracy([fp32, engine], cfg, 6, skipped)
+    assert set(acc) == {"torch_fp32"}
+    assert skipped["tensorrt_model accuracy"].startswith("input 1x3x80x80: outside the engine's profile")

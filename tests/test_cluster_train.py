@@ -150,3 +150,29 @@ def test_sigterm_lets_the_checkpoint_in_flight_finish_and_starts_no_other(tmp_pa
         proc.kill()
     assert (tmp_path / "checkpoint0.bin").read_bytes() == b"a" * 1000 + b"b" * 1000  # whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint0.bin", "writing0"]  # no second, no temp
+
+
+def test_preflight_reads_remote_weights_as_the_workers_will(tmp_path, capsys):
+    """A remote init_from / pretrained_backbone is opened on the driver through the same filesystem layer as
+    the workers' (fsspec's in-memory store standing in for S3): a missing object fails here in one line."""
+    import fsspec
+
+    from cluster.train import preflight
+    from deeplab import build_model, save_checkpoint
+    from deeplab.config import load_config
+
+    demo = str(ROOT / "configs" / "demo.yaml")
+    store = fsspec.filesystem("memory")
+    try:
+        cfg = load_config(demo, ["train.init_from=memory://runs/stage1/best.ckpt"])
+        assert main(["--config", demo, "--set", "train.init_from=memory://runs/stage1/best.ckpt"]) == 2
+        assert capsys.readouterr().err.strip() == "error: memory://runs/stage1/best.ckpt: no such file"
+        save_checkpoint(tmp_path / "best.ckpt", build_model(cfg.model), cfg)
+        store.pipe("/runs/stage1/best.ckpt", (tmp_path / "best.ckpt").read_bytes())
+        preflight(cfg)  # found and loadable
+        cfg = load_config(demo, ["train.pretrained_backbone=memory://weights/resnet.pth"])
+        with pytest.raises(Exception, match=r"^memory://weights/resnet.pth: no such file$"):
+            preflight(cfg)
+    finally:
+        if store.exists("/runs"):
+            store.rm("/runs", recursive=True)

@@ -142,3 +142,55 @@ def test_pretrained_backbone_is_read_by_the_caller_and_a_wrong_file_is_named(tmp
         build_model_for_training(tiny_config(pretrained_backbone=str(wrong)), None)
     assert str(info.value) == f"train.pretrained_backbone={wrong}: no ResNet keys (conv1.weight, " \
                               "layer1.0.conv1.weight, ...) found"
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((6, 0), torch.float16), ((7, 0), torch.float16), ((7, 5), torch.float16),  # P100, V100, T4: emulated bf16
+    ((8, 0), torch.bfloat16), ((8, 6), torch.bfloat16), ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16),
+    ((10, 0), torch.bfloat16), ((12, 0), torch.bfloat16)])
+def test_amp_auto_picks_bf16_only_where_the_gpu_has_it_natively(capability, expected):
+    from deeplab.engine import cuda_amp_for_capability
+
+    assert cuda_amp_for_capability(capability) == expected
+
+
+def test_amp_auto_on_cuda_asks_the_capability_not_is_bf16_supported(monkeypatch):
+    """A T4: torch.cuda.is_bf16_supported() says True (emulation); amp auto must still pick fp16 + GradScaler."""
+    from deeplab.engine import resolve_amp
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # the GPU is mocked, not our code
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert resolve_amp("auto", torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_amp("auto", torch.device("cuda")) == torch.bfloat16
+
+
+def test_remote_init_from_and_pretrained_backbone_are_read_through_the_filesystem_layer(tmp_path):
+    """Stage 2 on a cluster starts from stage 1's best.ckpt in an object store: fsspec's in-memory filesystem
+    stands in for S3 (nothing of it is on the local disk), and pyarrow's file:// URI for another store."""
+    import fsspec
+
+    from deeplab import ModelConfig, build_model, save_checkpoint
+    from deeplab.checkpoint import CheckpointError
+    from deeplab.engine import build_model_for_training
+
+    stage1 = build_model(tiny_config().model)
+    save_checkpoint(tmp_path / "best.ckpt", stage1, tiny_config())
+    store = fsspec.filesystem("memory")
+    store.pipe("/bucket/voc_stage1/best.ckpt", (tmp_path / "best.ckpt").read_bytes())
+    resnet = build_model(ModelConfig(backbone="resnet_tiny", num_classes=4, aspp_channels=16)).backbone
+    torch.save(resnet.state_dict(), tmp_path / "resnet.pth")
+    store.pipe("/bucket/resnet.pth", (tmp_path / "resnet.pth").read_bytes())
+    try:
+        for uri in ("memory://bucket/voc_stage1/best.ckpt", f"file://{tmp_path}/best.ckpt"):
+            model, _ = build_model_for_training(tiny_config(init_from=uri, freeze_bn=True), None)
+            for name, value in stage1.state_dict().items():
+                torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
+        model, _ = build_model_for_training(tiny_config(pretrained_backbone="memory://bucket/resnet.pth"), None)
+        torch.testing.assert_close(model.backbone.conv1.weight, resnet.conv1.weight, rtol=0, atol=0)
+        with pytest.raises(CheckpointError, match=r"^memory://bucket/voc_stage1/missing.ckpt: no such file$"):
+            build_model_for_training(tiny_config(init_from="memory://bucket/voc_stage1/missing.ckpt"), None)
+        with pytest.raises(CheckpointError, match=r"^memory://bucket/voc_stage1: is a folder"):
+            build_model_for_training(tiny_config(init_from="memory://bucket/voc_stage1"), None)
+    finally:
+        store.rm("/bucket", recursive=True)

@@ -149,3 +149,48 @@ def test_providers_kept_in_order_and_filtered():
     with pytest.raises(ValueError, match="unknown onnxruntime provider"):
         runtime.pick_providers(["cuda"], avail)
     assert runtime.pick_providers()[-1] == "CPUExecutionProvider"  # this machine's onnxruntime
+
+
+def test_int8_other_layers_run_in_fp16_on_both_tensorrt_paths_or_the_sidecar_says_fp32():
+    assert trt_cli.int8_layout("flags", False)["int8_other_layers"] == "fp16 (BuilderFlag.FP16)"
+    assert trt_cli.int8_layout("typed", True) == {"int8_quantizer": "modelopt.onnx.quantization",
+                                                  "int8_other_layers": "fp16 (high_precision_dtype)"}
+    assert trt_cli.int8_layout("typed", False)["int8_other_layers"].startswith("fp32")
+
+
+def test_tensorrt_11_int8_asks_modelopt_for_fp16_other_layers_and_keeps_the_metadata(tmp_path, monkeypatch):
+    """ModelOpt is a GPU-side package this machine does not have: a stand-in with its documented signature
+    records the call and writes a real Q/DQ ONNX (onnxruntime's quantizer); the rest is the project's code."""
+    from types import SimpleNamespace
+
+
+    from deeplab import ModelConfig, build_model
+    from export.metadata import read_metadata
+    from export.precision import quantize_int8
+    from export.to_onnx import export_model
+
+    model = build_model(ModelConfig(backbone="resnet_tiny", num_classes=3, aspp_channels=8)).eval()
+    fp32 = export_model(model, tmp_path / "m.onnx", {"num_classes": 3}, torch.randn(2, 3, 33, 33))
+    calls = []
+
+    def quantize(onnx_path, quantize_mode="int8", calibration_data=None, calibration_method=None,
+                 calibration_eps=("cpu", "cuda:0", "trt"), high_precision_dtype="fp16", output_path=None, **kw):
+        calls.append(dict(mode=quantize_mode, shape=calibration_data.shape, eps=list(calibration_eps),
+                          high=high_precision_dtype, method=calibration_method))
+        quantize_int8(onnx_path, output_path, [calibration_data[:1]])
+
+    monkeypatch.setattr(trt_cli, "modelopt_quantize", lambda: quantize)
+    cfg = load_config(None, ["model.num_classes=3", "data.synthetic_classes=3", "data.synthetic_size=40",
+                             "export.precision=int8", "export.calib_images=2", "export.min_shape=1x3x33x33", "export.opt_shape=1x3x49x49",
+                             "export.max_shape=1x3x65x65"])
+    args = SimpleNamespace(calib_data=None, check_accuracy=False)
+    files, record = trt_cli.precision_onnx(fp32, cfg.check(), args, "typed")
+    assert calls == [dict(mode="int8", shape=(2, 3, 49, 49), eps=["cpu"], high="fp16", method="max")]
+    assert record == trt_cli.int8_layout("typed", True) and files["int8"] == tmp_path / "m.int8.onnx"
+    meta = read_metadata(files["int8"])
+    assert meta["num_classes"] == 3 and meta["precision"] == "int8"
+    assert meta["quantization"]["high_precision"] == "fp16"
+    # TensorRT 10: onnxruntime's Q/DQ file, ModelOpt not asked; FP16 comes from the builder flag
+    calls.clear()
+    files, record = trt_cli.precision_onnx(fp32, cfg, args, "flags")
+    assert calls == [] and record["int8_other_layers"] == "fp16 (BuilderFlag.FP16)"

@@ -56,3 +56,40 @@ def test_measure_times_every_repeat_after_the_warmup():
                               sync=lambda: syncs.append(1))
     assert len(calls) == 7 and len(syncs) == 6  # one sync after the warm-up, one after each timed call
     assert stats["n"] == 5 and 2 <= stats["min_ms"] <= stats["median_ms"] < 1000
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_runs_every_section_and_a_compile_failure_keeps_the_eager_figures(tmp_path, monkeypatch, capsys):
+    """The same sections on the CPU with a tiny model: the project's training loop (SyncBatchNorm converted, one
+    evaluation, its checkpoint saved, loaded and resumed), each variant its own section. torch.compile is made
+    to fail (as inductor can on a new GPU): the eager figures measured before it stay in the JSON."""
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("inductor failed on this GPU")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--cpu-dry-run", "-o", str(out)]) == 0
+    data = json.loads(out.read_text())
+    sections, skipped = data["sections"], data["skipped"]
+    assert set(sections) == {"environment", "inference_eager_fp32", "inference_eager_bf16",
+                             "training_bf16_channels_last", "training_fp32_nchw", "onnx_parity"}
+    assert skipped["inference_compile_bf16"] == "failed: RuntimeError: inductor failed on this GPU"
+    assert set(skipped) == {"inference_compile_bf16", "inference_eager_fp16", "training_fp16_channels_last", "tensorrt"}
+    assert sections["inference_eager_fp32"]["batch1"]["images_per_s"] > 0
+    for name in ("training_bf16_channels_last", "training_fp32_nchw"):
+        t = sections[name]
+        assert t["iterations"] == 2 and t["evaluations"] == 1 and 0 <= t["val_miou"] <= 1
+        assert t["checkpoint"]["saved_iteration"] == 2 and t["checkpoint"]["resumed_to_iteration"] == 3
+        assert t["world_size"] == 1 and "group of one runs it as BatchNorm" in t["sync_bn"]
+    assert sections["training_bf16_channels_last"]["autocast"] == "bfloat16"
+    assert sections["training_fp32_nchw"]["channels_last"] is False
+    assert sections["onnx_parity"]["argmax_agreement"] > 0.99
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json"]
+
+
+def test_tf32_is_labelled_with_the_switches_torch_has():
+    state = gpu_check.tf32_state()
+    assert state["cudnn_allow_tf32"] == torch.backends.cudnn.allow_tf32
+    assert state["matmul_allow_tf32"] == torch.backends.cuda.matmul.allow_tf32
+    assert state["float32_matmul_precision"] == torch.get_float32_matmul_precision()
+    assert state["gpu_has_tf32"] == (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0))

@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from cluster.train import build_trainer, copy_checkpoint, divergence_reason, init_ray, training_code_reason
+from cluster.train import (build_trainer, check_storage_visible, copy_checkpoint, divergence_reason, init_ray,
+                           training_code_reason)
 from deeplab.cli import UserError, command
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, \
     experiment_from_dict, save_config, to_plain
@@ -214,6 +215,7 @@ def _run_trials(base: ExperimentConfig, search_dir: Path, kept: list, restore: b
         print(f"[search] note: train.eval_interval {base.train.eval_interval} >= {base.train.max_iterations} "
               "iterations: one evaluation per trial, so ASHA cannot stop any trial early", flush=True)
     init_search_ray(base)
+    check_storage_visible(base, str(search_dir))  # every node's trials write there: refuse a node-local folder now
     from ray import tune
 
     if restore and not tune.Tuner.can_restore(str(search_dir)):
