@@ -289,9 +289,8 @@ def test_outputs_that_resolve_outside_output_are_refused_and_failed_in_the_manif
 
 
 def test_a_decode_task_loads_neither_torch_nor_an_inference_runtime(tmp_path):
-    """segment's read + decode tasks share Ray worker processes (multi-threaded: gRPC, abseil) that the raylet
-    reuses and kills; they import only Pillow, numpy and pyarrow, none of torch's thread runtimes (issue 20's
-    native crash in Map(read_and_decode))."""
+    """segment's read + decode tasks run in Ray worker processes that the raylet starts, reuses and ends when
+    idle: they import only Pillow, numpy and pyarrow, not torch (seconds of import per worker under load)."""
     import subprocess
     import sys
 
