@@ -1,5 +1,6 @@
-"""What `cluster.segment` and `cluster.serve` share: a model file shipped to every node through Ray's object
-store (workers need no shared filesystem or copy of their own), and batches of same-size images.
+"""What `cluster.segment` and `cluster.serve` share: a model's files shipped to every node through Ray's object
+store (workers need no shared filesystem or copy of their own) into a cache keyed by their content hash, and
+batches of same-size images.
 
 Images are never resized or padded to share a batch: padding changes what the model sees near the border
 (and what image pooling averages), so predictions would differ from `deeplab.predict` on the same image.
@@ -16,47 +17,69 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-MODEL_CACHE = Path(tempfile.gettempdir()) / "deeplab-models"
+CACHE_ENV = "DEEPLAB_MODEL_CACHE"  # where nodes keep shipped models (default: TMPDIR/deeplab-models)
 
 
-def model_files(path) -> list:
-    """The files that make up a model: the file itself, and an engine's sidecar."""
-    from export.runtime import ENGINE_SUFFIXES, sidecar_path
+def model_cache() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "deeplab-models")
 
-    path = Path(path)
-    files = [path]
-    if path.suffix.lower() in ENGINE_SUFFIXES or sidecar_path(path).is_file():
-        files.append(sidecar_path(path))
-    return files
+
+def _identity(name: str, files: dict) -> dict:
+    """``files``: name -> sha256, the main file first. The model's sha256 is over the files' hashes in that
+    order, not their names: a renamed copy is the same model."""
+    digest = hashlib.sha256("".join(f"{sha}\n" for sha in files.values()).encode()).hexdigest()
+    return {"name": name, "sha256": digest, "files": files}
+
+
+def model_identity(path) -> dict:
+    """What a model is, by content: every file of it (export.runtime.model_files) with its sha256, and one
+    sha256 over them all. Two copies of a model in different folders are the same model."""
+    from export.metadata import file_sha256
+    from export.runtime import model_files
+
+    return _identity(Path(path).name, {f.name: file_sha256(f) for f in model_files(path)})
 
 
 def ship_model(path) -> dict:
-    """Put a model file (and its sidecar) in Ray's object store once; workers on any node open it with
-    `open_model`. The driver that calls this must stay alive while workers start (it owns the objects)."""
+    """Put every file of a model (an IR's .bin, an engine's sidecar) in Ray's object store once; workers on any
+    node open it with `open_model`, with no shared filesystem. The driver that calls this must stay alive while
+    workers start (it owns the objects)."""
     import ray
 
-    digest = hashlib.sha256()
-    refs = {}
-    for f in model_files(path):
-        data = f.read_bytes()
-        digest.update(f.name.encode() + b"\0" + data)
-        refs[f.name] = ray.put(data)
-    return {"name": Path(path).name, "sha256": digest.hexdigest(), "files": refs}
+    from export.runtime import model_files
+
+    data = {f.name: f.read_bytes() for f in model_files(path)}
+    shipped = _identity(Path(path).name, {name: hashlib.sha256(d).hexdigest() for name, d in data.items()})
+    shipped["refs"] = {name: ray.put(d) for name, d in data.items()}
+    return shipped
 
 
-def _materialize(shipped: dict) -> Path:
-    """The shipped files under MODEL_CACHE/<hash>/ on this node (written once per node, atomically)."""
-    import ray
+def _cached_ok(target: Path, sha256: str) -> bool:
+    from export.metadata import file_sha256
 
-    folder = MODEL_CACHE / shipped["sha256"][:24]
+    return target.is_file() and file_sha256(target) == sha256
+
+
+def _materialize(shipped: dict, fetch=None) -> Path:
+    """The shipped files under <model cache>/<content hash>/ on this node. A file already there is used only if
+    its sha256 is the shipped one; a missing, cut-short or changed file is (re)written atomically.
+    ``fetch(name) -> bytes``: how a file's bytes are got (default: ray.get of its object)."""
+    if fetch is None:
+        import ray
+
+        fetch = lambda name: ray.get(shipped["refs"][name])  # noqa: E731
+    folder = model_cache() / shipped["sha256"][:32]
     folder.mkdir(parents=True, exist_ok=True)
-    for name, ref in shipped["files"].items():
+    for name, sha256 in shipped["files"].items():
         target = folder / name
-        if target.is_file():
+        if _cached_ok(target, sha256):
             continue
+        data = fetch(name)
+        if hashlib.sha256(data).hexdigest() != sha256:
+            raise RuntimeError(f"{name}: the shipped bytes do not have the sha256 the driver computed")
         tmp = folder / f".{name}.{os.getpid()}.tmp"
         try:
-            tmp.write_bytes(ray.get(ref))
+            tmp.write_bytes(data)
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

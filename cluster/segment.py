@@ -3,14 +3,16 @@
 Segment a whole image collection on a Ray cluster with Ray Data: the files are read through pyarrow's
 filesystems and decoded in parallel tasks, then a pool of model actors (map_batches with a callable class)
 runs the model on batches of same-size images. MODEL is a checkpoint (.ckpt), an ONNX file (FP32, FP16 or
-INT8 Q/DQ) or a TensorRT engine; classes, output stride and mean/std come from the file itself. INPUT is a
+INT8 Q/DQ), an OpenVINO IR (.xml + .bin) or a TensorRT engine (+ its sidecar); every file of it is shipped to
+the nodes, and classes, output stride and mean/std come from the file itself. INPUT is a
 folder (recursive), a text file listing paths (one a line, relative to the list's folder or absolute), or
 an object-store prefix such as s3://bucket/photos/.
 
 For every image OUTPUT gets NAME.png (class ids) and, with --color, NAME_color.png and NAME_overlay.png,
 at the image's relative path, plus manifest.jsonl (one JSON line per image: path, size, seconds, pixels per
-class, or the reason it failed). Running the same command again skips images already done; a killed actor
-is replaced and its images redone, each output written once. Unreadable files are listed as failed and the
+class, or the reason it failed) and model.json (the model, by content hash). Running the same command again
+skips images already done; with another model it stops before any work unless --overwrite (which redoes
+every image). A killed actor is replaced and its images redone, each output written once. Unreadable files are listed as failed and the
 run goes on; it exits 1 at the end if any failed (2 for a bad command line, model or input).
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import re
 import socket
 import sys
@@ -28,6 +31,7 @@ from typing import Optional
 
 from deeplab.cli import UserError, command
 from deeplab.config import Alias, ConfigError, SegmentConfig, add_config_args, config_from_args
+from export.runtime import formats_help
 
 MANIFEST = "manifest.jsonl"
 # temporary names of atomic writes: deeplab.predict's .NAME.png.PID.tmp and deeplab.fileio's .NAME.tmpPID.png
@@ -41,9 +45,9 @@ class InputError(UserError, ValueError):
 # ------------------------------------------------------------------------------------------------- input
 @dataclass
 class InputItem:
-    path: str  # on `filesystem` (for s3: bucket/key)
+    path: str  # on `filesystem` (for s3: bucket/key), as listed: an object store reads the key as written
     uri: str  # as the user knows it, for messages and the manifest
-    name: str  # relative output stem, posix ("city/0001" -> OUTPUT/city/0001.png)
+    name: str  # relative output stem, posix, normalized ("city/0001" -> OUTPUT/city/0001.png)
 
 
 @dataclass
@@ -51,6 +55,7 @@ class InputSet:
     filesystem: object  # a pyarrow.fs.FileSystem
     items: list
     ignored: int = 0  # files left out by --extensions
+    refused: list = field(default_factory=list)  # (uri, reason): inputs never read nor written (manifest: failed)
 
 
 def _is_uri(text: str) -> bool:
@@ -74,6 +79,20 @@ def _uri(scheme_root: str, path: str) -> str:
     return f"{scheme_root}{path}" if scheme_root else path
 
 
+def _relative(path: str, root: str) -> Optional[str]:
+    """``path`` under ``root`` as a normalized relative posix path, or None when it is not inside root: an
+    object-store key may hold '..' and '.' segments (S3 keeps them as written), which must never climb out
+    of INPUT into an output name."""
+    p, r = path.lstrip("/"), root.strip("/")
+    if r and not p.startswith(r + "/"):
+        return None
+    rel = posixpath.normpath(p[len(r) + 1:] if r else p)
+    return None if rel in (".", "..") or rel.startswith("../") or rel.startswith("/") else rel
+
+
+OUTSIDE = "outside INPUT ('..' in its path climbs out of {root}); not segmented"
+
+
 def _output_names(rels: list) -> list:
     """Output stems: the relative path without its suffix, or with it where two inputs would collide
     (a/x.jpg and a/x.png -> a/x.jpg, a/x.png)."""
@@ -84,48 +103,77 @@ def _output_names(rels: list) -> list:
     return [s if seen[s] == 1 else r for s, r in zip(stems, rels)]
 
 
-def _list_folder(source: str, exclude: Optional[str], extensions) -> InputSet:
+def _walk_local(root: str, exclude: Optional[str]) -> list:
+    """(path, rel) of the regular files under a local folder, following links to folders but entering each
+    real folder once and listing each real file once, so a link loop lists nothing twice; a file reached
+    both as itself and through a link is named by itself. Hidden entries and OUTPUT (``exclude``) are skipped."""
+    skip = os.path.realpath(exclude) if exclude else None
+    seen_dirs, files_by_identity = set(), {}
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen_dirs or (skip and (real + "/").startswith(skip.rstrip("/") + "/")):
+            dirs[:] = []
+            continue
+        seen_dirs.add(real)
+        links_last = lambda name: (os.path.islink(os.path.join(folder, name)), name)  # noqa: E731
+        dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=links_last)
+        for f in (f for f in files if not f.startswith(".")):
+            path = os.path.join(folder, f)
+            if not os.path.isfile(path):  # regular files (or links to one) only: no FIFOs, no broken links
+                continue
+            link = os.path.islink(path) or os.path.islink(folder)
+            identity = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, f)
+            rank = (link, path)
+            if identity not in files_by_identity or rank < files_by_identity[identity]:
+                files_by_identity[identity] = rank
+    return [(path, os.path.relpath(path, root).replace(os.sep, "/")) for _, path in files_by_identity.values()]
+
+
+def _walk_store(fs, root: str):
+    """(path, rel or None when the key climbs out of root) of the objects under a prefix, hidden ones skipped."""
     import pyarrow.fs as pafs
 
-    fs, root = _filesystem(source)
+    for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+        if f.type != pafs.FileType.File:
+            continue
+        rel = _relative(f.path, root)
+        if rel is None or not any(part.startswith(".") for part in rel.split("/")):
+            yield f.path, rel
+
+
+def _list_folder(source: str, exclude: Optional[str], extensions, fs=None) -> InputSet:
+    """``fs``: a pyarrow filesystem to list ``source`` (a path on it) with, in place of the one its URI names."""
+    import pyarrow.fs as pafs
+
+    fs, root = (fs, source) if fs is not None else _filesystem(source)
     scheme = source.split("://", 1)[0] + "://" if _is_uri(source) else ""
+    local = isinstance(fs, pafs.LocalFileSystem)
     try:
         info = fs.get_file_info(root)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"{source}: no such folder or prefix")
         if info.type == pafs.FileType.File:  # one object
-            return InputSet(fs, [InputItem(root, source, PurePosixPath(root).stem)])
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            return InputSet(fs, [InputItem(root, _uri(scheme, root), PurePosixPath(root).stem)])
+        listed = _walk_local(root, exclude) if local else list(_walk_store(fs, root))
     except OSError as e:
         raise InputError(f"{source}: cannot list ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
-    root = root.rstrip("/")
-    paths, ignored = [], 0
-    for f in infos:
-        rel = f.path[len(root) + 1:] if root else f.path
-        if f.type != pafs.FileType.File or any(part.startswith(".") for part in rel.split("/")):
-            continue
-        if exclude and (f.path + "/").startswith(exclude.rstrip("/") + "/"):
-            continue  # OUTPUT inside INPUT: never read our own outputs back
-        if extensions and PurePosixPath(rel).suffix.lower() not in extensions:
+    paths, refused, ignored = {}, [], 0
+    for path, rel in sorted(listed, key=lambda x: x[0]):
+        if rel is None:
+            refused.append((_uri(scheme, path), OUTSIDE.format(root=_uri(scheme, root))))
+        elif extensions and PurePosixPath(rel).suffix.lower() not in extensions:
             ignored += 1
-            continue
-        paths.append((f.path, rel))
-    paths.sort()
-    names = _output_names([rel for _, rel in paths])
-    items = [InputItem(p, _uri(scheme, p), n) for (p, _), n in zip(paths, names)]
-    return InputSet(fs, items, ignored)
+        elif rel in paths.values():  # two keys that normalize to one name ('a/../b.jpg' and 'b.jpg')
+            refused.append((_uri(scheme, path), f"names the same output as another input ({rel}); not segmented"))
+        else:
+            paths[path] = rel
+    names = _output_names(list(paths.values()))
+    items = [InputItem(p, _uri(scheme, p), n) for p, n in zip(paths, names)]
+    return InputSet(fs, items, ignored, [(uri, f"{uri}: {why}") for uri, why in refused])
 
 
-def _list_file(source: str) -> InputSet:
-    """A text file of paths: blank lines and # comments skipped; relative paths are relative to its folder."""
-    from deeplab.predict import IMAGE_SUFFIXES
-
+def _list_entries(source: str, text: str) -> list:
     base = os.path.dirname(os.path.abspath(source))
-    try:
-        text = Path(source).read_text()
-    except UnicodeDecodeError:
-        raise InputError(f"{source}: not a text file listing paths (nor an image: its suffix is not one of "
-                         f"{', '.join(IMAGE_SUFFIXES)})") from None
     entries = []
     for line in text.splitlines():
         line = line.strip()
@@ -133,24 +181,58 @@ def _list_file(source: str) -> InputSet:
             entries.append(line if _is_uri(line) or os.path.isabs(line) else os.path.join(base, line))
     if not entries:
         raise InputError(f"{source}: the list names no files")
+    return entries
+
+
+def _normalized(path: str, store: bool) -> tuple:
+    """(normalized path, identity) of a listed path; (None, None) for an object-store key that climbs out of
+    its bucket. A local file's identity is its real path, so a file listed through a link is one file."""
+    if not store:
+        return os.path.normpath(path), os.path.realpath(path)
+    bucket = path.lstrip("/").split("/", 1)[0]
+    rel = _relative(path, bucket)
+    return (None, None) if rel is None else (f"{bucket}/{rel}",) * 2
+
+
+def _list_file(source: str) -> InputSet:
+    """A text file of paths: blank lines and # comments skipped; relative paths are relative to its folder.
+    Outputs are named from the normalized paths relative to their common folder; a file listed twice (also
+    through a link or '..') is segmented once; an object-store key that climbs out of its bucket is refused."""
+    from deeplab.predict import IMAGE_SUFFIXES
+
+    try:
+        text = Path(source).read_text()
+    except UnicodeDecodeError:
+        raise InputError(f"{source}: not a text file listing paths (nor an image: its suffix is not one of "
+                         f"{', '.join(IMAGE_SUFFIXES)})") from None
+    entries = _list_entries(source, text)
     schemes = {e.split("://", 1)[0] if _is_uri(e) else "" for e in entries}
     if len(schemes) > 1:
         raise InputError(f"{source}: mixes filesystems ({', '.join(sorted(s or 'local' for s in schemes))}); "
                          "list one kind of path per file")
     fs, _ = _filesystem(entries[0])
-    scheme = schemes.pop()
-    paths = [_filesystem(e)[1] if scheme else os.path.normpath(e) for e in entries]
-    common = os.path.commonpath([os.path.dirname(p) or "/" for p in paths]) if len(paths) > 1 else os.path.dirname(paths[0])
-    rels = [os.path.relpath(p, common).replace(os.sep, "/") for p in paths]
-    unique = dict(zip(paths, rels))  # a path listed twice is segmented once
-    names = _output_names(list(unique.values()))
-    items = [InputItem(p, _uri(scheme + "://" if scheme else "", p), n) for p, n in zip(unique, names)]
-    return InputSet(fs, items)
+    prefix = next(iter(schemes)) + "://" if _is_uri(entries[0]) else ""
+    store = bool(prefix) and prefix != "file://"
+    unique, seen, refused = {}, set(), []  # path to read -> its normalized path
+    for path in (_filesystem(e)[1] if prefix else e for e in entries):
+        normalized, identity = _normalized(path, store)
+        if normalized is None:
+            bucket = path.lstrip("/").split("/", 1)[0]
+            refused.append((_uri(prefix, path), f"{_uri(prefix, path)}: " + OUTSIDE.format(root=prefix + bucket)))
+        elif identity not in seen:
+            seen.add(identity)
+            unique[path] = normalized
+    folders = [posixpath.dirname(n) for n in unique.values()]
+    common = (posixpath.commonpath(folders) if len(folders) > 1 else folders[0]) if folders else ""
+    names = _output_names([posixpath.relpath(n, common or ".") for n in unique.values()])
+    items = [InputItem(p, _uri(prefix, p), n) for p, n in zip(unique, names)]
+    return InputSet(fs, items, refused=refused)
 
 
-def list_inputs(source: str, exclude: Optional[str] = None, extensions=None) -> InputSet:
+def list_inputs(source: str, exclude: Optional[str] = None, extensions=None, filesystem=None) -> InputSet:
     """Every input image with its output name. ``exclude``: a local folder never to list (OUTPUT);
-    ``extensions``: keep only these suffixes (folders and prefixes; a list file is taken as written)."""
+    ``extensions``: keep only these suffixes (folders and prefixes; a list file is taken as written);
+    ``filesystem``: a pyarrow filesystem on which ``source`` is a folder or prefix (tests, custom stores)."""
     extensions = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions or ()}
     from deeplab.predict import IMAGE_SUFFIXES
 
@@ -159,11 +241,13 @@ def list_inputs(source: str, exclude: Optional[str] = None, extensions=None) -> 
             path = os.path.abspath(source)
             return InputSet(_filesystem(path)[0], [InputItem(path, path, Path(path).stem)])
         inputs = _list_file(source)
+    elif filesystem is not None:
+        inputs = _list_folder(source, exclude, extensions, filesystem)
     elif not _is_uri(source) and not os.path.exists(source):
         raise InputError(f"{source}: no such folder or list file")
     else:
         inputs = _list_folder(source, exclude, extensions)
-    if not inputs.items:
+    if not inputs.items and not inputs.refused:
         raise InputError(f"{source}: no files to segment" + (f" ({inputs.ignored} with other extensions)"
                                                             if inputs.ignored else ""))
     return inputs
@@ -211,6 +295,24 @@ def expected_outputs(name: str, color: bool) -> list:
     return [f"{name}{s}.png" for s in suffixes]
 
 
+def output_escape(out_dir: Path, name: str, color: bool, folders: Optional[dict] = None) -> Optional[str]:
+    """Why the outputs of ``name`` would land outside OUTPUT (a '..' or absolute name, or a link under OUTPUT
+    that leads elsewhere), or None. ``folders`` caches resolved folders across calls (one resolve per folder)."""
+    out_dir = Path(out_dir)
+    folders = {} if folders is None else folders
+    root = folders.setdefault("", out_dir.resolve())
+    for rel in expected_outputs(name, color):
+        pure = PurePosixPath(rel)
+        parent = str(pure.parent)
+        if parent not in folders:
+            folders[parent] = (out_dir / parent).resolve() if ".." not in pure.parts else None
+        folder = folders[parent]
+        target = (folder / pure.name).resolve() if folder is not None else None
+        if pure.is_absolute() or target is None or not target.is_relative_to(root):
+            return f"its output {rel} resolves to {target or rel}, outside OUTPUT {root}; not written"
+    return None
+
+
 def existing_files(out_dir: Path) -> set:
     """Every file under OUTPUT, relative (posix): one walk instead of a stat per image."""
     found = set()
@@ -243,6 +345,61 @@ def remove_stale_temps(out_dir: Path) -> int:
                 Path(folder, f).unlink(missing_ok=True)
                 removed += 1
     return removed
+
+
+# ------------------------------------------------------------------------------------------ model identity
+MODEL_RECORD = "model.json"
+
+
+class ModelMismatch(UserError, ValueError):
+    """OUTPUT holds another model's results; one line naming both models."""
+
+
+def _recorded_model(out_dir: Path, manifest: Manifest) -> Optional[dict]:
+    """OUTPUT's model record; {} for results a run before the record existed left (no model.json)."""
+    path = out_dir / MODEL_RECORD
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if isinstance(record, dict) and "sha256" in record:
+            return record
+        return {}
+    return {} if manifest.records else None
+
+
+def _clear_outputs(out_dir: Path, items: list, manifest: Manifest) -> None:
+    """--overwrite: every result of the other model goes (its PNGs, its manifest) before the new model runs,
+    so an interrupted overwrite never leaves the other model's masks to be taken as this one's."""
+    names = [f"{item.name}{s}.png" for item in items for s in ("", "_color", "_overlay")]
+    names += [out for record in manifest.records.values() for out in record.get("outputs", [])]
+    for rel in names:
+        (out_dir / rel).unlink(missing_ok=True)
+    manifest.records.clear()
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+
+
+def claim_output(out_dir: Path, model_path, items: list, manifest: Manifest, overwrite: bool) -> dict:
+    """OUTPUT belongs to one model (by content: cluster.infer.model_identity). The same model resumes; another
+    stops here, before any work, unless ``overwrite`` (its results are removed and every image is redone)."""
+    from cluster.infer import model_identity
+    from deeplab.fileio import write_text_atomic
+
+    identity = {"model": os.path.abspath(model_path), **model_identity(model_path)}
+    recorded = _recorded_model(out_dir, manifest)
+    if recorded is not None and recorded.get("sha256") == identity["sha256"]:
+        return identity
+    if recorded is not None and not overwrite:
+        theirs = (f"model {recorded.get('model')} (sha256 {recorded['sha256'][:12]})" if recorded
+                  else "a model it did not record (segmented before OUTPUT recorded its model)")
+        raise ModelMismatch(f"{out_dir}: holds the results of {theirs}, not of {identity['model']} (sha256 "
+                            f"{identity['sha256'][:12]}); choose another -o, or add --overwrite to redo every "
+                            "image with this model")
+    if recorded is not None:
+        _clear_outputs(out_dir, items, manifest)
+    write_text_atomic(out_dir / MODEL_RECORD, json.dumps(identity, indent=2) + "\n")
+    return identity
 
 
 # ------------------------------------------------------------------------------------- Ray Data stages
@@ -328,6 +485,9 @@ class SegmentWorker:
         rel = PurePosixPath(name)
         folder = self.out_dir / rel.parent
         start = time.perf_counter()
+        escape = output_escape(self.out_dir, name, len(self.kinds) > 1)  # a link made under OUTPUT mid-run
+        if escape:
+            return {"path": uri, "status": "failed", "error": f"{uri}: {escape}"}
         try:
             if labels is None:  # every output exists already: count the pixels of the label map on disk
                 labels = read_mask(prediction_paths(folder, rel.name)["labels"])
@@ -423,8 +583,23 @@ def size_pool(cfg: SegmentConfig, resources: dict, log=print) -> int:
     return cfg.workers
 
 
-def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print) -> Summary:
-    """Run the pipeline over the images of ``inputs`` not done yet; Ray must be initialized."""
+def refuse_escaping(todo: list, refused: list, out_dir: Path, color: bool) -> tuple:
+    """(items to run, (uri, reason) of every input never to read nor write): the listing's refusals plus the
+    items whose outputs would resolve outside OUTPUT."""
+    folders: dict = {}
+    run, refused = [], list(refused)
+    for item in todo:
+        why = output_escape(out_dir, item.name, color, folders)
+        if why:
+            refused.append((item.uri, f"{item.uri}: {why}"))
+        else:
+            run.append(item)
+    return run, refused
+
+
+def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print, overwrite: bool = False) -> Summary:
+    """Run the pipeline over the images of ``inputs`` not done yet; Ray must be initialized. OUTPUT records the
+    model (claim_output): another model's OUTPUT is refused unless ``overwrite``."""
     import ray.data
 
     from cluster.infer import ship_model
@@ -432,12 +607,18 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     from deeplab.fileio import ensure_dir
 
     out_dir = ensure_dir(out_dir)
-    remove_stale_temps(out_dir)
     manifest = Manifest(out_dir / MANIFEST)
+    claim_output(out_dir, model_path, inputs.items, manifest, overwrite)
+    remove_stale_temps(out_dir)
     todo, done = split_done(inputs.items, manifest, out_dir, cfg.color)
-    summary = Summary(total=len(inputs.items), skipped=len(done))
-    log(f"{len(inputs.items)} images: {len(todo)} to segment, {len(done)} already done"
+    todo, refused = refuse_escaping(todo, inputs.refused, out_dir, cfg.color)
+    summary = Summary(total=len(inputs.items) + len(inputs.refused), skipped=len(done))
+    log(f"{summary.total} images: {len(todo)} to segment, {len(done)} already done"
+        + (f", {len(refused)} refused" if refused else "")
         + (f" ({inputs.ignored} files with other extensions ignored)" if inputs.ignored else ""))
+    if refused:
+        manifest.append([{"path": uri, "status": "failed", "error": why} for uri, why in refused])
+        summary.failed, summary.failures = len(refused), [why for _, why in refused]
     if not todo:
         manifest.close()
         return summary
@@ -490,7 +671,7 @@ ALIASES = [
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m cluster.segment", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
+    p.add_argument("model", metavar="MODEL", help=formats_help())
     p.add_argument("input", metavar="INPUT", help="a folder, a text file listing paths, one image, or "
                    "s3://bucket/prefix/")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -498,6 +679,9 @@ def parse_args(argv):
                         "mounts at the same path)")
     p.add_argument("--extensions", help="only files with these suffixes in a folder or prefix, e.g. jpg,png "
                    "(default: every file; a file that is not an image is listed as failed)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="OUTPUT holds another model's results: remove them and segment every image with MODEL "
+                        "(without it, such a run stops before any work)")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's and Ray Data's own INFO lines too (always in Ray's session logs)")
     add_config_args(p, aliases=ALIASES)
@@ -520,13 +704,15 @@ def main(argv=None) -> int:
     inputs = list_inputs(args.input, exclude=out_dir, extensions=extensions)
     print(f"model: {args.model} ({info.backend.split(' ')[0]}, {info.precision}, {info.num_classes} classes, "
           f"output stride {info.output_stride})", flush=True)
+    if os.path.isdir(out_dir):  # another model's OUTPUT stops here, before Ray starts
+        claim_output(Path(out_dir), args.model, inputs.items, Manifest(Path(out_dir) / MANIFEST), args.overwrite)
 
     from cluster.console import quiet_ray_data, ray_init_options
     from cluster.train import init_ray
 
     init_ray(exp, **ray_init_options(args.verbose))
     quiet_ray_data(args.verbose)
-    summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True))
+    summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True), overwrite=args.overwrite)
     done = summary.ok + summary.failed
     manifest = os.path.join(out_dir, MANIFEST)
     print(f"segmented {done} images in {summary.seconds:.1f}s: {summary.images_per_s:.2f} images/s "

@@ -1,6 +1,7 @@
 """python -m cluster.serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas N | --autoscale MIN MAX] [--verbose]
 
-A Ray Serve HTTP endpoint for a model file (.ckpt, .onnx FP32/FP16/INT8, TensorRT engine):
+A Ray Serve HTTP endpoint for a model file (.ckpt, .onnx FP32/FP16/INT8, OpenVINO IR .xml + .bin, TensorRT
+engine + sidecar; every file of it is shipped to the replicas' nodes):
 
   POST /segment        an image as the raw body (Content-Type image/* or application/octet-stream) or as a
                        multipart/form-data file field; answers the label PNG (pixel value = class id), or with
@@ -35,6 +36,7 @@ from typing import Optional
 
 from deeplab.cli import UserError, command
 from deeplab.config import Alias, ServeConfig, add_config_args, config_from_args
+from export.runtime import formats_help
 
 APP_NAME = "deeplab"
 RAW_TYPES = ("application/octet-stream", "")  # and image/*
@@ -400,7 +402,7 @@ ALIASES = [
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m cluster.serve", description=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="a checkpoint (.ckpt), ONNX file (.onnx) or TensorRT engine")
+    p.add_argument("model", metavar="MODEL", help=formats_help())
     add_config_args(p, aliases=ALIASES)
     p.add_argument("--verbose", action="store_true",
                    help="Serve's own lines on the console too (an access line per request; always in its log files)")

@@ -41,36 +41,69 @@ def interruption(metadata: str = METADATA, timeout: float = 2.0) -> Optional[dic
         raise
 
 
-def seconds_left(notice: dict, now: Optional[float] = None) -> int:
-    """Seconds until the reclaim the notice announces (AWS gives about 120); at least 1."""
-    when = datetime.datetime.fromisoformat(notice["time"].replace("Z", "+00:00")).timestamp()
-    return max(1, int(when - (time.time() if now is None else now)))
+def seconds_left(notice, now: Optional[float] = None) -> int:
+    """Seconds until the reclaim the notice announces (AWS gives about 120); at least 1. A notice that is not
+    a JSON object with an ISO `time` raises ValueError naming what is wrong."""
+    if not isinstance(notice, dict):
+        raise ValueError(f"notice is not a JSON object: {str(notice)[:100]}")
+    if not isinstance(notice.get("time"), str):
+        raise ValueError(f"notice has no time: {json.dumps(notice)[:100]}")
+    try:
+        when = datetime.datetime.fromisoformat(notice["time"].replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"notice time {notice['time'][:40]!r} is not an ISO date") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.timezone.utc)  # AWS writes UTC
+    return max(1, int(when.timestamp() - (time.time() if now is None else now)))
 
 
-def drain_this_node(seconds: int) -> None:
-    """Tell Ray this node is being preempted (what its autoscaler does for the clouds it watches)."""
+def node_id() -> str:
     import ray
 
     ray.init(address="auto", log_to_driver=False)
-    node_id = ray.get_runtime_context().get_node_id()
-    ray.shutdown()
-    subprocess.run(["ray", "drain-node", "--node-id", node_id, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+    try:
+        return ray.get_runtime_context().get_node_id()
+    finally:
+        ray.shutdown()
+
+
+def drain(node: str, seconds: int, ray_cli: str = "ray") -> None:
+    """`ray drain-node` with reason preemption; raises CalledProcessError when Ray refuses."""
+    subprocess.run([ray_cli, "drain-node", "--node-id", node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
                     "--reason-message", "AWS spot interruption notice", "--deadline-remaining-seconds", str(seconds)],
                    check=True)
 
 
+def drain_this_node(seconds: int) -> None:
+    """Tell Ray this node is being preempted (what its autoscaler does for the clouds it watches)."""
+    drain(node_id(), seconds)
+
+
+def _log(message: str) -> None:
+    print(f"spot_watch: {message}", file=sys.stderr, flush=True)
+
+
 def watch(poll: Callable[[], Optional[dict]], on_notice: Callable[[int], None], interval: float = 5.0) -> dict:
-    """Poll until a notice comes, hand its seconds left to ``on_notice`` once, return the notice. A failed poll
-    (metadata briefly unreachable) is retried at the next interval."""
+    """Poll until a notice comes and ``on_notice`` (the drain) succeeds once; return the notice. Nothing ends
+    the watch early: an unreadable metadata service, a malformed notice or a failed drain is logged and
+    tried again at the next interval (the notice stays up until the reclaim)."""
     while True:
         try:
             notice = poll()
         except (OSError, ValueError) as e:
-            print(f"spot_watch: metadata not readable ({e}); retrying", file=sys.stderr, flush=True)
+            _log(f"metadata not readable ({e}); retrying")
             notice = None
-        if notice:
-            on_notice(seconds_left(notice))
-            return notice
+        if notice is not None:
+            try:
+                seconds = seconds_left(notice)
+            except ValueError as e:
+                _log(f"malformed interruption notice ({e}); still watching")
+            else:
+                try:
+                    on_notice(seconds)
+                    return notice
+                except Exception as e:  # ray drain-node failed, Ray not reachable: the next poll tries again
+                    _log(f"drain failed ({type(e).__name__}: {str(e)[:200]}); retrying")
         time.sleep(interval)
 
 

@@ -415,7 +415,8 @@ def parse_args(argv=None):
     p.add_argument("--int8-onnx", help="INT8 Q/DQ ONNX to use (default: quantized from the FP32 ONNX)")
     p.add_argument("--openvino-int8", metavar="MODEL.xml",
                    help="INT8 IR to use, e.g. from export.to_openvino (default: NNCF on the FP32 IR, no accuracy control)")
-    p.add_argument("--engine", action="append", default=[], help="TensorRT engine to include (repeatable)")
+    p.add_argument("--engine", action="append", default=[],
+                   help="a TensorRT engine you built, with its .engine.json sidecar (repeatable)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.png and the ONNX files")
     return p.parse_args(argv)
@@ -490,10 +491,12 @@ class Artifacts:
     def ir_int8(self):
         from export.to_openvino import quantize
 
-        if self.args.openvino_int8:
-            import openvino as ov
+        if self.args.openvino_int8:  # opened as every command opens an IR: its .bin checked, one-line errors
+            from export.runtime import OpenVINORunner, format_of
 
-            return ov.Core().read_model(self.args.openvino_int8)
+            if format_of(self.args.openvino_int8).name != "openvino":
+                raise UserError(f"--openvino-int8 {self.args.openvino_int8}: not an OpenVINO IR (.xml)")
+            return OpenVINORunner(self.args.openvino_int8).model
         return quantize(self.ir, self.calib, None, self.cfg.export.max_int8_miou_drop,
                         self.model.config.num_classes)[0]
 

@@ -1,15 +1,17 @@
 """python -m export.evaluate MODEL [--data DIR] [--format F] [--split S] [--multi-scale | --scales S ...] [--flip]
 
-Per-class IoU table and mIoU of an exported model (an ONNX file, an OpenVINO .xml IR or a TensorRT engine) on a
+Per-class IoU table and mIoU of an exported model (an ONNX file, an OpenVINO IR or a TensorRT engine) on a
 dataset split: the same table, JSON and evaluator as ``deeplab.evaluate`` gives for a checkpoint, so an exported
-model is judged the way its checkpoint was. Classes, output stride and the dataset it was trained for come from
-the file's own metadata; --data, --config or --set choose another dataset.
+model is judged the way its checkpoint was. Classes, output stride, align_corners (how multi-scale inference
+resizes) and the dataset it was trained for come from the file's own metadata; --data, --config or --set
+choose another dataset.
 """
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -20,23 +22,33 @@ from deeplab.evaluate import (DATA_ALIASES, add_inference_args, eval_loader, inf
 from deeplab.inference import predict_logits
 
 from .cli import show_progress
-from .runtime import load_runner
+from .runtime import format_of, formats_help, load_runner
 
-ENGINE_HINT = "a TensorRT engine (with its ENGINE.json sidecar)"
+MODEL_HELP = f"an exported model: {formats_help(exported_only=True)}"
 
 
 def open_exported(path, output_stride=None):
     """The exported model opened the one way every command opens model files (export.runtime.load_runner);
     an --output-stride other than the exported one is refused there in one line."""
-    if Path(path).suffix.lower() in (".ckpt", ".pt", ".pth"):
+    if Path(path).is_file() and not format_of(path).exported:
         raise UserError(f"{path}: a checkpoint; use python -m deeplab.evaluate / deeplab.predict for it")
     return load_runner(path, output_stride=output_stride)
 
 
+class ExportedModel:
+    """The runner as deeplab.inference sees a model: called on a batch, and resizing for multi-scale inference
+    with the align_corners its checkpoint used (``config.align_corners``, from the file's metadata)."""
+
+    def __init__(self, runner):
+        self.runner, self.config = runner, SimpleNamespace(align_corners=runner.info.align_corners)
+
+    def __call__(self, images):
+        return torch.from_numpy(self.runner(images))
+
+
 def exported_predictor(runner, opts: dict):
     """``predict(images) -> logits`` with the checkpoint path's scales, flips and windows around the runner."""
-    def model(images):
-        return torch.from_numpy(runner(images))
+    model = ExportedModel(runner)
 
     def predict(images):
         return predict_logits(model, images, None, opts["scales"], opts["flip"], opts["window"])
@@ -59,7 +71,7 @@ def model_experiment(info):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m export.evaluate", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help=f"an exported model: .onnx, OpenVINO .xml, or {ENGINE_HINT}")
+    parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--data", help="dataset folder, or 'synthetic' (default: the model's own data section)")
     add_inference_args(parser)
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")

@@ -6,6 +6,7 @@ rt_info, an engine's sidecar). Everything below export's other modules imports t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Optional, Sequence
 
@@ -15,6 +16,43 @@ from deeplab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 META_PREFIX = "deeplab."
+INPUT_LAYOUT = "NCHW"  # float32 N x 3 x H x W, RGB, (pixel/255 - mean) / std
+
+# The record every exporter writes and every runner reads. A file written before a field existed is read with
+# the default below (align_corners and backbone from the file's model_config where it has one); see
+# `complete_metadata`, which also says which fields were missing.
+RECORD_DEFAULTS = {
+    "class_names": None,  # class_0, class_1, ...
+    "mean": list(IMAGENET_MEAN),
+    "std": list(IMAGENET_STD),
+    "output_stride": None,  # model_config.output_stride
+    "align_corners": False,  # model_config.align_corners; False is what files before the field resized with
+    "input_layout": INPUT_LAYOUT,
+    "precision": "fp32",
+    "backbone": None,  # model_config.backbone
+    "dataset": None,  # data_config.dataset
+    "source_sha256": None,  # unknown: the checkpoint it came from is not recorded
+    "project_version": None,  # unknown: written before the project recorded its version
+}
+
+
+def project_version() -> str:
+    """This project's installed version (pyproject.toml), or "unknown" when it runs from an uninstalled tree."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("deeplabv3-ray")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def file_sha256(path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks (checkpoints and engines can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def dataset_meta(data_cfg, num_classes: int):
@@ -33,9 +71,10 @@ def dataset_meta(data_cfg, num_classes: int):
 
 
 def build_metadata(model_cfg, class_names: Optional[Sequence[str]] = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   state: Optional[dict] = None, source: Optional[str] = None, data_cfg=None) -> dict:
-    """What a runtime needs besides the graph; values are JSON-encodable Python objects. ``data_cfg``: the
-    dataset the model was trained for, the default of ``export.evaluate`` as of ``deeplab.evaluate``."""
+                   state: Optional[dict] = None, source: Optional[str] = None, data_cfg=None,
+                   source_sha256: Optional[str] = None, precision: str = "fp32") -> dict:
+    """What a runtime needs besides the graph (every RECORD_DEFAULTS field); values are JSON-encodable. ``data_cfg``:
+    the dataset the model was trained for, the default of ``export.evaluate`` as of ``deeplab.evaluate``."""
     names = list(class_names) if class_names else []
     if len(names) != model_cfg.num_classes:
         names = [f"class_{i}" for i in range(model_cfg.num_classes)]
@@ -46,6 +85,12 @@ def build_metadata(model_cfg, class_names: Optional[Sequence[str]] = None, mean=
         "aspp_rates": list(model_cfg.rates_at()),
         "multi_grid": list(model_cfg.multi_grid),
         "backbone": model_cfg.backbone,
+        "align_corners": bool(model_cfg.align_corners),
+        "input_layout": INPUT_LAYOUT,
+        "precision": precision,
+        "dataset": getattr(data_cfg, "dataset", None),
+        "source_sha256": source_sha256,
+        "project_version": project_version(),
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
         "input": f"{INPUT_NAME}: float32 N x 3 x H x W, RGB, (pixel/255 - mean) / std",
@@ -64,6 +109,21 @@ def build_metadata(model_cfg, class_names: Optional[Sequence[str]] = None, mean=
     if data_cfg is not None:
         meta["data_config"] = to_plain(data_cfg)
     return meta
+
+
+def complete_metadata(meta: dict) -> tuple:
+    """(the record with every RECORD_DEFAULTS field, the fields the file lacked): how a runner reads a file
+    written before a field existed. Defaults come from the file's own model_config/data_config where it has them."""
+    model_cfg = meta.get("model_config") if isinstance(meta.get("model_config"), dict) else {}
+    data_cfg = meta.get("data_config") if isinstance(meta.get("data_config"), dict) else {}
+    derived = {"output_stride": model_cfg.get("output_stride"), "backbone": model_cfg.get("backbone"),
+               "align_corners": model_cfg.get("align_corners", RECORD_DEFAULTS["align_corners"]),
+               "dataset": data_cfg.get("dataset")}
+    missing = [key for key in RECORD_DEFAULTS if key not in meta]
+    full = dict(meta)
+    for key in missing:
+        full[key] = derived.get(key) if derived.get(key) is not None else RECORD_DEFAULTS[key]
+    return full, missing
 
 
 def encode(meta: dict) -> dict:

@@ -13,13 +13,13 @@ from deeplab.evaluate import resolve_experiment
 from deeplab.predict import names_and_palette, parse_args, predict_files
 
 from .cli import show_progress
-from .evaluate import ENGINE_HINT, exported_options, exported_predictor, model_experiment
+from .evaluate import MODEL_HELP, exported_options, exported_predictor, model_experiment
 
 
 @command
 def main(argv=None) -> int:
     args = parse_args(argv, "python -m export.predict", __doc__.split("\n\n")[1],
-                      ("model", f"an exported model: .onnx, OpenVINO .xml, or {ENGINE_HINT}"))
+                      ("model", MODEL_HELP))
     show_progress()
     runner, opts = exported_options(args)
     names, palette = names_and_palette(resolve_experiment(model_experiment(runner.info), args), runner.info.num_classes)

@@ -9,8 +9,9 @@ machine before TensorRT gets a chance to fail obscurely ("Version tag does not m
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from deeplab.fileio import write_text_atomic
 # onnxruntime providers, fastest first; the CPU provider is always last and always available.
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SIDECAR_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
+ENGINE_HASH_KEY = "engine_sha256"  # the sidecar vouches for these exact engine bytes
 
 
 class EngineError(UserError, ValueError):
@@ -54,6 +56,23 @@ def read_sidecar(engine_path) -> dict:
     if not isinstance(info, dict) or any(k not in info for k in SIDECAR_KEYS):
         raise EngineError(f"{path}: sidecar must be a JSON object with {', '.join(SIDECAR_KEYS)}")
     return info
+
+
+def check_engine_hash(engine_path, info: dict) -> None:
+    """Refuse an engine whose bytes are not the ones its sidecar vouches for. An engine is code-like (TensorRT
+    runs what it deserializes, plugins included), so only the file export.to_tensorrt wrote next to its sidecar
+    runs: a replaced or tampered engine, or a sidecar from before the hash was recorded, is rebuilt instead."""
+    from .metadata import file_sha256
+
+    expected = info.get(ENGINE_HASH_KEY)
+    if not expected:
+        raise EngineError(f"{engine_path}: its sidecar records no {ENGINE_HASH_KEY}; run only engines you built: "
+                          "rebuild it with python -m export.to_tensorrt")
+    actual = file_sha256(engine_path)
+    if actual != expected:
+        raise EngineError(f"{engine_path}: sha256 {actual[:16]}... is not the {expected[:16]}... its sidecar "
+                          "vouches for (replaced or changed since it was built); run only engines you built: "
+                          "rebuild it with python -m export.to_tensorrt")
 
 
 def check_sidecar(info: dict, current: dict, engine_path="engine") -> None:
@@ -126,6 +145,8 @@ class TensorRTRunner:
             raise EngineError(f"{engine_path}: engine file not found")
         self.path = engine_path
         self.sidecar = read_sidecar(engine_path) if check or sidecar_path(engine_path).is_file() else {}
+        if self.sidecar:
+            check_engine_hash(engine_path, self.sidecar)
         if check:
             check_sidecar(self.sidecar, device_info(device), engine_path)
         import tensorrt as trt
@@ -343,32 +364,6 @@ class OpenVINORunner:
         return np.array(request.get_output_tensor(0).data, np.float32)  # a copy: the next call reuses the buffer
 
 
-def load_runner(path, *, output_stride: Optional[int] = None, device: Optional[str] = None,
-                providers: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> "ModelRunner":
-    """Open any model file the project writes, the one way every consumer does (segment, serve, ...).
-
-    ``.ckpt``: PyTorch (deeplab.load_checkpoint), run at ``output_stride`` (default: the checkpoint's).
-    ``.onnx``: onnxruntime, FP32, FP16 or INT8 Q/DQ, metadata from the file (export.metadata.read_metadata).
-    ``.xml``: an OpenVINO IR (FP32 or INT8) on the CPU, metadata from its rt_info.
-    ``.engine``/``.plan``/``.trt`` (or any file with an ENGINE.json sidecar): TensorRT on this GPU.
-    ``device``: "cpu" or "cuda" (default: cuda when torch sees a GPU). Errors are one line naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    suffix = path.suffix.lower()
-    if suffix == ".ckpt":
-        return _torch_runner(path, output_stride, device)
-    if suffix == ".onnx":
-        return _onnx_runner(path, output_stride, device, providers, threads)
-    if suffix == ".xml":
-        return _openvino_runner(path, output_stride, device, threads)
-    if suffix in ENGINE_SUFFIXES or sidecar_path(path).is_file():
-        return _tensorrt_runner(path, output_stride, device)
-    raise ModelFileError(f"{path}: unknown model file type {path.suffix or '(no suffix)'!r}; expected a checkpoint "
-                         f"(.ckpt), an ONNX file (.onnx), an OpenVINO IR (.xml) or a TensorRT engine "
-                         f"({', '.join(ENGINE_SUFFIXES)})")
-
-
 # ------------------------------------------------------------------------------------- any model, one way
 from dataclasses import dataclass, fields  # noqa: E402  (kept with the code that uses it)
 
@@ -381,7 +376,8 @@ class ModelFileError(UserError, ValueError):
 
 @dataclass
 class ModelInfo:
-    """What a model file says about itself: enough to feed it, read its output and show it to a user."""
+    """What a model file says about itself (export.metadata's record): enough to feed it, read its output, resize
+    as its checkpoint does and show it to a user."""
 
     path: str
     backend: str  # e.g. "pytorch (cpu)", "onnxruntime (CPUExecutionProvider)", "tensorrt"
@@ -394,12 +390,16 @@ class ModelInfo:
     backbone: Optional[str] = None
     val_miou: Optional[float] = None
     data_config: Optional[dict] = None  # the data section the model was trained with, where the file says
+    align_corners: bool = False  # how multi-scale inference resizes for this model (as its checkpoint does)
+    input_layout: str = "NCHW"
+    dataset: Optional[str] = None
+    source_sha256: Optional[str] = None  # the checkpoint it was exported from
+    project_version: Optional[str] = None  # the project version that wrote it
 
     def to_dict(self) -> dict:
         """JSON-ready (tuples as lists)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
 
 class ModelRunner:
     """A model file opened for inference. Call it on a normalized (N, 3, H, W) float32 batch (numpy or torch)
@@ -444,13 +444,14 @@ def _pick_device(device: Optional[str]) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str]) -> ModelRunner:
+def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str], providers=None,
+                  threads=None) -> ModelRunner:
     import torch
 
     from deeplab.checkpoint import load_checkpoint
     from deeplab.inference import model_predictor
 
-    from .metadata import dataset_meta
+    from .metadata import dataset_meta, file_sha256, project_version
 
     device = _pick_device(device)
     ckpt = load_checkpoint(path)
@@ -459,12 +460,15 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
         if output_stride not in (8, 16, 32):
             raise ModelFileError(f"output stride {output_stride}: use 8, 16 or 32")
         model.set_output_stride(output_stride)
-    names, mean, std = dataset_meta(ckpt.experiment.data if ckpt.experiment else None, ckpt.config.num_classes)
+    data = ckpt.experiment.data if ckpt.experiment else None
+    names, mean, std = dataset_meta(data, ckpt.config.num_classes)
     metrics = ckpt.state.get("metrics") or {}
     info = ModelInfo(str(path), f"pytorch ({device})", "fp32", ckpt.config.num_classes,
                      names or [f"class_{i}" for i in range(ckpt.config.num_classes)], model.config.output_stride,
                      tuple(mean), tuple(std), ckpt.config.backbone,
-                     metrics.get("val_miou") if isinstance(metrics, dict) else None)
+                     metrics.get("val_miou") if isinstance(metrics, dict) else None,
+                     align_corners=bool(ckpt.config.align_corners), dataset=getattr(data, "dataset", None),
+                     source_sha256=file_sha256(path), project_version=project_version())
 
     predict = model_predictor(model, device=device)  # what deeplab.predict and evaluate run
 
@@ -475,26 +479,36 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
     return ModelRunner(forward, info)
 
 
+def _checkpoint_info(path: Path, output_stride) -> ModelInfo:
+    return _torch_runner(path, output_stride, "cpu").info
+
+
 def _info_from_metadata(path: Path, meta: dict, backend: str, output_stride: Optional[int]) -> ModelInfo:
-    """ModelInfo from the deeplab.* metadata that export.to_onnx embeds (and engine sidecars copy)."""
+    """ModelInfo from the deeplab.* record that every exporter writes (export.metadata). A file written before a
+    field existed gets its documented default and one warning line naming the missing fields."""
+    from .metadata import RECORD_DEFAULTS, complete_metadata
+
     if not isinstance(meta, dict) or "num_classes" not in meta:
         raise ModelFileError(f"{path}: no deeplab.* metadata (classes, output stride, mean/std); "
                              "export it with python -m export.to_onnx")
+    meta, missing = complete_metadata(meta)
+    if missing:
+        print(f"warning: {path}: written before the metadata fields {', '.join(missing)}; using the defaults "
+              f"({', '.join(f'{k}={meta[k]!r}' for k in missing if k in RECORD_DEFAULTS)})", file=sys.stderr)
     n = int(meta["num_classes"])
-    stride = meta.get("output_stride")
+    stride = meta["output_stride"]
     if output_stride is not None and stride is not None and int(output_stride) != int(stride):
         raise ModelFileError(f"{path}: exported at output stride {stride}; output stride {output_stride} needs "
                              f"the checkpoint, or export it again with --output-stride {output_stride}")
-    names = meta.get("class_names") or []
+    names = meta["class_names"] or []
     if len(names) != n:
         names = [f"class_{i}" for i in range(n)]
-    from deeplab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-
-    mean, std = tuple(meta.get("mean", IMAGENET_MEAN)), tuple(meta.get("std", IMAGENET_STD))
+    mean, std = tuple(meta["mean"]), tuple(meta["std"])
     _check_normalization(path, mean, std)
-    return ModelInfo(str(path), backend, str(meta.get("precision", "fp32")), n, list(names),
-                     int(stride) if stride is not None else None, mean, std, meta.get("backbone"),
-                     meta.get("val_miou"), meta.get("data_config"))
+    return ModelInfo(str(path), backend, str(meta["precision"]), n, list(names),
+                     int(stride) if stride is not None else None, mean, std, meta["backbone"],
+                     meta.get("val_miou"), meta.get("data_config"), bool(meta["align_corners"]),
+                     str(meta["input_layout"]), meta["dataset"], meta["source_sha256"], meta["project_version"])
 
 
 def _onnx_info(path: Path, output_stride, backend: str = "onnxruntime") -> ModelInfo:
@@ -510,7 +524,7 @@ def _onnx_info(path: Path, output_stride, backend: str = "onnxruntime") -> Model
     return _info_from_metadata(path, read_metadata(graph), backend, output_stride)
 
 
-def _onnx_runner(path: Path, output_stride, device, providers, threads) -> ModelRunner:
+def _onnx_runner(path: Path, output_stride, device, providers=None, threads=None) -> ModelRunner:
     info = _onnx_info(path, output_stride)  # metadata first: a file without it fails before a session loads
     if providers is None and _pick_device(device) == "cpu":
         providers = ["CPUExecutionProvider"]
@@ -527,14 +541,14 @@ def _openvino_info(path: Path, output_stride, model=None) -> ModelInfo:
     return _info_from_metadata(path, read_ir_metadata(model), "openvino (CPU)", output_stride)
 
 
-def _openvino_runner(path: Path, output_stride, device, threads) -> ModelRunner:
+def _openvino_runner(path: Path, output_stride, device, providers=None, threads=None) -> ModelRunner:
     if device == "cuda":
         raise ModelFileError(f"{path}: this project runs OpenVINO IRs on the CPU, not on device cuda")
     runner = OpenVINORunner(path, threads=threads)
     return ModelRunner(runner, _openvino_info(path, output_stride, runner.model))
 
 
-def _tensorrt_runner(path: Path, output_stride, device) -> ModelRunner:
+def _tensorrt_runner(path: Path, output_stride, device, providers=None, threads=None) -> ModelRunner:
     if device == "cpu":
         raise ModelFileError(f"{path}: a TensorRT engine runs on its GPU only, not on device cpu")
     info = _engine_info(path, output_stride)
@@ -548,17 +562,81 @@ def _engine_info(path: Path, output_stride) -> ModelInfo:
     return info
 
 
-def read_model_info(path, output_stride: Optional[int] = None) -> ModelInfo:
-    """A model file's metadata without a GPU: what a driver checks before it ships the file to workers.
-    Checkpoints are loaded on the CPU; ONNX files and engines are only read for their metadata."""
+# --------------------------------------------------------------------------------- every format, one table
+@dataclass(frozen=True)
+class ModelFormat:
+    """One kind of model file the project writes: how it is recognised, the files that make it up (shipped
+    together to every node), how its metadata is read without running it, and how a runner opens it."""
+
+    name: str
+    suffixes: tuple
+    label: str  # how --help and error messages name it
+    companions: Callable[[Path], list]  # files that must lie beside the main one, same folder
+    read_info: Callable[..., ModelInfo]  # (path, output_stride) -> ModelInfo
+    open_runner: Callable[..., ModelRunner]  # (path, output_stride, device, providers, threads) -> ModelRunner
+    exported: bool = True  # written by export/ (not a training checkpoint)
+
+
+FORMATS = (
+    ModelFormat("checkpoint", (".ckpt",), "a checkpoint (.ckpt)", lambda p: [], _checkpoint_info, _torch_runner,
+                exported=False),
+    ModelFormat("onnx", (".onnx",), "an ONNX file (.onnx: FP32, FP16 or INT8 Q/DQ)", lambda p: [], _onnx_info,
+                _onnx_runner),
+    ModelFormat("openvino", (".xml",), "an OpenVINO IR (.xml with its .bin beside it: FP32 or INT8)",
+                lambda p: [p.with_suffix(".bin")], _openvino_info, _openvino_runner),
+    ModelFormat("tensorrt", ENGINE_SUFFIXES, "a TensorRT engine you built (.engine with its .engine.json sidecar)",
+                lambda p: [sidecar_path(p)], _engine_info, _tensorrt_runner),
+)
+
+
+def formats_help(exported_only: bool = False) -> str:
+    """The model files a command takes, for --help: "a checkpoint (.ckpt), ..., or a TensorRT engine ..."."""
+    labels = [f.label for f in FORMATS if f.exported or not exported_only]
+    return ", ".join(labels[:-1]) + ", or " + labels[-1]
+
+
+def format_of(path) -> ModelFormat:
+    """The format of a model file, by suffix (an engine also by its sidecar); one line naming the file if none."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    for fmt in FORMATS:
+        if suffix in fmt.suffixes:
+            return fmt
+    if sidecar_path(path).is_file():
+        return next(f for f in FORMATS if f.name == "tensorrt")
+    raise ModelFileError(f"{path}: unknown model file type {path.suffix or '(no suffix)'!r}; expected "
+                         f"{formats_help()}")
+
+
+def model_files(path) -> list:
+    """Every file that makes up the model at ``path``, the main file first: what is shipped to other nodes.
+    A missing one is an error naming it."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        return _onnx_info(path, output_stride)
-    if suffix == ".xml":
-        return _openvino_info(path, output_stride)
-    if suffix in ENGINE_SUFFIXES or sidecar_path(path).is_file():
-        return _engine_info(path, output_stride)
-    return load_runner(path, output_stride=output_stride, device="cpu").info
+    fmt = format_of(path)
+    files = [path, *fmt.companions(path)]
+    for f in files[1:]:
+        if not f.is_file():
+            raise ModelFileError(f"{path}: {fmt.label.split(' (')[0]} needs {f.name} beside it; it is missing")
+    return files
+
+
+def load_runner(path, *, output_stride: Optional[int] = None, device: Optional[str] = None,
+                providers: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> ModelRunner:
+    """Open any model file the project writes (FORMATS), the one way every consumer does (evaluate, predict,
+    bench, segment, serve). ``output_stride``: checkpoints run at it, exported files must have been exported at
+    it. ``device``: "cpu" or "cuda" (default: cuda when torch sees a GPU). Errors are one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    return format_of(path).open_runner(path, output_stride, device, providers, threads)
+
+
+def read_model_info(path, output_stride: Optional[int] = None) -> ModelInfo:
+    """A model file's metadata without a GPU: what a driver checks before it ships the file to workers.
+    Checkpoints are loaded on the CPU; exported files and engines are only read for their metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no such model file")
+    return format_of(path).read_info(path, output_stride)

@@ -5,7 +5,7 @@
 The model is rebuilt from the checkpoint alone, in eval mode (BatchNorm folded into the convs by the
 exporter), and batch, height and width are dynamic unless ``--static``.
 The ONNX's metadata_props carry what a runtime needs to use it without the checkpoint: classes, class names,
-output stride, rates, Multi-Grid and the normalization mean/std (JSON values, `read_metadata`). The file is
+output stride, align_corners, precision, rates, the source checkpoint's sha256 (export.metadata.RECORD_DEFAULTS). The file is
 written under a temporary name, checked (onnx.checker, then onnxruntime against PyTorch: max absolute logit
 difference and argmax agreement) and only then renamed into place.
 """
@@ -28,7 +28,7 @@ from deeplab.config import Alias, add_config_args, config_from_args
 from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import ExportError, SwitchOff, show_progress
-from .metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, dataset_meta, set_metadata
+from .metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, dataset_meta, file_sha256, set_metadata
 from .opset import check_opset
 from .runtime import OnnxRunner
 from .samples import parity_inputs
@@ -128,7 +128,9 @@ def checkpoint_model(ckpt, output_stride: int, data_cfg=None) -> tuple:
         data_cfg = ckpt.experiment.data
     class_names, mean, std = dataset_meta(data_cfg, ckpt.config.num_classes)
     source = Path(ckpt.path).name if ckpt.path else None
-    meta = build_metadata(model.config, class_names, mean, std, ckpt.state, source=source, data_cfg=data_cfg)
+    digest = file_sha256(ckpt.path) if ckpt.path and Path(ckpt.path).is_file() else None
+    meta = build_metadata(model.config, class_names, mean, std, ckpt.state, source=source, data_cfg=data_cfg,
+                          source_sha256=digest)
     return model, meta, data_cfg
 
 

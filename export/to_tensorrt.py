@@ -28,7 +28,7 @@ from deeplab.fileio import atomic_path, ensure_dir
 from .cli import parse_and_run, source_and_config, source_parser
 from .metadata import read_metadata
 from .opset import TENSORRT_MAX_OPSET, check_onnx_file, check_opset
-from .runtime import device_info, sidecar_path, write_sidecar
+from .runtime import ENGINE_HASH_KEY, device_info, sidecar_path, write_sidecar
 
 log = logging.getLogger("export.to_tensorrt")  # not __name__: run as -m it would be __main__, outside "export"
 PRECISIONS = ExportConfig.PRECISIONS
@@ -173,10 +173,10 @@ def make_sidecar(device: dict, precision: str, path: str, shapes: Optional[dict]
 def write_engine(engine_path, data: bytes, describe: Callable[[Path], dict]) -> dict:
     """Write the engine under a temporary name, `describe(temporary file)` it (parity runs on the real file),
     write its sidecar, and only then give the engine its name: an engine never exists without the sidecar
-    that vouches for it, and a failure leaves no engine file."""
+    that vouches for it (its sha256 included: the runner refuses other bytes), and a failure leaves no engine."""
     with atomic_path(engine_path) as tmp:
         tmp.write_bytes(data)
-        sidecar = describe(tmp)
+        sidecar = {**describe(tmp), ENGINE_HASH_KEY: hashlib.sha256(data).hexdigest()}
         write_sidecar(engine_path, sidecar)
     return sidecar
 
@@ -318,8 +318,9 @@ def build_and_write(engine_path: Path, onnx_in: Path, fp32_onnx: Path, path: str
         par = engine_parity(tmp_engine, fp32_onnx, fixed or profile["opt"])
         log.info(f"engine vs ONNX fp32: max |logit diff| {par['max_abs_diff']:.3g}, "
                  f"argmax agreement {100 * par['argmax_agreement']:.2f}%")
-        return make_sidecar(device_info(), ex.precision, path, profile or {"fixed": fixed}, onnx_in,
-                            read_metadata(fp32_onnx), parity=par, workspace_gb=ex.workspace_gb, **sidecar_extra)
+        meta = {**read_metadata(fp32_onnx), "precision": ex.precision}  # the record, for this engine
+        return make_sidecar(device_info(), ex.precision, path, profile or {"fixed": fixed}, onnx_in, meta,
+                            parity=par, workspace_gb=ex.workspace_gb, **sidecar_extra)
 
     write_engine(engine_path, data, describe)
     log.info(f"wrote {engine_path} ({len(data) / 2**20:.1f} MiB) and {sidecar_path(engine_path).name}")

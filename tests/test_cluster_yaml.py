@@ -101,7 +101,7 @@ def _tcp(low, high, *cidrs):
 
 @pytest.mark.parametrize("rules,ports", [
     ([_tcp(8265, 8265, "0.0.0.0/1", "128.0.0.0/1")], "8265"),                       # halves in one rule
-    ([_tcp(8265, 8265, "0.0.0.0/1"), _tcp(8000, 9000, "128.0.0.0/1")], "8265"),     # halves in two rules
+    ([_tcp(8265, 8265, "0.0.0.0/1"), _tcp(8100, 9000, "128.0.0.0/1")], "8265"),     # halves in two rules
     ([_tcp(10001, 10001, "::/1"), _tcp(10001, 10001, "8000::/1")], "10001"),        # IPv6 halves
     ([_tcp(8260, 8270, *[f"{i * 32}.0.0.0/3" for i in range(8)])], "8265"),         # eighths, a port range
     ([_tcp(6379, 6379, "0.0.0.0/2")], "6379"),                                      # a quarter of the internet
@@ -182,3 +182,87 @@ def test_cli_reports_each_file_and_fails_on_a_bad_one(tmp_path):
     assert len(errors) == 2, out.stderr
     assert str(bad) in errors[0] and "10001" in errors[0]
     assert str(invalid) in errors[1] and "not_a_ray_field" in errors[1]
+
+
+# ------------------------------------------------ issue 20: the config as Ray runs it, every port, every provider
+def _write(tmp_path, name, config):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config) if isinstance(config, dict) else config)
+    return path
+
+
+SAFE_START = {"head_start_ray_commands": ["ray stop", "ray start --head --port=6379 --dashboard-host=127.0.0.1 "
+                                          "--autoscaling-config=~/ray_bootstrap_config.yaml"],
+              "worker_start_ray_commands": ["ray stop", "ray start --address=$RAY_HEAD_IP:6379"]}
+
+
+def test_a_minimal_aws_config_is_judged_with_rays_defaults(tmp_path):
+    """No node types, no start commands: Ray fills in its own (m5.large nodes without a security group, so its
+    default group with SSH open to 0.0.0.0/0, and `--dashboard-host=0.0.0.0`). The raw YAML said "ok"."""
+    path = _write(tmp_path, "minimal.yaml", "cluster_name: mini\nprovider:\n  type: aws\n  region: us-west-2\n"
+                                            "auth:\n  ssh_user: ubuntu\n")
+    with pytest.raises(ValueError) as e:
+        check_file(path)
+    assert "node type 'ray.head.default' has no SecurityGroupIds" in str(e.value) and "(and 2 more)" in str(e.value)
+    problems = security_problems(validate(_load(path)))
+    assert any("'ray.worker.default' has no SecurityGroupIds" in p for p in problems)
+    assert any("--dashboard-host=0.0.0.0" in p and "head_start_ray_commands[1]" in p for p in problems)
+
+
+@pytest.mark.parametrize("low, high, named", [
+    (8000, 8000, "8000 (Serve HTTP)"), (52365, 52365, "52365 (dashboard agent)"),
+    (15000, 15100, "10002-19999 (worker ports)"), (50000, 60000, "52365 (dashboard agent)"),
+])
+def test_serve_and_ray_ports_beyond_the_first_three_are_checked(low, high, named):
+    (problem,) = security_problems(validate(_aws_with_rules(_tcp(low, high, "0.0.0.0/0"))))
+    assert named in problem and "to the internet" in problem
+
+
+def test_ports_moved_by_start_commands_are_the_ones_checked(tmp_path):
+    config = _load(AWS)
+    config["head_start_ray_commands"] = [
+        "ray stop", "ulimit -n 65536; ray start --head --port=7000 --dashboard-port 9265 --ray-client-server-port=11001 "
+        "--metrics-export-port=9100 --dashboard-host=127.0.0.1 --autoscaling-config=~/ray_bootstrap_config.yaml",
+        "nohup python -m cluster.serve /models/m.onnx --host 0.0.0.0 --port 8443 > serve.log 2>&1 &"]
+    for port, named in [(7000, "7000 (GCS)"), (9265, "9265 (dashboard/job API)"), (11001, "11001 (Ray client)"),
+                        (9100, "9100 (metrics export)"), (8443, "8443 (Serve HTTP)")]:
+        config["provider"]["security_group"] = {"GroupName": "ray", "IpPermissions": [_tcp(port, port, "0.0.0.0/0")]}
+        (problem,) = security_problems(validate(config))
+        assert named in problem, problem
+    config["provider"]["security_group"]["IpPermissions"] = [_tcp(6379, 6379, "0.0.0.0/0")]
+    assert security_problems(validate(config)) == []  # nothing listens on 6379 any more
+    config["head_start_ray_commands"][1] = config["head_start_ray_commands"][1].replace("127.0.0.1", "0.0.0.0")
+    (problem,) = security_problems(validate(config))
+    assert "head_start_ray_commands[1]: ray start --dashboard-host=0.0.0.0" in problem
+
+
+@pytest.mark.parametrize("rule", [
+    {"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, "PrefixListIds": [{"PrefixListId": "pl-0123abcd"}]},
+    {"IpProtocol": "-1", "PrefixListIds": [{"PrefixListId": "pl-0123abcd"}]},
+    {"IpProtocol": -1, "FromPort": 22, "ToPort": 22, **WORLD4},  # -1 as a YAML number: every port, FromPort ignored
+])
+def test_prefix_lists_and_protocol_minus_one_are_judged(tmp_path, rule):
+    path = _write(tmp_path, "rules.yaml", _aws_with_rules(rule))
+    with pytest.raises(ValueError, match=r"pl-0123abcd on .*8265.*: its addresses cannot be checked offline|6379 \(GCS\).* to the internet"):
+        check_file(path)
+
+
+GCP = {"cluster_name": "g", "provider": {"type": "gcp", "region": "us-west1", "availability_zone": "us-west1-a",
+                                         "project_id": "my-project"}, "auth": {"ssh_user": "ubuntu"}, **SAFE_START}
+AZURE = {"cluster_name": "a", "provider": {"type": "azure", "location": "westus2", "resource_group": "ray"},
+         "auth": {"ssh_user": "ubuntu"}, **SAFE_START}
+
+
+def test_providers_whose_firewall_is_not_in_the_file_are_not_checked_never_ok(tmp_path):
+    files = [_write(tmp_path, "gcp.yaml", GCP), _write(tmp_path, "azure.yaml", AZURE), ONPREM]
+    out = subprocess.run([sys.executable, "-m", "cluster.check_config", *map(str, files)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [line.split(":")[:2] for line in lines] == [["not checked", " gcp"], ["not checked", " azure"],
+                                                       ["not checked", " local"]]
+    assert "ok:" not in out.stdout
+    gcp_default = dict(GCP)
+    del gcp_default["head_start_ray_commands"]  # Ray's GCP default binds the dashboard to 0.0.0.0
+    with pytest.raises(ValueError, match="--dashboard-host=0.0.0.0"):
+        check_file(_write(tmp_path, "gcp-default.yaml", gcp_default))

@@ -84,6 +84,7 @@ def test_sidecar_roundtrip_is_atomic_and_complete(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.engine", "model.engine.json", "model.int8.onnx"]
     back = read_sidecar(engine)
     assert back["onnx_sha256"] == hashlib.sha256(b"onnx bytes").hexdigest()
+    assert back["engine_sha256"] == hashlib.sha256(b"serialized").hexdigest()  # what the runner checks
     assert back["shapes"]["opt"] == [1, 3, 513, 513] and back["precision"] == "int8"
     assert back["metadata"] == {"output_stride": 8} and back["parity"] == {"max_abs_diff": 0.01}
     check_sidecar(back, dict(H100), engine)  # same machine: accepted

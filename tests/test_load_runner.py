@@ -1,6 +1,7 @@
 """export.runtime.load_runner: one way to open a checkpoint, an ONNX file (FP32 and INT8 Q/DQ) or an engine,
 each carrying the metadata the file itself holds. References are computed independently: the checkpoint's
 model called directly, and onnxruntime sessions on the exported files. Tests that export ONNX are slow (10-40 s)."""
+import hashlib
 import json
 
 import numpy as np
@@ -114,7 +115,8 @@ def test_engine_metadata_comes_from_its_sidecar_and_loading_needs_the_gpu_it_was
         engine.write_bytes(b"serialized engine")
         load_runner(engine)
     write_sidecar(engine, {"gpu_name": "NVIDIA H200", "compute_capability": "9.0", "tensorrt_version": "11.4.0",
-                           "precision": "int8", "metadata": read_metadata(files["onnx"])})
+                           "precision": "int8", "metadata": read_metadata(files["onnx"]),
+                           "engine_sha256": hashlib.sha256(b"serialized engine").hexdigest()})
     info = read_model_info(engine)
     assert (info.backend, info.precision, info.num_classes, info.output_stride) == ("tensorrt", "int8", 5, 8)
     if not torch.cuda.is_available():

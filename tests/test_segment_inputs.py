@@ -196,3 +196,114 @@ def test_a_size_the_engine_cannot_run_fails_alone():
     assert [o.shape for o in (out[0], out[2])] == [(32, 32), (32, 32)] and isinstance(out[1], EngineError)
     with pytest.raises(EngineError):
         predict_labels(ProfileLimited(), images)
+
+
+# ------------------------------------------------------------------ hostile paths (issue 20): never outside OUTPUT
+def _inside(out, names, color=True):
+    root = out.resolve()
+    return all((out / rel).resolve().is_relative_to(root) for n in names for rel in segment.expected_outputs(n, color))
+
+
+def test_list_file_uris_with_dotdot_are_named_from_normalized_paths(tmp_path):
+    """The reproduced escape: file:///W/imgs/sub/../../outside/secret.png once named OUT/../../outside/secret."""
+    touch(tmp_path / "imgs/sub/a.png")
+    secret = touch(tmp_path / "outside/secret.png")
+    listing = touch(tmp_path / "imgs/list.txt", (f"file://{tmp_path}/imgs/sub/a.png\n"
+                                                 f"file://{tmp_path}/imgs/sub/../../outside/secret.png\n"
+                                                 f"file://{tmp_path}/imgs/sub/../sub/a.png\n").encode())
+    inputs = list_inputs(str(listing))
+    assert sorted(i.name for i in inputs.items) == ["imgs/sub/a", "outside/secret"]  # a.png listed once
+    assert _inside(tmp_path / "OUT", [i.name for i in inputs.items])
+    item = next(i for i in inputs.items if i.name == "outside/secret")
+    with inputs.filesystem.open_input_stream(item.path) as f:
+        assert f.read() == secret.read_bytes()
+
+
+def test_object_store_keys_that_climb_out_of_the_prefix_are_refused(tmp_path):
+    """S3 keeps '..' in keys as written; an in-memory fsspec store behind pyarrow does the same."""
+    fsspec = pytest.importorskip("fsspec")
+    import pyarrow.fs as pafs
+
+    memory = fsspec.filesystem("memory")
+    keys = ["/bucket/photos/a.jpg", "/bucket/photos/../../etc/x.jpg", "/bucket/photos/sub/../b.jpg",
+            "/bucket/photos/.//c.jpg", "/bucket/photos/b.jpg", "/bucket/photos/.hidden.jpg"]
+    for key in keys:
+        memory.pipe(key, key.encode())
+    try:
+        fs = pafs.PyFileSystem(pafs.FSSpecHandler(memory))
+        inputs = list_inputs("bucket/photos", filesystem=fs)
+        assert sorted((i.name, i.path) for i in inputs.items) == [
+            ("a", keys[0]), ("b", keys[4]), ("c", keys[3])]  # the key read is the key as written
+        refused = dict(inputs.refused)
+        assert sorted(refused) == [keys[1], keys[2]]
+        assert "outside INPUT" in refused[keys[1]] and refused[keys[1]].startswith(keys[1] + ": ")
+        assert "names the same output as another input (b.jpg)" in refused[keys[2]]
+        assert _inside(tmp_path / "OUT", [i.name for i in inputs.items])
+    finally:
+        memory.rm("/bucket", recursive=True)
+
+
+def test_list_file_keys_that_climb_out_of_their_bucket_are_refused():
+    assert segment._normalized("bucket/a/../../x.jpg", store=True) == (None, None)
+    assert segment._normalized("bucket/a/../x.jpg", store=True) == ("bucket/x.jpg", "bucket/x.jpg")
+    assert segment._normalized("/bucket/./a//b.jpg", store=True)[0] == "bucket/a/b.jpg"
+
+
+def test_link_loops_list_each_file_once(tmp_path):
+    root = tmp_path / "in"
+    touch(root / "a.jpg")
+    touch(root / "sub/b.jpg")
+    (root / "sub/loop").symlink_to(root)  # in/sub/loop/sub/loop/... forever
+    (root / "again").symlink_to(root / "sub")
+    (root / "alias.jpg").symlink_to(root / "a.jpg")
+    (root / "0first.jpg").symlink_to(root / "sub/b.jpg")  # a link that sorts first: the real file still names it
+    (root / "broken.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    for source in (str(root), f"file://{root}"):
+        inputs = list_inputs(source)
+        assert sorted(i.name for i in inputs.items) == ["a", "sub/b"], source
+
+
+def test_outputs_that_resolve_outside_output_are_refused_and_failed_in_the_manifest(tmp_path):
+    from deeplab.config import SegmentConfig
+
+    root, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
+    for rel in ("a.jpg", "sub/b.jpg", "c.jpg"):
+        touch(root / rel)
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "sub").symlink_to(elsewhere)  # OUT/sub/b.png would land in elsewhere/
+    (out / "c.png").symlink_to(elsewhere / "c.png")  # a link in place of an output file
+    inputs = list_inputs(str(root), exclude=str(out))
+    run, refused = segment.refuse_escaping(inputs.items, [], out, color=False)
+    assert [i.name for i in run] == ["a"]
+    reasons = dict(refused)
+    assert sorted(reasons) == [str(root / "c.jpg"), str(root / "sub/b.jpg")]
+    assert "outside OUTPUT" in reasons[str(root / "sub/b.jpg")] and str(elsewhere) in reasons[str(root / "sub/b.jpg")]
+    # nothing to run but refusals: segment() writes their failed lines without starting Ray
+    inputs.items = [i for i in inputs.items if i.name != "a"]
+    summary = segment.segment("unused.ckpt", inputs, out, SegmentConfig(), log=lambda m: None)
+    assert summary.failed == 2 and summary.ok == 0
+    lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(r["path"] for r in lines) == sorted(reasons) and all(r["status"] == "failed" for r in lines)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_decode_task_loads_neither_torch_nor_an_inference_runtime(tmp_path):
+    """segment's read + decode tasks run in Ray worker processes that the raylet starts, reuses and ends when
+    idle: they import only Pillow, numpy and pyarrow, not torch (seconds of import per worker under load)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("RGB", (9, 7), (10, 20, 30)).save(tmp_path / "a.png")
+    code = (
+        "import sys, pyarrow.fs as fs\n"
+        "from cluster.segment import read_and_decode\n"
+        f"row = read_and_decode({{'path': {str(tmp_path / 'a.png')!r}, 'uri': 'a.png', 'name': 'a'}}, fs.LocalFileSystem(), None)\n"
+        "assert not row['error'] and (row['height'], row['width']) == (7, 9), row\n"
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'openvino', 'tensorrt', 'export') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(segment.Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -169,3 +169,41 @@ def test_killed_actor_is_replaced_and_every_image_is_written_once(cluster, colle
         stem = os.path.splitext(rel)[0]
         assert np.array_equal(read_png(out / f"{stem}.png"),
                               read_png(collection["reference"] / f"{os.path.basename(stem)}.png"))
+
+
+def test_hostile_list_file_and_links_in_output_never_write_outside_output(cluster, collection, tmp_path):
+    """Issue 20, as a user would meet it: a list file whose file:// entry climbs out with '..' onto another
+    picture, an EPS file named .png, and a link inside OUTPUT to a folder elsewhere. Outputs are named from
+    normalized paths; the linked folder's image is failed with its reason; nothing lands outside OUTPUT."""
+    from PIL import Image
+
+    from inference_files import photo
+
+    root, out, elsewhere = tmp_path / "imgs", tmp_path / "out", tmp_path / "elsewhere"
+    for rel, seed in (("sub/a.png", 1), ("outside/secret.png", 2), ("sub/linked/c.png", 3)):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo((24, 32), seed)).save(root / rel)
+    (root / "sub/drawing.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    secret = (root / "outside/secret.png").read_bytes()
+    elsewhere.mkdir()
+    out.mkdir()
+    (out / "sub").mkdir()
+    (out / "sub/linked").symlink_to(elsewhere)
+    listing = root / "list.txt"
+    listing.write_text("".join(f"file://{root}/{rel}\n" for rel in (
+        "sub/a.png", "sub/../outside/secret.png", "sub/drawing.png", "sub/linked/c.png")))
+    cmd = [sys.executable, "-m", "cluster.segment", str(collection["ckpt"]), str(listing), "-o", str(out),
+           "--set", f"cluster.address={cluster.address}", "--workers", "1"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, (done.stdout + done.stderr)[-3000:]
+    assert "4 images: 3 to segment, 0 already done, 1 refused" in done.stdout
+    records = {r["path"]: r for r in manifest(out)}
+    status = {path.split(str(root))[-1]: r["status"] for path, r in records.items()}
+    assert status == {"/sub/a.png": "ok", "/sub/../outside/secret.png": "ok", "/sub/drawing.png": "failed",
+                      "/sub/linked/c.png": "failed"}
+    assert "EPS images are not accepted" in records[f"file://{root}/sub/drawing.png"]["error"]
+    assert "outside OUTPUT" in records[f"file://{root}/sub/linked/c.png"]["error"]
+    assert set(outputs(out)) == {"sub/a.png", "outside/secret.png"}  # named from the normalized paths
+    assert list(elsewhere.iterdir()) == [] and (root / "outside/secret.png").read_bytes() == secret
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere", "imgs", "out"]  # nothing written beside

@@ -15,6 +15,7 @@ class FakeMetadata(BaseHTTPRequestHandler):
     polls_before_notice = 3
     polls = 0
     reclaim_at = None
+    bodies = []  # answers (200) to send before the real notice, one per poll after the 404s
 
     def log_message(self, *args):
         pass
@@ -30,6 +31,8 @@ class FakeMetadata(BaseHTTPRequestHandler):
         type(self).polls += 1
         if type(self).polls <= self.polls_before_notice:
             return self._send(404, b"")
+        if type(self).bodies:
+            return self._send(200, type(self).bodies.pop(0))
         when = datetime.datetime.fromtimestamp(self.reclaim_at, datetime.timezone.utc)
         self._send(200, json.dumps({"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}).encode())
 
@@ -42,7 +45,7 @@ class FakeMetadata(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def metadata():
-    FakeMetadata.polls, FakeMetadata.reclaim_at = 0, time.time() + 120
+    FakeMetadata.polls, FakeMetadata.reclaim_at, FakeMetadata.bodies = 0, time.time() + 120, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeMetadata)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -81,3 +84,38 @@ def test_seconds_left_reads_the_notice_time():
     start = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc).timestamp()
     assert seconds_left(notice, now=start) == 120
     assert seconds_left(notice, now=start + 500) == 1  # already late: drain at once
+
+
+def test_malformed_notices_are_logged_and_the_watch_goes_on(metadata, capsys):
+    """A notice without `time`, JSON that is not an object, a time that is no date, or a body that is not JSON
+    at all: each is one log line, and the real notice after them is still drained."""
+    FakeMetadata.polls_before_notice = 1
+    FakeMetadata.bodies = [b'{"action": "terminate"}', b'["terminate"]', b'"terminate"',
+                           b'{"action": "terminate", "time": "soon"}', b"<html>not json</html>"]
+    drained = []
+    notice = watch(lambda: interruption(metadata), drained.append, interval=0.01)
+    assert notice["action"] == "terminate" and len(drained) == 1 and 115 <= drained[0] <= 120
+    assert FakeMetadata.polls == 1 + 5 + 1
+    log = capsys.readouterr().err.splitlines()
+    assert len(log) == 5, log
+    assert "notice has no time" in log[0] and "not a JSON object" in log[1] and "not a JSON object" in log[2]
+    assert "not an ISO date" in log[3] and "metadata not readable" in log[4]
+
+
+def test_a_failed_drain_is_logged_and_tried_again_at_the_next_poll(metadata, tmp_path, capsys):
+    """`ray drain-node` (a stand-in script on the same command line) fails twice, then drains: the watcher
+    keeps polling the notice and calls it again each time."""
+    from cluster.spot_watch import drain
+
+    calls = tmp_path / "calls"
+    fake_ray = tmp_path / "ray"
+    fake_ray.write_text("#!/bin/sh\necho \"$@\" >> %s\n[ $(wc -l < %s) -ge 3 ]\n" % (calls, calls))
+    fake_ray.chmod(0o755)
+    FakeMetadata.polls_before_notice = 0
+    notice = watch(lambda: interruption(metadata), lambda s: drain("node-1", s, ray_cli=str(fake_ray)), interval=0.01)
+    assert notice["action"] == "terminate"
+    lines = calls.read_text().splitlines()
+    assert len(lines) == 3 and FakeMetadata.polls == 3
+    assert lines[0].startswith("drain-node --node-id node-1 --reason DRAIN_NODE_REASON_PREEMPTION")
+    log = capsys.readouterr().err.splitlines()
+    assert len(log) == 2 and all("drain failed (CalledProcessError" in line for line in log), log

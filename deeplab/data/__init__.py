@@ -1,11 +1,23 @@
 """Datasets (VOC + SBD, Cityscapes, ADE20K, a generic folder, synthetic), the paper's augmentation, and
-`python -m deeplab.data check` to validate a dataset before a long run."""
-from .datasets import (ADE20K_CLASSES, CITYSCAPES_CLASSES, FORMATS, VOC_CLASSES, DatasetInfo, build_dataset,
-                       dataset_info, detect_format, find_pairs, label_map, palette_for_classes)
-from .io import DatasetError, read_image, read_mask
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, denormalize, normalize
+`python -m deeplab.data check` to validate a dataset before a long run.
 
-__all__ = ["ADE20K_CLASSES", "CITYSCAPES_CLASSES", "FORMATS", "VOC_CLASSES", "DatasetInfo", "DatasetError",
-           "EvalTransform", "IMAGENET_MEAN", "IMAGENET_STD", "TrainTransform", "build_dataset", "dataset_info",
-           "denormalize", "detect_format", "find_pairs", "label_map", "normalize", "palette_for_classes",
-           "read_image", "read_mask"]
+Reading files (`io`: read_image, read_mask, DatasetError) needs only Pillow and numpy and is loaded at once;
+the rest (torch) on first use, so a process that only decodes images (cluster.segment's Ray Data read
+tasks) never loads torch and its thread runtimes."""
+from .io import DatasetError, read_image, read_mask
+
+_LAZY = {name: ".datasets" for name in ("ADE20K_CLASSES", "CITYSCAPES_CLASSES", "FORMATS", "VOC_CLASSES", "DatasetInfo",
+                                        "build_dataset", "dataset_info", "detect_format", "find_pairs", "label_map",
+                                        "palette_for_classes")}
+_LAZY.update({name: ".transforms" for name in ("IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "TrainTransform",
+                                               "denormalize", "normalize")})
+
+__all__ = sorted(["DatasetError", "read_image", "read_mask", *_LAZY])
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'deeplab.data' has no attribute {name!r}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -32,9 +32,47 @@ class ImageTooLargeError(DatasetError):
     """An image over the pixel limit (a decompression bomb, or more pixels than a caller accepts)."""
 
 
+class UnsupportedImageFormat(DatasetError):
+    """A file in an image format outside IMAGE_FORMATS (serve answers 415; segment lists it as failed)."""
+
+
+# The formats the README names (deeplab.predict.IMAGE_SUFFIXES), Pillow's names. Every decoder here opens files
+# with only these plugins, so no other plugin ever parses a user's file: EPS/PS (which Pillow renders by
+# starting Ghostscript), PDF, PSD, FITS, TGA, ... are refused from their first bytes. JPEG includes MPO (the
+# multi-picture JPEG of phone cameras, opened by the JPEG plugin).
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "TIFF")
+ACCEPTED = "JPEG, PNG, BMP, WebP or TIFF"
+
+
+def _other_format(prefix: bytes) -> Optional[str]:
+    """The format outside IMAGE_FORMATS whose signature ``prefix`` (a file's first 16 bytes) carries, if any:
+    judged by the plugins' own signature checks alone, which read bytes and open nothing."""
+    Image.init()
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt in IMAGE_FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix) is True:
+                return fmt
+        except Exception:  # a check that needs more bytes than there are
+            continue
+    return None
+
+
+def _head(source) -> bytes:
+    """The first 16 bytes of a path or of bytes (what Pillow's signature checks look at)."""
+    if isinstance(source, (bytes, bytearray)):
+        return bytes(source[:16])
+    try:
+        with open(source, "rb") as f:
+            return f.read(16)
+    except OSError:
+        return b""
+
+
 def _first_line(e: BaseException) -> str:
     if isinstance(e, UnidentifiedImageError):  # its text names the file object, not the file
-        return "not an image format Pillow reads"
+        return f"not an image in an accepted format: {ACCEPTED}"
     return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
@@ -43,11 +81,16 @@ def _open(path, name=None, max_pixels=None) -> Image.Image:
     ``max_pixels`` (a caller's lower limit) checked before any pixel is decoded."""
     name = name or path
     try:
-        im = Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path)
+        im = Image.open(io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path, formats=IMAGE_FORMATS)
     except FileNotFoundError:
         raise DatasetError(f"{name}: file not found") from None
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: refused as a decompression bomb ({_first_line(e)})") from None
+    except UnidentifiedImageError:
+        other = _other_format(_head(path))
+        if other:
+            raise UnsupportedImageFormat(f"{name}: {other} images are not accepted (only {ACCEPTED})") from None
+        raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(UnidentifiedImageError())})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(e)})") from None
     limit = Image.MAX_IMAGE_PIXELS
