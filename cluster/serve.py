@@ -189,6 +189,22 @@ def image_limit(cfg: ServeConfig) -> tuple:
     return cfg.max_pixels, "serve.max_pixels"
 
 
+def decode_upload(data: bytes, cfg: ServeConfig):
+    """The upload's pixels, or a Problem: 413 over the pixel limit (naming the option), 415 an image format
+    outside the allow-list (no other decoder ever sees it), 400 not an image or truncated."""
+    from deeplab.data.io import DatasetError, ImageTooLargeError, UnsupportedImageFormat, read_image
+
+    limit, option = image_limit(cfg)
+    try:
+        return read_image(data, name="upload", max_pixels=limit)
+    except ImageTooLargeError as e:
+        raise Problem(413, f"{e} ({option})") from None
+    except UnsupportedImageFormat as e:
+        raise Problem(415, str(e)) from None
+    except DatasetError as e:
+        raise Problem(400, str(e)) from None
+
+
 # ----------------------------------------------------------------------------------------------- replica
 def _deployment_class():
     """The Serve deployment, defined on first use so `--help` and the request helpers need no Ray (hence one
@@ -268,19 +284,12 @@ def _deployment_class():
                 self.stats.record_call.remote(images)
 
         async def _segment(self, request, fmt: str):
-            from deeplab.data.io import DatasetError, ImageTooLargeError, read_image
             from deeplab.predict import prediction_images
 
             start = time.perf_counter()
             body = await read_body(request, self.max_upload_bytes, self.cfg.read_timeout_s)
             data = upload_bytes(request.headers.get("content-type", ""), body)
-            limit, option = image_limit(self.cfg)
-            try:
-                image = await asyncio.to_thread(read_image, data, name="upload", max_pixels=limit)
-            except ImageTooLargeError as e:
-                raise Problem(413, f"{e} ({option})") from None
-            except DatasetError as e:
-                raise Problem(400, str(e)) from None
+            image = await asyncio.to_thread(decode_upload, data, self.cfg)
             labels, batch = await self.segment_batch(image)
             if isinstance(labels, Exception):  # the model could not run this image: say why, keep serving
                 status = 413 if "out of memory" in str(labels).lower() else 400

@@ -146,3 +146,20 @@ def test_segment_workers_hold_their_pixel_budget(tmp_path):
     for i, image in enumerate(images):
         alone = predict_labels(worker.runner, [image])[0]
         np.testing.assert_array_equal(read_png(tmp_path / "out" / f"img{i}.png"), alone)
+
+
+def test_uploads_decode_or_become_413_415_400():
+    """What the replica does with upload bytes: an EPS file (which Pillow would render with Ghostscript) is
+    415 naming the accepted formats; over the pixel budget 413 naming the option; not an image 400."""
+    from cluster.serve import decode_upload
+    from inference_files import jpeg_bytes, photo
+
+    cfg = ServeConfig(max_pixels=10_000, max_batch_pixels=5_000)
+    assert decode_upload(jpeg_bytes(photo((50, 60), seed=1)), cfg).shape == (50, 60, 3)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke\nshowpage\n"
+    cases = [(eps, 415, "not accepted"), (jpeg_bytes(photo((80, 80), seed=2)), 413, "serve.max_batch_pixels"),
+             (b"plain words" * 9, 400, "unreadable")]
+    for data, status, needle in cases:
+        with pytest.raises(Problem) as e:
+            decode_upload(data, cfg)
+        assert e.value.status == status and needle in e.value.reason and "\n" not in e.value.reason, e.value.reason

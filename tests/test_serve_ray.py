@@ -191,6 +191,8 @@ def test_bad_uploads_get_a_one_line_4xx_while_a_concurrent_good_request_succeeds
         "not an image": (400, "POST", "/segment", b"plain words, no picture" * 4, "image/png", "not an image"),
         "too many pixels": (413, "POST", "/segment", too_big, "image/jpeg", f"limit of {MAX_PIXELS} pixels"),
         "wrong type": (415, "POST", "/segment", whole, "text/plain", "content type text/plain"),
+        "EPS as a PNG": (415, "POST", "/segment", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nshowpage\n",
+                         "image/png", "not accepted"),
         "empty": (400, "POST", "/segment", b"", "image/jpeg", "empty upload"),
         "no file field": (400, "POST", "/segment", *_no_file_field(), "no file field"),
         "GET /segment": (405, "GET", "/segment", None, None, "answers POST"),
