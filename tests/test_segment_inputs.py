@@ -281,7 +281,9 @@ def test_outputs_that_resolve_outside_output_are_refused_and_failed_in_the_manif
     assert "outside OUTPUT" in reasons[str(root / "sub/b.jpg")] and str(elsewhere) in reasons[str(root / "sub/b.jpg")]
     # nothing to run but refusals: segment() writes their failed lines without starting Ray
     inputs.items = [i for i in inputs.items if i.name != "a"]
-    summary = segment.segment("unused.ckpt", inputs, out, SegmentConfig(), log=lambda m: None)
+    model = tmp_path / "model.ckpt"  # OUTPUT records the model's hash; never opened as a model here
+    model.write_bytes(b"not opened")
+    summary = segment.segment(str(model), inputs, out, SegmentConfig(), log=lambda m: None)
     assert summary.failed == 2 and summary.ok == 0
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["path"] for r in lines) == sorted(reasons) and all(r["status"] == "failed" for r in lines)
@@ -302,7 +304,7 @@ def test_a_decode_task_loads_neither_torch_nor_an_inference_runtime(tmp_path):
         "from cluster.segment import read_and_decode\n"
         f"row = read_and_decode({{'path': {str(tmp_path / 'a.png')!r}, 'uri': 'a.png', 'name': 'a'}}, fs.LocalFileSystem(), None)\n"
         "assert not row['error'] and (row['height'], row['width']) == (7, 9), row\n"
-        "print(sorted(m for m in ('torch', 'onnxruntime', 'openvino', 'tensorrt', 'export') if m in sys.modules))\n")
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'openvino', 'tensorrt') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(segment.Path(__file__).resolve().parents[1])})
     assert out.returncode == 0, out.stderr
