@@ -132,9 +132,15 @@ def test_segment_workers_hold_their_pixel_budget(tmp_path):
     from deeplab.config import SegmentConfig
     from inference_files import photo, read_png, tiny_checkpoint
 
+    import ray
+
     assert SegmentConfig().max_batch_pixels == ServeConfig().max_batch_pixels == 2048 * 2048
-    worker = SegmentWorker(ship_model(tiny_checkpoint(tmp_path / "m.ckpt")), str(tmp_path / "out"), False, 0.5, None,
-                           0, 1, max_batch_pixels=2 * 40 * 48)
+    ray.init(address="local", num_cpus=1, include_dashboard=False)  # ship_model puts the files in the object store
+    try:
+        model = ship_model(tiny_checkpoint(tmp_path / "m.ckpt"))
+        worker = SegmentWorker(model, str(tmp_path / "out"), False, 0.5, None, 0, 1, max_batch_pixels=2 * 40 * 48)
+    finally:
+        ray.shutdown()  # the Ray modules after this one start their own clusters
     calls, labels_of = [], worker.runner.labels
     worker.runner.labels = lambda batch: calls.append(len(batch)) or labels_of(batch)
     images = [photo((40, 48), seed=s) for s in range(5)]
