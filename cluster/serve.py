@@ -426,6 +426,9 @@ def _watch(stats, interval_s: float) -> None:
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    # Ctrl-C must stop it even when started by a process that ignores SIGINT (a child inherits SIG_IGN, and
+    # Python then keeps ignoring it): seen in the full test suite, where the serve process never stopped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     next_line = time.monotonic() + interval_s
     try:
         while not stop:
