@@ -289,6 +289,14 @@ def _recorded_cluster() -> Optional[str]:
     return find_bootstrap_address(None)
 
 
+# Ray's raylet ends an idle worker process (idle 1 s, more worker processes than CPUs: each new actor, each burst
+# of read tasks); Ray 2.60's exit path for it can abort the exiting process: a native thread locks a mutex of
+# the core worker after the core worker was freed ("mutex.cc: Lock: Mutex corrupt" + SIGABRT in a segment decode
+# task's worker; Ray retried the task). Issue 20 counts the runs. A cluster we start keeps its idle workers:
+# they end with the job, and no run pays a new worker's start (seconds of imports) for one that was ended.
+LOCAL_SYSTEM_CONFIG = {"kill_idle_workers_interval_ms": 0}
+
+
 def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int] = None, **kwargs) -> None:
     """Join the cluster named by cluster.address / RAY_ADDRESS / the one started on this machine with ``ray start``
     or ``ray up``, else start a local one (``local``: always a fresh local one). ``kwargs`` go to ``ray.init``.
@@ -297,7 +305,7 @@ def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int]
     its dashboard on 8265 or a free port when that is taken, and its processes are told that address: Ray
     Train's placement-group cleaner (which frees an early-stopped trial's workers) finds the cluster through the
     dashboard, and with several local Ray instances on one machine it otherwise picks the newest one, never
-    frees the resources and the next trial waits forever.
+    frees the resources and the next trial waits forever. Its raylet never ends idle workers (LOCAL_SYSTEM_CONFIG).
     """
     import ray
 
@@ -315,8 +323,10 @@ def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int]
         except ConnectionError:  # the record of a cluster since stopped
             pass
     port = _free_port() if _port_in_use(8265) else 8265
+    system = {**LOCAL_SYSTEM_CONFIG, **kwargs.pop("_system_config", {})}
     ray.init(address="local", num_cpus=num_cpus, num_gpus=None if cfg.cluster.use_gpu else 0, dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}, **kwargs)
+             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+             _system_config=system, **kwargs)
 
 
 STORAGE_MARKER = ".storage-check"

@@ -78,10 +78,33 @@ def test_bench_flags_start_from_the_bench_settings_and_override_config_fields():
     assert bench._config(parse(["--set", "train.batch_size=6"])).train.batch_size == 6
 
 
+def _idle_workers_survive(ray, meeting: Path) -> None:
+    """More task workers than CPUs, then idle for twice Ray's 1 s threshold: a raylet that ends idle workers
+    ends one of them (the exit path that aborted segment's decode workers, issue 20); ours keeps them all."""
+    import time
+
+    import psutil
+
+    @ray.remote(num_cpus=0.75)
+    def meet(folder, count):  # returns once `count` tasks run at once: one process each
+        (Path(folder) / str(os.getpid())).touch()
+        deadline = time.monotonic() + 120
+        while len(os.listdir(folder)) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return os.getpid()
+
+    pids = set(ray.get([meet.remote(str(meeting), 4) for _ in range(4)]))  # 4 x 0.75 CPU: 3 CPUs
+    assert len(pids) == 4
+    time.sleep(2.5)
+    alive = {p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE}
+    assert alive == pids
+
+
 @pytest.mark.slow
-def test_init_ray_starts_a_local_cluster_off_a_taken_dashboard_port(monkeypatch):
+def test_init_ray_starts_a_local_cluster_off_a_taken_dashboard_port(monkeypatch, tmp_path):
     """No cluster to join: a local one with the CPUs asked for, no GPUs, its dashboard moved off 8265 when that
-    port is taken, and its workers told the dashboard's address (Ray Train's placement-group cleaner uses it)."""
+    port is taken, its workers told the dashboard's address (Ray Train's placement-group cleaner uses it), and
+    idle worker processes kept, not ended by the raylet."""
     import ray
 
     from cluster.train import init_ray
@@ -103,6 +126,7 @@ def test_init_ray_starts_a_local_cluster_off_a_taken_dashboard_port(monkeypatch)
             assert port != 8265 and ray.get_runtime_context().gcs_address
             with socket.socket() as probe:  # the dashboard listens there
                 assert probe.connect_ex(("127.0.0.1", port)) == 0
+            _idle_workers_survive(ray, tmp_path)
         finally:
             ray.shutdown()
     finally:
