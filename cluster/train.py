@@ -289,11 +289,11 @@ def _recorded_cluster() -> Optional[str]:
     return find_bootstrap_address(None)
 
 
-# Ray's raylet ends an idle worker process (idle 1 s, more worker processes than CPUs: each new actor, each burst
-# of read tasks); Ray 2.60's exit path for it can abort the exiting process: a native thread locks a mutex of
-# the core worker after the core worker was freed ("mutex.cc: Lock: Mutex corrupt" + SIGABRT in a segment decode
-# task's worker; Ray retried the task). Issue 20 counts the runs. A cluster we start keeps its idle workers:
-# they end with the job, and no run pays a new worker's start (seconds of imports) for one that was ended.
+# Ray's raylet ends a worker process idle for 1 s while there are more worker processes than CPUs (each new
+# actor makes one more). Ray 2.60's exit path for it can abort the exiting process: OpenCensus's metrics
+# harvester thread (in _raylet.so) locks a mutex the exit has already freed ("mutex.cc: Lock: Mutex corrupt" +
+# SIGABRT, seen in segment's decode workers and in a worker that had run no task; issue 20). A cluster we start
+# keeps its idle workers instead: they end with the job, and no worker is started again to replace one ended.
 LOCAL_SYSTEM_CONFIG = {"kill_idle_workers_interval_ms": 0}
 
 
