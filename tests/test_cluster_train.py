@@ -78,6 +78,24 @@ def test_bench_flags_start_from_the_bench_settings_and_override_config_fields():
     assert bench._config(parse(["--set", "train.batch_size=6"])).train.batch_size == 6
 
 
+def test_a_local_start_keeps_idle_workers_and_the_callers_system_config(monkeypatch):
+    """The local cluster's system config turns Ray's idle-worker killing off; a caller's own _system_config
+    entries are kept next to it. A joined cluster gets none (Ray refuses one when joining)."""
+    import ray
+
+    from cluster.train import init_ray
+    from deeplab.config import load_config
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    init_ray(load_config(None), local=True, _system_config={"metrics_report_interval_ms": 1000})
+    assert calls[0]["_system_config"] == {"kill_idle_workers_interval_ms": 0, "metrics_report_interval_ms": 1000}
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    init_ray(load_config(None))
+    assert calls[1]["address"] == "127.0.0.1:6379" and "_system_config" not in calls[1]
+
+
 def _idle_workers_survive(ray, meeting: Path) -> None:
     """More task workers than CPUs, then idle for twice Ray's 1 s threshold: a raylet that ends idle workers
     ends one of them (the exit path that aborted segment's decode workers, issue 20); ours keeps them all."""
