@@ -44,6 +44,7 @@ ATROUS_LAYOUTS = ("exact", "torchvision", "legacy")
 DATASETS = ("synthetic", "voc", "cityscapes", "ade20k", "folder")
 SYNTHETIC_MAX_CLASSES = 12  # background + the 11 shapes of deeplab.data.synthetic
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+GRAD_COMPRESSIONS = ("none", "bf16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 SCHEDULERS = ("asha", "fifo")
 SEARCH_MODES = ("grid", "sample")
@@ -353,6 +354,8 @@ class ClusterConfig(_Section):
     collective_timeout_s: int = 120
     placement_strategy: str = "PACK"
     address: Optional[str] = None  # None: RAY_ADDRESS or an existing cluster, else a local one
+    ddp_bucket_mb: float = 25.0  # DDP's gradient all-reduce bucket (torch's default 25)
+    grad_compression: str = "none"  # none | bf16: DDP all-reduces bf16 gradients (half the bytes; not exact)
 
     def check(self) -> None:
         text = self.num_workers
@@ -380,6 +383,8 @@ class ClusterConfig(_Section):
         self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
         self._need_at_least(-1, "max_failures")  # -1: retry forever, as in Ray
         self._need_one_of("placement_strategy", PLACEMENT_STRATEGIES)
+        self._need(0 < self.ddp_bucket_mb < math.inf, "ddp_bucket_mb", "must be > 0 (MB), e.g. 25")
+        self._need_one_of("grad_compression", GRAD_COMPRESSIONS)
 
 
 # Scalars deeplab.engine reports at every evaluation, which a search can rank trials by (tune.metric).
