@@ -124,10 +124,26 @@ def compress_gradients(model, compression: str):
     from torch.nn.parallel import DistributedDataParallel
 
     if compression == "bf16" and isinstance(model, DistributedDataParallel):
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        model.register_comm_hook(None, default_hooks.bf16_compress_hook)
+        model.register_comm_hook(None, _bf16_all_reduce)
     return model
+
+
+def _bf16_all_reduce(group, bucket):
+    """DDP communication hook: the bucket's mean over workers, sent as bf16. torch's own bf16_compress_hook
+    refuses gloo (it asks for NCCL or XCCL); gloo sums bf16 as well."""
+    import torch
+    import torch.distributed as dist
+
+    group = group or dist.group.WORLD
+    compressed = bucket.buffer().to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(done):
+        buffer = bucket.buffer()
+        buffer.copy_(done.value()[0])
+        return buffer
+
+    return future.then(decompress)
 
 
 def _progress_store(run_key: str) -> tuple:
