@@ -120,7 +120,7 @@ def run_bare(cfg, threads: int) -> float:
     import torch.nn.functional as F
 
     from deeplab.data import build_dataset
-    from deeplab.engine import Meter, resolve_amp
+    from deeplab.train_loop import Meter, resolve_amp
     from deeplab.model import build_model
 
     torch.set_num_threads(threads)

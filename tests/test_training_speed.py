@@ -15,7 +15,7 @@ from torch import nn
 from cluster import bench
 from cluster.worker import compress_gradients, ddp_options
 from deeplab.config import ClusterConfig, ConfigError, load_config
-from deeplab.engine import Meter
+from deeplab.train_loop import Meter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
