@@ -192,7 +192,7 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     payload = read_weights_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""
-        if isinstance(payload, dict) and any(isinstance(k, str) and k.startswith(("conv1.", "backbone.")) for k in payload):
+        if isinstance(payload, dict) and any(isinstance(k, str) and k.startswith(("conv1.", "features.", "backbone.")) for k in payload):
             hint = " (a torchvision weights file? convert it with: python -m deeplab.import_torchvision FILE -o model.ckpt)"
         raise CheckpointError(f"{path}: not a DeepLabv3 checkpoint{hint}")
     if payload.get("version", 0) > VERSION:
