@@ -274,14 +274,13 @@ def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memo
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
-    """SGD groups as the authors' implementation regularizes: weight decay on convolution weights (and any
-    other weight), none on BatchNorm scale/shift or biases. Frozen parameters are left out."""
+    """SGD groups as the authors' implementation regularizes: weight decay on convolution and linear weights,
+    none on normalization scales/shifts or biases. Told apart by shape (1-D: no decay), so any norm layer
+    (BatchNorm, LayerNorm, GroupNorm) of any backbone is left undecayed. Frozen parameters are left out."""
     decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                plain = isinstance(module, nn.modules.batchnorm._BatchNorm) or name == "bias"
-                (no_decay if plain else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
