@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from deeplab.backbones import backbone_names
+
 NO_GPU_EXIT = 2
 
 
@@ -98,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output", type=Path, default=None, help="JSON file (default: $OUT/gpu_check.json, "
                    "else runs/gpu_check.json)")
-    p.add_argument("--backbone", default="resnet101", choices=["resnet50", "resnet101", "resnet152"])
+    p.add_argument("--backbone", default="resnet101", choices=backbone_names(real_only=True))
     p.add_argument("--size", type=int, default=513, help="image side for inference and training crops")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="inference batch sizes")
     p.add_argument("--train-batch", type=int, default=8, help="training images per step")

@@ -22,12 +22,14 @@ class BackboneSpec:
     torchvision: torchvision architecture names this backbone imports (``python -m deeplab.import_torchvision
     --arch``) -> the ModelConfig fields that reproduce that model; ``None`` for an ImageNet classifier file,
     whose backbone weights load under the project's own head.
+    for_tests: a small model for tests and CPU dry runs, not offered where real models are measured.
     """
 
     builder: Union[str, Callable]
     output_strides: Tuple[int, ...] = (4, 8, 16, 32)
     cascade: bool = False
     torchvision: Mapping[str, Mapping] = field(default_factory=dict)
+    for_tests: bool = False
 
     def load(self):
         """The `Backbone` class (importing its module the first time)."""
@@ -47,8 +49,9 @@ def register_backbone(name: str, spec: BackboneSpec) -> None:
     _REGISTRY[name] = spec
 
 
-def backbone_names() -> Tuple[str, ...]:
-    return tuple(_REGISTRY)
+def backbone_names(real_only: bool = False) -> Tuple[str, ...]:
+    """Registered names, in registration order; ``real_only``: without the models made for tests."""
+    return tuple(n for n, spec in _REGISTRY.items() if not (real_only and spec.for_tests))
 
 
 def backbone_spec(name: str) -> BackboneSpec:
@@ -76,7 +79,7 @@ for _depth in ("resnet50", "resnet101", "resnet152"):
     _archs = {_depth: None, **({f"deeplabv3_{_depth}": _TV_RESNET} if _depth != "resnet152" else {})}
     register_backbone(_depth, BackboneSpec("deeplab.backbones.resnet:ResNetBackbone", cascade=True,
                                            torchvision=_archs))
-register_backbone("resnet_tiny", BackboneSpec("deeplab.backbones.resnet:ResNetBackbone", cascade=True))
+register_backbone("resnet_tiny", BackboneSpec("deeplab.backbones.resnet:ResNetBackbone", cascade=True, for_tests=True))
 register_backbone("mobilenet_v3_large", BackboneSpec(
     "deeplab.backbones.mobilenet_v3:MobileNetV3Large",
     torchvision={"mobilenet_v3_large": None, "deeplabv3_mobilenet_v3_large": _TV_MOBILENET}))
