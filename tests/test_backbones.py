@@ -209,3 +209,34 @@ def test_hardswish_and_gates_as_the_paper_defines_them():
         torch.testing.assert_close(se(x), x * gate)
     assert sorted({m.fc1.out_channels for m in build_model(ModelConfig(backbone=MOBILENET)).modules()
                    if isinstance(m, SqueezeExcite)}) == [24, 32, 120, 168, 240]
+
+
+@pytest.mark.slow
+def test_mobilenet_exports_to_onnx_and_openvino_with_parity(tmp_path):
+    """A MobileNetV3 checkpoint through the exporter users run (hardswish, hard sigmoid gates, depthwise atrous
+    convs): the ONNX it exports at output stride 8 passes its onnxruntime parity check (else no file), the IR
+    converted from it is checked against PyTorch here on another, non-square batch."""
+    pytest.importorskip("openvino")
+    from deeplab import save_checkpoint
+    from export import to_openvino
+    from export.metadata import read_ir_metadata
+    from export.runtime import OpenVINORunner
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(backbone=MOBILENET, num_classes=3, aspp_channels=16)
+    model = build_model(cfg).eval()
+    for m in model.modules():  # BatchNorm that is no identity, so folding it is exercised
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+    ckpt = save_checkpoint(tmp_path / "m.ckpt", model, cfg)
+    xml = tmp_path / "ir" / "model.xml"
+    assert to_openvino.main([str(ckpt), "-o", str(xml)]) == 0
+    meta = read_ir_metadata(xml)
+    assert meta["backbone"] == MOBILENET and meta["output_stride"] == 8
+    x = torch.randn(2, 3, 49, 65, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model.set_output_stride(8)(x).numpy()
+    out = OpenVINORunner(xml)(x)
+    assert out.shape == ref.shape == (2, 3, 49, 65)
+    assert abs(out - ref).max() <= 1e-3 * max(1.0, abs(ref).max())
