@@ -15,7 +15,7 @@ from deeplab.backbones import BackboneSpec, backbone_names, register_backbone
 from deeplab.backbones.base import Backbone, stage_layout
 from deeplab.checkpoint import CHECKPOINT_FILE
 from deeplab.config import ConfigError, load_config
-from deeplab.engine import Worker, param_groups, train
+from deeplab.train_loop import Worker, param_groups, train
 from deeplab.receptive import feature_size
 from mobilenet_reference import REFERENCE, example_input, weights
 
@@ -35,7 +35,7 @@ def tiny_run(backbone: str, *extra):
 
 
 def trained_step(cfg) -> dict:
-    """Run `deeplab.engine.train` for cfg's iterations; return the metrics and the last checkpoint's model."""
+    """Run `deeplab.train_loop.train` for cfg's iterations; return the metrics and the last checkpoint's model."""
     saved = []
     metrics = train(cfg, Worker(report=lambda m, d: d and saved.append(load_checkpoint(Path(d) / CHECKPOINT_FILE))))
     return {"metrics": metrics, "checkpoint": saved[-1]}
