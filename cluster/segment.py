@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from deeplab.cli import UserError, command
+from deeplab.progress import Progress
 from deeplab.config import Alias, ConfigError, SegmentConfig, add_config_args, config_from_args
 from export.runtime import formats_help
 
@@ -526,26 +527,6 @@ class Summary:
         return rest / span if rest > 0 and span > 0 else 0.0
 
 
-class _Progress:
-    """One line every few seconds on stderr: images done, images/s, ETA."""
-
-    def __init__(self, total: int, interval: float):
-        self.total, self.interval = total, interval
-        self.start = self.last = time.monotonic()
-        self.shown = -1
-
-    def update(self, done: int, failed: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if (not final and now - self.last < self.interval) or done == self.shown:
-            return
-        self.last, self.shown = now, done
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
-        print(f"segment: {done}/{self.total} images ({failed} failed), {rate:.2f} images/s, ETA {eta_text}",
-              file=sys.stderr, flush=True)
-
-
 def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentConfig):
     """The Ray Data pipeline: items -> read + decode tasks -> model actor pool -> JSON records."""
     import ray.data
@@ -630,7 +611,7 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     start = time.perf_counter()
     ds = build_dataset(todo, inputs.filesystem, ship_model(model_path), out_dir, cfg)
     wanted = {i.uri for i in todo}
-    bar = _Progress(len(todo), cfg.progress_interval_s)
+    bar = Progress(len(todo), "segment", interval=cfg.progress_interval_s, redraw=False)  # lines: Ray's console
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             records = [json.loads(r) for r in batch["record"]]
@@ -645,12 +626,12 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
                 else:
                     summary.failed += 1
                     summary.failures.append(r["error"])
-            bar.update(summary.ok + summary.failed, summary.failed)
+            bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed")
     finally:
         summary.seconds = time.perf_counter() - start
         manifest.close()
         remove_stale_temps(out_dir)
-    bar.update(summary.ok + summary.failed, summary.failed, final=True)
+    bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed", final=True)
     return summary
 
 

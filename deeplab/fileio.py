@@ -18,6 +18,12 @@ from .cli import OutputError
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def is_uri(path) -> bool:
+    """Whether ``path`` is a URI that pyarrow's filesystems open (s3://, gs://, file://...) rather than a
+    local path; the one test for it, so every command reads the same paths remotely."""
+    return "://" in str(path)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -40,6 +40,7 @@ from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_work
 from .data import build_dataset, dataset_info
 from .inference import align_corners, evaluate, model_predictor
 from .model import build_model, load_backbone_weights
+from .progress import eta_text, remaining_seconds
 from .visualize import validation_grid
 
 
@@ -168,12 +169,6 @@ def _mean_across(value: torch.Tensor, worker: Worker) -> torch.Tensor:
         dist.all_reduce(value)
         value /= worker.world_size
     return value
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -377,9 +372,10 @@ class Meter:
         """(images/s since the last progress line, ETA text); starts the next window."""
         now = time.perf_counter()
         speed = self.window_images / max(now - self.window_start, 1e-9)
-        per_iteration = (now - self.started) / max(iteration - self.start_iteration, 1)
+        left = remaining_seconds(iteration - self.start_iteration, max_iterations - self.start_iteration,
+                                 now - self.started)
         self.window_start, self.window_images = now, 0
-        return speed, _eta(per_iteration * (max_iterations - iteration))
+        return speed, eta_text(left)
 
 
 def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> tuple:
