@@ -128,10 +128,6 @@ def predict_labels(runner, images: Sequence[np.ndarray], keep_errors: bool = Fal
     return out
 
 
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-
-
 def class_pixels(labels: np.ndarray, class_names: Sequence[str]) -> dict:
     """{class name: pixel count} for the classes present, most pixels first."""
     counts = np.bincount(labels.ravel(), minlength=len(class_names))

@@ -34,7 +34,7 @@ import urllib.request
 import uuid
 from typing import Optional
 
-from deeplab.cli import UserError, command
+from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias, ServeConfig, add_config_args, config_from_args
 from export.runtime import formats_help
 
@@ -171,14 +171,14 @@ def warm_up(runner, side: int = 64) -> dict:
     kernel selection, lazy initialization); the replica takes no traffic before it returns."""
     import numpy as np
 
-    from cluster.infer import first_line, predict_labels
+    from cluster.infer import predict_labels
 
     start = time.perf_counter()
     try:
         predict_labels(runner, [np.zeros((side, side, 3), np.uint8)])
     except Exception as e:  # e.g. an engine whose profile excludes this size: it still serves what it can
-        logging.getLogger("ray.serve").warning("warm-up call failed: %s", first_line(e))
-        return {"warmed_up": False, "warmup_error": first_line(e)}
+        logging.getLogger("ray.serve").warning("warm-up call failed: %s", error_line(e))
+        return {"warmed_up": False, "warmup_error": error_line(e)}
     return {"warmed_up": True, "warmup_ms": round((time.perf_counter() - start) * 1000, 1)}
 
 
@@ -212,7 +212,6 @@ def _deployment_class():
     from ray import serve
     from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-    from cluster.infer import first_line
 
     @serve.deployment(name="SegmentService")
     class SegmentService:
@@ -294,7 +293,7 @@ def _deployment_class():
             if isinstance(labels, Exception):  # the model could not run this image: say why, keep serving
                 status = 413 if "out of memory" in str(labels).lower() else 400
                 raise Problem(status, f"the model cannot run this {image.shape[1]}x{image.shape[0]} image "
-                                      f"({first_line(labels)})")
+                                      f"({error_line(labels)})")
             kinds = ("labels",) if fmt == "png" else ("color",)
             picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
             if fmt == "png":

@@ -40,7 +40,7 @@ def error_line(error: BaseException, limit: int = 200, with_type: bool = False) 
     raised; the type's name when the text is empty. ``with_type`` prefixes the type (not for a UserError,
     whose text is already written for the user)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    if "Traceback (most recent call last):" in lines:
+    if any(line.endswith("Traceback (most recent call last):") for line in lines):
         lines = [line for line in lines if _RAISED.match(line)][-1:] or lines[-1:]
     line = next((line for line in lines if not line.startswith(_LOCATION)), lines[0] if lines else "")
     if not line:

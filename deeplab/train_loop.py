@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, read_weights_file, save_checkpoint, unwrap
+from .cli import error_line
 from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_worker_batch, split_batch
 from .data import build_dataset, dataset_info
 from .inference import align_corners, evaluate, model_predictor
@@ -222,7 +223,7 @@ def build_model_for_training(cfg: ExperimentConfig, resume: Optional[str]) -> tu
             model.load_state_dict(ck.model.state_dict())
         except RuntimeError as e:
             raise ConfigError(f"train.init_from={cfg.train.init_from}: weights do not fit model "
-                              f"{cfg.model.backbone} ({str(e).splitlines()[0]})") from None
+                              f"{cfg.model.backbone} ({error_line(e)})") from None
     elif cfg.train.pretrained_backbone:
         try:
             load_backbone_weights(model, read_weights_file(cfg.train.pretrained_backbone))

@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from deeplab.cli import error_line
+
 NO_GPU_EXIT = 2
 
 
@@ -69,7 +71,7 @@ class Report:
         try:
             figures = fn()
         except Exception as e:  # one section's failure (out of memory, a missing package) must not lose the rest
-            self.skip(section, f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            self.skip(section, f"failed: {error_line(e, 300, with_type=True)}")
             return
         print(f"{section}: done in {time.monotonic() - t0:.0f}s", flush=True)
         self.add(section, figures)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from deeplab.cli import UserError, command
+from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias
 from deeplab.fileio import atomic_path, ensure_dir
 
@@ -169,7 +169,7 @@ def make_int8(model, cfg, args) -> tuple:
     try:
         val = labelled_batches(data, data.val_split, ex.accuracy_images) if ex.accuracy_images else None
     except ValueError as e:
-        log.info(f"note: no labelled validation images ({str(e).splitlines()[0][:160]}): accuracy not checked")
+        log.info(f"note: no labelled validation images ({error_line(e, 160)}): accuracy not checked")
         val = None
     num_classes = int(read_ir_metadata(model)["num_classes"])
     int8, record = quantize(model, calib, val, ex.max_int8_miou_drop, num_classes, data.ignore_index)

@@ -106,6 +106,9 @@ class WrappedError(Exception):
     (WrappedError("ray::TrainWorker.run() (pid=42)\nTraceback (most recent call last):\n  File \"w.py\", "
                   "line 3, in f\n    raise ValueError('x')\nValueError: data.root=/nope: no such folder"),
      "ValueError: data.root=/nope: no such folder"),
+    (RuntimeError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                  "  File \"io.py\", line 9, in f\ndeeplab.data.io.DatasetError: a.png: truncated"),
+     "deeplab.data.io.DatasetError: a.png: truncated"),
 ])
 def test_error_line_is_the_informative_first_line_or_a_tracebacks_raised_line(error, line):
     assert error_line(error) == line
