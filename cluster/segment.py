@@ -17,7 +17,6 @@ run goes on; it exits 1 at the end if any failed (2 for a bad command line, mode
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import posixpath
@@ -29,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
+from cluster.infer import model_parser
 from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias, ConfigError, SegmentConfig, add_config_args, config_from_args
 from deeplab.fileio import is_uri
 from deeplab.progress import Progress
-from export.runtime import formats_help
 
 MANIFEST = "manifest.jsonl"
 # temporary names of atomic writes: deeplab.predict's .NAME.png.PID.tmp and deeplab.fileio's .NAME.tmpPID.png
@@ -647,9 +646,7 @@ ALIASES = [
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m cluster.segment", description=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help=formats_help())
+    p = model_parser("python -m cluster.segment", __doc__)
     p.add_argument("input", metavar="INPUT", help="a folder, a text file listing paths, one image, or "
                    "s3://bucket/prefix/")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",

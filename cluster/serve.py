@@ -19,7 +19,6 @@ console shows one traffic line per serve.stats_interval_s; Serve's access lines 
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import io
@@ -34,9 +33,9 @@ import urllib.request
 import uuid
 from typing import Optional
 
+from cluster.infer import model_parser
 from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias, ServeConfig, add_config_args, config_from_args
-from export.runtime import formats_help
 
 APP_NAME = "deeplab"
 RAW_TYPES = ("application/octet-stream", "")  # and image/*
@@ -408,9 +407,7 @@ ALIASES = [
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m cluster.serve", description=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help=formats_help())
+    p = model_parser("python -m cluster.serve", __doc__)
     add_config_args(p, aliases=ALIASES)
     p.add_argument("--verbose", action="store_true",
                    help="Serve's own lines on the console too (an access line per request; always in its log files)")

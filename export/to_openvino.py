@@ -178,13 +178,7 @@ def make_int8(model, cfg, args) -> tuple:
 
 
 def run(args) -> int:
-    from .opset import check_onnx_file, check_opset
-
-    src, ckpt, cfg = source_and_config(args)
-    if ckpt is None:
-        check_onnx_file(src, "openvino")
-    else:
-        cfg.export.opset = check_opset(cfg.export.opset, "openvino")
+    src, ckpt, cfg = source_and_config(args, "openvino")
     precision = cfg.export.precision
     if precision not in PRECISIONS:
         raise UserError(f"export.precision={precision!r}: an OpenVINO IR is fp32 or int8 (bf16/fp16 are runtime "
