@@ -155,8 +155,9 @@ def engine_parity(engine_path, onnx_path, shape) -> dict:
 def make_sidecar(device: dict, precision: str, path: str, shapes: Optional[dict], onnx_path, meta: dict,
                  **extra) -> dict:
     info = dict(device)
-    info.update(precision=precision, build_path=path, onnx=str(Path(onnx_path).name), onnx_sha256=file_sha256(onnx_path),
-                shapes={k: list(v) for k, v in (shapes or {}).items()}, metadata=meta,
+    info.update(precision=precision, build_path=path, onnx=str(Path(onnx_path).name),
+                onnx_sha256=file_sha256(onnx_path), shapes={k: list(v) for k, v in (shapes or {}).items()},
+                metadata=meta,
                 built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     info.update(extra)
     return info

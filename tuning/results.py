@@ -78,7 +78,8 @@ def _status(result, tune_status, runs_path: Path, trial_id: str, max_iterations:
         if failed.exists():
             return f"failed: {failed.read_text().strip()}"
     if tune_status == "ERROR" or (result.error and tune_status != "TERMINATED"):
-        return f"failed: {error_line(getattr(result.error, 'cause', None) or result.error)}" if result.error else "failed"
+        cause = getattr(result.error, "cause", None) or result.error  # Ray's wrapper, else the error itself
+        return f"failed: {error_line(cause)}" if result.error else "failed"
     metrics = result.metrics or {}
     if not (metrics.get("done") or marker(runs_path, trial_id, "complete").exists()):
         return "unfinished"

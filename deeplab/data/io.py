@@ -69,8 +69,6 @@ def _head(source) -> bytes:
         return b""
 
 
-
-
 def _open(path, name=None, max_pixels=None) -> Image.Image:
     """Open a path, or bytes / a binary file (``name`` is what messages call it), with the bomb limit and
     ``max_pixels`` (a caller's lower limit) checked before any pixel is decoded."""
@@ -85,7 +83,8 @@ def _open(path, name=None, max_pixels=None) -> Image.Image:
         other = _other_format(_head(path))
         if other:
             raise UnsupportedImageFormat(f"{name}: {other} images are not accepted (only {ACCEPTED})") from None
-        raise DatasetError(f"{name}: unreadable or truncated image (not an image in an accepted format: {ACCEPTED})") from None
+        raise DatasetError(f"{name}: unreadable or truncated image "  # Pillow's text names a file object
+                           f"(not an image in an accepted format: {ACCEPTED})") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{name}: unreadable or truncated image ({error_line(e)})") from None
     limit = Image.MAX_IMAGE_PIXELS
