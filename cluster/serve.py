@@ -31,7 +31,6 @@ import sys
 import time
 import urllib.request
 import uuid
-from typing import Optional
 
 from cluster.infer import model_parser
 from deeplab.cli import UserError, command, error_line
