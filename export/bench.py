@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from deeplab.backbones import backbone_names
-from deeplab.cli import UserError, command
+from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias, add_config_args, config_from_args
 from deeplab.fileio import atomic_path, ensure_dir, write_text_atomic
 
@@ -242,7 +242,7 @@ def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp3
     try:
         runner = OnnxRunner(onnx_path, [provider], threads=torch.get_num_threads())  # as many threads as torch
     except Exception as e:
-        raise Skip(f"{provider} did not load {Path(onnx_path).name}: {str(e).splitlines()[0][:200]}") from None
+        raise Skip(f"{provider} did not load {Path(onnx_path).name}: {error_line(e)}") from None
     if runner.providers[0] != provider:
         raise Skip(f"{provider} fell back to {runner.providers[0]}")
     session, input_name = runner.session, runner.input_name
@@ -657,7 +657,7 @@ def measure_accuracy(backends: list, cfg, num_classes: int, skipped: dict) -> di
     try:
         batches = labelled_batches(cfg.data, cfg.data.val_split, n)
     except Exception as e:
-        skipped["accuracy"] = f"no labelled images ({str(e).splitlines()[0][:160]})"
+        skipped["accuracy"] = f"no labelled images ({error_line(e, 160)})"
         return {}
     log.info(f"accuracy on {len(batches)} {cfg.data.dataset}/{cfg.data.val_split} image(s):")
     backends = runnable(backends, sorted({tuple(x.shape) for x, _ in batches}), skipped, "accuracy")

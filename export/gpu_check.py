@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from deeplab.backbones import backbone_names
+from deeplab.cli import error_line
 
 NO_GPU_EXIT = 2
 
@@ -71,7 +72,7 @@ class Report:
         try:
             figures = fn()
         except Exception as e:  # one section's failure (out of memory, a missing package) must not lose the rest
-            self.skip(section, f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            self.skip(section, f"failed: {error_line(e, 300, with_type=True)}")
             return
         print(f"{section}: done in {time.monotonic() - t0:.0f}s", flush=True)
         self.add(section, figures)

@@ -27,6 +27,7 @@ from typing import Optional
 
 import yaml
 
+from deeplab.cli import error_line
 from deeplab.config import SECTIONS, ConfigError, ExperimentConfig, experiment_from_dict, per_worker_batch, to_plain
 from deeplab.receptive import degenerate_rates, feature_size
 
@@ -115,7 +116,7 @@ def load_space(spec) -> dict:
     try:
         space = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({error_line(e)})") from None
     return _check_space(space, str(path))
 
 
