@@ -2,7 +2,7 @@
 
 AWS announces a spot reclaim two minutes ahead in the instance metadata (``spot/instance-action``). This
 watcher polls it and, when the notice comes, drains this Ray node with reason preemption and the deadline:
-every worker of a run on it then sees ``ray.train.get_preemption_info()``, and `deeplab.engine` writes a
+every worker of a run on it then sees ``ray.train.get_preemption_info()``, and `deeplab.train_loop` writes a
 checkpoint at once, so the run loses almost nothing when the node goes. ``ray_cluster.yaml`` starts it on
 every worker node after ``ray start``:
 
@@ -19,6 +19,8 @@ import time
 import urllib.error
 import urllib.request
 from typing import Callable, Optional
+
+from deeplab.cli import error_line
 
 METADATA = "http://169.254.169.254"
 
@@ -103,7 +105,7 @@ def watch(poll: Callable[[], Optional[dict]], on_notice: Callable[[int], None], 
                     on_notice(seconds)
                     return notice
                 except Exception as e:  # ray drain-node failed, Ray not reachable: the next poll tries again
-                    _log(f"drain failed ({type(e).__name__}: {str(e)[:200]}); retrying")
+                    _log(f"drain failed ({error_line(e, with_type=True)}); retrying")
         time.sleep(interval)
 
 

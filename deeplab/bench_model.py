@@ -23,7 +23,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--strides", type=int, nargs="+", default=[16, 8])
     p.add_argument("--threads", type=int, default=None)
-    add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "ResNet depth"),
+    add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "a registered backbone (deeplab.backbones)"),
                                 Alias("--size", "export.image_size", "square input side")])
     args = p.parse_args(argv)
     cfg = config_from_args(args)

@@ -23,18 +23,10 @@ from typing import Any, ClassVar, Optional, Tuple, Union, get_args, get_origin, 
 
 import yaml
 
+from .backbones import backbone_names, backbone_spec
 from .cli import UserError
 from .fileio import write_text_atomic
 
-# Backbone depth -> units per block (block1..block4). "resnet_tiny" is a narrow, shallow bottleneck
-# ResNet for tests and CPU demos whose behaviour does not depend on depth.
-BACKBONE_LAYERS = {
-    "resnet50": (3, 4, 6, 3),
-    "resnet101": (3, 4, 23, 3),
-    "resnet152": (3, 8, 36, 3),
-    "resnet_tiny": (1, 1, 1, 1),
-}
-BACKBONE_WIDTH = {"resnet50": 64, "resnet101": 64, "resnet152": 64, "resnet_tiny": 8}
 OUTPUT_STRIDES = (8, 16, 32)  # what inference and export switch between
 MODEL_STRIDES = (4, 8, 16, 32, 64, 128, 256)  # the paper's Table 1; 64-256 carried by cascaded blocks 5-7
 HEADS = ("paper", "torchvision")
@@ -44,6 +36,7 @@ ATROUS_LAYOUTS = ("exact", "torchvision", "legacy")
 DATASETS = ("synthetic", "voc", "cityscapes", "ade20k", "folder")
 SYNTHETIC_MAX_CLASSES = 12  # background + the 11 shapes of deeplab.data.synthetic
 AMP_MODES = ("auto", "bf16", "fp16", "off")
+GRAD_COMPRESSIONS = ("none", "bf16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 SCHEDULERS = ("asha", "fifo")
 SEARCH_MODES = ("grid", "sample")
@@ -199,9 +192,14 @@ class ModelConfig(_Section):
     align_corners: Optional[bool] = None
 
     def check_values(self) -> None:
-        self._need_one_of("backbone", BACKBONE_LAYERS)
+        self._need_one_of("backbone", backbone_names())  # deeplab.backbones: the registry
+        spec = backbone_spec(self.backbone)
         self._need(1 <= self.num_classes <= 255, "num_classes", "must be 1-255 (label 255 means ignore)")
         self._need(0 <= self.cascade_blocks <= 3, "cascade_blocks", "must be 0-3 (block5..block7)")
+        self._need(spec.cascade or self.cascade_blocks == 0, "cascade_blocks",
+                   f"must be 0: {self.backbone} has no cascaded blocks")
+        self._need(spec.cascade or self.output_stride in spec.output_strides, "output_stride",
+                   f"is not allowed for {self.backbone}; use one of {', '.join(map(str, spec.output_strides))}")
         self._need(self.output_stride in MODEL_STRIDES, "output_stride",
                    "is not allowed; use one of 4, 8, 16, 32 (64, 128, 256 with cascaded blocks)")
         deepest = 32 * 2 ** self.cascade_blocks  # block4 strides to 32, each cascaded block doubles it
@@ -353,6 +351,8 @@ class ClusterConfig(_Section):
     collective_timeout_s: int = 120
     placement_strategy: str = "PACK"
     address: Optional[str] = None  # None: RAY_ADDRESS or an existing cluster, else a local one
+    ddp_bucket_mb: float = 25.0  # DDP's gradient all-reduce bucket (torch's default 25)
+    grad_compression: str = "none"  # none | bf16: DDP all-reduces bf16 gradients (half the bytes; not exact)
 
     def check(self) -> None:
         text = self.num_workers
@@ -380,6 +380,8 @@ class ClusterConfig(_Section):
         self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
         self._need_at_least(-1, "max_failures")  # -1: retry forever, as in Ray
         self._need_one_of("placement_strategy", PLACEMENT_STRATEGIES)
+        self._need(0 < self.ddp_bucket_mb < math.inf, "ddp_bucket_mb", "must be > 0 (MB), e.g. 25")
+        self._need_one_of("grad_compression", GRAD_COMPRESSIONS)
 
 
 # Scalars deeplab.engine reports at every evaluation, which a search can rank trials by (tune.metric).

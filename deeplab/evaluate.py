@@ -19,7 +19,8 @@ from .cli import OutputError, command
 from .config import Alias, ConfigError, add_config_args, config_from_args
 from .data import build_dataset, dataset_info, detect_format
 from .fileio import ensure_dir, write_text_atomic
-from .inference import PAPER_SCALES, Progress, evaluate, model_predictor
+from .inference import PAPER_SCALES, evaluate, model_predictor
+from .progress import Progress
 
 DATA_ALIASES = [Alias("--format", "data.dataset", "layout of --data (default: guessed from the folder)",
                       choices=("voc", "cityscapes", "ade20k", "folder", "synthetic"))]
