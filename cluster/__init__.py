@@ -4,5 +4,7 @@
 inference over an image collection), `cluster.serve` (a Ray Serve HTTP endpoint), `cluster.infer` (what those
 two share), `cluster.bench_serve` (their figures), `cluster.spot_watch` (spot notices to Ray preemption notices).
 
-Nothing is imported here, so `import cluster.syncbn` does not pull in Ray.
+Only `cluster.config` is imported here (it registers the cluster, segment and serve config sections), so
+`import cluster.syncbn` does not pull in Ray.
 """
+from . import config  # noqa: F401

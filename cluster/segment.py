@@ -30,8 +30,10 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from deeplab.cli import UserError, command
-from deeplab.config import Alias, ConfigError, SegmentConfig, add_config_args, config_from_args
+from deeplab.config import Alias, ConfigError, add_config_args, config_from_args
 from export.runtime import formats_help
+
+from cluster.config import SegmentConfig
 
 MANIFEST = "manifest.jsonl"
 # temporary names of atomic writes: deeplab.predict's .NAME.png.PID.tmp and deeplab.fileio's .NAME.tmpPID.png

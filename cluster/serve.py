@@ -35,8 +35,10 @@ import uuid
 from typing import Optional
 
 from deeplab.cli import UserError, command
-from deeplab.config import Alias, ServeConfig, add_config_args, config_from_args
+from deeplab.config import Alias, add_config_args, config_from_args
 from export.runtime import formats_help
+
+from cluster.config import ServeConfig
 
 APP_NAME = "deeplab"
 RAW_TYPES = ("application/octet-stream", "")  # and image/*

@@ -9,3 +9,4 @@ parity, calibration and accuracy), cli (progress lines and one-line errors), run
 runners), to_onnx (export + parity), precision (fp16 / int8 Q/DQ ONNX, accuracy in onnxruntime),
 to_tensorrt (engine build, TensorRT 10 and 11), bench.
 """
+from . import config  # noqa: F401  (registers the ``export`` config section)

@@ -148,7 +148,7 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch,
 
 
 def test_pool_size_defaults_to_what_the_cluster_holds_and_warns_when_a_request_does_not_fit():
-    from deeplab.config import SegmentConfig
+    from cluster.config import SegmentConfig
 
     said = []
     assert segment.size_pool(SegmentConfig(), {"CPU": 8.0}, said.append) == 7  # 7 x 1 CPU + 0.5 to read
@@ -264,7 +264,7 @@ def test_link_loops_list_each_file_once(tmp_path):
 
 
 def test_outputs_that_resolve_outside_output_are_refused_and_failed_in_the_manifest(tmp_path):
-    from deeplab.config import SegmentConfig
+    from cluster.config import SegmentConfig
 
     root, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
     for rel in ("a.jpg", "sub/b.jpg", "c.jpg"):

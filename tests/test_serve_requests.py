@@ -4,7 +4,7 @@ import pytest
 
 from cluster import serve
 from cluster.serve import Problem, deployment_options, upload_bytes
-from deeplab.config import ServeConfig
+from cluster.config import ServeConfig
 
 
 def form(*parts, boundary="XyZ123"):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DATASETS
+from .formats import DATASETS
 from ..palette import CITYSCAPES_COLORS, voc_palette
 from . import synthetic
 from .io import DatasetError, LabelMap, load_pair, read_mask
