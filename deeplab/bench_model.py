@@ -23,14 +23,14 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--strides", type=int, nargs="+", default=[16, 8])
     p.add_argument("--threads", type=int, default=None)
-    add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "ResNet depth"),
-                                Alias("--size", "export.image_size", "square input side")])
+    p.add_argument("--size", type=int, default=513, help="square input side")
+    add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "ResNet depth")])
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(cfg.model).eval()
-    size = cfg.export.image_size
+    size = args.size
     x = torch.randn(args.batch, 3, size, size)
     times = {s: [] for s in args.strides}
     with torch.inference_mode():

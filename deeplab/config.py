@@ -735,6 +735,21 @@ class Alias:
         return f"{self.flag} {' '.join(value) if isinstance(value, list) else value}"
 
 
+# The inference section's flags, shared by every command that predicts or evaluates (the section checks them).
+INFERENCE_ALIASES = [
+    Alias("--output-stride", "inference.output_stride",
+          "run at this output stride (default: the model's own; the paper evaluates at 8)"),
+    Alias("--scales", "inference.scales", "input scales whose softmax probabilities are averaged",
+          nargs="+", metavar="S"),
+    Alias("--multi-scale", "inference.scales", f"the paper's scales {', '.join(map(str, PAPER_SCALES))}",
+          switch=True, value=show_value(PAPER_SCALES)),
+    Alias("--flip", "inference.flip", "also average left-right flipped inputs", switch=True),
+    Alias("--window", "inference.window", "sliding windows of PX x PX (1/3 overlap) for inputs larger than that",
+          metavar="PX"),
+]
+ALPHA_ALIAS = Alias("--alpha", "inference.alpha", "overlay opacity of the class colours (0-1)")
+
+
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False, aliases=()) -> None:
     """The config flags every command shares: --config FILE, repeated --set SECTION.FIELD=VALUE, and the
     command's shorthand ``aliases`` (each one config field; --help shows the field and its default)."""
