@@ -326,7 +326,8 @@ def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
     per_worker_batch(t.batch_size, worker.world_size, worker.synchronized_bn, t.freeze_bn)
     batch = split_batch(t.batch_size, worker.world_size, worker.rank)
     amp = resolve_amp(t.amp, worker.device)
-    dataset_for_model(cfg.data, cfg.model.num_classes, f"model.num_classes={cfg.model.num_classes}")
+    num_classes = cfg.model.num_classes
+    dataset_for_model(cfg.data, num_classes, f"model.num_classes={num_classes}")
     _seed(t.seed + worker.rank)
     train_set, val_set, sampler, generator, loader, steps_per_epoch = _data(cfg, worker)
     resume = worker.latest_checkpoint()

@@ -127,7 +127,7 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path):
     (["missing.ckpt", "IN", "-o", "OUT"], "missing.ckpt: no such model file"),
     (["MODEL", "IN", "-o", "OUT", "--workers", "0"], "segment.workers=0 must be >= 1"),
     (["MODEL", "IN", "-o", "OUT", "--set", "segment.cpus_per_worker=0"], "must be > 0 unless segment.gpus_per_worker > 0"),
-    (["MODEL", "IN", "-o", "OUT", "--alpha", "2"], "segment.alpha=2"),
+    (["MODEL", "IN", "-o", "OUT", "--alpha", "2"], "--alpha 2: inference.alpha=2"),
     (["MODEL", "nowhere", "-o", "OUT"], "nowhere: no such folder or list file"),
     (["MODEL", "IN", "-o", "OUT", "--output-stride", "8", "--set", "segment.batch_size=0"], "segment.batch_size=0"),
     (["model.txt", "IN", "-o", "OUT"], "unknown model file type '.txt'"),
