@@ -244,7 +244,8 @@ class ModelConfig(Section):
         working = sorted({-(-r // step) * step for r in self.aspp_rates})
         what = "cannot be halved for output_stride 32: use even rates" if step == 2 else \
             f"cannot be scaled to output_stride {self.output_stride} (x 1/{step}): use multiples of {step}"
-        raise ConfigError(f"{self._key('aspp_rates')}={show_value(self.aspp_rates)} {what}, e.g. {show_value(working)}, or "
+        raise ConfigError(f"{self._key('aspp_rates')}={show_value(self.aspp_rates)} {what}, e.g. "
+                          f"{show_value(working)}, or "
                           "model.aspp: false (the cascade-only head of Tables 1-3)",
                           (self._key("aspp_rates"), self._key("output_stride")))
 
