@@ -3,7 +3,7 @@
     python -m cluster.bench [--config configs/demo.yaml] [--iterations 8] [--rounds 3] [--set ...]
 
 Runs alternate plain, Ray, plain, Ray, ... (machines here are shared, so timings drift; interleaving and the
-median ratio cancel most of it). Throughput is `deeplab.engine`'s images/s over the training steps
+median ratio cancel most of it). Throughput is `deeplab.train_loop`'s images/s over the training steps
 (evaluation excluded) in both; wall time adds, for Ray, starting the worker and reporting checkpoints.
 Both use the same number of intra-op threads (Ray gives a worker OMP_NUM_THREADS = its CPUs).
 """
@@ -50,7 +50,7 @@ def _config(args):
 
 
 def run_plain(cfg) -> tuple:
-    from deeplab.engine import train
+    from deeplab.train_loop import train
 
     start = time.perf_counter()
     metrics = train(cfg)

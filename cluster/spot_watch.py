@@ -2,7 +2,7 @@
 
 AWS announces a spot reclaim two minutes ahead in the instance metadata (``spot/instance-action``). This
 watcher polls it and, when the notice comes, drains this Ray node with reason preemption and the deadline:
-every worker of a run on it then sees ``ray.train.get_preemption_info()``, and `deeplab.engine` writes a
+every worker of a run on it then sees ``ray.train.get_preemption_info()``, and `deeplab.train_loop` writes a
 checkpoint at once, so the run loses almost nothing when the node goes. ``ray_cluster.yaml`` starts it on
 every worker node after ``ray start``:
 

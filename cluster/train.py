@@ -1,6 +1,6 @@
 """Train DeepLabv3 on N Ray workers: ``python -m cluster.train --config configs/demo.yaml``.
 
-The config becomes a Ray Train ``TorchTrainer``: one worker per process/GPU running `deeplab.engine.train`
+The config becomes a Ray Train ``TorchTrainer``: one worker per process/GPU running `deeplab.train_loop.train`
 (`cluster.worker`), DDP with synchronized BatchNorm (``torch.nn.SyncBatchNorm`` on CUDA,
 `cluster.syncbn.SyncBatchNorm2d` on CPU/gloo), the best checkpoint by validation mIoU kept, lost workers replaced
 and resumed from the last checkpoint. ``--num-workers MIN-MAX`` makes the group elastic: it starts once MIN
@@ -231,7 +231,7 @@ def _summary(result, best_path: Optional[str]) -> dict:
 
 def _print_summary(cfg: ExperimentConfig, summary: dict) -> None:
     from deeplab.data import dataset_info
-    from deeplab.engine import describe_resume
+    from deeplab.train_loop import describe_resume
 
     names = getattr(dataset_info(cfg.data), "class_names", None) or []
     final, best = (float("nan") if v is None else v for v in (summary["final_val_miou"], summary["best_val_miou"]))

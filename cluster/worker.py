@@ -1,4 +1,4 @@
-"""What runs in each Ray Train worker: `deeplab.engine.train` with the Ray-specific pieces handed in.
+"""What runs in each Ray Train worker: `deeplab.train_loop.train` with the Ray-specific pieces handed in.
 
 Besides DDP with synchronized BatchNorm and checkpoints through Ray, a worker keeps elastic and preemptible runs
 whole: rank 0 records how far it got (a resized group says how much it redoes), every rank checkpoints at once
@@ -46,7 +46,7 @@ class ExitGuard:
 
 
 def train_worker(config: dict) -> None:
-    """One Ray Train worker: hand `deeplab.engine.train` the Ray-specific pieces."""
+    """One Ray Train worker: hand `deeplab.train_loop.train` the Ray-specific pieces."""
     import pyarrow.fs
     import ray.train
     import ray.train.torch
@@ -54,7 +54,7 @@ def train_worker(config: dict) -> None:
     from cluster.console import quiet_worker_console
     from cluster.syncbn import convert_sync_batchnorm, revert_sync_batchnorm
     from deeplab.checkpoint import CHECKPOINT_FILE, unwrap
-    from deeplab.engine import Worker, train
+    from deeplab.train_loop import Worker, train
 
     cfg = experiment_from_dict(config["experiment"])
     if not config.get("verbose"):

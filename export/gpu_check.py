@@ -10,7 +10,7 @@ a reason when the time budget (--budget-s) is spent:
 1. inference, R-101 (--backbone) at output stride 8, --size 513, batch 1 and 8, one section per variant:
    eager fp32, fp16 and bf16 autocast (channels_last), torch.compile (inductor) in bf16;
 2. training, one section per variant (AMP fp16 with GradScaler, AMP bf16, both channels_last; fp32 NCHW):
-   a few iterations of the project's own loop (`deeplab.engine.train`) on synthetic --size crops with
+   a few iterations of the project's own loop (`deeplab.train_loop.train`) on synthetic --size crops with
    SyncBatchNorm converted, one evaluation, its checkpoint saved, loaded and resumed for one more iteration.
    With 2+ GPUs it runs as 2 processes under DDP and NCCL; on one GPU a group of one runs SyncBatchNorm as
    plain BatchNorm, and the JSON says so;
@@ -193,14 +193,14 @@ def train_config(args, amp: str, channels_last: bool, iterations: int):
 
 
 def _loop_worker(device, rank: int, world_size: int, keep: Path, resume: Optional[Path], reports: list):
-    """deeplab.engine's Worker as a runner gives it: SyncBatchNorm converted (DDP across 2+ processes), rank 0's
+    """deeplab.train_loop's Worker as a runner gives it: SyncBatchNorm converted (DDP across 2+ processes), rank 0's
     checkpoint kept at ``keep``."""
     import shutil
 
     import torch
 
     from deeplab.checkpoint import CHECKPOINT_FILE
-    from deeplab.engine import Worker
+    from deeplab.train_loop import Worker
 
     def prepare(model):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -223,7 +223,7 @@ def training_loop(args, amp: str, channels_last: bool, device, folder: Path, ran
     import torch
 
     from deeplab.checkpoint import load_checkpoint
-    from deeplab.engine import resolve_amp, train
+    from deeplab.train_loop import resolve_amp, train
 
     steps, keep = args.train_steps, folder / "model.ckpt"
     cfg, reports = train_config(args, amp, channels_last, steps), []

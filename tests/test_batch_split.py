@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import DistributedSampler
 
 from deeplab.config import split_batch
-from deeplab.engine import GlobalBatchSampler
+from deeplab.train_loop import GlobalBatchSampler
 
 
 def test_shares_differ_by_one_at_most_and_add_up_to_the_global_batch():

@@ -31,7 +31,7 @@ def test_the_default_console_keeps_the_projects_lines_and_drops_rays():
 def test_a_worker_traceback_is_left_to_the_driver_line_and_the_log_even_split_over_batches():
     keep = ConsoleFilter().keep
     first = ["Error in training function:", "Traceback (most recent call last):",
-             '  File "deeplab/engine.py", line 354, in train_step']
+             '  File "deeplab/train_loop.py", line 354, in train_step']
     second = ['    raise FloatingPointError(f"loss is {loss_value}")', "FloatingPointError: loss is nan at iteration 3",
               "iter 4/6  loss 1.2  lr 1e-2  9 img/s  eta 0m01s"]
     assert [keep(WORKER, line) for line in first] == [False] * 3

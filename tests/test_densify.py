@@ -184,7 +184,7 @@ def test_a_resumed_run_keeps_the_layout_it_began_with_and_a_new_stage_takes_the_
     initialized from that file (train.init_from) is a new network and gets the config's rule."""
     from deeplab import save_checkpoint
     from deeplab.config import ExperimentConfig, TrainConfig
-    from deeplab.engine import build_model_for_training
+    from deeplab.train_loop import build_model_for_training
 
     old = ModelConfig(backbone="resnet_tiny", num_classes=3, aspp_channels=8, output_stride=8, atrous_layout="legacy")
     path = tmp_path / "old.ckpt"

@@ -146,7 +146,7 @@ def test_group_grows_and_shrinks_with_the_cluster_and_keeps_the_global_batch(two
     summary = json.loads((tmp_path / "elastic" / "summary.json").read_text())
     assert summary["resumes"] == resumes and summary["iterations"] == max_iterations
     assert (tmp_path / "elastic" / "best.ckpt").is_file()
-    from deeplab.engine import describe_resume
+    from deeplab.train_loop import describe_resume
 
     lost = resumes[1]["time"] - out["removed"]
     print(f"\nelastic: {max_iterations} iterations; {'; '.join(describe_resume(r) for r in resumes)}; from the "

@@ -27,7 +27,7 @@ from torch import nn
 from deeplab import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from deeplab.checkpoint import CHECKPOINT_FILE
 from deeplab.config import ConfigError, TrainConfig, load_config
-from deeplab.engine import Worker, train
+from deeplab.train_loop import Worker, train
 from deeplab.inference import evaluate, model_predictor
 from deeplab.model import block_layout
 
@@ -115,9 +115,9 @@ def test_frozen_bn_stays_in_eval_mode_through_train_and_evaluate():
 def test_resume_restores_the_grad_scaler(tmp_path, monkeypatch):
     """fp16 is CUDA-only in training, but the scaler's logic runs on CPU: force it on, then compare a resumed
     run's scaler with the uninterrupted run's (its growth tracker counts the steps since the last scale change)."""
-    import deeplab.engine
+    import deeplab.train_loop
 
-    monkeypatch.setattr(deeplab.engine, "resolve_amp", lambda amp, device: torch.float16)
+    monkeypatch.setattr(deeplab.train_loop, "resolve_amp", lambda amp, device: torch.float16)
     cfg = tiny("train.eval_interval=2")
     full = Keep(tmp_path / "full")
     train(cfg, Worker(report=full))

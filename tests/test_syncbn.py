@@ -244,7 +244,7 @@ def test_ddp_step_equals_single_process_on_concatenated_batch(ranks):
 
 
 def _rows(rank, workers=3, batch=8):
-    """The images of the global batch that rank takes (deeplab.engine.GlobalBatchSampler: every W-th)."""
+    """The images of the global batch that rank takes (deeplab.train_loop.GlobalBatchSampler: every W-th)."""
     return list(range(rank, batch, workers))
 
 

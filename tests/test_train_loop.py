@@ -9,7 +9,7 @@ import torch
 from deeplab import load_checkpoint
 from deeplab.checkpoint import CHECKPOINT_FILE
 from deeplab.config import ConfigError, ExperimentConfig, load_config, per_worker_batch
-from deeplab.engine import Worker, poly_lr, train
+from deeplab.train_loop import Worker, poly_lr, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +128,7 @@ def test_stage2_init_from_freezes_bn_and_keeps_weights(tmp_path):
 def test_pretrained_backbone_is_read_by_the_caller_and_a_wrong_file_is_named(tmp_path):
     """The model takes a state dict; the training loop reads the file and names it when it does not fit."""
     from deeplab import ModelConfig, build_model
-    from deeplab.engine import build_model_for_training
+    from deeplab.train_loop import build_model_for_training
 
     resnet = build_model(ModelConfig(backbone="resnet_tiny", num_classes=4, aspp_channels=16)).backbone
     good = tmp_path / "resnet_tiny.pth"
@@ -149,14 +149,14 @@ def test_pretrained_backbone_is_read_by_the_caller_and_a_wrong_file_is_named(tmp
     ((8, 0), torch.bfloat16), ((8, 6), torch.bfloat16), ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16),
     ((10, 0), torch.bfloat16), ((12, 0), torch.bfloat16)])
 def test_amp_auto_picks_bf16_only_where_the_gpu_has_it_natively(capability, expected):
-    from deeplab.engine import cuda_amp_for_capability
+    from deeplab.train_loop import cuda_amp_for_capability
 
     assert cuda_amp_for_capability(capability) == expected
 
 
 def test_amp_auto_on_cuda_asks_the_capability_not_is_bf16_supported(monkeypatch):
     """A T4: torch.cuda.is_bf16_supported() says True (emulation); amp auto must still pick fp16 + GradScaler."""
-    from deeplab.engine import resolve_amp
+    from deeplab.train_loop import resolve_amp
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # the GPU is mocked, not our code
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
@@ -172,7 +172,7 @@ def test_remote_init_from_and_pretrained_backbone_are_read_through_the_filesyste
 
     from deeplab import ModelConfig, build_model, save_checkpoint
     from deeplab.checkpoint import CheckpointError
-    from deeplab.engine import build_model_for_training
+    from deeplab.train_loop import build_model_for_training
 
     stage1 = build_model(tiny_config().model)
     save_checkpoint(tmp_path / "best.ckpt", stage1, tiny_config())
