@@ -9,7 +9,7 @@ from deeplab.config import ConfigError, ExperimentConfig, Section, evaluations_p
 
 SCHEDULERS = ("asha", "fifo")
 SEARCH_MODES = ("grid", "sample")
-# Scalars deeplab.engine reports at every evaluation, which a search can rank trials by (tune.metric).
+# Scalars deeplab.train_loop reports at every evaluation, which a search can rank trials by (tune.metric).
 SEARCH_METRICS = ("val_miou", "loss", "images_per_s", "lr", "iteration", "epoch")
 
 
