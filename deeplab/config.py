@@ -502,7 +502,7 @@ class ExperimentConfig:
 
 for _cls in (ModelConfig, DataConfig, TrainConfig, InferenceConfig):
     register_section(_cls)
-OWN_SECTIONS = ("model", "data", "train", "inference")  # what deeplab declares; the rest are registered above it
+OWN_SECTIONS = tuple(SECTION_CLASSES)  # what deeplab declares: model, data, train, inference; the rest come from above
 
 
 def to_plain(obj: Any) -> Any:
