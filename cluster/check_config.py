@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from deeplab.cli import error_line
+
 # Every port a Ray node and Serve listen on by default, by what listens: (low, high). `ray start` flags in the
 # start commands move them (ports_opened); a metrics port Ray picks at random is covered by the rule on
 # "every port" (protocol -1 or 0-65535), which also opens 6379.
@@ -299,14 +301,13 @@ def check_file(path: str | Path) -> dict:
     try:
         config = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot read cluster config: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"{path}: cannot read cluster config: {error_line(e)}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a cluster config (expected a YAML mapping)")
     try:
         prepared = validate(config)
     except Exception as e:  # jsonschema, click aborts and KeyErrors all mean "Ray rejects this file"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ValueError(f"{path}: Ray rejects the cluster config: {first}") from None
+        raise ValueError(f"{path}: Ray rejects the cluster config: {error_line(e)}") from None
     problems = security_problems(prepared) + spot_problems(prepared)  # as Ray runs it: its defaults filled in
     if problems:
         raise ValueError(f"{path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))

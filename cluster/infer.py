@@ -8,6 +8,7 @@ Images of one size run as one batch; the rest wait for their own size's turn.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 import tempfile
@@ -18,6 +19,17 @@ from typing import Optional, Sequence
 import numpy as np
 
 CACHE_ENV = "DEEPLAB_MODEL_CACHE"  # where nodes keep shipped models (default: TMPDIR/deeplab-models)
+
+
+def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a command that runs any model file (segment, serve): the module docstring's body as its
+    description, and the MODEL argument."""
+    from export.runtime import formats_help
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", metavar="MODEL", help=formats_help())
+    return p
 
 
 def model_cache() -> Path:
@@ -126,10 +138,6 @@ def predict_labels(runner, images: Sequence[np.ndarray], keep_errors: bool = Fal
         for i, one in zip(indices, labels):
             out[i] = one
     return out
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
 
 
 def class_pixels(labels: np.ndarray, class_names: Sequence[str]) -> dict:

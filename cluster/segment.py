@@ -17,7 +17,6 @@ run goes on; it exits 1 at the end if any failed (2 for a bad command line, mode
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import posixpath
@@ -29,9 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from deeplab.cli import UserError, command
+from cluster.infer import model_parser
+from deeplab.cli import UserError, command, error_line
 from deeplab.config import ALPHA_ALIAS, Alias, ConfigError, InferenceConfig, add_config_args, config_from_args
-from export.runtime import formats_help
+from deeplab.fileio import is_uri
+from deeplab.progress import Progress
 
 from cluster.config import SegmentConfig
 
@@ -60,19 +61,15 @@ class InputSet:
     refused: list = field(default_factory=list)  # (uri, reason): inputs never read nor written (manifest: failed)
 
 
-def _is_uri(text: str) -> bool:
-    return "://" in text
-
-
 def _filesystem(location: str):
     """(pyarrow filesystem, path on it) for a local path, file:// or an object-store URI (s3://, gs://)."""
     import pyarrow.fs as pafs
 
-    if _is_uri(location):
+    if is_uri(location):
         try:
             return pafs.FileSystem.from_uri(location)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad URIs and unreachable stores
-            raise InputError(f"{location}: cannot open ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+            raise InputError(f"{location}: cannot open ({error_line(e)})") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
 
 
@@ -148,7 +145,7 @@ def _list_folder(source: str, exclude: Optional[str], extensions, fs=None) -> In
     import pyarrow.fs as pafs
 
     fs, root = (fs, source) if fs is not None else _filesystem(source)
-    scheme = source.split("://", 1)[0] + "://" if _is_uri(source) else ""
+    scheme = source.split("://", 1)[0] + "://" if is_uri(source) else ""
     local = isinstance(fs, pafs.LocalFileSystem)
     try:
         info = fs.get_file_info(root)
@@ -158,7 +155,7 @@ def _list_folder(source: str, exclude: Optional[str], extensions, fs=None) -> In
             return InputSet(fs, [InputItem(root, _uri(scheme, root), PurePosixPath(root).stem)])
         listed = _walk_local(root, exclude) if local else list(_walk_store(fs, root))
     except OSError as e:
-        raise InputError(f"{source}: cannot list ({(str(e).splitlines() or [type(e).__name__])[0]})") from None
+        raise InputError(f"{source}: cannot list ({error_line(e)})") from None
     paths, refused, ignored = {}, [], 0
     for path, rel in sorted(listed, key=lambda x: x[0]):
         if rel is None:
@@ -180,7 +177,7 @@ def _list_entries(source: str, text: str) -> list:
     for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            entries.append(line if _is_uri(line) or os.path.isabs(line) else os.path.join(base, line))
+            entries.append(line if is_uri(line) or os.path.isabs(line) else os.path.join(base, line))
     if not entries:
         raise InputError(f"{source}: the list names no files")
     return entries
@@ -208,12 +205,12 @@ def _list_file(source: str) -> InputSet:
         raise InputError(f"{source}: not a text file listing paths (nor an image: its suffix is not one of "
                          f"{', '.join(IMAGE_SUFFIXES)})") from None
     entries = _list_entries(source, text)
-    schemes = {e.split("://", 1)[0] if _is_uri(e) else "" for e in entries}
+    schemes = {e.split("://", 1)[0] if is_uri(e) else "" for e in entries}
     if len(schemes) > 1:
         raise InputError(f"{source}: mixes filesystems ({', '.join(sorted(s or 'local' for s in schemes))}); "
                          "list one kind of path per file")
     fs, _ = _filesystem(entries[0])
-    prefix = next(iter(schemes)) + "://" if _is_uri(entries[0]) else ""
+    prefix = next(iter(schemes)) + "://" if is_uri(entries[0]) else ""
     store = bool(prefix) and prefix != "file://"
     unique, seen, refused = {}, set(), []  # path to read -> its normalized path
     for path in (_filesystem(e)[1] if prefix else e for e in entries):
@@ -238,14 +235,14 @@ def list_inputs(source: str, exclude: Optional[str] = None, extensions=None, fil
     extensions = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions or ()}
     from deeplab.predict import IMAGE_SUFFIXES
 
-    if not _is_uri(source) and os.path.isfile(source):
+    if not is_uri(source) and os.path.isfile(source):
         if Path(source).suffix.lower() in IMAGE_SUFFIXES:  # one image: a list of one
             path = os.path.abspath(source)
             return InputSet(_filesystem(path)[0], [InputItem(path, path, Path(path).stem)])
         inputs = _list_file(source)
     elif filesystem is not None:
         inputs = _list_folder(source, exclude, extensions, filesystem)
-    elif not _is_uri(source) and not os.path.exists(source):
+    elif not is_uri(source) and not os.path.exists(source):
         raise InputError(f"{source}: no such folder or list file")
     else:
         inputs = _list_folder(source, exclude, extensions)
@@ -419,7 +416,7 @@ def read_and_decode(row: dict, filesystem, max_pixels: Optional[int]) -> dict:
     except DatasetError as e:
         out["error"] = str(e)
     except OSError as e:  # vanished since listing, permissions, network
-        out["error"] = f"{row['uri']}: cannot read ({(str(e).splitlines() or [type(e).__name__])[0][:200]})"
+        out["error"] = f"{row['uri']}: cannot read ({error_line(e)})"
     else:
         out.update(pixels=image.tobytes(), height=image.shape[0], width=image.shape[1])
     out["decode_seconds"] = time.perf_counter() - start
@@ -448,7 +445,7 @@ class SegmentWorker:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        from cluster.infer import first_line, predict_labels
+        from cluster.infer import predict_labels
 
         rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["uri"]))]
         good = [row for row in rows if not row["error"]]
@@ -464,7 +461,7 @@ class SegmentWorker:
             uri = str(row["uri"])
             if isinstance(labels.get(i), Exception):
                 records[uri] = {"path": uri, "status": "failed",
-                                "error": f"{uri}: the model cannot run it ({first_line(labels[i])})"}
+                                "error": f"{uri}: the model cannot run it ({error_line(labels[i])})"}
             else:
                 records[uri] = self._finish(uri, str(row["name"]), images[i], labels.get(i), missing[i],
                                             seconds + float(row["decode_seconds"]))
@@ -526,26 +523,6 @@ class Summary:
         """Throughput once the pool is up: images after the first results over the time after them."""
         rest, span = self.ok + self.failed - self.first_count, self.seconds - self.first_result_s
         return rest / span if rest > 0 and span > 0 else 0.0
-
-
-class _Progress:
-    """One line every few seconds on stderr: images done, images/s, ETA."""
-
-    def __init__(self, total: int, interval: float):
-        self.total, self.interval = total, interval
-        self.start = self.last = time.monotonic()
-        self.shown = -1
-
-    def update(self, done: int, failed: int, final: bool = False) -> None:
-        now = time.monotonic()
-        if (not final and now - self.last < self.interval) or done == self.shown:
-            return
-        self.last, self.shown = now, done
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        eta_text = f"{eta:.0f}s" if eta != float("inf") else "?"
-        print(f"segment: {done}/{self.total} images ({failed} failed), {rate:.2f} images/s, ETA {eta_text}",
-              file=sys.stderr, flush=True)
 
 
 def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentConfig, inference: InferenceConfig):
@@ -634,7 +611,7 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     start = time.perf_counter()
     ds = build_dataset(todo, inputs.filesystem, ship_model(model_path), out_dir, cfg, inference or InferenceConfig())
     wanted = {i.uri for i in todo}
-    bar = _Progress(len(todo), cfg.progress_interval_s)
+    bar = Progress(len(todo), "segment", interval=cfg.progress_interval_s, redraw=False)  # lines: Ray's console
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             records = [json.loads(r) for r in batch["record"]]
@@ -649,12 +626,12 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
                 else:
                     summary.failed += 1
                     summary.failures.append(r["error"])
-            bar.update(summary.ok + summary.failed, summary.failed)
+            bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed")
     finally:
         summary.seconds = time.perf_counter() - start
         manifest.close()
         remove_stale_temps(out_dir)
-    bar.update(summary.ok + summary.failed, summary.failed, final=True)
+    bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed", final=True)
     return summary
 
 
@@ -673,9 +650,7 @@ ALIASES = [
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m cluster.segment", description=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help=formats_help())
+    p = model_parser("python -m cluster.segment", __doc__)
     p.add_argument("input", metavar="INPUT", help="a folder, a text file listing paths, one image, or "
                    "s3://bucket/prefix/")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -699,7 +674,7 @@ def main(argv=None) -> int:
 
     exp = config_from_args(args)
     cfg = exp.segment
-    if _is_uri(args.output):
+    if is_uri(args.output):
         raise ConfigError(f"-o {args.output}: OUTPUT must be a folder (on a multi-node cluster, one every node "
                           "mounts at the same path); object-store output is not supported")
     info = read_model_info(args.model, exp.inference.output_stride)

@@ -19,7 +19,6 @@ console shows one traffic line per serve.stats_interval_s; Serve's access lines 
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import io
@@ -34,9 +33,9 @@ import urllib.request
 import uuid
 from typing import Optional
 
-from deeplab.cli import UserError, command
+from cluster.infer import model_parser
+from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias, add_config_args, config_from_args
-from export.runtime import formats_help
 
 from cluster.config import ServeConfig
 
@@ -173,14 +172,14 @@ def warm_up(runner, side: int = 64) -> dict:
     kernel selection, lazy initialization); the replica takes no traffic before it returns."""
     import numpy as np
 
-    from cluster.infer import first_line, predict_labels
+    from cluster.infer import predict_labels
 
     start = time.perf_counter()
     try:
         predict_labels(runner, [np.zeros((side, side, 3), np.uint8)])
     except Exception as e:  # e.g. an engine whose profile excludes this size: it still serves what it can
-        logging.getLogger("ray.serve").warning("warm-up call failed: %s", first_line(e))
-        return {"warmed_up": False, "warmup_error": first_line(e)}
+        logging.getLogger("ray.serve").warning("warm-up call failed: %s", error_line(e))
+        return {"warmed_up": False, "warmup_error": error_line(e)}
     return {"warmed_up": True, "warmup_ms": round((time.perf_counter() - start) * 1000, 1)}
 
 
@@ -208,103 +207,109 @@ def decode_upload(data: bytes, cfg: ServeConfig):
 
 
 # ----------------------------------------------------------------------------------------------- replica
+class Replica:
+    """One replica of the endpoint, without Ray (`_deployment_class` adds Serve's batching and deployment):
+    routing and answers are the module functions above, so each method stays short."""
+
+    def __init__(self, model, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None):
+        from cluster.infer import open_model, set_threads, worker_device
+        from cluster.serve_stats import ReplicaMetrics
+        from deeplab.data import palette_for_classes
+
+        num_gpus, cpus = cfg.gpus_per_replica, cfg.cpus_per_replica
+        threads = set_threads(cpus)
+        self.runner = open_model(model, output_stride=output_stride, device=worker_device(num_gpus),
+                                 threads=threads)
+        self.palette = palette_for_classes(self.runner.info.class_names)
+        self.cfg, self.stats, self.metrics = cfg, stats, ReplicaMetrics()
+        self.max_upload_bytes = int(cfg.max_upload_mb * 2**20)
+        self.segment_batch.set_max_batch_size(cfg.max_batch_size)
+        self.segment_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+        self.ready = warm_up(self.runner)
+        self.info = {**self.runner.info.to_dict(), "max_batch_size": cfg.max_batch_size,
+                     "batch_wait_ms": cfg.batch_wait_ms, "max_pixels": image_limit(cfg)[0],
+                     "max_batch_pixels": cfg.max_batch_pixels, "max_upload_bytes": self.max_upload_bytes,
+                     "request_timeout_s": cfg.request_timeout_s, "read_timeout_s": cfg.read_timeout_s, **self.ready}
+        self.info["path"] = os.path.basename(self.info["path"])
+
+    async def segment_batch(self, images: list) -> list:
+        """Concurrent requests' images -> (labels, images in its model call) each; same-size images share
+        a call up to serve.max_batch_pixels, so a batch of large images runs as several calls."""
+        from cluster.infer import model_calls, predict_labels
+
+        budget = self.cfg.max_batch_pixels
+        labels = await asyncio.to_thread(predict_labels, self.runner, images, True, budget)
+        call_size = {}
+        for call in model_calls([image.shape for image in images], budget):
+            self._count_call(len(call))
+            call_size.update((i, len(call)) for i in call)
+        return [(one, call_size[i]) for i, one in enumerate(labels)]  # a failed call: its exception
+
+    async def __call__(self, request):
+        fmt, start = request.query_params.get("format", "png"), time.perf_counter()
+        try:
+            endpoint = route(request.method, request.url.path, fmt)
+            if endpoint != "/segment":
+                return self._status(endpoint)
+            response = await asyncio.wait_for(self._segment(request, fmt), self.cfg.request_timeout_s)
+        except Exception as e:  # a Problem is the client's; a timeout 504; anything else ours: 500 + id
+            response = error_response(as_problem(e, self.cfg.request_timeout_s, request_id(request)), fmt)
+            if request.url.path.rstrip("/") != "/segment":
+                return response
+        self._count(response.status_code, time.perf_counter() - start)
+        return response
+
+    def _status(self, endpoint: str):
+        from starlette.responses import JSONResponse, PlainTextResponse
+
+        if endpoint == "/healthz":  # liveness: the replica answers
+            return PlainTextResponse("ok\n")
+        if endpoint == "/readyz":  # readiness: the model is loaded and has run once
+            return JSONResponse({"ready": self.ready["warmed_up"], "model_loaded": True, **self.ready},
+                                status_code=200 if self.ready["warmed_up"] else 503)
+        return JSONResponse(self.info)
+
+    def _count(self, status: int, seconds: float) -> None:
+        self.metrics.request(status, seconds)
+        if self.stats is not None:
+            self.stats.record.remote(status, seconds)
+
+    def _count_call(self, images: int) -> None:
+        self.metrics.model_call(images)
+        if self.stats is not None:
+            self.stats.record_call.remote(images)
+
+    async def _segment(self, request, fmt: str):
+        from starlette.responses import JSONResponse, Response
+
+        from deeplab.predict import prediction_images
+
+        start = time.perf_counter()
+        body = await read_body(request, self.max_upload_bytes, self.cfg.read_timeout_s)
+        data = upload_bytes(request.headers.get("content-type", ""), body)
+        image = await asyncio.to_thread(decode_upload, data, self.cfg)
+        labels, batch = await self.segment_batch(image)
+        if isinstance(labels, Exception):  # the model could not run this image: say why, keep serving
+            status = 413 if "out of memory" in str(labels).lower() else 400
+            raise Problem(status, f"the model cannot run this {image.shape[1]}x{image.shape[0]} image "
+                                  f"({error_line(labels)})")
+        kinds = ("labels",) if fmt == "png" else ("color",)
+        picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
+        if fmt == "png":
+            return Response(png_bytes(picture), media_type="image/png")
+        return JSONResponse(json_answer(image, labels, picture, self.runner.info, batch,
+                                        time.perf_counter() - start))
+
+
 def _deployment_class():
-    """The Serve deployment, defined on first use so `--help` and the request helpers need no Ray (hence one
-    function holding the class; each method stays short: routing and answers are the module functions above)."""
+    """The Serve deployment, made on first use so `--help` and the request helpers need no Ray: Serve's batching
+    wraps the replica's batch method (the limits set per replica in __init__), its deployment the class."""
     from ray import serve
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-    from cluster.infer import first_line
+    class SegmentService(Replica):
+        segment_batch = serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)(Replica.segment_batch)
 
-    @serve.deployment(name="SegmentService")
-    class SegmentService:
-        def __init__(self, model, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None):
-            from cluster.infer import open_model, set_threads, worker_device
-            from cluster.serve_stats import ReplicaMetrics
-            from deeplab.data import palette_for_classes
-
-            num_gpus, cpus = cfg.gpus_per_replica, cfg.cpus_per_replica
-            threads = set_threads(cpus)
-            self.runner = open_model(model, output_stride=output_stride, device=worker_device(num_gpus),
-                                     threads=threads)
-            self.palette = palette_for_classes(self.runner.info.class_names)
-            self.cfg, self.stats, self.metrics = cfg, stats, ReplicaMetrics()
-            self.max_upload_bytes = int(cfg.max_upload_mb * 2**20)
-            self.segment_batch.set_max_batch_size(cfg.max_batch_size)
-            self.segment_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
-            self.ready = warm_up(self.runner)
-            self.info = {**self.runner.info.to_dict(), "max_batch_size": cfg.max_batch_size,
-                         "batch_wait_ms": cfg.batch_wait_ms, "max_pixels": image_limit(cfg)[0],
-                         "max_batch_pixels": cfg.max_batch_pixels, "max_upload_bytes": self.max_upload_bytes,
-                         "request_timeout_s": cfg.request_timeout_s, "read_timeout_s": cfg.read_timeout_s, **self.ready}
-            self.info["path"] = os.path.basename(self.info["path"])
-
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-        async def segment_batch(self, images: list) -> list:
-            """Concurrent requests' images -> (labels, images in its model call) each; same-size images share
-            a call up to serve.max_batch_pixels, so a batch of large images runs as several calls."""
-            from cluster.infer import model_calls, predict_labels
-
-            budget = self.cfg.max_batch_pixels
-            labels = await asyncio.to_thread(predict_labels, self.runner, images, True, budget)
-            call_size = {}
-            for call in model_calls([image.shape for image in images], budget):
-                self._count_call(len(call))
-                call_size.update((i, len(call)) for i in call)
-            return [(one, call_size[i]) for i, one in enumerate(labels)]  # a failed call: its exception
-
-        async def __call__(self, request):
-            fmt, start = request.query_params.get("format", "png"), time.perf_counter()
-            try:
-                endpoint = route(request.method, request.url.path, fmt)
-                if endpoint != "/segment":
-                    return self._status(endpoint)
-                response = await asyncio.wait_for(self._segment(request, fmt), self.cfg.request_timeout_s)
-            except Exception as e:  # a Problem is the client's; a timeout 504; anything else ours: 500 + id
-                response = error_response(as_problem(e, self.cfg.request_timeout_s, request_id(request)), fmt)
-                if request.url.path.rstrip("/") != "/segment":
-                    return response
-            self._count(response.status_code, time.perf_counter() - start)
-            return response
-
-        def _status(self, endpoint: str):
-            if endpoint == "/healthz":  # liveness: the replica answers
-                return PlainTextResponse("ok\n")
-            if endpoint == "/readyz":  # readiness: the model is loaded and has run once
-                return JSONResponse({"ready": self.ready["warmed_up"], "model_loaded": True, **self.ready},
-                                    status_code=200 if self.ready["warmed_up"] else 503)
-            return JSONResponse(self.info)
-
-        def _count(self, status: int, seconds: float) -> None:
-            self.metrics.request(status, seconds)
-            if self.stats is not None:
-                self.stats.record.remote(status, seconds)
-
-        def _count_call(self, images: int) -> None:
-            self.metrics.model_call(images)
-            if self.stats is not None:
-                self.stats.record_call.remote(images)
-
-        async def _segment(self, request, fmt: str):
-            from deeplab.predict import prediction_images
-
-            start = time.perf_counter()
-            body = await read_body(request, self.max_upload_bytes, self.cfg.read_timeout_s)
-            data = upload_bytes(request.headers.get("content-type", ""), body)
-            image = await asyncio.to_thread(decode_upload, data, self.cfg)
-            labels, batch = await self.segment_batch(image)
-            if isinstance(labels, Exception):  # the model could not run this image: say why, keep serving
-                status = 413 if "out of memory" in str(labels).lower() else 400
-                raise Problem(status, f"the model cannot run this {image.shape[1]}x{image.shape[0]} image "
-                                      f"({first_line(labels)})")
-            kinds = ("labels",) if fmt == "png" else ("color",)
-            picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
-            if fmt == "png":
-                return Response(png_bytes(picture), media_type="image/png")
-            return JSONResponse(json_answer(image, labels, picture, self.runner.info, batch,
-                                            time.perf_counter() - start))
-
-    return SegmentService
+    return serve.deployment(name="SegmentService")(SegmentService)
 
 
 def deployment_options(cfg: ServeConfig) -> dict:
@@ -413,9 +418,7 @@ ALIASES = [
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m cluster.serve", description=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help=formats_help())
+    p = model_parser("python -m cluster.serve", __doc__)
     add_config_args(p, aliases=ALIASES)
     p.add_argument("--verbose", action="store_true",
                    help="Serve's own lines on the console too (an access line per request; always in its log files)")

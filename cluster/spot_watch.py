@@ -20,6 +20,8 @@ import urllib.error
 import urllib.request
 from typing import Callable, Optional
 
+from deeplab.cli import error_line
+
 METADATA = "http://169.254.169.254"
 
 
@@ -103,7 +105,7 @@ def watch(poll: Callable[[], Optional[dict]], on_notice: Callable[[int], None], 
                     on_notice(seconds)
                     return notice
                 except Exception as e:  # ray drain-node failed, Ray not reachable: the next poll tries again
-                    _log(f"drain failed ({type(e).__name__}: {str(e)[:200]}); retrying")
+                    _log(f"drain failed ({error_line(e, with_type=True)}); retrying")
         time.sleep(interval)
 
 

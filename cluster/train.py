@@ -22,9 +22,9 @@ import sys
 from typing import Optional
 
 from cluster.console import project_console, ray_init_options
-from deeplab.cli import command
+from deeplab.cli import command, error_line
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args
-from deeplab.fileio import copy_file_atomic, ensure_dir, write_text_atomic
+from deeplab.fileio import copy_file_atomic, ensure_dir, is_uri, write_text_atomic
 
 BEST_FILE = "best.ckpt"
 SUMMARY_FILE = "summary.json"
@@ -38,13 +38,9 @@ ALIASES = [
 ]
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path
-
-
 def resolve_storage_path(storage_path: str) -> str:
     """Remote URIs (s3://, gs://, ...) as given; local paths made absolute against the current directory."""
-    return storage_path if _is_remote(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
+    return storage_path if is_uri(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
 
 
 def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -53,7 +49,7 @@ def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
     for section, name in (("data", "root"), ("train", "init_from"), ("train", "pretrained_backbone")):
         obj = getattr(cfg, section)
         value = getattr(obj, name)
-        if value and not _is_remote(value):
+        if value and not is_uri(value):
             setattr(obj, name, os.path.abspath(os.path.expanduser(value)))
     return cfg
 
@@ -81,11 +77,11 @@ def _error_chain(error: BaseException):
         stack += list((getattr(e, "worker_failures", None) or {}).values())
 
 
-def _reason(error: BaseException, kind: type) -> Optional[str]:
+def _message_of(error: BaseException, kind: type) -> Optional[str]:
     """The message of a ``kind`` error anywhere in the chain; Ray sometimes keeps only the text."""
     for e in _error_chain(error):
         if type(e) is kind:  # exactly ours: Ray's wrappers may subclass it with a traceback text
-            return (str(e).strip().splitlines() or [kind.__name__])[-1]
+            return error_line(e, limit=1000)
         line = next((ln for ln in str(e).splitlines() if f"{kind.__name__}:" in ln), None)
         if line:
             return line.split(f"{kind.__name__}:")[-1].strip() or kind.__name__
@@ -94,12 +90,12 @@ def _reason(error: BaseException, kind: type) -> Optional[str]:
 
 def divergence_reason(error: BaseException) -> Optional[str]:
     """The worker's message if a run failed because the loss went NaN/inf (a FloatingPointError), else None."""
-    return _reason(error, FloatingPointError)
+    return _message_of(error, FloatingPointError)
 
 
 def training_code_reason(error: BaseException) -> Optional[str]:
     """The one-line reason if a run failed in its training code (TrainingCodeError), else None."""
-    return _reason(error, TrainingCodeError)
+    return _message_of(error, TrainingCodeError)
 
 
 def _is_lost_worker(error: BaseException) -> bool:
@@ -113,15 +109,6 @@ def _is_lost_worker(error: BaseException) -> bool:
     if type(error).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
         return True
     return any(word in str(error).lower() for word in PEER_LOST)
-
-
-def _one_line(error: BaseException) -> str:
-    from deeplab.cli import UserError
-
-    if isinstance(error, UserError):
-        return str(error)
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
 
 def _stop_on_training_code_error_callback():
@@ -142,7 +129,7 @@ def _stop_on_training_code_error_callback():
                     raise FloatingPointError(reason)
             if worker_exceptions and not any(map(_is_lost_worker, worker_exceptions.values())):
                 rank, error = min(worker_exceptions.items())
-                raise TrainingCodeError(f"worker {rank}: {_one_line(error)}")
+                raise TrainingCodeError(f"worker {rank}: {error_line(error, limit=1000, with_type=True)}")
 
     return StopOnTrainingCodeError()
 
@@ -167,7 +154,7 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
     c = cfg.cluster
     name = name or c.name
     storage = resolve_storage_path(storage_path or c.storage_path)
-    log_dir = None if _is_remote(storage) else os.path.join(storage, name, "tensorboard")
+    log_dir = None if is_uri(storage) else os.path.join(storage, name, "tensorboard")
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = 1
@@ -346,7 +333,7 @@ def check_storage_visible(cfg: ExperimentConfig, storage: str, timeout_s: float 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    if _is_remote(storage):
+    if is_uri(storage):
         return
     here = ray.get_runtime_context().get_node_id()
     nodes = [n for n in _worker_nodes(cfg) if n["NodeID"] != here]
@@ -381,7 +368,7 @@ def check_storage_visible(cfg: ExperimentConfig, storage: str, timeout_s: float 
 def run_logs_dir(cfg: ExperimentConfig) -> Optional[str]:
     """RUN_DIR/logs: the full console and Ray Train's log files (None for remote storage)."""
     storage = resolve_storage_path(cfg.cluster.storage_path)
-    return None if _is_remote(storage) else os.path.join(storage, cfg.cluster.name, "logs")
+    return None if is_uri(storage) else os.path.join(storage, cfg.cluster.name, "logs")
 
 
 def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False, verbose: bool = False):
@@ -396,7 +383,7 @@ def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False,
     storage = resolve_storage_path(cfg.cluster.storage_path)
     check_storage_visible(cfg, storage)  # before any training, not at the first checkpoint upload
     run_dir = f"{storage.rstrip('/')}/{cfg.cluster.name}"
-    if not _is_remote(storage) and os.path.isdir(run_dir):
+    if not is_uri(storage) and os.path.isdir(run_dir):
         print(f"run directory {run_dir} exists: resuming that run where it stopped", flush=True)
     if isinstance(cfg.cluster.num_workers, tuple):
         print(f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers; training starts once "
@@ -422,7 +409,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     build_dataset(cfg.data, cfg.data.val_split, train=False)
     if cfg.train.init_from:
         load_checkpoint(cfg.train.init_from)
-    elif cfg.train.pretrained_backbone and _is_remote(cfg.train.pretrained_backbone):  # local: checked by config
+    elif cfg.train.pretrained_backbone and is_uri(cfg.train.pretrained_backbone):  # local: checked by config
         read_weights_file(cfg.train.pretrained_backbone)
 
 
@@ -442,17 +429,12 @@ def main(argv=None) -> int:
     try:
         train(cfg, checked=True, verbose=args.verbose)
     except ray.train.TrainingFailedError as e:
-        reason = divergence_reason(e) or training_code_reason(e) or _first_error_line(e)
+        reason = divergence_reason(e) or training_code_reason(e) or error_line(e, limit=1000)
         where = run_logs_dir(cfg)
         print(f"error: training failed: {reason}" + (f" (tracebacks: {where}/console.log)" if where else ""),
               file=sys.stderr)
         return 1
     return 0
-
-
-def _first_error_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if "Error:" in line), lines[-1] if lines else type(error).__name__)
 
 
 if __name__ == "__main__":

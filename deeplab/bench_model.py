@@ -11,7 +11,7 @@ import time
 import torch
 
 from .cli import command
-from .config import Alias, add_config_args, config_from_args
+from .config import Alias, ConfigError, add_config_args, config_from_args
 from .model import build_model
 
 
@@ -24,8 +24,10 @@ def main(argv=None) -> int:
     p.add_argument("--strides", type=int, nargs="+", default=[16, 8])
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--size", type=int, default=513, help="square input side")
-    add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "ResNet depth")])
+    add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "a registered backbone (deeplab.backbones)")])
     args = p.parse_args(argv)
+    if args.size < 1:
+        raise ConfigError(f"--size {args.size}: must be >= 1 (the square input side in pixels)")
     cfg = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)

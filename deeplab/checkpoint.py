@@ -14,9 +14,9 @@ from typing import Optional
 
 import torch
 
-from .cli import UserError
+from .cli import UserError, error_line
 from .config import ConfigError, ExperimentConfig, ModelConfig, experiment_from_dict, model_config_from_dict, to_plain
-from .fileio import atomic_path, ensure_dir
+from .fileio import atomic_path, ensure_dir, is_uri
 from .model import build_model
 
 FORMAT = "deeplabv3-checkpoint"
@@ -129,7 +129,7 @@ def _read_remote(uri: str):
     except CheckpointError:
         raise
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad URIs, credentials, unreachable stores
-        raise CheckpointError(f"{uri}: cannot read ({(str(e).splitlines() or [type(e).__name__])[0][:160]})") from None
+        raise CheckpointError(f"{uri}: cannot read ({error_line(e, 160)})") from None
     if not data:
         raise CheckpointError(f"{uri}: empty file")
     return io.BytesIO(data)
@@ -138,7 +138,7 @@ def _read_remote(uri: str):
 def read_weights_file(path, map_location="cpu") -> dict:
     """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError. A URI
     (s3://bucket/best.ckpt) is read through pyarrow."""
-    if "://" in str(path):
+    if is_uri(path):
         path = source = str(path)
         source = _read_remote(path)
     else:
@@ -150,17 +150,16 @@ def read_weights_file(path, map_location="cpu") -> dict:
     try:
         return torch.load(source, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).split("\n")[0].strip()
         detail = ""
         for line in str(e).splitlines():
             if "GLOBAL" in line or "Unsupported" in line:
                 detail = ": " + line.strip()[:160]
                 break
         raise CheckpointError(f"{path}: refused, it holds pickled objects a weights-only load does not allow "
-                              f"(it could run code){detail or ': ' + reason[:160]}") from None
+                              f"(it could run code){detail or ': ' + error_line(e, 160)}") from None
     except Exception as e:  # torch's reader raises many types for a damaged or foreign file
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file: {first})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file: "
+                              f"{error_line(e, 160)})") from None
 
 
 def _saved_configs(payload: dict) -> tuple:
@@ -192,7 +191,7 @@ def load_checkpoint(path, map_location="cpu") -> Checkpoint:
     payload = read_weights_file(path, map_location)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""
-        if isinstance(payload, dict) and any(isinstance(k, str) and k.startswith(("conv1.", "backbone.")) for k in payload):
+        if isinstance(payload, dict) and any(isinstance(k, str) and k.startswith(("conv1.", "features.", "backbone.")) for k in payload):
             hint = " (a torchvision weights file? convert it with: python -m deeplab.import_torchvision FILE -o model.ckpt)"
         raise CheckpointError(f"{path}: not a DeepLabv3 checkpoint{hint}")
     if payload.get("version", 0) > VERSION:

@@ -28,19 +28,11 @@ from typing import Any, Callable, ClassVar, Optional, Tuple, Union, get_args, ge
 
 import yaml
 
+from .backbones import backbone_names, backbone_spec
 from .cli import UserError
 from .data.formats import DATASETS
 from .fileio import write_text_atomic
 
-# Backbone depth -> units per block (block1..block4). "resnet_tiny" is a narrow, shallow bottleneck
-# ResNet for tests and CPU demos whose behaviour does not depend on depth.
-BACKBONE_LAYERS = {
-    "resnet50": (3, 4, 6, 3),
-    "resnet101": (3, 4, 23, 3),
-    "resnet152": (3, 8, 36, 3),
-    "resnet_tiny": (1, 1, 1, 1),
-}
-BACKBONE_WIDTH = {"resnet50": 64, "resnet101": 64, "resnet152": 64, "resnet_tiny": 8}
 MODEL_STRIDES = (4, 8, 16, 32, 64, 128, 256)  # the paper's Table 1; 64-256 carried by cascaded blocks 5-7
 STRIDES_ALLOWED = "use one of 4, 8, 16, 32 (64, 128, 256 with cascaded blocks)"
 PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the paper's multi-scale inference (Section 4.1)
@@ -209,9 +201,14 @@ class ModelConfig(Section):
     align_corners: Optional[bool] = None
 
     def check_values(self) -> None:
-        self._need_one_of("backbone", BACKBONE_LAYERS)
+        self._need_one_of("backbone", backbone_names())  # deeplab.backbones: the registry
+        spec = backbone_spec(self.backbone)
         self._need(1 <= self.num_classes <= 255, "num_classes", "must be 1-255 (label 255 means ignore)")
         self._need(0 <= self.cascade_blocks <= 3, "cascade_blocks", "must be 0-3 (block5..block7)")
+        self._need(spec.cascade or self.cascade_blocks == 0, "cascade_blocks",
+                   f"must be 0: {self.backbone} has no cascaded blocks")
+        self._need(spec.cascade or self.output_stride in spec.output_strides, "output_stride",
+                   f"is not allowed for {self.backbone}; use one of {', '.join(map(str, spec.output_strides))}")
         self._need_output_stride("output_stride")
         deepest = 32 * 2 ** self.cascade_blocks  # block4 strides to 32, each cascaded block doubles it
         self._need(self.output_stride <= deepest, "output_stride",

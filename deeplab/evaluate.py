@@ -20,7 +20,8 @@ from .config import INFERENCE_ALIASES, Alias, ConfigError, add_config_args, conf
 from .data import build_dataset, dataset_for_model, detect_format
 from .data.formats import DATASETS
 from .fileio import ensure_dir, write_text_atomic
-from .inference import Progress, evaluate, model_predictor
+from .inference import evaluate, model_predictor
+from .progress import Progress
 
 DATA_ALIASES = [Alias("--format", "data.dataset", "layout of --data (default: guessed from the folder)",
                       choices=DATASETS)]

@@ -18,6 +18,12 @@ from .cli import OutputError
 FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
+def is_uri(path) -> bool:
+    """Whether ``path`` is a URI that pyarrow's filesystems open (s3://, gs://, file://...) rather than a
+    local path; the one test for it, so every command reads the same paths remotely."""
+    return "://" in str(path)
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -82,12 +88,6 @@ def atomic_path(path) -> Iterator[Path]:
         raise translated from None
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def write_bytes_atomic(path, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
 
 
 def write_text_atomic(path, text: str) -> Path:

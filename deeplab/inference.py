@@ -10,8 +10,6 @@ others.
 from __future__ import annotations
 
 import math
-import sys
-import time
 from contextlib import contextmanager
 from typing import Callable, Iterable, Optional, Sequence
 
@@ -113,27 +111,6 @@ def predict_logits(model, images: torch.Tensor, output_stride: Optional[int] = N
                 total = p if total is None else total + p
         count = len(scales) * (2 if flip else 1)
         return (total / count).clamp_min(1e-12).log()
-
-
-class Progress:
-    """A one-line progress bar on stderr: done/total, rate, ETA (rewritten at most every half second)."""
-
-    def __init__(self, total: int, label: str = "", unit: str = "images", stream=None, enabled: bool = True):
-        self.total, self.label, self.unit, self.stream, self.enabled = total, label, unit, stream, enabled
-        self.done, self.start, self.last = 0, time.monotonic(), 0.0
-
-    def update(self, n: int = 1) -> None:
-        self.done += n
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.5 and self.done < self.total):
-            return
-        self.last = now
-        rate = self.done / max(now - self.start, 1e-9)
-        frac = self.done / self.total if self.total else 1.0
-        bar = "#" * int(24 * frac) + "." * (24 - int(24 * frac))
-        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-        print(f"\r{self.label} [{bar}] {self.done}/{self.total} {self.unit} {rate:.2f}/s ETA {eta:.0f}s",
-              end="\n" if self.done >= self.total else "", file=self.stream or sys.stderr, flush=True)
 
 
 @contextmanager

@@ -20,7 +20,8 @@ from .config import ALPHA_ALIAS, INFERENCE_ALIASES, add_config_args
 from .data import DatasetError, dataset_info, normalize, read_image
 from .evaluate import resolve_experiment
 from .fileio import atomic_path, ensure_dir
-from .inference import Progress, model_predictor
+from .inference import model_predictor
+from .progress import Progress
 from .palette import overlay, palette_bytes, voc_palette
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")

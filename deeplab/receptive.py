@@ -5,18 +5,14 @@ to a 1x1 convolution. The crop-size search uses this to prune configurations bef
 """
 from __future__ import annotations
 
-import math
+from .backbones import backbone_class
 
 
-def feature_size(crop: int, output_stride: int) -> int:
-    """Side of the backbone's last feature map for a crop: 513 -> 33 at output stride 16, 65 at 8.
-
-    Every stride-2 layer (stem conv, max pool, first unit of each strided block) maps n to (n - 1) // 2 + 1.
-    """
-    n = int(crop)
-    for _ in range(int(math.log2(output_stride))):
-        n = (n - 1) // 2 + 1
-    return n
+def feature_size(crop: int, output_stride: int, backbone: str = "resnet101") -> int:
+    """Side of the backbone's last feature map for a crop: 513 -> 33 at output stride 16, 65 at 8 (ResNet:
+    every stride-2 layer, stem conv, max pool, first unit of each strided block, maps n to (n - 1) // 2 + 1).
+    The backbone says it (`deeplab.backbones.base.Backbone.feature_size`)."""
+    return backbone_class(backbone).feature_size(crop, output_stride)
 
 
 def _valid_taps_1d(rate: int, size: int, kernel: int) -> list:
@@ -33,13 +29,13 @@ def valid_weight_fraction(rate: int, feature_size: int, kernel: int = 3) -> floa
     return mean_1d * mean_1d / (kernel * kernel)
 
 
-def degenerate_rates(rates, crop: int, output_stride: int, threshold: float) -> list:
+def degenerate_rates(rates, crop: int, output_stride: int, threshold: float, backbone: str = "resnet101") -> list:
     """ASPP rates (given at output stride 16) whose 3x3 filter keeps less than ``threshold`` of its weights on
     the feature map at this crop and output stride: nearly a 1x1 filter (1/9 is exactly one).
 
     Returns (rate_at_os, valid_fraction) pairs, in the order given; empty when every rate still sees context.
     """
-    size = feature_size(crop, output_stride)
+    size = feature_size(crop, output_stride, backbone)
     out = []
     for r in rates:
         r_os = r * 16 // output_stride

@@ -36,10 +36,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, read_weights_file, save_checkpoint, unwrap
+from .cli import error_line
 from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_worker_batch, split_batch
 from .data import build_dataset, dataset_for_model, dataset_info
 from .inference import align_corners, evaluate, model_predictor
 from .model import build_model, load_backbone_weights
+from .progress import eta_text, remaining_seconds
 from .visualize import validation_grid
 
 
@@ -170,12 +172,6 @@ def _mean_across(value: torch.Tensor, worker: Worker) -> torch.Tensor:
     return value
 
 
-def _eta(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    return f"{h}h{rem // 60:02d}m" if h else f"{rem // 60}m{rem % 60:02d}s"
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Setting up: data, model with its starting weights, optimizer, resumed state
 
@@ -227,7 +223,7 @@ def build_model_for_training(cfg: ExperimentConfig, resume: Optional[str]) -> tu
             model.load_state_dict(ck.model.state_dict())
         except RuntimeError as e:
             raise ConfigError(f"train.init_from={cfg.train.init_from}: weights do not fit model "
-                              f"{cfg.model.backbone} ({str(e).splitlines()[0]})") from None
+                              f"{cfg.model.backbone} ({error_line(e)})") from None
     elif cfg.train.pretrained_backbone:
         try:
             load_backbone_weights(model, read_weights_file(cfg.train.pretrained_backbone))
@@ -274,14 +270,13 @@ def _prepare_model(model: nn.Module, cfg: ExperimentConfig, worker: Worker, memo
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list:
-    """SGD groups as the authors' implementation regularizes: weight decay on convolution weights (and any
-    other weight), none on BatchNorm scale/shift or biases. Frozen parameters are left out."""
+    """SGD groups as the authors' implementation regularizes: weight decay on convolution and linear weights,
+    none on normalization scales/shifts or biases. Told apart by shape (1-D: no decay), so any norm layer
+    (BatchNorm, LayerNorm, GroupNorm) of any backbone is left undecayed. Frozen parameters are left out."""
     decay, no_decay = [], []
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad:
-                plain = isinstance(module, nn.modules.batchnorm._BatchNorm) or name == "bias"
-                (no_decay if plain else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -375,9 +370,10 @@ class Meter:
         """(images/s since the last progress line, ETA text); starts the next window."""
         now = time.perf_counter()
         speed = self.window_images / max(now - self.window_start, 1e-9)
-        per_iteration = (now - self.started) / max(iteration - self.start_iteration, 1)
+        left = remaining_seconds(iteration - self.start_iteration, max_iterations - self.start_iteration,
+                                 now - self.started)
         self.window_start, self.window_images = now, 0
-        return speed, _eta(per_iteration * (max_iterations - iteration))
+        return speed, eta_text(left)
 
 
 def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> tuple:

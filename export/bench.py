@@ -2,6 +2,7 @@
 
     python export/bench.py --checkpoint best.ckpt               # output stride 8, 513x513, batch 1
     python export/bench.py --set model.backbone=resnet101 --repeats 5 --batch 1 2
+    python export/bench.py --set model.backbone=mobilenet_v3_large --compare-backbone resnet101 --backends torch_fp32
 
 Backends: PyTorch eager (fp32, channels_last, bf16 autocast NCHW/NHWC where the CPU has native bf16;
 CUDA fp32/fp16 when there is a GPU), torch.compile (inductor, frozen weights), onnxruntime (CPU fp32, INT8
@@ -38,7 +39,8 @@ if __package__ in (None, ""):  # `python export/bench.py`: make the project impo
 import numpy as np
 import torch
 
-from deeplab.cli import UserError, command
+from deeplab.backbones import backbone_names
+from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias, add_config_args, config_from_args
 from deeplab.fileio import atomic_path, ensure_dir, write_text_atomic
 
@@ -152,6 +154,8 @@ class Backend:
     logits: Optional[Callable] = None
     kind: str = "fp32"  # the arithmetic it mostly runs (fp32 | bf16 | int8): which machine limit it is held to
     refuses: Optional[Callable] = None  # refuses(shape) -> why it cannot run an input of that shape, or None
+    model: Optional[str] = None  # another backbone than the subject's (--compare-backbone): its own FLOPs
+    flops: Optional[int] = None
 
 
 class Skip(Exception):
@@ -190,6 +194,25 @@ def torch_backends(model, cuda: bool, bf16: bool = True) -> list:
     return out
 
 
+def backbone_backends(cfg, names: list) -> list:
+    """Eager fp32 rows for other backbones (same head, output stride and size, random weights, which time as
+    trained ones): their speed next to the subject's, in the same interleaved rounds."""
+    from dataclasses import replace
+
+    from deeplab import ModelConfig, build_model
+    from export.to_onnx import prepare_model
+
+    out = []
+    for name in names:
+        model = prepare_model(build_model(ModelConfig(**{**cfg.model.__dict__, "backbone": name})),
+                              cfg.export.output_stride)
+        params = sum(p.numel() for p in model.parameters())
+        fp32 = torch_backends(model, cuda=False, bf16=False)[0]
+        out.append(replace(fp32, name=f"torch_fp32_{name}", note=f"eager, NCHW, {name} ({params / 1e6:.1f}M params)",
+                           logits=None, model=name, flops=required_flops(model, cfg.export.image_size)))
+    return out
+
+
 def compiled_backend(model) -> Backend:
     """torch.compile (inductor, CPU) with frozen weights (constant-folded, prepacked for oneDNN); compiled at
     the first (warm-up) call of each input shape."""
@@ -219,7 +242,7 @@ def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp3
     try:
         runner = OnnxRunner(onnx_path, [provider], threads=torch.get_num_threads())  # as many threads as torch
     except Exception as e:
-        raise Skip(f"{provider} did not load {Path(onnx_path).name}: {str(e).splitlines()[0][:200]}") from None
+        raise Skip(f"{provider} did not load {Path(onnx_path).name}: {error_line(e)}") from None
     if runner.providers[0] != provider:
         raise Skip(f"{provider} fell back to {runner.providers[0]}")
     session, input_name = runner.session, runner.input_name
@@ -314,10 +337,12 @@ def summarize(runs: dict, flops: int, backends: list, batch: int, reference: str
             per_round = [a / r for a, r in zip(t, runs["times"][reference])]
             s["speedup_vs_fp32"] = 1 / statistics.median(per_round)
         s.update(backend=b.name, note=b.note, device=b.device, batch=batch, images_per_s=batch / med,
-                 gflops_per_s=flops * batch / med / 1e9, peak_mib=runs["peak_bytes"][b.name] / 2**20,
+                 gflops_per_s=(b.flops or flops) * batch / med / 1e9, peak_mib=runs["peak_bytes"][b.name] / 2**20,
                  call_mib=runs["extra_bytes"][b.name] / 2**20, kind=b.kind)
         if b.device == "cpu" and limits.get(b.kind):
             s["limit_share"] = s["gflops_per_s"] / limits[b.kind]
+        if b.model:
+            s["model"] = b.model
         rows.append(s)
     return rows
 
@@ -327,6 +352,7 @@ def recommend(rows: list, acc: dict, max_drop: float, device: str = "cpu") -> Op
     measured, is no worse than -max_drop."""
     first = min(r["batch"] for r in rows)
     ok = [r for r in rows if r["batch"] == first and r["device"] == device and "speedup_vs_fp32" in r
+          and "model" not in r  # another backbone's row (--compare-backbone) is no path for this model
           and (acc.get(r["backend"], {}).get("miou_change") is None
                or acc[r["backend"]]["miou_change"] >= -max_drop)]
     if not ok:
@@ -417,6 +443,9 @@ def parse_args(argv=None):
                    help="INT8 IR to use, e.g. from export.to_openvino (default: NNCF on the FP32 IR, no accuracy control)")
     p.add_argument("--engine", action="append", default=[],
                    help="a TensorRT engine you built, with its .engine.json sidecar (repeatable)")
+    p.add_argument("--compare-backbone", nargs="+", default=[], choices=backbone_names(real_only=True),
+                   metavar="NAME", help="also time eager fp32 of the same model with these backbones (random "
+                   f"weights), interleaved with the rest: {', '.join(backbone_names(real_only=True))}")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.png and the ONNX files")
     return p.parse_args(argv)
@@ -579,7 +608,7 @@ def all_backends(model, cfg, args, skipped: dict) -> list:
     cuda = torch.cuda.is_available()
     # bf16 runs when the CPU has native bf16, or when --backends names it explicitly
     bf16 = has_native_bf16() or bool(want and want & {"torch_bf16", "torch_bf16_channels_last", "openvino_bf16"})
-    backends = torch_backends(model, cuda, bf16)
+    backends = torch_backends(model, cuda, bf16) + backbone_backends(cfg, args.compare_backbone)
     if not bf16:
         skipped["torch_bf16, torch_bf16_channels_last"] = (
             "this CPU has no native bf16 (no avx512_bf16/AMX; oneDNN would emulate it 4-100x slower than fp32); "
@@ -597,7 +626,7 @@ def all_backends(model, cfg, args, skipped: dict) -> list:
             skipped[f"tensorrt {engine}"] = str(e)
     if not args.engine:
         skipped["tensorrt engines"] = "none given (--engine model.engine; build one with python -m export.to_tensorrt)"
-    return [b for b in backends if wanted(b.name)]
+    return [b for b in backends if wanted(b.name) or b.model]  # --compare-backbone rows: asked for by name
 
 
 def time_backends(backends: list, cfg, args, flops: int, limits: dict, skipped: Optional[dict] = None) -> list:
@@ -628,7 +657,7 @@ def measure_accuracy(backends: list, cfg, num_classes: int, skipped: dict) -> di
     try:
         batches = labelled_batches(cfg.data, cfg.data.val_split, n)
     except Exception as e:
-        skipped["accuracy"] = f"no labelled images ({str(e).splitlines()[0][:160]})"
+        skipped["accuracy"] = f"no labelled images ({error_line(e, 160)})"
         return {}
     log.info(f"accuracy on {len(batches)} {cfg.data.dataset}/{cfg.data.val_split} image(s):")
     backends = runnable(backends, sorted({tuple(x.shape) for x, _ in batches}), skipped, "accuracy")

@@ -53,16 +53,24 @@ def show_progress(level: int = logging.INFO) -> None:
     logger.setLevel(level)
 
 
-def source_and_config(args) -> tuple:
+def source_and_config(args, backend: str) -> tuple:
     """(source path, Checkpoint or None for an ONNX file, experiment) of a command that takes either: the
-    experiment starts from the checkpoint's own unless --config says otherwise."""
+    experiment starts from the checkpoint's own unless --config says otherwise. The opset is checked against
+    ``backend`` (the ONNX file's, or the one the checkpoint will be exported at) before any work."""
     from deeplab.checkpoint import load_checkpoint
+
+    from .opset import check_onnx_file, check_opset
 
     src = Path(args.source)
     if not src.is_file():
         raise UserError(f"{src}: no such file")
     ckpt = None if src.suffix == ".onnx" else load_checkpoint(src)
-    return src, ckpt, config_from_args(args, base=ckpt.experiment if ckpt is not None else None)
+    cfg = config_from_args(args, base=ckpt.experiment if ckpt is not None else None)
+    if ckpt is None:
+        check_onnx_file(src, backend)
+    else:
+        cfg.export.opset = check_opset(cfg.export.opset, backend)
+    return src, ckpt, cfg
 
 
 def source_parser(prog: str, description: str, output_help: str, force_help: str) -> argparse.ArgumentParser:

@@ -32,6 +32,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from deeplab.backbones import backbone_names
+from deeplab.cli import error_line
+
 NO_GPU_EXIT = 2
 
 
@@ -69,7 +72,7 @@ class Report:
         try:
             figures = fn()
         except Exception as e:  # one section's failure (out of memory, a missing package) must not lose the rest
-            self.skip(section, f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+            self.skip(section, f"failed: {error_line(e, 300, with_type=True)}")
             return
         print(f"{section}: done in {time.monotonic() - t0:.0f}s", flush=True)
         self.add(section, figures)
@@ -98,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output", type=Path, default=None, help="JSON file (default: $OUT/gpu_check.json, "
                    "else runs/gpu_check.json)")
-    p.add_argument("--backbone", default="resnet101", choices=["resnet50", "resnet101", "resnet152"])
+    p.add_argument("--backbone", default="resnet101", choices=backbone_names(real_only=True))
     p.add_argument("--size", type=int, default=513, help="image side for inference and training crops")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="inference batch sizes")
     p.add_argument("--train-batch", type=int, default=8, help="training images per step")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from deeplab.cli import error_line
 from deeplab.config import ConfigError
 
 # TensorRT 10.0's ONNX parser supports opsets 9-20 (onnx-tensorrt docs/operators.md); later TensorRT
@@ -53,8 +54,7 @@ def _backend_refuses(opset: int, backend: str) -> Optional[str]:
         import importlib
 
         version = getattr(importlib.import_module(backend), "__version__", "?")
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return f"the installed {backend} {version} does not load opset {opset} ({first[:120]})"
+        return f"the installed {backend} {version} does not load opset {opset} ({error_line(e, 120)})"
     return None
 
 

@@ -111,35 +111,6 @@ def quantize_int8(src, dst, calib: Sequence[np.ndarray], per_channel: bool = Tru
     return dst
 
 
-def qdq_summary(onnx_path) -> dict:
-    """Q/DQ node counts and the zero points that are not 0 (TensorRT accepts only symmetric, zero point 0)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(onnx_path))
-    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    consts = {}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
-    nonzero, dtypes, per_channel = [], set(), 0
-    for n in q + dq:
-        if len(n.input) > 2:
-            zp = inits.get(n.input[2], consts.get(n.input[2]))
-            if zp is not None:
-                dtypes.add(str(zp.dtype))
-                if np.any(zp != 0):
-                    nonzero.append(n.name)
-        scale = inits.get(n.input[1], consts.get(n.input[1]))
-        if scale is not None and scale.size > 1:
-            per_channel += 1
-    convs = [n for n in model.graph.node if n.op_type == "Conv"]
-    return {"quantize": len(q), "dequantize": len(dq), "nonzero_zero_points": sorted(set(nonzero)),
-            "zero_point_dtypes": sorted(dtypes), "per_channel_nodes": per_channel, "conv": len(convs)}
-
-
 # ----------------------------------------------------------------------------------------------- FP16 / BF16
 def modelopt_autocast():
     """modelopt.onnx.autocast.convert_to_mixed_precision, or None where ModelOpt is not installed."""

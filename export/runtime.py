@@ -15,7 +15,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from deeplab.cli import UserError
+from deeplab.cli import UserError, error_line
 from deeplab.config import ConfigError
 from deeplab.fileio import write_text_atomic
 
@@ -221,13 +221,6 @@ def require(module: str, what: str):
                           "or, on a GPU machine, 'deeplabv3-ray[gpu]' (onnxruntime-gpu, TensorRT); not both") from None
 
 
-def _reason(error: Exception) -> str:
-    """The informative line of a runtime's multi-line C++ exception text (not its "Exception from file:line")."""
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))]
-    return ((useful or lines or [type(error).__name__])[0])[:200]
-
-
 # ------------------------------------------------------------------------------------------ onnxruntime
 def available_providers() -> list:
     ort = require("onnxruntime", "onnxruntime")
@@ -274,7 +267,7 @@ class OnnxRunner:
         try:
             self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=pick_providers(providers))
         except _ort_load_errors(ort) as e:
-            raise EngineError(f"{onnx_path}: onnxruntime cannot load it ({_reason(e)})") from None
+            raise EngineError(f"{onnx_path}: onnxruntime cannot load it ({error_line(e)})") from None
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type  # e.g. "tensor(float)" or "tensor(float16)"
@@ -342,7 +335,7 @@ class OpenVINORunner:
         try:
             return self.core.read_model(str(path), str(path.with_suffix(".bin")))
         except RuntimeError as e:
-            raise EngineError(f"{path}: not a readable OpenVINO IR ({_reason(e)})") from None
+            raise EngineError(f"{path}: not a readable OpenVINO IR ({error_line(e)})") from None
 
     def request(self, shape: tuple):
         """The infer request compiled for this input shape (compiled on first use)."""
@@ -521,8 +514,7 @@ def _onnx_info(path: Path, output_stride, backend: str = "onnxruntime") -> Model
     try:
         graph = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf raises several types for a file that is not ONNX
-        first = (str(e).splitlines() or [type(e).__name__])[0][:160]
-        raise ModelFileError(f"{path}: not a readable ONNX file ({first})") from None
+        raise ModelFileError(f"{path}: not a readable ONNX file ({error_line(e, 160)})") from None
     return _info_from_metadata(path, read_metadata(graph), backend, output_stride)
 
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from deeplab.cli import UserError, command
+from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias
 from deeplab.fileio import atomic_path, ensure_dir
 
@@ -169,7 +169,7 @@ def make_int8(model, cfg, args) -> tuple:
     try:
         val = labelled_batches(data, data.val_split, ex.accuracy_images) if ex.accuracy_images else None
     except ValueError as e:
-        log.info(f"note: no labelled validation images ({str(e).splitlines()[0][:160]}): accuracy not checked")
+        log.info(f"note: no labelled validation images ({error_line(e, 160)}): accuracy not checked")
         val = None
     num_classes = int(read_ir_metadata(model)["num_classes"])
     int8, record = quantize(model, calib, val, ex.max_int8_miou_drop, num_classes, data.ignore_index)
@@ -178,13 +178,7 @@ def make_int8(model, cfg, args) -> tuple:
 
 
 def run(args) -> int:
-    from .opset import check_onnx_file, check_opset
-
-    src, ckpt, cfg = source_and_config(args)
-    if ckpt is None:
-        check_onnx_file(src, "openvino")
-    else:
-        cfg.export.opset = check_opset(cfg.export.opset, "openvino")
+    src, ckpt, cfg = source_and_config(args, "openvino")
     precision = cfg.export.precision
     if precision not in PRECISIONS:
         raise UserError(f"export.precision={precision!r}: an OpenVINO IR is fp32 or int8 (bf16/fp16 are runtime "

@@ -27,8 +27,8 @@ from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import parse_and_run, source_and_config, source_parser
 from .config import ExportConfig
-from .metadata import read_metadata
-from .opset import TENSORRT_MAX_OPSET, check_onnx_file, check_opset
+from .metadata import file_sha256, read_metadata
+from .opset import TENSORRT_MAX_OPSET
 from .runtime import ENGINE_HASH_KEY, device_info, sidecar_path, write_sidecar
 
 log = logging.getLogger("export.to_tensorrt")  # not __name__: run as -m it would be __main__, outside "export"
@@ -153,19 +153,12 @@ def engine_parity(engine_path, onnx_path, shape) -> dict:
             "argmax_agreement": float((out.argmax(1) == ref.argmax(1)).mean())}
 
 
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def make_sidecar(device: dict, precision: str, path: str, shapes: Optional[dict], onnx_path, meta: dict,
                  **extra) -> dict:
     info = dict(device)
-    info.update(precision=precision, build_path=path, onnx=str(Path(onnx_path).name), onnx_sha256=sha256(onnx_path),
-                shapes={k: list(v) for k, v in (shapes or {}).items()}, metadata=meta,
+    info.update(precision=precision, build_path=path, onnx=str(Path(onnx_path).name),
+                onnx_sha256=file_sha256(onnx_path), shapes={k: list(v) for k, v in (shapes or {}).items()},
+                metadata=meta,
                 built_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     info.update(extra)
     return info
@@ -328,11 +321,7 @@ def build_and_write(engine_path: Path, onnx_in: Path, fp32_onnx: Path, path: str
 
 
 def run(args) -> int:
-    src, ckpt, cfg = source_and_config(args)
-    if ckpt is None:
-        check_onnx_file(src, "tensorrt")
-    else:
-        cfg.export.opset = check_opset(cfg.export.opset, "tensorrt")
+    src, ckpt, cfg = source_and_config(args, "tensorrt")
     engine_path = Path(args.output) if args.output else src.with_suffix(f".{cfg.export.precision}.engine")
     ensure_dir(engine_path.parent)
     blocker = machine_blocker()

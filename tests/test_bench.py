@@ -178,3 +178,29 @@ def test_inputs_outside_an_engines_profile_are_skipped_with_the_reason_and_the_r
     acc = bench.measure_accuracy([fp32, engine], cfg, 6, skipped)
     assert set(acc) == {"torch_fp32"}
     assert skipped["tensorrt_model accuracy"].startswith("input 1x3x80x80: outside the engine's profile")
+
+
+def test_a_compared_backbone_is_timed_in_the_same_rounds_with_its_own_flops_and_never_recommended():
+    """--compare-backbone: MobileNetV3 next to the subject (ResNet), same head/stride/size; its GFLOP/s use its
+    own FLOPs, it has no accuracy (random weights) and the recommendation stays among the subject's paths."""
+    from types import SimpleNamespace
+
+    from deeplab.config import load_config
+
+    cfg = load_config(None, ["model.backbone=resnet_tiny", "model.num_classes=6", "model.aspp_channels=16",
+                             "export.image_size=49", "data.synthetic_val=2", "data.synthetic_size=49"])
+    model = build_model(cfg.model).set_output_stride(8).eval()
+    fp32 = bench.torch_backends(model, cuda=False, bf16=False)[0]
+    other = bench.backbone_backends(cfg, ["mobilenet_v3_large"])
+    assert [b.name for b in other] == ["torch_fp32_mobilenet_v3_large"] and other[0].logits is None
+    mobile = build_model(ModelConfig(**{**cfg.model.__dict__, "backbone": "mobilenet_v3_large"}))
+    assert other[0].flops == bench.required_flops(mobile.set_output_stride(8).eval(), 49)
+    rows = bench.time_backends([fp32, *other], cfg, SimpleNamespace(batch=[1], warmup=0, repeats=2), flops=10**9,
+                               limits={})
+    row = {r["backend"]: r for r in rows}["torch_fp32_mobilenet_v3_large"]
+    assert row["model"] == "mobilenet_v3_large" and row["speedup_vs_fp32"] > 0
+    assert row["gflops_per_s"] == pytest.approx(other[0].flops / (row["median_ms"] / 1000) / 1e9)
+    faster = [dict(r, speedup_vs_fp32=100.0) if r.get("model") else r for r in rows]
+    assert "torch_fp32 (" in bench.recommend(faster, {}, 1.0)
+    assert bench.parse_args(["--compare-backbone", "resnet101", "mobilenet_v3_large"]).compare_backbone == \
+        ["resnet101", "mobilenet_v3_large"]

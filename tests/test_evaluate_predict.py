@@ -51,7 +51,7 @@ def test_evaluate_prints_table_and_writes_json_matching_a_direct_evaluation(synt
     assert result["miou"] == pytest.approx(cm.miou())
     assert result["pixels"] == 3 * 49 * 49 and result["output_stride"] == 8 and result["flip"] is True
     assert list(result["iou"]) == ["background", "disc", "square", "triangle"]
-    assert "mIoU" in printed.out and "background" in printed.out and "eval [" in printed.err
+    assert "mIoU" in printed.out and "background" in printed.out and "eval: [" in printed.err
 
 
 def test_evaluate_on_a_voc_folder_given_by_data(tmp_path, capsys):

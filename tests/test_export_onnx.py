@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 
 from deeplab import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from deeplab.config import DataConfig
@@ -102,9 +103,35 @@ def test_parity_check_fails_above_tolerance():
         check_parity([{**good, "argmax_agreement": 0.9}], 1e-3)
 
 
+def qdq_summary(onnx_path) -> dict:
+    """Q/DQ node counts and the zero points that are not 0 (TensorRT accepts only symmetric, zero point 0)."""
+    model = onnx.load(str(onnx_path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            consts[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    q = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dq = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    nonzero, dtypes, per_channel = [], set(), 0
+    for n in q + dq:
+        if len(n.input) > 2:
+            zp = inits.get(n.input[2], consts.get(n.input[2]))
+            if zp is not None:
+                dtypes.add(str(zp.dtype))
+                if np.any(zp != 0):
+                    nonzero.append(n.name)
+        scale = inits.get(n.input[1], consts.get(n.input[1]))
+        if scale is not None and scale.size > 1:
+            per_channel += 1
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    return {"quantize": len(q), "dequantize": len(dq), "nonzero_zero_points": sorted(set(nonzero)),
+            "zero_point_dtypes": sorted(dtypes), "per_channel_nodes": per_channel, "conv": len(convs)}
+
+
 def test_int8_qdq_is_symmetric_per_channel_and_runs(exported):
     path = exported["out"] / "model.int8.onnx"
-    s = prec.qdq_summary(path)
+    s = qdq_summary(path)
     assert s["quantize"] > 0 and s["dequantize"] >= s["quantize"]
     assert s["nonzero_zero_points"] == [] and s["zero_point_dtypes"] == ["int8"]  # what TensorRT requires
     assert s["per_channel_nodes"] >= s["conv"]  # every conv weight has one scale per output channel

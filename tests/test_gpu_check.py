@@ -31,6 +31,7 @@ def test_arguments_and_where_the_json_goes(monkeypatch, tmp_path):
     assert args.budget_s < 8 * 60  # sized to leave the 8-minute limit some room
     monkeypatch.delenv("OUT")
     assert gpu_check.parse_args([]).output == Path("runs/gpu_check.json")
+    assert gpu_check.parse_args(["--backbone", "mobilenet_v3_large"]).backbone == "mobilenet_v3_large"  # registry
     for bad in (["--train-batch", "1"], ["--batches", "0"], ["--backbone", "resnet_tiny"]):
         with pytest.raises(SystemExit) as e:
             gpu_check.parse_args(bad)

@@ -110,3 +110,19 @@ def test_importing_deeplab_alone_registers_only_its_own_sections():
     assert alone == str(sorted(["model", "data", "train", "inference"]))
     assert everything == str(sorted(["model", "data", "train", "inference", "export", "cluster", "segment",
                                      "serve", "tune"]))
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_in_product_code_is_longer_than_60_lines():
+    """A reader holds a function in their head (DESIGN: functions < 60 lines); nested functions and classes
+    count toward the function that holds them, so a class defined inside a function is no way around it."""
+    long = []
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == [], "functions over 60 lines: " + "; ".join(long)

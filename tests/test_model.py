@@ -193,7 +193,7 @@ def test_torchvision_head_matches_torchvision_layout_and_parameter_count(backbon
 def test_builder_starts_weights_for_training_from_scratch(tiny_model_config):
     """The init policy lives in the model: residual units start as identity (last BN scale 0, timm's
     zero_init_last) and the logits near 0; zero_init_last=False keeps the last BN scales at 1."""
-    from deeplab.model import Bottleneck
+    from deeplab.backbones.resnet import Bottleneck
 
     torch.manual_seed(0)
     model = build_model(tiny_model_config)

@@ -11,6 +11,7 @@ import io
 import math
 from pathlib import Path
 
+from deeplab.cli import error_line
 from deeplab.config import ConfigError, to_plain
 from deeplab.fileio import atomic_path, write_text_atomic
 
@@ -55,12 +56,6 @@ def _trials(grid) -> dict:
     return {t.trial_id: (t.status, t.config) for t in trials}
 
 
-def _error_line(error) -> str:
-    error = getattr(error, "cause", None) or error
-    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    return (lines[-1] if lines else type(error).__name__)[:200]
-
-
 def _best_checkpoint(df, metric: str, mode: str):
     """(path, val mIoU) of the trial's checkpoint with the best ``metric`` that still exists on disk."""
     from deeplab.checkpoint import CHECKPOINT_FILE  # torch: not on the --help path
@@ -83,7 +78,8 @@ def _status(result, tune_status, runs_path: Path, trial_id: str, max_iterations:
         if failed.exists():
             return f"failed: {failed.read_text().strip()}"
     if tune_status == "ERROR" or (result.error and tune_status != "TERMINATED"):
-        return f"failed: {_error_line(result.error)}" if result.error else "failed"
+        cause = getattr(result.error, "cause", None) or result.error  # Ray's wrapper, else the error itself
+        return f"failed: {error_line(cause)}" if result.error else "failed"
     metrics = result.metrics or {}
     if not (metrics.get("done") or marker(runs_path, trial_id, "complete").exists()):
         return "unfinished"

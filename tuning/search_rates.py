@@ -24,7 +24,7 @@ from cluster.train import (build_trainer, check_storage_visible, copy_checkpoint
 from deeplab.cli import UserError, command
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, \
     experiment_from_dict, save_config, to_plain
-from deeplab.fileio import write_text_atomic
+from deeplab.fileio import is_uri, write_text_atomic
 
 from . import results, spaces
 
@@ -148,7 +148,7 @@ def _build_tuner(cfg: ExperimentConfig, search_dir: Path, points: list, restore:
 
 def _checked(cfg: ExperimentConfig) -> ExperimentConfig:
     """The search's own limit on a loaded (hence checked) config: results are read back from a filesystem."""
-    if "://" in cfg.cluster.storage_path:
+    if is_uri(cfg.cluster.storage_path):
         raise ConfigError(f"cluster.storage_path={cfg.cluster.storage_path}: the search reads its results back from "
                           "a filesystem path; use a local or shared (NFS) directory")
     return cfg

@@ -27,6 +27,7 @@ from typing import Optional
 
 import yaml
 
+from deeplab.cli import error_line
 from deeplab.config import SECTION_CLASSES, ConfigError, ExperimentConfig, experiment_from_dict, per_worker_batch, \
     to_plain
 from deeplab.receptive import degenerate_rates, feature_size
@@ -116,7 +117,7 @@ def load_space(spec) -> dict:
     try:
         space = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({error_line(e)})") from None
     return _check_space(space, str(path))
 
 
@@ -186,11 +187,11 @@ def describe(point: dict) -> str:
 def prune_reason(cfg: ExperimentConfig, min_valid_weight: float, workers: int) -> Optional[str]:
     """Why a fully built config cannot work, or None. Checks what costs nothing to check."""
     os_, crop = cfg.model.output_stride, cfg.data.crop_size
-    size = feature_size(crop, os_)
+    size = feature_size(crop, os_, cfg.model.backbone)
     if size < 3:
         return (f"crop {crop} at output stride {os_} gives a {size}x{size} feature map, too small for 3x3 "
                 f"filters; use crop >= {2 * os_ + 1}")
-    bad = degenerate_rates(cfg.model.rates_at(16), crop, os_, threshold=min_valid_weight)  # none without ASPP
+    bad = degenerate_rates(cfg.model.rates_at(16), crop, os_, min_valid_weight, cfg.model.backbone)  # none without ASPP
     if bad:
         rate, frac = bad[0]
         return (f"ASPP rate {rate} keeps {frac:.0%} of its 3x3 weights on the {size}x{size} feature map of crop "

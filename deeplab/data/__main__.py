@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from ..cli import command
 from ..config import Alias, add_config_args, config_from_args
+from ..progress import Progress
 from .datasets import dataset_info, find_pairs, label_map
 from .io import DatasetError, load_pair
 
@@ -42,7 +42,7 @@ def check(cfg, split: str, workers: int = 4, out=None, err=None) -> int:
         print(f"{cfg.root}: split {split!r} of the {cfg.dataset} dataset has no image/mask pairs", file=out)
     totals = np.zeros(256, np.int64)
     images_with = np.zeros(256, np.int64)
-    start = last = time.monotonic()
+    bar = Progress(len(pairs), "check", interval=2, stream=err)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # Pillow decodes without the GIL
         for done, (counts, problem) in enumerate(pool.map(lambda p: _check_one(p, labels), pairs), 1):
             if problem:
@@ -51,12 +51,7 @@ def check(cfg, split: str, workers: int = 4, out=None, err=None) -> int:
             else:
                 totals += counts
                 images_with += counts > 0
-            now = time.monotonic()
-            if now - last > 2 or done == len(pairs):
-                rate = done / max(now - start, 1e-9)
-                print(f"\rchecked {done}/{len(pairs)} ({rate:.0f} images/s, ETA {(len(pairs) - done) / rate:.0f}s)",
-                      end="\n" if done == len(pairs) else "", file=err, flush=True)
-                last = now
+            bar.update()
     pixels = totals.sum()
     print(f"\n{cfg.dataset} {split}: {len(pairs)} image/mask pairs, {len(problems)} problem(s)", file=out)
     if pixels:

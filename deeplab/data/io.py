@@ -10,7 +10,7 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..cli import UserError
+from ..cli import UserError, error_line
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never half a picture
 
@@ -23,8 +23,7 @@ class DatasetError(UserError, ValueError):
         # Original Traceback ...\n...DatasetError: <line>"): keep only the line that names the file.
         message = str(message)
         if message.startswith("Caught ") and "\n" in message:
-            last = message.rstrip().splitlines()[-1]
-            message = last.split("DatasetError: ", 1)[-1]
+            message = error_line(Exception(message), limit=len(message)).split("DatasetError: ", 1)[-1]
         super().__init__(message, *args)
 
 
@@ -70,12 +69,6 @@ def _head(source) -> bytes:
         return b""
 
 
-def _first_line(e: BaseException) -> str:
-    if isinstance(e, UnidentifiedImageError):  # its text names the file object, not the file
-        return f"not an image in an accepted format: {ACCEPTED}"
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-
-
 def _open(path, name=None, max_pixels=None) -> Image.Image:
     """Open a path, or bytes / a binary file (``name`` is what messages call it), with the bomb limit and
     ``max_pixels`` (a caller's lower limit) checked before any pixel is decoded."""
@@ -85,14 +78,15 @@ def _open(path, name=None, max_pixels=None) -> Image.Image:
     except FileNotFoundError:
         raise DatasetError(f"{name}: file not found") from None
     except Image.DecompressionBombError as e:
-        raise ImageTooLargeError(f"{name}: refused as a decompression bomb ({_first_line(e)})") from None
+        raise ImageTooLargeError(f"{name}: refused as a decompression bomb ({error_line(e)})") from None
     except UnidentifiedImageError:
         other = _other_format(_head(path))
         if other:
             raise UnsupportedImageFormat(f"{name}: {other} images are not accepted (only {ACCEPTED})") from None
-        raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(UnidentifiedImageError())})") from None
+        raise DatasetError(f"{name}: unreadable or truncated image "  # Pillow's text names a file object
+                           f"(not an image in an accepted format: {ACCEPTED})") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(e)})") from None
+        raise DatasetError(f"{name}: unreadable or truncated image ({error_line(e)})") from None
     limit = Image.MAX_IMAGE_PIXELS
     if max_pixels and (not limit or max_pixels < limit) and im.width * im.height > max_pixels:
         im.close()
@@ -136,7 +130,7 @@ def to_rgb(im: Image.Image, name) -> np.ndarray:
     try:
         return np.asarray(im.convert("RGB"))
     except ValueError as e:
-        raise DatasetError(f"{name}: image mode {im.mode} cannot be converted to RGB ({_first_line(e)})") from None
+        raise DatasetError(f"{name}: image mode {im.mode} cannot be converted to RGB ({error_line(e)})") from None
 
 
 def read_image(source: Union[str, Path, bytes], name=None, max_pixels=None) -> np.ndarray:
@@ -148,11 +142,11 @@ def read_image(source: Union[str, Path, bytes], name=None, max_pixels=None) -> n
         with im:
             return to_rgb(im, name)
     except (OSError, SyntaxError) as e:
-        raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(e)})") from None
+        raise DatasetError(f"{name}: unreadable or truncated image ({error_line(e)})") from None
     except ValueError as e:
         if isinstance(e, DatasetError):
             raise
-        raise DatasetError(f"{name}: unreadable or truncated image ({_first_line(e)})") from None
+        raise DatasetError(f"{name}: unreadable or truncated image ({error_line(e)})") from None
 
 
 def read_mask(path) -> np.ndarray:
@@ -169,7 +163,7 @@ def read_mask(path) -> np.ndarray:
     except (OSError, SyntaxError, ValueError) as e:
         if isinstance(e, DatasetError):
             raise
-        raise DatasetError(f"{path}: unreadable or truncated mask ({_first_line(e)})") from None
+        raise DatasetError(f"{path}: unreadable or truncated mask ({error_line(e)})") from None
     if mask.ndim != 2:
         raise DatasetError(f"{path}: mask has shape {mask.shape}; expected one channel of class ids")
     if mask.dtype != np.uint8:
