@@ -12,6 +12,7 @@ from typing import ClassVar, Optional, Tuple, Union
 from deeplab.config import ConfigError, ExperimentConfig, Section, per_worker_batch, register_section, show_value
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+GRAD_COMPRESSIONS = ("none", "bf16")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class ClusterConfig(Section):
     collective_timeout_s: int = 120
     placement_strategy: str = "PACK"
     address: Optional[str] = None  # None: RAY_ADDRESS or an existing cluster, else a local one
+    ddp_bucket_mb: float = 25.0  # DDP's gradient all-reduce bucket (torch's default 25)
+    grad_compression: str = "none"  # none | bf16: DDP all-reduces bf16 gradients (half the bytes; not exact)
 
     def check(self) -> None:
         text = self.num_workers
@@ -58,6 +61,8 @@ class ClusterConfig(Section):
         self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
         self._need_at_least(-1, "max_failures")  # -1: retry forever, as in Ray
         self._need_one_of("placement_strategy", PLACEMENT_STRATEGIES)
+        self._need(0 < self.ddp_bucket_mb < math.inf, "ddp_bucket_mb", "must be > 0 (MB), e.g. 25")
+        self._need_one_of("grad_compression", GRAD_COMPRESSIONS)
 
 
 @dataclass

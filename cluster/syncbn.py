@@ -1,14 +1,15 @@
 """Synchronized BatchNorm that also runs on CPU workers (gloo).
 
 torch.nn.SyncBatchNorm refuses CPU tensors, so CPU workers use `SyncBatchNorm2d`: in training each worker
-computes its per-channel count, mean and sum of squared deviations, the workers all-reduce them with the
-differentiable all-reduce (`_AllReduceSum`), and every worker normalizes with the
-statistics of the global batch. With N workers of batch b the outputs, input gradients and running
-statistics equal plain BatchNorm2d on the concatenated N*b batch (weight/bias gradients summed over the
+computes its per-channel count, mean and sum of squared deviations, the workers all-reduce them (one collective
+per layer), and every worker normalizes with the statistics of the global batch; the backward all-reduces the
+two per-channel sums BatchNorm's input gradient needs (one collective per layer) and is otherwise BatchNorm's
+(`_SyncBatchNormFunction`, the native kernels: no float32 copy of a bf16 activation). With N workers of
+batch b the outputs, input gradients and running statistics equal plain BatchNorm2d on the concatenated N*b batch (weight/bias gradients summed over the
 workers equal the concatenated batch's; DDP averages them, as it averages every other gradient).
 
 Numerics: statistics are computed in float32 whatever the input dtype (bf16/fp16 autocast), local
-variances with a two-pass `var_mean` (no cancellation), and the cross-worker combination
+variances two-pass (the native kernel: no cancellation), and the cross-worker combination
 E[x^2] - E[x]^2 in float64, so a large mean relative to the spread does not wipe out the variance.
 
 The module keeps BatchNorm2d's state_dict keys, so checkpoints move freely between the two;
@@ -21,21 +22,87 @@ import torch.distributed as dist
 from torch import nn
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce (sum): the gradient of a sum over workers is the sum of the workers'
-    gradients. The same as torch.distributed.nn.functional.all_reduce, which torch 2.13 deprecates for a
-    private module; this keeps to the public dist.all_reduce."""
+def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    tensor = tensor.contiguous()
+    dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def _local_moments(x: torch.Tensor, eps: float) -> tuple:
+    """(mean, biased variance) per channel in float32, by the native BatchNorm kernel: it reads bf16/fp16
+    input as is, accumulating in float32 around a two-pass mean (no float32 copy of the activation, no
+    cancellation). An empty local batch gives zeros."""
+    c = x.shape[1]
+    if x.numel() == 0:
+        zeros = x.new_zeros(c, dtype=torch.float32)
+        return zeros, zeros
+    ones, zeros = x.new_ones(c, dtype=torch.float32), x.new_zeros(c, dtype=torch.float32)
+    _, mean, invstd = torch.native_batch_norm(x, ones, zeros, None, None, True, 0.0, eps)
+    return mean, (invstd.double().pow(-2) - eps).clamp_min(0).float()
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    """BatchNorm with the statistics of the global batch: one all-reduce of (count, sum, sum of squares)
+    per layer forward, one of (sum dy, sum dy*(x-mean)) per layer backward, the elementwise work in the
+    native BatchNorm kernels (mixed bf16/float32 without copies). The backward is BatchNorm's with the
+    global sums in place of the local ones, which is what autograd through the all-reduce computes."""
 
     @staticmethod
-    def forward(ctx, tensor, group):
-        ctx.group = group
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(tensor, group=group)
-        return tensor
+    def forward(ctx, x, weight, bias, eps, group):
+        mean, var = _local_moments(x, eps)
+        n = x.numel() // x.shape[1]
+        mean64, var64 = mean.double(), var.double()
+        local = torch.stack([torch.full_like(mean64, n), mean64 * n, (var64 + mean64 * mean64) * n])
+        total = _all_reduce_sum(local, group)  # float64: E[x^2] - E[x]^2 keeps a small spread of a large mean
+        count = float(total[0, 0])
+        if count <= 1:
+            raise ValueError(
+                f"SyncBatchNorm2d: expected more than 1 value per channel across all workers when "
+                f"training, got {int(count)} (input size {list(x.shape)} on this worker)")
+        g_mean64 = total[1] / count
+        g_var = (total[2] / count - g_mean64 * g_mean64).clamp_min(0).float()
+        g_mean = g_mean64.float()
+        invstd = torch.rsqrt(g_var + eps)
+        p = _param_dtype(x)  # the kernels' parameter dtype: float32 beside bf16/fp16 input
+        w = weight.to(p) if weight is not None else x.new_ones(x.shape[1], dtype=p)
+        b = bias.to(p) if bias is not None else x.new_zeros(x.shape[1], dtype=p)
+        out = torch.batch_norm(x, w, b, g_mean.to(p), g_var.to(p), False, 0.0, eps, False) if n else x.clone()
+        ctx.save_for_backward(x, w, g_mean.to(p), invstd.to(p))
+        ctx.eps, ctx.group, ctx.count = eps, group, count
+        ctx.affine = (weight is not None, bias is not None)
+        count_t = total[0, :1].float()
+        ctx.mark_non_differentiable(g_mean, g_var, count_t)
+        return out, g_mean, g_var, count_t
 
     @staticmethod
-    def backward(ctx, grad):
-        return _AllReduceSum.apply(grad, ctx.group), None
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
+        x, w, mean, invstd = ctx.saved_tensors
+        c = x.shape[1]
+        if x.numel():
+            grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+            _, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, w, None, None, mean, invstd, True, ctx.eps, [False, True, True])
+        else:
+            grad_w = grad_b = x.new_zeros(c, dtype=w.dtype)
+        sums = _all_reduce_sum(torch.stack([grad_b, grad_w]), ctx.group)  # sum dy, sum dy*(x-mean)*invstd
+        # dx = w*invstd*(dy - E[dy] - (x-mean)*invstd^2*E[dy*(x-mean)]) = a*dy + k*x + d, per channel
+        a = w * invstd
+        k = -a * invstd * sums[1] / ctx.count
+        d = -a * sums[0] / ctx.count - k * mean
+        view = (1, c, 1, 1)
+        grad_x = grad_out * a.view(view)
+        grad_x = grad_x.addcmul_(x, k.view(view)).add_(d.view(view)).to(x.dtype)
+        has_w, has_b = ctx.affine
+        return grad_x, grad_w if has_w else None, grad_b if has_b else None, None, None
+
+
+def _param_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) \
+        and not x.is_contiguous() else torch.contiguous_format
 
 
 def _world_size(group) -> int:
@@ -65,42 +132,17 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         self._check_input_dim(input)
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
-        mean, var, count = self._global_stats(input)
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        with torch.autocast(input.device.type, enabled=False):
+            out, mean, var, count = _SyncBatchNormFunction.apply(input, self.weight, self.bias, self.eps, group)
+        count = float(count)
         if self.track_running_stats:
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             with torch.no_grad():
-                unbiased = var.detach() * (count / (count - 1))
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), factor)
+                unbiased = var * (count / (count - 1))
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
-        scale = torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            scale = scale * self.weight.float()
-        out = (input.float() - mean[None, :, None, None]) * scale[None, :, None, None]
-        if self.bias is not None:
-            out = out + self.bias.float()[None, :, None, None]
-        return out.to(input.dtype)
-
-    def _global_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """Per-channel mean and biased variance over every worker's batch (float32, differentiable),
-        and the global count of values per channel."""
-        x = x.float()
-        n = x.numel() // x.shape[1]
-        if n > 0:
-            var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-        else:  # an empty local batch still joins the collective (zeros that keep the graph)
-            mean = var = x.sum(dim=(0, 2, 3))
-        mean, var = mean.double(), var.double()
-        local = torch.stack([torch.full_like(mean, n), mean * n, (var + mean * mean) * n])
-        group = dist.group.WORLD if self.process_group is None else self.process_group
-        total = _AllReduceSum.apply(local, group)
-        count = float(total[0, 0].detach())
-        if count <= 1:
-            raise ValueError(
-                f"SyncBatchNorm2d: expected more than 1 value per channel across all workers when "
-                f"training, got {int(count)} (input size {list(x.shape)} on this worker)")
-        g_mean = total[1] / count
-        g_var = (total[2] / count - g_mean * g_mean).clamp_min(0)
-        return g_mean.float(), g_var.float(), count
+        return out
 
 
 def _copy_bn(src: nn.modules.batchnorm._BatchNorm, dst: nn.modules.batchnorm._BatchNorm):

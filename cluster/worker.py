@@ -66,10 +66,13 @@ def train_worker(config: dict) -> None:
 
     synchronized = world_size > 1 and not cfg.train.freeze_bn  # frozen BN uses running stats: nothing to sync
 
+    set_worker_threads(cfg.cluster.cpus_per_worker)
+
     def prepare_model(model):
         if synchronized:
             model = convert_sync_batchnorm(model, device.type)
-        return ray.train.torch.prepare_model(model)
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_options(cfg.cluster))
+        return compress_gradients(model, cfg.cluster.grad_compression)
 
     def plain_model(model):  # a copy: reverting in place would swap the training model's modules
         return revert_sync_batchnorm(copy.deepcopy(unwrap(model)))
@@ -95,6 +98,52 @@ def train_worker(config: dict) -> None:
                       latest_checkpoint=latest_checkpoint, log_dir=config.get("log_dir"), synchronized_bn=synchronized,
                       record_progress=record_progress, recorded_progress=recorded_progress,
                       preempted=_preemption_notice()))
+
+
+def set_worker_threads(cpus: float) -> None:
+    """One intra-op thread per CPU the worker holds, one inter-op thread: more threads than reserved cores
+    make OpenMP's spin-waits and gloo's own threads fight over the same cores."""
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # the inter-op pool already started in this process: it stays as it is
+        pass
+
+
+def ddp_options(cluster) -> dict:
+    """DDP's arguments: buckets of cluster.ddp_bucket_mb, gradients stored in the buckets themselves (no copy
+    of every gradient into a bucket and back before each all-reduce)."""
+    return {"bucket_cap_mb": cluster.ddp_bucket_mb, "gradient_as_bucket_view": True}
+
+
+def compress_gradients(model, compression: str):
+    """cluster.grad_compression=bf16: DDP all-reduces bf16 copies of the gradients (half the bytes; the
+    averaged gradient is rounded to bf16, so training is no longer exactly the single-process one)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if compression == "bf16" and isinstance(model, DistributedDataParallel):
+        model.register_comm_hook(None, _bf16_all_reduce)
+    return model
+
+
+def _bf16_all_reduce(group, bucket):
+    """DDP communication hook: the bucket's mean over workers, sent as bf16. torch's own bf16_compress_hook
+    refuses gloo (it asks for NCCL or XCCL); gloo sums bf16 as well."""
+    import torch
+    import torch.distributed as dist
+
+    group = group or dist.group.WORLD
+    compressed = bucket.buffer().to(torch.bfloat16).div_(dist.get_world_size(group))
+    future = dist.all_reduce(compressed, group=group, async_op=True).get_future()
+
+    def decompress(done):
+        buffer = bucket.buffer()
+        buffer.copy_(done.value()[0])
+        return buffer
+
+    return future.then(decompress)
 
 
 def _progress_store(run_key: str) -> tuple:

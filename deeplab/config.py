@@ -368,6 +368,7 @@ class InferenceConfig(Section):
         """The keyword arguments of deeplab.inference.model_predictor."""
         return {"output_stride": self.output_stride, "scales": self.scales, "flip": self.flip, "window": self.window}
 
+
 # ---------------------------------------------------------------------------------------------------------
 # What spans sections
 

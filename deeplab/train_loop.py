@@ -351,13 +351,15 @@ def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
 class Meter:
     """Loss and speed since the last evaluation (what a report holds) and since the last progress line."""
 
+    WARMUP_STEPS = 2  # the first steps of a process (allocator, oneDNN kernel choice) are not its speed
+
     def __init__(self, iteration: int):
         self.started, self.start_iteration = time.perf_counter(), iteration
-        self.window_start, self.window_images = self.started, 0
+        self.window_start, self.window_images, self.steps_seen = self.started, 0, 0
         self.reset()
 
     def reset(self) -> None:
-        self.losses, self.train_time, self.images = [], 0.0, 0
+        self.losses, self.train_time, self.images, self.step_speeds = [], 0.0, 0, []
         self.window_start = time.perf_counter()
 
     def step(self, loss: float, seconds: float, images: int) -> None:
@@ -365,6 +367,15 @@ class Meter:
         self.train_time += seconds
         self.images += images
         self.window_images += images
+        self.steps_seen += 1
+        if self.steps_seen > self.WARMUP_STEPS:
+            self.step_speeds.append(images / max(seconds, 1e-9))
+
+    @property
+    def median_speed(self) -> float:
+        """Median images/s of the steps since the last report (after warm-up): what a benchmark quotes,
+        robust to a step slowed by another process."""
+        return float(np.median(self.step_speeds)) if self.step_speeds else self.images / max(self.train_time, 1e-9)
 
     def progress(self, iteration: int, max_iterations: int) -> tuple:
         """(images/s since the last progress line, ETA text); starts the next window."""
@@ -428,7 +439,8 @@ def evaluate_and_report(run: Run, meter: Meter, epoch: int, lr: float) -> dict:
     """Every rank evaluates its shard and reports the same metrics; rank 0 attaches the checkpoint."""
     cm = evaluate_shard(run.model, run.val_set, run.num_classes, run.worker, run.amp, run.cfg.data.ignore_index)
     metrics = {"iteration": run.iteration, "epoch": epoch, "loss": float(np.mean(meter.losses)), "lr": lr,
-               "images_per_s": meter.images / max(meter.train_time, 1e-9), "val_miou": float(cm.miou()),
+               "images_per_s": meter.images / max(meter.train_time, 1e-9), "images_per_s_median": meter.median_speed,
+               "val_miou": float(cm.miou()),
                "val_iou": [float(v) for v in cm.iou()], "world_size": run.worker.world_size,
                "worker_batches": run.batches, "resumes": run.resumes}
     run.batches = []

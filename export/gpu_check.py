@@ -13,7 +13,9 @@ a reason when the time budget (--budget-s) is spent:
    a few iterations of the project's own loop (`deeplab.train_loop.train`) on synthetic --size crops with
    SyncBatchNorm converted, one evaluation, its checkpoint saved, loaded and resumed for one more iteration.
    With 2+ GPUs it runs as 2 processes under DDP and NCCL; on one GPU a group of one runs SyncBatchNorm as
-   plain BatchNorm, and the JSON says so;
+   plain BatchNorm, and the JSON says so. The variant `demo_step` is configs/demo.yaml's step (ResNet-50 OS16,
+   81 px crops, global batch 8, amp auto), the one `python -m cluster.bench --scaling` times on CPUs: its
+   images/s (median per step after 2 warm-up steps) is the comparable GPU figure;
 3. ONNX export parity: the exported ONNX in onnxruntime (CPU) against the model on the GPU;
 4. where tensorrt imports: FP16 and INT8 engines built and timed with export.runtime.TensorRTRunner.
 fp32 figures carry the TF32 switches they ran under (torch.backends.cuda.matmul / cudnn.allow_tf32).
@@ -174,15 +176,32 @@ def inference(args, variant: str, models: dict) -> dict:
     return out
 
 
+DEMO_STEP = "demo_step"  # the training variant that runs configs/demo.yaml's step, as cluster.bench --scaling does
+
+
 # name: (train.amp, channels_last); fp16 needs CUDA (GradScaler), so the CPU dry run leaves it out
 TRAIN_VARIANTS = {"fp16_channels_last": ("fp16", True), "bf16_channels_last": ("bf16", True),
-                  "fp32_nchw": ("off", False)}
+                  "fp32_nchw": ("off", False), DEMO_STEP: (DEMO_STEP, True)}
+
+
+def demo_step_config(args, iterations: int):
+    """configs/demo.yaml's model, crops, global batch and amp (the step `cluster.bench --scaling` times on CPUs),
+    for ``iterations`` steps and one evaluation; the cpu dry run shrinks the model and crops."""
+    from deeplab.config import load_config
+
+    tiny = ["model.backbone=resnet_tiny", "model.aspp_channels=16", "data.crop_size=65", "data.synthetic_size=80",
+            "train.batch_size=2"] if args.device == "cpu" else []
+    return load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml", [
+        f"train.max_iterations={iterations}", f"train.eval_interval={iterations}", f"train.log_interval={iterations}",
+        "data.synthetic_val=2", f"data.loader_workers={0 if args.device == 'cpu' else 4}", *tiny]).check()
 
 
 def train_config(args, amp: str, channels_last: bool, iterations: int):
     """Synthetic --size crops, --train-batch images per step, one evaluation at the end."""
     from deeplab.config import load_config
 
+    if amp == DEMO_STEP:
+        return demo_step_config(args, iterations)
     small = ["model.aspp_channels=16"] if args.backbone == "resnet_tiny" else []
     return load_config(None, [
         f"model.backbone={args.backbone}", "model.num_classes=6", "model.output_stride=16", *small,
@@ -229,6 +248,8 @@ def training_loop(args, amp: str, channels_last: bool, device, folder: Path, ran
     from deeplab.train_loop import resolve_amp, train
 
     steps, keep = args.train_steps, folder / "model.ckpt"
+    if amp == DEMO_STEP:  # a median over steps after 2 warm-up ones, as the CPU figure it is compared with
+        steps = 3 if device.type == "cpu" else max(steps, 30)
     cfg, reports = train_config(args, amp, channels_last, steps), []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -240,10 +261,12 @@ def training_loop(args, amp: str, channels_last: bool, device, folder: Path, ran
     saved = load_checkpoint(keep, map_location=str(device))
     resumed = train(train_config(args, amp, channels_last, steps + 1),
                     _loop_worker(device, rank, world_size, folder / "resumed.ckpt", keep, []))
-    dtype = resolve_amp(amp, device)
+    dtype = resolve_amp(cfg.train.amp, device)
     sync = "SyncBatchNorm over NCCL, DDP" if world_size > 1 else (
         "SyncBatchNorm converted; a group of one runs it as BatchNorm (no NCCL, no DDP: they need 2+ GPUs)")
     figures = {"iterations": metrics["iteration"], "images_per_s": metrics["images_per_s"],
+               "images_per_s_median": metrics["images_per_s_median"], "batch": cfg.train.batch_size,
+               "crop": cfg.data.crop_size, "backbone": cfg.model.backbone,
                "loss": metrics["loss"], "val_miou": metrics["val_miou"], "evaluations": len(reports),
                "autocast": str(dtype).replace("torch.", "") if dtype else "off", "grad_scaler": dtype == torch.float16,
                "channels_last": channels_last, "world_size": world_size, "sync_bn": sync, "wall_s": wall,

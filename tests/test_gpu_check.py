@@ -73,7 +73,7 @@ def test_cpu_dry_run_runs_every_section_and_a_compile_failure_keeps_the_eager_fi
     data = json.loads(out.read_text())
     sections, skipped = data["sections"], data["skipped"]
     assert set(sections) == {"environment", "inference_eager_fp32", "inference_eager_bf16",
-                             "training_bf16_channels_last", "training_fp32_nchw", "onnx_parity"}
+                             "training_bf16_channels_last", "training_fp32_nchw", "training_demo_step", "onnx_parity"}
     assert skipped["inference_compile_bf16"] == "failed: RuntimeError: inductor failed on this GPU"
     assert set(skipped) == {"inference_compile_bf16", "inference_eager_fp16", "training_fp16_channels_last", "tensorrt"}
     assert sections["inference_eager_fp32"]["batch1"]["images_per_s"] > 0
@@ -82,6 +82,9 @@ def test_cpu_dry_run_runs_every_section_and_a_compile_failure_keeps_the_eager_fi
         assert t["iterations"] == 2 and t["evaluations"] == 1 and 0 <= t["val_miou"] <= 1
         assert t["checkpoint"]["saved_iteration"] == 2 and t["checkpoint"]["resumed_to_iteration"] == 3
         assert t["world_size"] == 1 and "group of one runs it as BatchNorm" in t["sync_bn"]
+    demo = sections["training_demo_step"]  # configs/demo.yaml's step, shrunk for the dry run
+    assert demo["iterations"] == 3 and demo["images_per_s_median"] > 0 and demo["checkpoint"]["resumed_to_iteration"] == 4
+    assert (demo["backbone"], demo["batch"], demo["crop"]) == ("resnet_tiny", 2, 65)
     assert sections["training_bf16_channels_last"]["autocast"] == "bfloat16"
     assert sections["training_fp32_nchw"]["channels_last"] is False
     assert sections["onnx_parity"]["argmax_agreement"] > 0.99

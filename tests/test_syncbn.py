@@ -21,7 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from cluster.config import ClusterConfig
 from cluster.syncbn import SyncBatchNorm2d, convert_sync_batchnorm, revert_sync_batchnorm
+from cluster.worker import ddp_options
 
 C, H, W = 3, 5, 4
 STEPS = 3
@@ -109,10 +111,13 @@ def _worker(rank, port, out_dir):
     y = bn(_split(x, [4, 4], rank).bfloat16())
     results["bf16"] = {"y": y.detach(), "state": bn.state_dict()}
 
-    # A model with our SyncBN inside DDP (gloo, CPU), one frozen BN, trained with SGD.
+    results["bf16_channels_last"] = _bf16_channels_last_step(rank)
+
+    # A model with our SyncBN inside DDP (gloo, CPU), one frozen BN, trained with SGD, with the DDP options
+    # the Ray workers use (gradients as bucket views, cluster.ddp_bucket_mb).
     model = convert_sync_batchnorm(_ddp_model(), "cpu")
     results["ddp_types"] = [type(m).__name__ for m in model]
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, **ddp_options(ClusterConfig()))
     _ddp_train_mode(ddp)
     opt = torch.optim.SGD([p for p in ddp.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
     for step in range(STEPS):
@@ -124,6 +129,30 @@ def _worker(rank, port, out_dir):
     results["ddp"] = revert_sync_batchnorm(ddp.module).state_dict()
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
+
+
+def _bf16_channels_last_step(rank):
+    """What autocast hands a BN in the demo (bf16, channels_last), forward and backward: outputs, input
+    gradient, the collectives issued, and the float32 copies of the whole activation made in the forward."""
+    bn = _bn(SyncBatchNorm2d)
+    x, gout = _data(6, [4, 4])
+    x = _split(x, [4, 4], rank).bfloat16().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    calls, real = [], dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        with torch.profiler.profile(record_shapes=True) as prof:
+            y = bn(x)
+        (y.float() * _split(gout, [4, 4], rank)).sum().backward()
+    finally:
+        dist.all_reduce = real
+    copies = [e.name for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")
+              and e.input_shapes and list(e.input_shapes[0]) == list(x.shape)]
+    return {"y": y.detach(), "dx": x.grad, "collectives": len(calls), "activation_copies": len(copies)}
 
 
 def _run_ranks(worker, nprocs, out):
@@ -210,6 +239,19 @@ def test_bf16_input_keeps_float32_statistics(ranks):
         assert r["bf16"]["state"]["running_var"].dtype == torch.float32
         _close(r["bf16"]["state"]["running_mean"], ref.running_mean)
         _close(r["bf16"]["state"]["running_var"], ref.running_var)
+
+
+def test_bf16_channels_last_forward_and_backward_in_one_collective_each_without_float32_copies(ranks):
+    ref = _bn(nn.BatchNorm2d)
+    x, gout = _data(6, [4, 4])
+    x = x.bfloat16().float().requires_grad_(True)  # the same bf16 values, normalized in float32
+    (ref(x) * gout).sum().backward()
+    for rank, r in enumerate(ranks):
+        got = r["bf16_channels_last"]
+        assert (got["collectives"], got["activation_copies"]) == (2, 0)
+        assert got["y"].dtype == got["dx"].dtype == torch.bfloat16
+        _close(got["y"].float(), _split(ref(x).detach(), [4, 4], rank), atol=3e-2, rtol=2e-2)
+        _close(got["dx"].float(), _split(x.grad, [4, 4], rank), atol=3e-2, rtol=2e-2)
 
 
 def _one_process_on_the_8():
