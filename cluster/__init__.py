@@ -2,5 +2,7 @@
 (`cluster.segment`), an HTTP endpoint on Ray Serve (`cluster.serve`), the demo and the cluster configs; each
 module's docstring says what it is for.
 
-Nothing is imported here, so `import cluster.syncbn` does not pull in Ray.
+Only `cluster.config` is imported here (it registers the cluster, segment and serve config sections), so
+`import cluster.syncbn` does not pull in Ray.
 """
+from . import config  # noqa: F401

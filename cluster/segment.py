@@ -30,9 +30,11 @@ from typing import Optional
 
 from cluster.infer import model_parser
 from deeplab.cli import UserError, command, error_line
-from deeplab.config import Alias, ConfigError, SegmentConfig, add_config_args, config_from_args
+from deeplab.config import ALPHA_ALIAS, Alias, ConfigError, InferenceConfig, add_config_args, config_from_args
 from deeplab.fileio import is_uri
 from deeplab.progress import Progress
+
+from cluster.config import SegmentConfig
 
 MANIFEST = "manifest.jsonl"
 # temporary names of atomic writes: deeplab.predict's .NAME.png.PID.tmp and deeplab.fileio's .NAME.tmpPID.png
@@ -523,7 +525,7 @@ class Summary:
         return rest / span if rest > 0 and span > 0 else 0.0
 
 
-def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentConfig):
+def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentConfig, inference: InferenceConfig):
     """The Ray Data pipeline: items -> read + decode tasks -> model actor pool -> JSON records."""
     import ray.data
 
@@ -536,8 +538,8 @@ def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentCo
         SegmentWorker, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
-        fn_constructor_kwargs={"model": model, "out_dir": str(out_dir), "color": cfg.color, "alpha": cfg.alpha,
-                               "output_stride": cfg.output_stride, "num_gpus": cfg.gpus_per_worker,
+        fn_constructor_kwargs={"model": model, "out_dir": str(out_dir), "color": cfg.color, "alpha": inference.alpha,
+                               "output_stride": inference.output_stride, "num_gpus": cfg.gpus_per_worker,
                                "cpus": cfg.cpus_per_worker, "max_batch_pixels": cfg.max_batch_pixels})
 
 
@@ -574,9 +576,11 @@ def refuse_escaping(todo: list, refused: list, out_dir: Path, color: bool) -> tu
     return run, refused
 
 
-def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print, overwrite: bool = False) -> Summary:
+def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print, overwrite: bool = False,
+            inference: Optional[InferenceConfig] = None) -> Summary:
     """Run the pipeline over the images of ``inputs`` not done yet; Ray must be initialized. OUTPUT records the
-    model (claim_output): another model's OUTPUT is refused unless ``overwrite``."""
+    model (claim_output): another model's OUTPUT is refused unless ``overwrite``. ``inference``: the output
+    stride and overlay alpha (default: the model's own stride, alpha 0.5)."""
     import ray.data
 
     from cluster.infer import ship_model
@@ -605,7 +609,7 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our one line every few seconds instead of Ray Data's bars
     start = time.perf_counter()
-    ds = build_dataset(todo, inputs.filesystem, ship_model(model_path), out_dir, cfg)
+    ds = build_dataset(todo, inputs.filesystem, ship_model(model_path), out_dir, cfg, inference or InferenceConfig())
     wanted = {i.uri for i in todo}
     bar = Progress(len(todo), "segment", interval=cfg.progress_interval_s, redraw=False)  # lines: Ray's console
     try:
@@ -637,10 +641,10 @@ ALIASES = [
     Alias("--batch-size", "segment.batch_size", "images per actor call"),
     Alias("--cpus-per-worker", "segment.cpus_per_worker", "CPUs (and intra-op threads) per model actor"),
     Alias("--num-gpus-per-worker", "segment.gpus_per_worker", "GPUs per model actor (0: run on CPU)"),
-    Alias("--output-stride", "segment.output_stride", "checkpoints only: run at this output stride "
+    Alias("--output-stride", "inference.output_stride", "checkpoints only: run at this output stride "
           "(default: the checkpoint's)"),
     Alias("--color", "segment.color", "also write NAME_color.png (palette) and NAME_overlay.png", switch=True),
-    Alias("--alpha", "segment.alpha", "overlay opacity of the class colours"),
+    ALPHA_ALIAS,
     Alias("--max-pixels", "segment.max_pixels", "images with more pixels fail (default: Pillow's bomb limit)"),
 ]
 
@@ -673,7 +677,7 @@ def main(argv=None) -> int:
     if is_uri(args.output):
         raise ConfigError(f"-o {args.output}: OUTPUT must be a folder (on a multi-node cluster, one every node "
                           "mounts at the same path); object-store output is not supported")
-    info = read_model_info(args.model, cfg.output_stride)
+    info = read_model_info(args.model, exp.inference.output_stride)
     out_dir = os.path.abspath(args.output)
     extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
     inputs = list_inputs(args.input, exclude=out_dir, extensions=extensions)
@@ -687,7 +691,8 @@ def main(argv=None) -> int:
 
     init_ray(exp, **ray_init_options(args.verbose))
     quiet_ray_data(args.verbose)
-    summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True), overwrite=args.overwrite)
+    summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True), overwrite=args.overwrite,
+                      inference=exp.inference)
     done = summary.ok + summary.failed
     manifest = os.path.join(out_dir, MANIFEST)
     print(f"segmented {done} images in {summary.seconds:.1f}s: {summary.images_per_s:.2f} images/s "

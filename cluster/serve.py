@@ -31,10 +31,13 @@ import sys
 import time
 import urllib.request
 import uuid
+from typing import Optional
 
 from cluster.infer import model_parser
 from deeplab.cli import UserError, command, error_line
-from deeplab.config import Alias, ServeConfig, add_config_args, config_from_args
+from deeplab.config import Alias, add_config_args, config_from_args
+
+from cluster.config import ServeConfig
 
 APP_NAME = "deeplab"
 RAW_TYPES = ("application/octet-stream", "")  # and image/*
@@ -208,12 +211,12 @@ class Replica:
     """One replica of the endpoint, without Ray (`_deployment_class` adds Serve's batching and deployment):
     routing and answers are the module functions above, so each method stays short."""
 
-    def __init__(self, model, cfg: ServeConfig, stats=None):
+    def __init__(self, model, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None):
         from cluster.infer import open_model, set_threads, worker_device
         from cluster.serve_stats import ReplicaMetrics
         from deeplab.data import palette_for_classes
 
-        output_stride, num_gpus, cpus = cfg.output_stride, cfg.gpus_per_replica, cfg.cpus_per_replica
+        num_gpus, cpus = cfg.gpus_per_replica, cfg.cpus_per_replica
         threads = set_threads(cpus)
         self.runner = open_model(model, output_stride=output_stride, device=worker_device(num_gpus),
                                  threads=threads)
@@ -327,12 +330,13 @@ def deployment_options(cfg: ServeConfig) -> dict:
     return options
 
 
-def build_app(model_path, cfg: ServeConfig, stats=None):
+def build_app(model_path, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None):
     """The bound Serve application for ``model_path`` (shipped to the replicas through the object store);
     ``stats``: a TrafficStats actor the replicas tell about each request (the console's traffic line)."""
     from cluster.infer import ship_model
 
-    return _deployment_class().options(**deployment_options(cfg)).bind(ship_model(model_path), cfg, stats)
+    deployment = _deployment_class().options(**deployment_options(cfg))
+    return deployment.bind(ship_model(model_path), cfg, stats, output_stride)
 
 
 def local_url(cfg: ServeConfig) -> str:
@@ -377,13 +381,14 @@ def start_serve(cfg: ServeConfig) -> bool:
     return False
 
 
-def start(model_path, cfg: ServeConfig, timeout_s: float = 300, stats=None) -> tuple:
+def start(model_path, cfg: ServeConfig, timeout_s: float = 300, stats=None, output_stride: Optional[int] = None
+          ) -> tuple:
     """Deploy (Ray must be initialized) and wait until /healthz answers; returns (the local URL, whether this
     call started Serve itself)."""
     from ray import serve
 
     started = start_serve(cfg)
-    serve.run(build_app(model_path, cfg, stats), name=APP_NAME, route_prefix="/")
+    serve.run(build_app(model_path, cfg, stats, output_stride), name=APP_NAME, route_prefix="/")
     url = local_url(cfg)
     if not wait_healthy(url, timeout_s):
         raise RuntimeError(f"{url}/healthz did not answer within {timeout_s:.0f}s")
@@ -401,7 +406,7 @@ ALIASES = [
     Alias("--batch-wait-ms", "serve.batch_wait_ms", "how long a batch waits to fill"),
     Alias("--cpus-per-replica", "serve.cpus_per_replica", "CPUs (and intra-op threads) per replica"),
     Alias("--num-gpus-per-replica", "serve.gpus_per_replica", "GPUs per replica"),
-    Alias("--output-stride", "serve.output_stride", "checkpoints only: run at this output stride "
+    Alias("--output-stride", "inference.output_stride", "checkpoints only: run at this output stride "
           "(default: the checkpoint's)"),
     Alias("--max-pixels", "serve.max_pixels", "larger images answer 413"),
     Alias("--max-batch-pixels", "serve.max_batch_pixels", "pixels per model call; a larger image answers 413"),
@@ -479,7 +484,7 @@ def main(argv=None) -> int:
 
     exp = config_from_args(args)
     cfg = exp.serve
-    info = read_model_info(args.model, cfg.output_stride)
+    info = read_model_info(args.model, exp.inference.output_stride)
 
     import ray
     from ray import serve
@@ -492,7 +497,7 @@ def main(argv=None) -> int:
     init_ray(exp, **quiet_serve_console(args.verbose), **local)
     stats = ray.remote(num_cpus=0)(TrafficStats).remote()
     try:
-        url, started = start(args.model, cfg, stats=stats)
+        url, started = start(args.model, cfg, stats=stats, output_stride=exp.inference.output_stride)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

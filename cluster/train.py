@@ -411,13 +411,10 @@ def preflight(cfg: ExperimentConfig) -> None:
     """Open the datasets and checkpoints once on the driver, so a bad path fails in one line here; remote
     weights (s3://...) are read as the workers will read them (pyarrow)."""
     from deeplab.checkpoint import load_checkpoint, read_weights_file
-    from deeplab.data import build_dataset, dataset_info
+    from deeplab.data import build_dataset, dataset_for_model
 
     cfg = _absolute_paths(cfg)
-    num_classes = dataset_info(cfg.data).num_classes
-    if num_classes != cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data ({cfg.data.dataset}) has "
-                          f"{num_classes} classes")
+    dataset_for_model(cfg.data, cfg.model.num_classes, f"model.num_classes={cfg.model.num_classes}")
     build_dataset(cfg.data, cfg.data.train_split, train=True)
     build_dataset(cfg.data, cfg.data.val_split, train=False)
     if cfg.train.init_from:

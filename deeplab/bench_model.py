@@ -11,7 +11,7 @@ import time
 import torch
 
 from .cli import command
-from .config import Alias, add_config_args, config_from_args
+from .config import Alias, ConfigError, add_config_args, config_from_args
 from .model import build_model
 
 
@@ -23,14 +23,16 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--strides", type=int, nargs="+", default=[16, 8])
     p.add_argument("--threads", type=int, default=None)
-    add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "a registered backbone (deeplab.backbones)"),
-                                Alias("--size", "export.image_size", "square input side")])
+    p.add_argument("--size", type=int, default=513, help="square input side")
+    add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "a registered backbone (deeplab.backbones)")])
     args = p.parse_args(argv)
+    if args.size < 1:
+        raise ConfigError(f"--size {args.size}: must be >= 1 (the square input side in pixels)")
     cfg = config_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(cfg.model).eval()
-    size = cfg.export.image_size
+    size = args.size
     x = torch.randn(args.batch, 3, size, size)
     times = {s: [] for s in args.strides}
     with torch.inference_mode():

@@ -78,7 +78,7 @@ def save_checkpoint(path, model: torch.nn.Module, cfg, **state) -> Path:
     if getattr(net, "config", None) is not None:  # the model's own stride/rates win over a stale config
         model_cfg = net.config
         if experiment is not None:
-            experiment = ExperimentConfig(**{**experiment.__dict__, "model": model_cfg})
+            experiment = experiment.replace(model=model_cfg)
     state = to_plain(state)
     _check_plain(state, "state")
     payload = {

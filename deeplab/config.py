@@ -1,46 +1,47 @@
 """One config system for every entry point: dataclasses loaded from YAML, overridden on the command line.
 
-An experiment file has sections ``model``, ``data``, ``train``, ``cluster``, ``tune``, ``export``, ``segment``
-and ``serve``; each maps onto one dataclass below. ``--set section.field=value`` overrides any field from any
-command.
+An experiment file has one mapping per section; each maps onto one registered dataclass. deeplab declares
+``model``, ``data``, ``train`` and ``inference`` below; the packages above it declare theirs next to their code
+and register them on import (`register_section`), so this file knows none of them. A section whose package
+is not imported in this process is kept as written and saved back whole. ``--set section.field=value``
+overrides any field of a registered section from any command.
 
 A config that builds is valid: each section checks its own fields when it is built (types first, then
-values), and ``ExperimentConfig`` checks what spans sections. So every mistake a config can hold is answered
-on the driver, in one line naming the field, the value and what is allowed, before Ray starts. A ConfigError
-from a file names the file; one from ``--set`` (or a shorthand flag) names that item. Paths that must exist
-are checked only when a command builds its config from the command line (`load_config`, `config_from_args`):
-a checkpoint's own experiment must still load on a machine that lacks its training paths.
+values), and the checks registered across sections run on the whole experiment. So every mistake a config
+can hold is answered on the driver, in one line naming the field, the value and what is allowed, before Ray
+starts. A ConfigError from a file names the file; one from ``--set`` (or a shorthand flag) names that item.
+Paths that must exist are checked only when a command builds its config from the command line
+(`load_config`, `config_from_args`): a checkpoint's own experiment must still load on a machine that lacks
+its training paths.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import difflib
 import functools
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Optional, Tuple, Union, get_args, get_origin, get_type_hints
+from typing import Any, Callable, ClassVar, Optional, Tuple, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from .backbones import backbone_names, backbone_spec
 from .cli import UserError
+from .data.formats import DATASETS
 from .fileio import write_text_atomic
 
-OUTPUT_STRIDES = (8, 16, 32)  # what inference and export switch between
 MODEL_STRIDES = (4, 8, 16, 32, 64, 128, 256)  # the paper's Table 1; 64-256 carried by cascaded blocks 5-7
+STRIDES_ALLOWED = "use one of 4, 8, 16, 32 (64, 128, 256 with cascaded blocks)"
+PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # the paper's multi-scale inference (Section 4.1)
 HEADS = ("paper", "torchvision")
 # Where atrous rates go once strides are removed (deeplab.model.block_layout): "exact" (the OS16 <-> OS8 switch is
 # an exact densification), "torchvision" (its _make_layer), "legacy" (checkpoints written before it was recorded).
 ATROUS_LAYOUTS = ("exact", "torchvision", "legacy")
-DATASETS = ("synthetic", "voc", "cityscapes", "ade20k", "folder")
 SYNTHETIC_MAX_CLASSES = 12  # background + the 11 shapes of deeplab.data.synthetic
 AMP_MODES = ("auto", "bf16", "fp16", "off")
-GRAD_COMPRESSIONS = ("none", "bf16")
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-SCHEDULERS = ("asha", "fifo")
-SEARCH_MODES = ("grid", "sample")
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 
 
 class ConfigError(UserError, ValueError):
@@ -56,19 +57,19 @@ class ConfigError(UserError, ValueError):
 # Checking one value: its type, then its range
 
 
-def _show(value) -> str:
+def show_value(value) -> str:
     """A value as a user wrote it: strings quoted (so 'fast' reads as text), lists in brackets, YAML words."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "[" + ", ".join(show_value(v) for v in value) + "]"
     return repr(value) if isinstance(value, str) else str(value)
 
 
-def _fail(key: str, value, what: str):
-    raise ConfigError(f"{key}={_show(value)} {what}", (key,))
+def fail_value(key: str, value, what: str):
+    raise ConfigError(f"{key}={show_value(value)} {what}", (key,))
 
 
 def _describe(hint) -> str:
@@ -77,7 +78,8 @@ def _describe(hint) -> str:
     if get_origin(hint) is Union:
         return " or ".join("null" if a is type(None) else _describe(a) for a in args)
     if get_origin(hint) is tuple:
-        return "a list of integers" if args[-1] is Ellipsis else f"a list of {len(args)} integers"
+        kind = "numbers" if args[0] is float else "integers"
+        return f"a list of {kind}" if args[-1] is Ellipsis else f"a list of {len(args)} {kind}"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             dict: "a mapping"}.get(hint, str(hint))
 
@@ -126,7 +128,7 @@ def _field_types(cls) -> dict:
     return get_type_hints(cls)
 
 
-class _Section:
+class Section:
     """A config section: ``check()`` converts every field to its annotated type, then checks the values."""
 
     SECTION: ClassVar[str] = ""
@@ -140,7 +142,7 @@ class _Section:
             value = getattr(self, f.name)
             ok, converted = _convert(value, hints[f.name])
             if not ok:
-                _fail(self._key(f.name), value, f"must be {_describe(hints[f.name])}")
+                fail_value(self._key(f.name), value, f"must be {_describe(hints[f.name])}")
             setattr(self, f.name, converted)
         self.check_values()
 
@@ -152,12 +154,19 @@ class _Section:
 
     def _need(self, ok: bool, name: str, what: str) -> None:
         if not ok:
-            _fail(self._key(name), getattr(self, name), what)
+            fail_value(self._key(name), getattr(self, name), what)
 
     def _need_at_least(self, low, *names) -> None:
         for name in names:
             value = getattr(self, name)
             self._need(value is None or value >= low, name, f"must be >= {low}")
+
+    def _need_output_stride(self, name: str, none_means: str = "") -> None:
+        """The one check of an output stride field: what the model can run at (cascaded blocks carry 64-256;
+        a model refuses a stride it cannot reach when switched to it)."""
+        allowed = f"{STRIDES_ALLOWED[:-1]}; {none_means})" if none_means else STRIDES_ALLOWED
+        value = getattr(self, name)
+        self._need((value is None and bool(none_means)) or value in MODEL_STRIDES, name, f"is not allowed; {allowed}")
 
     def _need_one_of(self, name: str, allowed) -> None:
         self._need(getattr(self, name) in allowed, name, f"is unknown; allowed: {', '.join(map(str, allowed))}")
@@ -168,7 +177,7 @@ class _Section:
 
 
 @dataclass
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The whole model's options. Defaults are the paper's best ASPP model (Table 5, 77.21 mIoU)."""
 
     SECTION: ClassVar[str] = "model"
@@ -200,8 +209,7 @@ class ModelConfig(_Section):
                    f"must be 0: {self.backbone} has no cascaded blocks")
         self._need(spec.cascade or self.output_stride in spec.output_strides, "output_stride",
                    f"is not allowed for {self.backbone}; use one of {', '.join(map(str, spec.output_strides))}")
-        self._need(self.output_stride in MODEL_STRIDES, "output_stride",
-                   "is not allowed; use one of 4, 8, 16, 32 (64, 128, 256 with cascaded blocks)")
+        self._need_output_stride("output_stride")
         deepest = 32 * 2 ** self.cascade_blocks  # block4 strides to 32, each cascaded block doubles it
         self._need(self.output_stride <= deepest, "output_stride",
                    f"needs cascaded blocks to carry it: model.cascade_blocks={self.cascade_blocks} reaches "
@@ -233,7 +241,8 @@ class ModelConfig(_Section):
         working = sorted({-(-r // step) * step for r in self.aspp_rates})
         what = "cannot be halved for output_stride 32: use even rates" if step == 2 else \
             f"cannot be scaled to output_stride {self.output_stride} (x 1/{step}): use multiples of {step}"
-        raise ConfigError(f"{self._key('aspp_rates')}={_show(self.aspp_rates)} {what}, e.g. {_show(working)}, or "
+        raise ConfigError(f"{self._key('aspp_rates')}={show_value(self.aspp_rates)} {what}, e.g. "
+                          f"{show_value(working)}, or "
                           "model.aspp: false (the cascade-only head of Tables 1-3)",
                           (self._key("aspp_rates"), self._key("output_stride")))
 
@@ -247,7 +256,7 @@ class ModelConfig(_Section):
 
 
 @dataclass
-class DataConfig(_Section):
+class DataConfig(Section):
     """Where images come from and how they are augmented (the paper's protocol by default)."""
 
     SECTION: ClassVar[str] = "data"
@@ -296,7 +305,7 @@ class DataConfig(_Section):
 
 
 @dataclass
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """The paper's training protocol (Section 4.1); batch_size is the global batch across workers."""
 
     SECTION: ClassVar[str] = "train"
@@ -335,228 +344,29 @@ class TrainConfig(_Section):
 
 
 @dataclass
-class ClusterConfig(_Section):
-    """How the run is laid out on Ray."""
+class InferenceConfig(Section):
+    """How every command that predicts or evaluates runs a model, in whichever package: their --output-stride,
+    --scales, --multi-scale, --flip, --window and --alpha flags set these fields, so each is checked here once."""
 
-    SECTION: ClassVar[str] = "cluster"
+    SECTION: ClassVar[str] = "inference"
 
-    # N workers, or [MIN, MAX] (--num-workers MIN-MAX): elastic, starts once MIN fit, grows to MAX as nodes join
-    num_workers: Union[int, Tuple[int, int]] = 2
-    resize_interval_s: float = 60.0  # elastic: how often Ray looks for room to grow the worker group
-    use_gpu: bool = False
-    cpus_per_worker: float = 1
-    storage_path: str = "runs"
-    name: str = "deeplabv3"
-    max_failures: int = 3
-    collective_timeout_s: int = 120
-    placement_strategy: str = "PACK"
-    address: Optional[str] = None  # None: RAY_ADDRESS or an existing cluster, else a local one
-    ddp_bucket_mb: float = 25.0  # DDP's gradient all-reduce bucket (torch's default 25)
-    grad_compression: str = "none"  # none | bf16: DDP all-reduces bf16 gradients (half the bytes; not exact)
-
-    def check(self) -> None:
-        text = self.num_workers
-        if isinstance(text, str) and text.count("-") == 1 and text.replace("-", "").strip().isdigit():
-            self.num_workers = [int(n) for n in text.split("-")]  # the --num-workers MIN-MAX form
-        super().check()
-
-    @property
-    def min_workers(self) -> int:
-        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
-
-    @property
-    def max_workers(self) -> int:
-        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
+    output_stride: Optional[int] = None  # null: the model's own (a checkpoint's; an exported file's is fixed)
+    scales: Tuple[float, ...] = (1.0,)  # input scales whose softmax probabilities are averaged
+    flip: bool = False  # also average left-right flipped inputs
+    window: Optional[int] = None  # sliding windows of PX x PX (1/3 overlap) for larger inputs; null: whole images
+    alpha: float = 0.5  # overlay opacity of the class colours
 
     def check_values(self) -> None:
-        self._need(self.min_workers >= 1, "num_workers", "must be >= 1")
-        self._need(self.min_workers <= self.max_workers, "num_workers", "must be a range MIN-MAX with MIN <= MAX")
-        if self.min_workers == self.max_workers:
-            self.num_workers = self.min_workers  # [4, 4] is a fixed group of 4
-        self._need(self.resize_interval_s >= 0, "resize_interval_s", "must be >= 0")
-        self._need_at_least(1, "collective_timeout_s")
-        self._need(0 < self.cpus_per_worker < math.inf, "cpus_per_worker", "must be > 0")
-        self._need(bool(self.storage_path), "storage_path", "must name a folder or a URI (s3://...)")
-        self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
-        self._need_at_least(-1, "max_failures")  # -1: retry forever, as in Ray
-        self._need_one_of("placement_strategy", PLACEMENT_STRATEGIES)
-        self._need(0 < self.ddp_bucket_mb < math.inf, "ddp_bucket_mb", "must be > 0 (MB), e.g. 25")
-        self._need_one_of("grad_compression", GRAD_COMPRESSIONS)
-
-
-# Scalars deeplab.engine reports at every evaluation, which a search can rank trials by (tune.metric).
-SEARCH_METRICS = ("val_miou", "loss", "images_per_s", "lr", "iteration", "epoch")
-
-
-@dataclass
-class TuneConfig(_Section):
-    """What Ray Tune searches and how it schedules trials."""
-
-    SECTION: ClassVar[str] = "tune"
-
-    space: Union[str, dict] = "paper"  # a preset name or a YAML file, or the space itself (a mapping)
-    num_samples: int = 1
-    scheduler: str = "asha"  # asha | fifo
-    workers_per_trial: int = 2
-    max_concurrent: int = 1
-    max_iterations: Optional[int] = None
-    grace_period: int = 1  # evaluations before ASHA may stop a trial
-    reduction_factor: int = 2
-    metric: str = "val_miou"  # what ASHA ranks trials by, each trial's kept checkpoint and the best trial
-    metric_mode: str = "max"  # max | min: whether a higher metric is better
-    output: str = "best.ckpt"
-    name: str = "search"
-    mode: str = "grid"  # grid: every combination of the space | sample: num_samples random picks from it
-    min_valid_weight: float = 0.15  # prune ASPP rates whose 3x3 filter keeps less (1/9: a 1x1 filter; Fig. 4)
-    max_failures: int = 2  # retries of a trial whose driver died (lost node); divergence is never retried
-
-    def check_values(self) -> None:
-        self._need(bool(self.space), "space", "must name a preset or a YAML file, or be a non-empty mapping")
-        self._need_at_least(1, "num_samples", "workers_per_trial", "max_concurrent", "max_iterations",
-                            "grace_period")
-        self._need_one_of("scheduler", SCHEDULERS)
-        self._need_one_of("mode", SEARCH_MODES)
-        self._need(self.reduction_factor >= 2, "reduction_factor", "must be >= 2 (ASHA keeps 1/reduction_factor)")
-        self._need(self.metric in SEARCH_METRICS, "metric",
-                   f"is not a metric training reports; use one of {', '.join(SEARCH_METRICS)}")
-        self._need_one_of("metric_mode", ("max", "min"))
-        self._need(bool(self.output), "output", "must name the file best.ckpt is copied to")
-        self._need(bool(self.name) and "/" not in self.name, "name", "must be a folder name (no '/')")
-        self._need(0 <= self.min_valid_weight <= 1, "min_valid_weight", "must be in [0, 1]")
-        self._need_at_least(-1, "max_failures")
-
-
-@dataclass
-class ExportConfig(_Section):
-    """ONNX / TensorRT export and benchmarking defaults."""
-
-    SECTION: ClassVar[str] = "export"
-
-    output_stride: int = 8
-    dynamic: bool = True
-    opset: Optional[int] = None
-    precision: str = "fp32"  # fp32 | fp16 | bf16 | int8
-    workspace_gb: float = 4.0
-    min_shape: str = "1x3x257x257"
-    opt_shape: str = "1x3x513x513"
-    max_shape: str = "4x3x1025x1025"
-    calib_images: int = 32
-    max_int8_miou_drop: float = 1.0  # mIoU points INT8 may lose against FP32 (negative: it must gain)
-    image_size: int = 513
-    tolerance: float = 1e-3  # ONNX vs PyTorch: max |logit diff| / max(1, |largest logit|)
-    accuracy_images: int = 16  # held-out images for --check-accuracy (FP32 vs INT8/FP16 mIoU)
-
-    PRECISIONS: ClassVar[tuple] = PRECISIONS
-
-    def check_values(self) -> None:
-        self._need(self.output_stride in OUTPUT_STRIDES, "output_stride", "is not allowed; use one of 8, 16, 32")
-        self._need(self.opset is None or self.opset >= 11, "opset", "must be >= 11 (or null: the exporter's default)")
-        self._need_one_of("precision", PRECISIONS)
-        for name in ("workspace_gb", "tolerance"):
-            self._need(0 < getattr(self, name) < math.inf, name, "must be > 0")
-        self._need_at_least(1, "calib_images", "image_size")
-        self._need_at_least(0, "accuracy_images")  # 0: no accuracy check
-        self.profile()
-
-    @staticmethod
-    def parse_shape(name: str, text: str) -> tuple:
-        """'1x3x513x513' -> (1, 3, 513, 513); ConfigError naming export.<name> otherwise."""
-        try:
-            shape = tuple(int(p) for p in str(text).lower().replace(",", "x").split("x"))
-        except ValueError:
-            shape = ()
-        if len(shape) != 4 or min(shape) < 1:
-            _fail(f"export.{name}", text, "must be 4 positive sizes NxCxHxW, e.g. 1x3x513x513")
-        if shape[1] != 3:
-            _fail(f"export.{name}", text, f"has {shape[1]} channels; the model takes 3 (RGB)")
-        return shape
-
-    def profile(self) -> dict:
-        """The TensorRT optimization profile {"min", "opt", "max"} as NCHW tuples, each dim min <= opt <= max."""
-        shapes = {k: self.parse_shape(f"{k}_shape", getattr(self, f"{k}_shape")) for k in ("min", "opt", "max")}
-        for i, dim in enumerate("NCHW"):
-            lo, mid, hi = (shapes[k][i] for k in ("min", "opt", "max"))
-            if not lo <= mid <= hi:
-                raise ConfigError(f"export.min_shape/opt_shape/max_shape: {dim} must satisfy min <= opt <= max, "
-                                  f"got {lo}, {mid}, {hi}",
-                                  ("export.min_shape", "export.opt_shape", "export.max_shape"))
-        return shapes
-
-
-@dataclass
-class SegmentConfig(_Section):
-    """Batch inference over an image collection with Ray Data (python -m cluster.segment)."""
-
-    SECTION: ClassVar[str] = "segment"
-
-    workers: Optional[int] = None  # model actors (None: as many as the cluster's CPUs or GPUs hold)
-    batch_size: int = 4  # images per actor call; split into same-size groups, never resized
-    cpus_per_worker: float = 1
-    gpus_per_worker: float = 0
-    cpus_per_decode: float = 0.5  # each read + decode task
-    output_stride: Optional[int] = None  # checkpoints only (None: the checkpoint's); exported models are fixed
-    color: bool = False  # also NAME_color.png and NAME_overlay.png
-    alpha: float = 0.5  # overlay opacity
-    max_pixels: Optional[int] = None  # larger images fail (None: Pillow's decompression-bomb limit)
-    max_batch_pixels: int = 2048 * 2048  # pixels per model call (~0.6 KB each at OS8, R-101); a larger image runs alone
-    progress_interval_s: float = 5.0
-
-    def check_values(self) -> None:
-        self._need_at_least(1, "workers", "batch_size", "max_pixels", "max_batch_pixels")
-        for name in ("cpus_per_worker", "gpus_per_worker", "cpus_per_decode"):
-            self._need(0 <= getattr(self, name) < math.inf, name, "must be >= 0")
-        self._need(self.cpus_per_worker > 0 or self.gpus_per_worker > 0, "cpus_per_worker",
-                   "must be > 0 unless segment.gpus_per_worker > 0")
-        self._need(self.output_stride in (None, *OUTPUT_STRIDES), "output_stride",
-                   "is not allowed; use one of 8, 16, 32 (or null: the checkpoint's)")
+        self._need_output_stride("output_stride", "or null: the model's own")
+        self._need(len(self.scales) >= 1 and min(self.scales) > 0, "scales",
+                   "must be one or more scales > 0, e.g. [0.5, 0.75, 1.0]")
+        self._need(self.window is None or self.window >= 16, "window",
+                   "must be at least 16 pixels (or null: whole images)")
         self._need(0 <= self.alpha <= 1, "alpha", "must be between 0 and 1")
-        self._need(0 < self.progress_interval_s < math.inf, "progress_interval_s", "must be > 0")
 
-
-@dataclass
-class ServeConfig(_Section):
-    """An HTTP endpoint on Ray Serve (python -m cluster.serve)."""
-
-    SECTION: ClassVar[str] = "serve"
-
-    host: str = "127.0.0.1"  # loopback unless you say otherwise
-    port: int = 8000
-    replicas: int = 1
-    autoscale: Optional[Tuple[int, int]] = None  # [min, max] replicas: Serve scales between them instead
-    max_batch_size: int = 8  # concurrent requests run as one batch (1: no batching)
-    batch_wait_ms: float = 10.0  # how long a batch waits to fill
-    cpus_per_replica: float = 1
-    gpus_per_replica: float = 0
-    output_stride: Optional[int] = None  # checkpoints only
-    max_pixels: int = 2048 * 2048  # larger uploads answer 413
-    max_batch_pixels: int = 2048 * 2048  # pixels per model call (~0.6 KB each at OS8, R-101); an image over it: 413
-    max_upload_mb: float = 32.0
-    max_queued_requests: int = 32  # waiting at the proxy beyond each replica's batch slots; more: 503
-    retry_after_s: float = 1.0  # the Retry-After header of a 503
-    request_timeout_s: float = 60.0  # from the request's arrival at a replica to its answer; longer: 504
-    read_timeout_s: float = 10.0  # to receive an upload's body; slower: 408 and the slot is freed
-    stats_interval_s: float = 60.0  # the console's traffic line (requests, latency, batch size, errors)
-    metrics_port: Optional[int] = None  # Prometheus /metrics of a local Ray instance (None: Ray picks one)
-
-    def check_values(self) -> None:
-        self._need(bool(self.host), "host", "must be an address to bind, e.g. 127.0.0.1")
-        self._need(1 <= self.port <= 65535, "port", "must be 1-65535")
-        self._need_at_least(1, "replicas", "max_batch_size", "max_pixels", "max_batch_pixels", "max_queued_requests")
-        if self.autoscale is not None:
-            low, high = self.autoscale
-            self._need(0 <= low <= high and high >= 1, "autoscale",
-                       "must be [MIN, MAX] replicas with 0 <= MIN <= MAX and MAX >= 1")
-            if self.replicas != 1:
-                raise ConfigError(f"serve.replicas={self.replicas} and serve.autoscale={_show(self.autoscale)}: "
-                                  "set one (a fixed count, or MIN and MAX)", ("serve.replicas", "serve.autoscale"))
-        for name in ("batch_wait_ms", "cpus_per_replica", "gpus_per_replica"):
-            self._need(0 <= getattr(self, name) < math.inf, name, "must be >= 0")
-        self._need(self.output_stride in (None, *OUTPUT_STRIDES), "output_stride",
-                   "is not allowed; use one of 8, 16, 32 (or null: the checkpoint's)")
-        for name in ("max_upload_mb", "request_timeout_s", "read_timeout_s", "stats_interval_s"):
-            self._need(0 < getattr(self, name) < math.inf, name, "must be > 0")
-        self._need(0 <= self.retry_after_s < math.inf, "retry_after_s", "must be >= 0")
-        self._need(self.metrics_port is None or 1 <= self.metrics_port <= 65535, "metrics_port", "must be 1-65535")
+    def options(self) -> dict:
+        """The keyword arguments of deeplab.inference.model_predictor."""
+        return {"output_stride": self.output_stride, "scales": self.scales, "flip": self.flip, "window": self.window}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -569,13 +379,14 @@ def split_batch(global_batch: int, world_size: int, rank: int) -> int:
     return len(range(rank, global_batch, world_size))
 
 
-def per_worker_batch(batch_size: int, world_size: int, synchronized_bn: bool = False, frozen_bn: bool = False) -> int:
+def per_worker_batch(batch_size: int, world_size: int, synchronized_bn: bool = False, frozen_bn: bool = False,
+                     workers_key: Optional[str] = None) -> int:
     """The smallest share of the global batch over ``world_size`` workers (they differ by one at most). Every
     worker needs an image; one image per worker is refused only where a BatchNorm layer in training mode would
     see one value per channel (the image-pooling branch after global pooling): one worker, or no synchronized
     BN. Synchronized BN over several workers normalizes over the global batch; frozen BN (eval mode) uses its
-    running statistics."""
-    keys = ("train.batch_size", "cluster.num_workers")
+    running statistics. ``workers_key``: the field that set the worker count, named in the error too."""
+    keys = ("train.batch_size",) + ((workers_key,) if workers_key else ())
     per_worker = split_batch(batch_size, world_size, world_size - 1)
     if per_worker < 1:
         raise ConfigError(f"train.batch_size={batch_size} is the global batch: fewer images than the {world_size} "
@@ -610,54 +421,92 @@ def evaluations_per_run(train: TrainConfig, cap: Optional[int] = None) -> int:
     return math.ceil(iterations / train.eval_interval)
 
 
-@dataclass
-class ExperimentConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    segment: SegmentConfig = field(default_factory=SegmentConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
+# ---------------------------------------------------------------------------------------------------------
+# The experiment: every registered section. deeplab registers its own below; each package above it registers
+# its sections when it is imported, so this file names none of them.
 
-    def __post_init__(self):
+SECTION_CLASSES: dict = {}  # section name -> its dataclass, in the order registered
+_CHECKS: list = []  # functions(ExperimentConfig) checking what spans sections, registered with a section
+
+
+def register_section(cls, check_across: Optional[Callable] = None):
+    """Make ``cls`` (a section dataclass with ``SECTION``) a section of every experiment from now on;
+    ``check_across(cfg)`` checks what spans it and other sections. Idempotent (a module imported twice)."""
+    name = cls.SECTION
+    known = SECTION_CLASSES.get(name)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise ValueError(f"config section {name!r} is already {known.__module__}.{known.__qualname__}")
+    SECTION_CLASSES[name] = cls
+    if check_across is not None:
+        _CHECKS[:] = [c for c in _CHECKS if c.__qualname__ != check_across.__qualname__] + [check_across]
+    return cls
+
+
+class ExperimentConfig:
+    """One experiment: an attribute per registered section (``cfg.model``, ``cfg.train``, ...). A section read
+    from a file or checkpoint whose package is not imported here is kept as written (``raw``): saved back
+    whole, and checked when its package registers it and the code asks for it."""
+
+    def __init__(self, _raw: Optional[dict] = None, **sections):
+        unknown = sorted(set(sections) - set(SECTION_CLASSES))
+        if unknown:
+            raise TypeError(f"ExperimentConfig: no section(s) {', '.join(unknown)}")
+        self._raw = dict(_raw or {})
+        for name, cls in SECTION_CLASSES.items():
+            setattr(self, name, sections[name] if sections.get(name) is not None else cls())
         self.check_across()
+
+    def __getattr__(self, name: str):
+        """A section registered after this config was built: built now from what was read (fields it gave up
+        to another section dropped: that one is built already), or its defaults; then checked across sections."""
+        if name.startswith("_") or name not in SECTION_CLASSES:
+            raise AttributeError(f"ExperimentConfig has no section {name!r} (its package registers it on import)")
+        cls, values = SECTION_CLASSES[name], self._raw.pop(name, None)
+        if isinstance(values, dict):
+            values = {k: v for k, v in values.items() if k not in getattr(cls, "MOVED", {})}
+        setattr(self, name, _build(cls, values, name))
+        self.check_across()
+        return getattr(self, name)
+
+    def replace(self, **sections) -> "ExperimentConfig":
+        """A copy with some sections replaced (checked across sections again)."""
+        return ExperimentConfig(self._raw, **{**self.sections(), **sections})
+
+    def sections(self) -> dict:
+        """Every registered section by name."""
+        return {name: getattr(self, name) for name in SECTION_CLASSES}
 
     def check(self) -> "ExperimentConfig":
         """Check every section again, then what spans them: for code that changes fields after building."""
-        for name in SECTIONS:
-            getattr(self, name).check()
+        for section in self.sections().values():
+            section.check()
         self.check_across()
         return self
 
     def check_across(self) -> None:
-        t, c, tune = self.train, self.cluster, self.tune
-        for workers in range(c.min_workers, c.max_workers + 1):  # every size an elastic group can have
-            per_worker_batch(t.batch_size, workers, synchronized_bn=workers > 1, frozen_bn=t.freeze_bn)
-        if t.amp == "fp16" and not c.use_gpu:
-            raise ConfigError("train.amp='fp16' needs GPUs (cluster.use_gpu, --use-gpu); use bf16, auto or off "
-                              "on CPU workers", ("train.amp", "cluster.use_gpu"))
-        evaluations = evaluations_per_run(t, tune.max_iterations)
-        if tune.scheduler == "asha" and tune.grace_period > evaluations:
-            iterations = min(t.max_iterations, tune.max_iterations or t.max_iterations)
-            raise ConfigError(f"tune.grace_period={tune.grace_period} is more than the {evaluations} evaluation(s) "
-                              f"per trial ({iterations} iterations, train.eval_interval {t.eval_interval}): lower "
-                              f"tune.grace_period to <= {evaluations} or run more iterations per trial",
-                              ("tune.grace_period", "tune.max_iterations", "train.max_iterations",
-                               "train.eval_interval"))
+        for check in _CHECKS:
+            check(self)
 
     def to_dict(self) -> dict:
-        return to_plain(self)
+        """Every section as plain values, the ones kept as written included."""
+        return {**{name: to_plain(s) for name, s in self.sections().items()}, **copy.deepcopy(self._raw)}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, ExperimentConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"ExperimentConfig({', '.join(f'{k}={v!r}' for k, v in self.sections().items())})"
 
 
-SECTION_CLASSES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "cluster": ClusterConfig,
-                   "tune": TuneConfig, "export": ExportConfig, "segment": SegmentConfig, "serve": ServeConfig}
-SECTIONS = tuple(SECTION_CLASSES)
+for _cls in (ModelConfig, DataConfig, TrainConfig, InferenceConfig):
+    register_section(_cls)
+OWN_SECTIONS = tuple(SECTION_CLASSES)  # what deeplab declares: model, data, train, inference; the rest come from above
 
 
 def to_plain(obj: Any) -> Any:
-    """Dataclasses -> dicts, tuples -> lists: what YAML and weights_only checkpoints can hold."""
+    """Dataclasses and experiments -> dicts, tuples -> lists: what YAML and weights_only checkpoints can hold."""
+    if isinstance(obj, ExperimentConfig):
+        return obj.to_dict()
     if dataclasses.is_dataclass(obj):
         return {f.name: to_plain(getattr(obj, f.name)) for f in fields(obj)}
     if isinstance(obj, (list, tuple)):
@@ -702,16 +551,46 @@ def model_config_from_dict(values: dict) -> ModelConfig:
     return _build(ModelConfig, values, "model")
 
 
+def _moved_fields(values: dict) -> None:
+    """Fields a section gave up to another (a class's ``MOVED``: old name -> SECTION.FIELD, e.g. an output
+    stride -> inference.output_stride), moved in place so files written before the move still load. A moved
+    value never overrides one written at its new place; null (the old default) is dropped."""
+    for name, cls in SECTION_CLASSES.items():
+        section = values.get(name)
+        for old, new in getattr(cls, "MOVED", {}).items():
+            if not isinstance(section, dict) or old not in section:
+                continue
+            value = section.pop(old)
+            target, field_name = new.split(".")
+            target_values = values.get(target) or {}
+            if value is not None and isinstance(target_values, dict):
+                target_values.setdefault(field_name, value)
+                values[target] = target_values
+
+
+def _raw_sections(values: dict) -> dict:
+    """The sections no imported package registered, kept as written; a near-miss of a registered name is a
+    typo, answered now."""
+    raw = {}
+    for name in sorted(set(values) - set(SECTION_CLASSES)):
+        close = difflib.get_close_matches(str(name), list(SECTION_CLASSES), n=1, cutoff=0.75)
+        if close or not isinstance(values[name], (dict, type(None))) or not str(name).isidentifier():
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"unknown section(s) {name}; {hint}known: {', '.join(SECTION_CLASSES)}")
+        raw[name] = copy.deepcopy(values[name])
+    return raw
+
+
 def experiment_from_dict(values: dict, where: Optional[str] = "config", sources: Optional[dict] = None
                          ) -> ExperimentConfig:
     """An ExperimentConfig from plain values (YAML, a checkpoint); a ConfigError names ``where`` (or the
     ``--set`` items in ``sources``: SECTION.FIELD -> labels) and the field."""
-    values = values or {}
+    values = copy.deepcopy(values or {})
     try:
-        unknown = sorted(set(values) - set(SECTIONS))
-        if unknown:
-            raise ConfigError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
-        return ExperimentConfig(**{name: _build(cls, values.get(name), name) for name, cls in SECTION_CLASSES.items()})
+        _moved_fields(values)
+        raw = _raw_sections(values)
+        built = {name: _build(cls, values.get(name), name) for name, cls in SECTION_CLASSES.items()}
+        return ExperimentConfig(raw, **built)
     except ConfigError as e:
         raise _located(e, where, sources) from None
 
@@ -732,8 +611,9 @@ def _apply(values: dict, overrides) -> dict:
         item, label = entry if isinstance(entry, tuple) else (entry, f"--set {entry}")
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
-        if not sep or not dot or section not in SECTIONS:
-            raise ConfigError(f"{label}: expected SECTION.FIELD=VALUE with SECTION one of {', '.join(SECTIONS)}")
+        if not sep or not dot or section not in SECTION_CLASSES:
+            raise ConfigError(f"{label}: expected SECTION.FIELD=VALUE with SECTION one of "
+                              f"{', '.join(SECTION_CLASSES)} (the sections this command knows)")
         known = [f.name for f in fields(SECTION_CLASSES[section])]
         if name not in known:
             raise ConfigError(f"{label}: {section} has no field {name!r}; known: {', '.join(sorted(known))}")
@@ -742,12 +622,6 @@ def _apply(values: dict, overrides) -> dict:
         values[section][name] = _parse_value(raw)
         sources.setdefault(f"{section}.{name}", []).append(label)
     return sources
-
-
-def apply_overrides(values: dict, overrides: list) -> dict:
-    """Apply ``section.field=value`` strings to a plain config dict (in place) and return it."""
-    _apply(values, overrides)
-    return values
 
 
 PATH_FIELDS = {"train.init_from": "file", "train.pretrained_backbone": "file", "data.root": "folder"}
@@ -822,11 +696,12 @@ def save_config(cfg: ExperimentConfig, path) -> None:
 
 @dataclass(frozen=True)
 class Alias:
-    """A shorthand flag for one config field: ``--num-workers 4`` means ``--set cluster.num_workers=4``.
+    """A shorthand flag for one config field: ``--output-stride 8`` means ``--set inference.output_stride=8``.
 
     The value goes through the same override path as ``--set`` (parsed as YAML, checked by the section's
     dataclass), so a flag and its field can never disagree. ``switch``: a flag without a value that sets the
-    field to true; ``nargs="+"``: several values become a YAML list.
+    field to ``value`` (true unless given, e.g. --multi-scale: the paper's scales); ``nargs="+"``: several
+    values become a YAML list.
     """
 
     flag: str
@@ -836,6 +711,7 @@ class Alias:
     switch: bool = False
     metavar: Optional[str] = None
     choices: Optional[tuple] = None  # the words argparse accepts (the field's check still applies)
+    value: str = "true"  # what a switch sets, as YAML
 
     def default(self):
         section, name = self.key.split(".", 1)
@@ -846,7 +722,7 @@ class Alias:
         if value is None:
             return None
         if self.switch:
-            return f"{self.key}=true"
+            return f"{self.key}={self.value}"
         if isinstance(value, list):
             return f"{self.key}=[{', '.join(value)}]"
         return f"{self.key}={value}"
@@ -858,11 +734,26 @@ class Alias:
         return f"{self.flag} {' '.join(value) if isinstance(value, list) else value}"
 
 
+# The inference section's flags, shared by every command that predicts or evaluates (the section checks them).
+INFERENCE_ALIASES = [
+    Alias("--output-stride", "inference.output_stride",
+          "run at this output stride (default: the model's own; the paper evaluates at 8)"),
+    Alias("--scales", "inference.scales", "input scales whose softmax probabilities are averaged",
+          nargs="+", metavar="S"),
+    Alias("--multi-scale", "inference.scales", f"the paper's scales {', '.join(map(str, PAPER_SCALES))}",
+          switch=True, value=show_value(PAPER_SCALES)),
+    Alias("--flip", "inference.flip", "also average left-right flipped inputs", switch=True),
+    Alias("--window", "inference.window", "sliding windows of PX x PX (1/3 overlap) for inputs larger than that",
+          metavar="PX"),
+]
+ALPHA_ALIAS = Alias("--alpha", "inference.alpha", "overlay opacity of the class colours (0-1)")
+
+
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False, aliases=()) -> None:
     """The config flags every command shares: --config FILE, repeated --set SECTION.FIELD=VALUE, and the
     command's shorthand ``aliases`` (each one config field; --help shows the field and its default)."""
     parser.add_argument("--config", required=required,
-                        help="experiment YAML (sections model/data/train/cluster/tune/export/segment/serve)")
+                        help=f"experiment YAML (sections {'/'.join(SECTION_CLASSES)})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override one config field, e.g. --set model.output_stride=8 (repeatable)")
     for alias in aliases:
@@ -887,11 +778,6 @@ def _labelled_overrides(args: argparse.Namespace) -> list:
         if item is not None:
             items.append((item, alias.label(value)))
     return items
-
-
-def config_overrides(args: argparse.Namespace) -> list:
-    """``--set`` items followed by the shorthand flags given, all as SECTION.FIELD=VALUE (later ones win)."""
-    return [item for item, _ in _labelled_overrides(args)]
 
 
 def config_from_args(args: argparse.Namespace, base: Optional[ExperimentConfig] = None,

@@ -16,35 +16,15 @@ import torch
 
 from .checkpoint import load_checkpoint
 from .cli import OutputError, command
-from .config import Alias, ConfigError, add_config_args, config_from_args
-from .data import build_dataset, dataset_info, detect_format
+from .config import INFERENCE_ALIASES, Alias, ConfigError, add_config_args, config_from_args
+from .data import build_dataset, dataset_for_model, detect_format
+from .data.formats import DATASETS
 from .fileio import ensure_dir, write_text_atomic
-from .inference import PAPER_SCALES, evaluate, model_predictor
+from .inference import evaluate, model_predictor
 from .progress import Progress
 
 DATA_ALIASES = [Alias("--format", "data.dataset", "layout of --data (default: guessed from the folder)",
-                      choices=("voc", "cityscapes", "ade20k", "folder", "synthetic"))]
-
-
-def add_inference_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-stride", type=int, choices=[8, 16, 32],
-                        help="run at this output stride (default: the checkpoint's; the paper evaluates at 8)")
-    parser.add_argument("--scales", type=float, nargs="+", metavar="S",
-                        help="input scales whose softmax probabilities are averaged (default: 1.0)")
-    parser.add_argument("--multi-scale", action="store_true",
-                        help=f"the paper's scales {', '.join(map(str, PAPER_SCALES))}")
-    parser.add_argument("--flip", action="store_true", help="also average left-right flipped inputs")
-    parser.add_argument("--window", type=int, metavar="PX",
-                        help="sliding windows of PX x PX (1/3 overlap) for inputs larger than that")
-
-
-def inference_options(args) -> dict:
-    scales = PAPER_SCALES if args.multi_scale else tuple(args.scales or (1.0,))
-    if any(s <= 0 for s in scales):
-        raise ConfigError(f"--scales {' '.join(map(str, scales))}: scales must be > 0")
-    if args.window is not None and args.window < 16:
-        raise ConfigError(f"--window {args.window}: use at least 16 pixels")
-    return {"output_stride": args.output_stride, "scales": scales, "flip": args.flip, "window": args.window}
+                      choices=DATASETS)]
 
 
 def resolve_experiment(base, args):
@@ -76,11 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a DeepLabv3 checkpoint (.ckpt)")
     parser.add_argument("--data", help="dataset folder, or 'synthetic' (default: the checkpoint's data section)")
-    add_inference_args(parser)
     parser.add_argument("--batch-size", type=int, default=1, help="images per batch (>1 needs data.val_size)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("-o", "--output", help="JSON results (default: CHECKPOINT.eval-SPLIT.json)")
-    add_config_args(parser, aliases=DATA_ALIASES + [
+    add_config_args(parser, aliases=DATA_ALIASES + INFERENCE_ALIASES + [
         Alias("--split", "data.val_split", "split to evaluate"),
         Alias("--workers", "data.loader_workers", "DataLoader workers")])
     return parser.parse_args(argv)
@@ -89,10 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def eval_loader(exp, num_classes: int, model_path, args):
     """The evaluation DataLoader for the experiment's val split, checked against the model's classes."""
     data = exp.data
-    info = dataset_info(data)
-    if info.num_classes != num_classes:
-        raise ConfigError(f"{model_path}: the model predicts {num_classes} classes but the "
-                          f"{data.dataset} dataset has {info.num_classes}; point --data at its dataset")
+    info = dataset_for_model(data, num_classes, str(model_path), "; point --data at its dataset")
     if args.batch_size > 1 and not data.val_size:
         raise ConfigError(f"--batch-size {args.batch_size} needs equal-sized images: "
                           "--set data.val_size=513 (or the largest image side)")
@@ -136,9 +112,9 @@ def run_evaluation(predict, loader, info, exp, opts: dict, out: Path, model: dic
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    opts = inference_options(args)
     ckpt = load_checkpoint(args.checkpoint)
     exp = resolve_experiment(ckpt.experiment, args)
+    opts = exp.inference.options()
     loader, info = eval_loader(exp, ckpt.config.num_classes, args.checkpoint, args)
     out = result_path(args.output, f"{args.checkpoint}.eval-{exp.data.val_split}.json")
     predict = model_predictor(ckpt.model, **opts)

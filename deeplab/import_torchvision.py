@@ -13,7 +13,6 @@ is dropped: this project neither trains nor exports it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from .backbones import backbone_class, torchvision_archs
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
         model, model_cfg, report = import_state_dict(state, args.arch, cfg.model)
     except (ValueError, KeyError) as e:
         raise CheckpointError(f"{args.file}: {e}") from None
-    save_checkpoint(args.output, model, dataclasses.replace(cfg, model=model_cfg), imported_from=str(args.file))
+    save_checkpoint(args.output, model, cfg.replace(model=model_cfg), imported_from=str(args.file))
     extra = [k for k in report["unexpected"] if not k.startswith(("fc.", "classifier."))]  # ImageNet heads
     print(f"imported {report['loaded']} tensors from {args.file} as {model_cfg.backbone} head={model_cfg.head} "
           f"OS{model_cfg.output_stride}; {len(report['missing'])} left at initialization"

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import PAPER_SCALES  # noqa: F401  (the one list: --multi-scale sets inference.scales to it)
 from .metrics import ConfusionMatrix
-
-PAPER_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 @contextmanager

@@ -16,9 +16,9 @@ from PIL import Image
 
 from .checkpoint import load_checkpoint
 from .cli import command
-from .config import ConfigError, add_config_args
+from .config import ALPHA_ALIAS, INFERENCE_ALIASES, add_config_args
 from .data import DatasetError, dataset_info, normalize, read_image
-from .evaluate import add_inference_args, inference_options, resolve_experiment
+from .evaluate import resolve_experiment
 from .fileio import atomic_path, ensure_dir
 from .inference import model_predictor
 from .progress import Progress
@@ -129,22 +129,18 @@ def parse_args(argv=None, prog: str = "python -m deeplab.predict", description: 
     parser.add_argument(model[0], help=model[1])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNGs")
-    add_inference_args(parser)
-    parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the class colours (0-1)")
-    add_config_args(parser)
-    args = parser.parse_args(argv)
-    if not 0 <= args.alpha <= 1:
-        raise ConfigError(f"--alpha {args.alpha}: must be between 0 and 1")
-    return args
+    add_config_args(parser, aliases=INFERENCE_ALIASES + [ALPHA_ALIAS])
+    return parser.parse_args(argv)
 
 
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
-    predict = model_predictor(ckpt.model, **inference_options(args))
-    names, palette = names_and_palette(resolve_experiment(ckpt.experiment, args), ckpt.config.num_classes)
-    return predict_files(predict, args.images, args.output, names, palette, args.alpha)
+    exp = resolve_experiment(ckpt.experiment, args)
+    predict = model_predictor(ckpt.model, **exp.inference.options())
+    names, palette = names_and_palette(exp, ckpt.config.num_classes)
+    return predict_files(predict, args.images, args.output, names, palette, exp.inference.alpha)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, read_weights_file, save_checkpoint, unwrap
 from .cli import error_line
 from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_worker_batch, split_batch
-from .data import build_dataset, dataset_info
+from .data import build_dataset, dataset_for_model, dataset_info
 from .inference import align_corners, evaluate, model_predictor
 from .model import build_model, load_backbone_weights
 from .progress import eta_text, remaining_seconds
@@ -321,10 +321,8 @@ def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
     per_worker_batch(t.batch_size, worker.world_size, worker.synchronized_bn, t.freeze_bn)
     batch = split_batch(t.batch_size, worker.world_size, worker.rank)
     amp = resolve_amp(t.amp, worker.device)
-    num_classes = dataset_info(cfg.data).num_classes
-    if num_classes != cfg.model.num_classes:
-        raise ConfigError(f"model.num_classes={cfg.model.num_classes} but data ({cfg.data.dataset}) has "
-                          f"{num_classes} classes")
+    num_classes = cfg.model.num_classes
+    dataset_for_model(cfg.data, num_classes, f"model.num_classes={num_classes}")
     _seed(t.seed + worker.rank)
     train_set, val_set, sampler, generator, loader, steps_per_epoch = _data(cfg, worker)
     resume = worker.latest_checkpoint()

@@ -7,3 +7,4 @@ that need them, so `--help` and the CPU paths work on a machine without a GPU.
 `export.metadata` is the bottom of the package (the metadata record every exported file carries) and
 `export.runtime` the one place that opens every model file; each module's docstring says what it is for.
 """
+from . import config  # noqa: F401  (registers the ``export`` config section)

@@ -16,22 +16,26 @@ from types import SimpleNamespace
 import torch
 
 from deeplab.cli import UserError, command
-from deeplab.config import Alias, add_config_args, experiment_from_dict
-from deeplab.evaluate import (DATA_ALIASES, add_inference_args, eval_loader, inference_options, resolve_experiment,
-                              result_path, run_evaluation)
+from deeplab.config import INFERENCE_ALIASES, Alias, add_config_args, experiment_from_dict
+from deeplab.evaluate import (DATA_ALIASES, eval_loader, resolve_experiment, result_path,
+                              run_evaluation)
 from deeplab.inference import predict_logits
 
 from .cli import show_progress
-from .runtime import format_of, formats_help, load_runner
+from .runtime import format_of, formats_help, load_runner, read_model_info
 
 MODEL_HELP = f"an exported model: {formats_help(exported_only=True)}"
+
+
+def _refuse_checkpoint(path) -> None:
+    if Path(path).is_file() and not format_of(path).exported:
+        raise UserError(f"{path}: a checkpoint; use python -m deeplab.evaluate / deeplab.predict for it")
 
 
 def open_exported(path, output_stride=None):
     """The exported model opened the one way every command opens model files (export.runtime.load_runner);
     an --output-stride other than the exported one is refused there in one line."""
-    if Path(path).is_file() and not format_of(path).exported:
-        raise UserError(f"{path}: a checkpoint; use python -m deeplab.evaluate / deeplab.predict for it")
+    _refuse_checkpoint(path)
     return load_runner(path, output_stride=output_stride)
 
 
@@ -57,10 +61,13 @@ def exported_predictor(runner, opts: dict):
 
 
 def exported_options(args) -> tuple:
-    """(runner, inference options at the stride the file was exported at: it cannot change)."""
-    opts = inference_options(args)
+    """(runner, experiment, inference options at the stride the file was exported at: it cannot change). The
+    experiment starts from the file's own metadata, so its inference section is read before the model opens."""
+    _refuse_checkpoint(args.model)
+    exp = resolve_experiment(model_experiment(read_model_info(args.model)), args)
+    opts = exp.inference.options()
     runner = open_exported(args.model, opts["output_stride"])
-    return runner, {**opts, "output_stride": runner.info.output_stride}
+    return runner, exp, {**opts, "output_stride": runner.info.output_stride}
 
 
 def model_experiment(info):
@@ -73,11 +80,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--data", help="dataset folder, or 'synthetic' (default: the model's own data section)")
-    add_inference_args(parser)
     parser.add_argument("--limit", type=int, help="evaluate only the first N images")
     parser.add_argument("-o", "--output", help="JSON results (default: MODEL.eval-SPLIT.json)")
-    add_config_args(parser, aliases=DATA_ALIASES + [Alias("--split", "data.val_split", "split to evaluate"),
-                                                    Alias("--workers", "data.loader_workers", "DataLoader workers")])
+    add_config_args(parser, aliases=DATA_ALIASES + INFERENCE_ALIASES + [
+        Alias("--split", "data.val_split", "split to evaluate"),
+        Alias("--workers", "data.loader_workers", "DataLoader workers")])
     args = parser.parse_args(argv)
     args.batch_size = 1  # exported models may have a fixed batch; images of a split differ in size anyway
     return args
@@ -87,9 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     show_progress()
-    runner, opts = exported_options(args)
+    runner, exp, opts = exported_options(args)
     info = runner.info
-    exp = resolve_experiment(model_experiment(info), args)
     loader, data_info = eval_loader(exp, info.num_classes, args.model, args)
     out = result_path(args.output, f"{args.model}.eval-{exp.data.val_split}.json")
     run_evaluation(exported_predictor(runner, opts), loader, data_info, exp, opts, out,

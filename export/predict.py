@@ -9,11 +9,10 @@ from __future__ import annotations
 import sys
 
 from deeplab.cli import command
-from deeplab.evaluate import resolve_experiment
 from deeplab.predict import names_and_palette, parse_args, predict_files
 
 from .cli import show_progress
-from .evaluate import MODEL_HELP, exported_options, exported_predictor, model_experiment
+from .evaluate import MODEL_HELP, exported_options, exported_predictor
 
 
 @command
@@ -21,9 +20,10 @@ def main(argv=None) -> int:
     args = parse_args(argv, "python -m export.predict", __doc__.split("\n\n")[1],
                       ("model", MODEL_HELP))
     show_progress()
-    runner, opts = exported_options(args)
-    names, palette = names_and_palette(resolve_experiment(model_experiment(runner.info), args), runner.info.num_classes)
-    return predict_files(exported_predictor(runner, opts), args.images, args.output, names, palette, args.alpha)
+    runner, exp, opts = exported_options(args)
+    names, palette = names_and_palette(exp, runner.info.num_classes)
+    return predict_files(exported_predictor(runner, opts), args.images, args.output, names, palette,
+                         exp.inference.alpha)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from deeplab.cli import UserError, error_line
+from deeplab.config import ConfigError
 from deeplab.fileio import write_text_atomic
 
 # onnxruntime providers, fastest first; the CPU provider is always last and always available.
@@ -450,9 +451,10 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
     ckpt = load_checkpoint(path)
     model = ckpt.model.eval().to(device)
     if output_stride is not None:
-        if output_stride not in (8, 16, 32):
-            raise ModelFileError(f"output stride {output_stride}: use 8, 16 or 32")
-        model.set_output_stride(output_stride)
+        try:
+            model.set_output_stride(output_stride)  # the model's own check: what its config can reach
+        except ConfigError as e:
+            raise ModelFileError(f"{path}: output stride {output_stride}: {e}") from None
     data = ckpt.experiment.data if ckpt.experiment else None
     names, mean, std = dataset_meta(data, ckpt.config.num_classes)
     metrics = ckpt.state.get("metrics") or {}

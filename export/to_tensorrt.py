@@ -22,10 +22,11 @@ from typing import Callable, Optional
 import numpy as np
 
 from deeplab.cli import USAGE, UserError, command
-from deeplab.config import Alias, ExportConfig
+from deeplab.config import Alias
 from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import parse_and_run, source_and_config, source_parser
+from .config import ExportConfig
 from .metadata import file_sha256, read_metadata
 from .opset import TENSORRT_MAX_OPSET
 from .runtime import ENGINE_HASH_KEY, device_info, sidecar_path, write_sidecar

@@ -11,7 +11,7 @@ def test_bench_model_prints_both_strides(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[:2] for line in lines[-2:]] == [["resnet_tiny", "OS16"], ["resnet_tiny", "OS8"]]
     assert main(["--size", "0"]) == 2
-    assert capsys.readouterr().err == "error: --size 0: export.image_size=0 must be >= 1\n"
+    assert capsys.readouterr().err == "error: --size 0: must be >= 1 (the square input side in pixels)\n"
 
 
 def test_data_bench_prints_every_figure(capsys):

@@ -23,13 +23,19 @@ def test_yaml_and_overrides(tmp_path):
     ("modle: {}\n", "unknown section(s) modle"),
     ("model:\n  output_stride: 12\n", "output_stride=12"),
     ("model: [1, 2\n", "not valid YAML"),
+    # the sections of the packages above deeplab, registered by them
+    ("cluster:\n  num_wrkers: 2\n", "bad.yaml: cluster: unknown field(s) num_wrkers; known: "),
+    ("tune:\n  grace_period: 0\n", "bad.yaml: tune.grace_period=0 must be >= 1"),
+    ("clustr:\n  num_workers: 2\n", "bad.yaml: unknown section(s) clustr; did you mean cluster?"),
+    ("inference:\n  scales: [0]\n", "bad.yaml: inference.scales=[0] must be one or more scales > 0"),
+    ("segment: [1, 2]\n", "bad.yaml: segment: expected a mapping, got list"),
 ])
 def test_bad_config_names_file_and_field(tmp_path, text, needle):
     p = tmp_path / "bad.yaml"
     p.write_text(text)
     with pytest.raises(ConfigError) as info:
         load_config(p)
-    assert needle in str(info.value)
+    assert str(info.value).startswith(str(p)) and needle in str(info.value)
     assert "\n" not in str(info.value)
 
 
@@ -317,3 +323,117 @@ def test_num_workers_is_a_count_or_an_elastic_range():
         load_config(DEMO, ["cluster.num_workers=2-9"])  # the global batch 8 cannot be split over 9
     with pytest.raises(ConfigError, match="with one worker"):
         load_config(DEMO, ["cluster.num_workers=1-4", "train.batch_size=1"])  # a group of 1 would see 1 image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sections declared by the packages that own them, registered with deeplab's config on import
+
+REPO = Path(__file__).parents[1]
+
+
+def test_full_experiment_round_trip_through_every_packages_section(tmp_path):
+    """One file: deeplab's sections and every upper package's load, take --set items into any of them, save
+    whole and reload equal; each section is its package's class."""
+    from cluster.config import ClusterConfig, ServeConfig
+    from export.config import ExportConfig
+    from tuning.config import TuneConfig
+
+    cfg = load_config(REPO / "configs" / "search_demo.yaml",
+                      ["cluster.num_workers=3", "tune.grace_period=2", "export.precision=fp16", "serve.port=9000",
+                       "inference.flip=true"])
+    got = (cfg.cluster.num_workers, cfg.tune.grace_period, cfg.export.precision, cfg.serve.port)
+    assert got == (3, 2, "fp16", 9000)
+    assert isinstance(cfg.cluster, ClusterConfig) and isinstance(cfg.tune, TuneConfig)
+    assert isinstance(cfg.export, ExportConfig) and isinstance(cfg.serve, ServeConfig) and cfg.inference.flip
+    out = tmp_path / "saved.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg and again.to_dict() == cfg.to_dict()
+    import yaml
+
+    assert set(yaml.safe_load(out.read_text())) == {"model", "data", "train", "inference", "cluster", "tune",
+                                                    "export", "segment", "serve"}
+
+
+def test_a_set_into_an_upper_section_names_the_item():
+    with pytest.raises(ConfigError, match=r"^--set cluster.num_wrkers=2: cluster has no field 'num_wrkers'"):
+        load_config(None, ["cluster.num_wrkers=2"])
+
+
+def test_files_written_before_the_inference_section_still_load():
+    """segment/serve's output_stride and segment's alpha became inference fields: an old experiment (a
+    checkpoint's, a config) loads with them moved there, and a value written at the new place wins."""
+    old = {"segment": {"output_stride": 8, "alpha": 0.25, "batch_size": 2}, "serve": {"output_stride": None}}
+    cfg = experiment_from_dict(old)
+    assert (cfg.inference.output_stride, cfg.inference.alpha, cfg.segment.batch_size) == (8, 0.25, 2)
+    assert "output_stride" not in cfg.to_dict()["segment"]
+    newer = experiment_from_dict({**old, "inference": {"output_stride": 16}})
+    assert newer.inference.output_stride == 16
+
+
+def test_output_stride_is_one_check_with_the_models_strides():
+    """model, inference and export strides take the model's own allowed values (4-256, Table 1), in one
+    message; a value the model cannot reach is refused where the model is switched to it."""
+    from export.config import ExportConfig
+
+    for key in ("model.output_stride", "inference.output_stride", "export.output_stride"):
+        with pytest.raises(ConfigError, match=rf"^--set {key}=12: {key}=12 is not allowed; use one of 4, 8, 16, 32"):
+            load_config(None, [f"{key}=12"])
+    assert ExportConfig(output_stride=4).output_stride == 4
+    assert load_config(None, ["inference.output_stride=64"]).inference.output_stride == 64
+
+
+def _run_python(code: str, cwd) -> str:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_deeplab_alone_keeps_the_sections_it_does_not_know_and_saves_them_whole(tmp_path):
+    """A process importing deeplab only reads a full experiment: sections of packages it did not import are
+    kept as written and saved back whole; a --set into one of them is one line naming the item."""
+    out = _run_python(
+        "import sys, deeplab.config as c\n"
+        f"cfg = c.load_config({str(REPO / 'configs' / 'search_demo.yaml')!r}, ['model.output_stride=8'])\n"
+        "assert sorted(c.SECTION_CLASSES) == ['data', 'inference', 'model', 'train'], c.SECTION_CLASSES\n"
+        f"c.save_config(cfg, {str(tmp_path / 'saved.yaml')!r})\n"
+        "try:\n    c.load_config(None, ['cluster.num_workers=2'])\nexcept c.ConfigError as e:\n    print(e)\n",
+        REPO)
+    assert out.startswith("--set cluster.num_workers=2: expected SECTION.FIELD=VALUE with SECTION one of model, data")
+    import yaml
+
+    saved, original = yaml.safe_load((tmp_path / "saved.yaml").read_text()), yaml.safe_load(
+        (REPO / "configs" / "search_demo.yaml").read_text())
+    assert saved["cluster"] == original["cluster"] and saved["tune"] == original["tune"]
+    assert saved["model"]["output_stride"] == 8
+    full = load_config(tmp_path / "saved.yaml")  # with every package imported: all of it checked and equal
+    assert full == load_config(REPO / "configs" / "search_demo.yaml", ["model.output_stride=8"])
+
+
+def test_a_deeplab_command_reads_a_full_experiment_config(tmp_path, tiny_model_config):
+    """python -m deeplab.evaluate --config with cluster/tune/export/segment/serve sections (deeplab imports
+    none of their packages): it evaluates, with the file's inference section."""
+    import json
+
+    import yaml
+
+    from deeplab import build_model, save_checkpoint
+
+    full = yaml.safe_load((REPO / "configs" / "search_demo.yaml").read_text())
+    full["model"] = {"backbone": "resnet_tiny", "num_classes": 5, "aspp_channels": 16}
+    full["data"].update(synthetic_classes=5, synthetic_val=1, synthetic_size=33, val_size=None)
+    full.update(inference={"flip": True}, export={"precision": "fp16"}, serve={"port": 9000})
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(full))
+    save_checkpoint(tmp_path / "m.ckpt", build_model(tiny_model_config), tiny_model_config)
+    out = _run_python(
+        "import sys; from deeplab.evaluate import main\n"
+        f"code = main([{str(tmp_path / 'm.ckpt')!r}, '--config', {str(tmp_path / 'full.yaml')!r}, '-o', "
+        f"{str(tmp_path / 'r.json')!r}])\n"
+        "assert 'cluster' not in sys.modules and 'tuning' not in sys.modules, 'deeplab imported an upper package'\n"
+        "print(code)\n", REPO)
+    assert out.strip().endswith("0")
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["flip"] is True and result["images"] == 1

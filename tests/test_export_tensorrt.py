@@ -7,7 +7,9 @@ import hashlib
 import pytest
 import torch
 
-from deeplab.config import ConfigError, ExportConfig, load_config
+from deeplab.config import ConfigError, load_config
+
+from export.config import ExportConfig
 from export import runtime, to_tensorrt as trt_cli
 from export.runtime import EngineError, check_sidecar, read_sidecar, sidecar_path, write_sidecar
 

@@ -134,17 +134,25 @@ def test_evaluate_matches_a_plain_loop_and_restores_train_mode():
     assert not math.isnan(cm.miou())
 
 
-def test_bad_scales_are_rejected_by_the_cli_parser():
+def test_inference_flags_are_the_inference_section_checked_once():
+    """--scales/--multi-scale/--flip/--window/--alpha set the inference section through --set's path, so a
+    bad value is one line naming the flag, whichever command took it."""
     import argparse
 
-    from deeplab.config import ConfigError
-    from deeplab.evaluate import add_inference_args, inference_options
+    from deeplab.config import ALPHA_ALIAS, INFERENCE_ALIASES, ConfigError, add_config_args, config_from_args
 
     parser = argparse.ArgumentParser()
-    add_inference_args(parser)
-    with pytest.raises(ConfigError, match="scales must be > 0"):
-        inference_options(parser.parse_args(["--scales", "1.0", "0"]))
-    assert inference_options(parser.parse_args(["--multi-scale", "--flip"]))["scales"] == PAPER_SCALES
+    add_config_args(parser, aliases=INFERENCE_ALIASES + [ALPHA_ALIAS])
+    for argv, words in ((["--scales", "1.0", "0"], "--scales 1.0 0: inference.scales=[1.0, 0] must be one or "
+                                                   "more scales > 0"),
+                        (["--window", "8"], "--window 8: inference.window=8 must be at least 16 pixels"),
+                        (["--alpha", "2"], "--alpha 2: inference.alpha=2 must be between 0 and 1"),
+                        (["--output-stride", "12"], "--output-stride 12: inference.output_stride=12 is not allowed")):
+        with pytest.raises(ConfigError) as info:
+            config_from_args(parser.parse_args(argv))
+        assert str(info.value).startswith(words) and "\n" not in str(info.value)
+    opts = config_from_args(parser.parse_args(["--multi-scale", "--flip", "--output-stride", "8"])).inference
+    assert opts.options() == {"output_stride": 8, "scales": PAPER_SCALES, "flip": True, "window": None}
 
 
 def test_evaluate_takes_any_backend_returning_numpy_logits():

@@ -69,6 +69,49 @@ def test_no_import_circle_between_project_modules():
             visit(name, [name])
 
 
+UPPER = ("export", "cluster", "tuning")
+
+
+def _upper_sections() -> dict:
+    """Section name -> class name of every config section the packages above deeplab register."""
+    from deeplab.config import OWN_SECTIONS, SECTION_CLASSES
+
+    for package in UPPER:
+        __import__(package)
+    return {name: cls.__name__ for name, cls in SECTION_CLASSES.items() if name not in OWN_SECTIONS}
+
+
+def test_deeplab_declares_no_upper_layers_config_section():
+    """The vocabulary follows the arrows too: deeplab holds the config machinery and its own sections; each
+    package above it declares its sections next to its code. Fails if a deeplab module defines one of their
+    classes, or deeplab/config.py names one of their sections."""
+    upper = _upper_sections()
+    assert {"cluster", "tune", "export", "segment", "serve"} <= set(upper)
+    for path in (ROOT / "deeplab").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
+        assert not defined & set(upper.values()), f"{path.relative_to(ROOT)} defines {defined & set(upper.values())}"
+    words = {n.value for n in ast.walk(ast.parse((ROOT / "deeplab" / "config.py").read_text()))
+             if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    named = sorted(s for s in upper for w in words if w == s or w.startswith(f"{s}.") or f" {s}." in w)
+    assert not named, f"deeplab/config.py names the sections {named}"
+
+
+def test_importing_deeplab_alone_registers_only_its_own_sections():
+    """A process that imports deeplab only knows model, data, train and inference; the rest appear when their
+    package is imported (deeplab's commands import none: tests/test_config.py runs deeplab.evaluate so)."""
+    import subprocess
+    import sys
+
+    code = ("import deeplab.config as c; print(sorted(c.SECTION_CLASSES)); "
+            "import export, cluster, tuning; print(sorted(c.SECTION_CLASSES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    alone, everything = out.splitlines()
+    assert alone == str(sorted(["model", "data", "train", "inference"]))
+    assert everything == str(sorted(["model", "data", "train", "inference", "export", "cluster", "segment",
+                                     "serve", "tune"]))
+
+
 MAX_FUNCTION_LINES = 60
 
 

@@ -21,7 +21,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("openvino")
 
 from cluster import infer  # noqa: E402
-from deeplab.config import SegmentConfig, ServeConfig  # noqa: E402
+from cluster.config import SegmentConfig, ServeConfig  # noqa: E402
 from inference_files import SIZES, photo, read_png, reference_predictions, tiny_checkpoint  # noqa: E402
 from ray_nodes import free_port, one_cpu_nodes  # noqa: E402
 

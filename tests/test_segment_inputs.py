@@ -127,7 +127,7 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path):
     (["missing.ckpt", "IN", "-o", "OUT"], "missing.ckpt: no such model file"),
     (["MODEL", "IN", "-o", "OUT", "--workers", "0"], "segment.workers=0 must be >= 1"),
     (["MODEL", "IN", "-o", "OUT", "--set", "segment.cpus_per_worker=0"], "must be > 0 unless segment.gpus_per_worker > 0"),
-    (["MODEL", "IN", "-o", "OUT", "--alpha", "2"], "segment.alpha=2"),
+    (["MODEL", "IN", "-o", "OUT", "--alpha", "2"], "--alpha 2: inference.alpha=2"),
     (["MODEL", "nowhere", "-o", "OUT"], "nowhere: no such folder or list file"),
     (["MODEL", "IN", "-o", "OUT", "--output-stride", "8", "--set", "segment.batch_size=0"], "segment.batch_size=0"),
     (["model.txt", "IN", "-o", "OUT"], "unknown model file type '.txt'"),
@@ -148,7 +148,7 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch,
 
 
 def test_pool_size_defaults_to_what_the_cluster_holds_and_warns_when_a_request_does_not_fit():
-    from deeplab.config import SegmentConfig
+    from cluster.config import SegmentConfig
 
     said = []
     assert segment.size_pool(SegmentConfig(), {"CPU": 8.0}, said.append) == 7  # 7 x 1 CPU + 0.5 to read
@@ -264,7 +264,7 @@ def test_link_loops_list_each_file_once(tmp_path):
 
 
 def test_outputs_that_resolve_outside_output_are_refused_and_failed_in_the_manifest(tmp_path):
-    from deeplab.config import SegmentConfig
+    from cluster.config import SegmentConfig
 
     root, out, elsewhere = tmp_path / "in", tmp_path / "out", tmp_path / "elsewhere"
     for rel in ("a.jpg", "sub/b.jpg", "c.jpg"):

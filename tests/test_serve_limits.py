@@ -47,7 +47,7 @@ def env(tmp_path_factory):
 
 def deploy(env, **options):
     from cluster.serve import start
-    from deeplab.config import ServeConfig
+    from cluster.config import ServeConfig
 
     cfg = ServeConfig(port=env["port"], **{"batch_wait_ms": 50, **options})
     start(env["ckpt"], cfg, timeout_s=120)

@@ -13,7 +13,7 @@ from cluster import serve
 from cluster.infer import model_calls, predict_labels
 from cluster.serve import Problem, as_problem, image_limit, read_body
 from cluster.serve_stats import TrafficStats, traffic_line
-from deeplab.config import ServeConfig
+from cluster.config import ServeConfig
 
 
 def test_model_calls_hold_the_pixel_budget_and_never_mix_sizes():
@@ -129,7 +129,7 @@ def test_segment_workers_hold_their_pixel_budget(tmp_path):
     calls of at most segment.max_batch_pixels, and writes every mask."""
     from cluster.infer import ship_model
     from cluster.segment import SegmentWorker
-    from deeplab.config import SegmentConfig
+    from cluster.config import SegmentConfig
     from inference_files import photo, read_png, tiny_checkpoint
 
     import ray

@@ -4,7 +4,7 @@ import pytest
 
 from cluster import serve
 from cluster.serve import Problem, deployment_options, upload_bytes
-from deeplab.config import ServeConfig
+from cluster.config import ServeConfig
 
 
 def form(*parts, boundary="XyZ123"):
@@ -57,7 +57,7 @@ def test_replicas_or_autoscaling_from_the_flags():
     (["MODEL", "--max-batch-size", "0"], "serve.max_batch_size=0"),
     (["MODEL", "--max-batch-size", "eight"], "serve.max_batch_size='eight' must be an integer"),
     (["MODEL", "--replicas", "2", "--autoscale", "1", "3"], "set one"),
-    (["MODEL", "--output-stride", "4"], "serve.output_stride=4"),
+    (["MODEL", "--output-stride", "12"], "--output-stride 12: inference.output_stride=12 is not allowed"),
 ])
 def test_command_line_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
     from inference_files import tiny_checkpoint

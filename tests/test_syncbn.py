@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from cluster.config import ClusterConfig
 from cluster.syncbn import SyncBatchNorm2d, convert_sync_batchnorm, revert_sync_batchnorm
 from cluster.worker import ddp_options
-from deeplab.config import ClusterConfig
 
 C, H, W = 3, 5, 4
 STEPS = 3

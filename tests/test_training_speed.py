@@ -13,8 +13,9 @@ import torch.distributed as dist
 from torch import nn
 
 from cluster import bench
+from cluster.config import ClusterConfig
 from cluster.worker import compress_gradients, ddp_options
-from deeplab.config import ClusterConfig, ConfigError, load_config
+from deeplab.config import ConfigError, load_config
 from deeplab.train_loop import Meter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

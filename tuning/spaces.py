@@ -28,7 +28,8 @@ from typing import Optional
 import yaml
 
 from deeplab.cli import error_line
-from deeplab.config import SECTIONS, ConfigError, ExperimentConfig, experiment_from_dict, per_worker_batch, to_plain
+from deeplab.config import SECTION_CLASSES, ConfigError, ExperimentConfig, experiment_from_dict, per_worker_batch, \
+    to_plain
 from deeplab.receptive import degenerate_rates, feature_size
 
 # short name -> (section, field); the paper's knobs plus the optional ones the issue names
@@ -62,9 +63,9 @@ def _where(key: str, where: str = "search space") -> tuple:
     if key in SHORT_NAMES:
         return SHORT_NAMES[key]
     section, dot, name = key.partition(".")
-    if not dot or section not in SECTIONS:
+    if not dot or section not in SECTION_CLASSES:
         raise ConfigError(f"{where}: key {key!r} is unknown; use one of {', '.join(SHORT_NAMES)} "
-                          f"or SECTION.FIELD with SECTION one of {', '.join(SECTIONS)}")
+                          f"or SECTION.FIELD with SECTION one of {', '.join(SECTION_CLASSES)}")
     return section, name
 
 

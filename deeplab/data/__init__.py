@@ -7,8 +7,8 @@ tasks) never loads torch and its thread runtimes."""
 from .io import DatasetError, read_image, read_mask
 
 _LAZY = {name: ".datasets" for name in ("ADE20K_CLASSES", "CITYSCAPES_CLASSES", "FORMATS", "VOC_CLASSES", "DatasetInfo",
-                                        "build_dataset", "dataset_info", "detect_format", "find_pairs", "label_map",
-                                        "palette_for_classes")}
+                                        "build_dataset", "dataset_for_model", "dataset_info", "detect_format",
+                                        "find_pairs", "label_map", "palette_for_classes")}
 _LAZY.update({name: ".transforms" for name in ("IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "TrainTransform",
                                                "denormalize", "normalize")})
 

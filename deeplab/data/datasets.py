@@ -24,9 +24,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..config import DATASETS
+from ..config import ConfigError
 from ..palette import CITYSCAPES_COLORS, voc_palette
 from . import synthetic
+from .formats import DATASETS
 from .io import DatasetError, LabelMap, load_pair, read_mask
 from .transforms import EvalTransform, TrainTransform
 
@@ -275,6 +276,16 @@ def dataset_info(cfg) -> DatasetInfo:
         names = _folder_classes(cfg)
         return DatasetInfo("folder", len(names), names, voc_palette(len(names)), cfg.ignore_index)
     raise DatasetError(f"data.dataset={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
+
+
+def dataset_for_model(cfg, num_classes: int, where: str, hint: str = "") -> DatasetInfo:
+    """The dataset's info, refused in one line (``where``: the model's field or file; ``hint``: what to do) when
+    its classes are not the model's: the one check every command that trains or evaluates makes."""
+    info = dataset_info(cfg)
+    if info.num_classes != num_classes:
+        raise ConfigError(f"{where}: the model predicts {num_classes} classes but the {cfg.dataset} dataset has "
+                          f"{info.num_classes}{hint}")
+    return info
 
 
 def palette_for_classes(class_names) -> np.ndarray:
