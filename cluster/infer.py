@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from deeplab.config import Alias
+
 CACHE_ENV = "DEEPLAB_MODEL_CACHE"  # where nodes keep shipped models (default: TMPDIR/deeplab-models)
 
 
@@ -30,6 +32,11 @@ def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help=formats_help())
     return p
+
+
+# segment's and serve's --output-stride: only a checkpoint can change its stride (an exported graph has its own)
+CHECKPOINT_STRIDE_ALIAS = Alias("--output-stride", "inference.output_stride",
+                                "checkpoints only: run at this output stride (default: the checkpoint's)")
 
 
 def model_cache() -> Path:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from cluster.infer import model_parser
+from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
 from deeplab.cli import UserError, command, error_line
 from deeplab.config import ALPHA_ALIAS, Alias, ConfigError, InferenceConfig, add_config_args, config_from_args
 from deeplab.fileio import is_uri
@@ -641,8 +641,7 @@ ALIASES = [
     Alias("--batch-size", "segment.batch_size", "images per actor call"),
     Alias("--cpus-per-worker", "segment.cpus_per_worker", "CPUs (and intra-op threads) per model actor"),
     Alias("--num-gpus-per-worker", "segment.gpus_per_worker", "GPUs per model actor (0: run on CPU)"),
-    Alias("--output-stride", "inference.output_stride", "checkpoints only: run at this output stride "
-          "(default: the checkpoint's)"),
+    CHECKPOINT_STRIDE_ALIAS,
     Alias("--color", "segment.color", "also write NAME_color.png (palette) and NAME_overlay.png", switch=True),
     ALPHA_ALIAS,
     Alias("--max-pixels", "segment.max_pixels", "images with more pixels fail (default: Pillow's bomb limit)"),

@@ -33,7 +33,7 @@ import urllib.request
 import uuid
 from typing import Optional
 
-from cluster.infer import model_parser
+from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
 from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias, add_config_args, config_from_args
 
@@ -406,8 +406,7 @@ ALIASES = [
     Alias("--batch-wait-ms", "serve.batch_wait_ms", "how long a batch waits to fill"),
     Alias("--cpus-per-replica", "serve.cpus_per_replica", "CPUs (and intra-op threads) per replica"),
     Alias("--num-gpus-per-replica", "serve.gpus_per_replica", "GPUs per replica"),
-    Alias("--output-stride", "inference.output_stride", "checkpoints only: run at this output stride "
-          "(default: the checkpoint's)"),
+    CHECKPOINT_STRIDE_ALIAS,
     Alias("--max-pixels", "serve.max_pixels", "larger images answer 413"),
     Alias("--max-batch-pixels", "serve.max_batch_pixels", "pixels per model call; a larger image answers 413"),
     Alias("--max-queued-requests", "serve.max_queued_requests", "requests waiting beyond the replicas' slots; "
