@@ -81,7 +81,7 @@ def test_command_edge(capsys):
         raise ZeroDivisionError
 
     assert interrupted([]) == 130
-    assert capsys.readouterr().err == "interrupted; nothing half-written\n"
+    assert capsys.readouterr().err == "interrupted (SIGINT): nothing half-written\n"
     assert mistaken([]) == 2
     assert capsys.readouterr().err == "error: /x/out.png: cannot write (it is a folder; expected a file name)\n"
     with pytest.raises(ZeroDivisionError):  # programming errors keep their traceback
@@ -90,6 +90,42 @@ def test_command_edge(capsys):
     from deeplab.config import ConfigError
     from deeplab.data import DatasetError
     assert all(issubclass(e, UserError) for e in (ConfigError, CheckpointError, DatasetError, OutputError))
+
+
+def test_command_answers_sigterm_with_its_note_and_restores_handlers(capsys):
+    """SIGTERM (a scheduler, `timeout`) unwinds like Ctrl-C, prints the command's own note, exits 143; the
+    process's handlers are back afterwards, and the next command starts with the default note."""
+    import os
+    import signal
+    import time
+
+    from deeplab.cli import on_interrupt
+
+    cleaned = []
+    note = "3 of 9 images kept in out/; the same command does the other 6"
+
+    @command
+    def long_job(argv=None):
+        on_interrupt(note)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            cleaned.append(True)
+        return 0
+
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    assert long_job([]) == 143
+    assert capsys.readouterr().err == f"interrupted (SIGTERM): {note}\n"
+    assert cleaned == [True]
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+    @command
+    def quick(argv=None):
+        raise KeyboardInterrupt
+
+    assert quick([]) == 130
+    assert capsys.readouterr().err == "interrupted (SIGINT): nothing half-written\n"
 
 
 def test_a_nested_atomic_write_names_the_outer_target(tmp_path):
