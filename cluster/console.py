@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Optional
@@ -58,6 +59,79 @@ def _not_the_progress_bar_note(record: logging.LogRecord) -> bool:
 def ray_init_options(verbose: bool) -> dict:
     """ray.init options for the console: Ray's own INFO lines only with --verbose."""
     return {"logging_level": logging.INFO if verbose else logging.WARNING}
+
+
+# Lines Ray prints on the driver's console that a user can neither act on nor should worry about (--verbose
+# shows them). Serve's controller ends itself inside graceful_shutdown, so every `serve.shutdown()` makes the
+# raylet report "(raylet) Task ServeController.graceful_shutdown failed ... retried". Ray Data's actor pool passes
+# its map function by object reference to actors it restarts, and the driver's core worker logs an E line on its
+# own stderr for every such actor ("core_worker.cc: Actor with class name ... has constructor arguments in the
+# object store and max_restarts > 0"); segment's outputs do not depend on it (a replaced actor is tested).
+SERVE_SHUTDOWN_NOISE = re.compile(r"Task ServeController\.graceful_shutdown failed")
+ACTOR_ARGUMENTS_NOISE = re.compile(r"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in the "
+                                   r"object store and max_restarts > 0")
+
+
+def quiet_ray_reports(noise: re.Pattern, verbose: bool) -> None:
+    """The errors Ray reports to this driver (printed as ``(raylet) ...``) without the lines ``noise`` matches,
+    unless ``verbose``. Ray prints them through ``ray._private.worker.print_to_stdstream`` from its error-listener
+    thread; where that private function is gone, Ray prints as it always did."""
+    try:
+        from ray._private import worker as ray_worker
+
+        show = ray_worker.print_to_stdstream
+    except (ImportError, AttributeError):
+        return
+    if verbose or getattr(show, "noise", None) is noise:
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        lines = [line for line in data.get("lines", []) if not noise.search(line)]
+        if lines:
+            show({**data, "lines": lines}, ignore_prefix)
+
+    print_to_stdstream.noise = noise
+    ray_worker.print_to_stdstream = print_to_stdstream
+
+
+_STDERR_FILTER = """import re, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: forward to the end
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+noise = re.compile(sys.argv[1].encode())
+for line in sys.stdin.buffer:
+    if not noise.search(line):
+        sys.stderr.buffer.write(line)
+        sys.stderr.buffer.flush()
+"""
+
+
+@contextmanager
+def quiet_stderr(noise: re.Pattern, verbose: bool):
+    """Inside the block, the lines ``noise`` matches are left out of this process's stderr (file descriptor 2:
+    also what C++ libraries write there, such as Ray's core worker), unless ``verbose``. A small filter process
+    forwards the rest as it comes, so a line written just before a crash still arrives; on the way out stderr is
+    this process's own again and the filter has forwarded everything."""
+    import subprocess
+
+    if verbose:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    forward = subprocess.Popen([sys.executable, "-I", "-S", "-c", _STDERR_FILTER, noise.pattern],
+                               stdin=subprocess.PIPE, stderr=saved)
+    os.dup2(forward.stdin.fileno(), 2)
+    forward.stdin.close()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        try:
+            forward.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a child of ours still holds the pipe: it forwards until that ends
+            pass
 
 
 class ConsoleFilter:

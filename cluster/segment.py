@@ -29,7 +29,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
-from deeplab.cli import UserError, command, error_line
+from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import ALPHA_ALIAS, Alias, ConfigError, InferenceConfig, add_config_args, config_from_args
 from deeplab.fileio import is_uri
 from deeplab.progress import Progress
@@ -603,6 +603,7 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     if not todo:
         manifest.close()
         return summary
+    _say_kept(summary, out_dir)
     size_pool(cfg, ray.cluster_resources(), log)
     log(f"{cfg.workers} model actor{'s' * (cfg.workers != 1)} ({cfg.cpus_per_worker:g} CPU"
         f"{f', {cfg.gpus_per_worker:g} GPU' if cfg.gpus_per_worker else ''} each), batches of {cfg.batch_size}")
@@ -627,12 +628,30 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
                     summary.failed += 1
                     summary.failures.append(r["error"])
             bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed")
+            _say_kept(summary, out_dir)
     finally:
         summary.seconds = time.perf_counter() - start
         manifest.close()
         remove_stale_temps(out_dir)
     bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed", final=True)
     return summary
+
+
+def _say_kept(summary: Summary, out_dir: Path) -> None:
+    """What a stop now keeps (every image segmented: manifest record and files) and what the same command does
+    then (a failed image is tried again)."""
+    kept = summary.skipped + summary.ok
+    on_interrupt(f"{kept} of {summary.total} images segmented in {out_dir} (manifest.jsonl); the same command "
+                 f"skips them and segments the other {summary.total - kept}")
+
+
+def _stop_actors(out_dir: str) -> None:
+    """After a stop: this job's actors end with Ray (a cluster this command started goes entirely), then the
+    temporary files of writes they had under way go too; every finished output is whole (written atomically)."""
+    import ray
+
+    ray.shutdown()
+    remove_stale_temps(Path(out_dir))
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -678,6 +697,7 @@ def main(argv=None) -> int:
                           "mounts at the same path); object-store output is not supported")
     info = read_model_info(args.model, exp.inference.output_stride)
     out_dir = os.path.abspath(args.output)
+    on_interrupt(f"{out_dir} is as it was (nothing segmented by this run yet); the same command starts again")
     extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
     inputs = list_inputs(args.input, exclude=out_dir, extensions=extensions)
     print(f"model: {args.model} ({info.backend.split(' ')[0]}, {info.precision}, {info.num_classes} classes, "
@@ -685,13 +705,18 @@ def main(argv=None) -> int:
     if os.path.isdir(out_dir):  # another model's OUTPUT stops here, before Ray starts
         claim_output(Path(out_dir), args.model, inputs.items, Manifest(Path(out_dir) / MANIFEST), args.overwrite)
 
-    from cluster.console import quiet_ray_data, ray_init_options
+    from cluster.console import ACTOR_ARGUMENTS_NOISE, quiet_ray_data, quiet_stderr, ray_init_options
     from cluster.train import init_ray
 
     init_ray(exp, **ray_init_options(args.verbose))
     quiet_ray_data(args.verbose)
-    summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True), overwrite=args.overwrite,
-                      inference=exp.inference)
+    try:
+        with quiet_stderr(ACTOR_ARGUMENTS_NOISE, args.verbose):
+            summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True),
+                              overwrite=args.overwrite, inference=exp.inference)
+    except KeyboardInterrupt:
+        _stop_actors(out_dir)
+        raise
     done = summary.ok + summary.failed
     manifest = os.path.join(out_dir, MANIFEST)
     print(f"segmented {done} images in {summary.seconds:.1f}s: {summary.images_per_s:.2f} images/s "

@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 import urllib.request
@@ -34,7 +33,7 @@ import uuid
 from typing import Optional
 
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
-from deeplab.cli import UserError, command, error_line
+from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
 
 from cluster.config import ServeConfig
@@ -425,30 +424,23 @@ def parse_args(argv):
 
 
 def _watch(stats, interval_s: float) -> None:
-    """Until Ctrl-C or SIGTERM: every ``interval_s``, one console line for the traffic since the last one."""
+    """Until Ctrl-C or SIGTERM (deeplab.cli's Stopped, also when started with SIGINT ignored): every
+    ``interval_s``, one console line for the traffic since the last one."""
     import ray
 
     from cluster.serve_stats import traffic_line
 
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
-    # Ctrl-C must stop it even when started by a process that ignores SIGINT (a child inherits SIG_IGN, and
-    # Python then keeps ignoring it): seen in the full test suite, where the serve process never stopped.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     next_line = time.monotonic() + interval_s
-    try:
-        while not stop:
-            time.sleep(min(0.5, interval_s))
-            if time.monotonic() >= next_line:
-                next_line += interval_s
-                try:
-                    line = traffic_line(ray.get(stats.take.remote(), timeout=30), interval_s)
-                except (ray.exceptions.RayError, TimeoutError) as e:  # the endpoint keeps serving without it
-                    line = f"no traffic figures this time ({type(e).__name__})"
-                if line:
-                    print(line, flush=True)
-    except KeyboardInterrupt:
-        pass
+    while True:
+        time.sleep(min(0.5, interval_s))
+        if time.monotonic() >= next_line:
+            next_line += interval_s
+            try:
+                line = traffic_line(ray.get(stats.take.remote(), timeout=30), interval_s)
+            except (ray.exceptions.RayError, TimeoutError) as e:  # the endpoint keeps serving without it
+                line = f"no traffic figures this time ({type(e).__name__})"
+            if line:
+                print(line, flush=True)
 
 
 def where_to_look() -> str:
@@ -488,12 +480,15 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
+    from cluster.console import SERVE_SHUTDOWN_NOISE, quiet_ray_reports
     from cluster.serve_stats import TrafficStats
     from cluster.train import init_ray
 
     joins = exp.cluster.address or os.environ.get("RAY_ADDRESS")
     local = {} if joins or cfg.metrics_port is None else {"_metrics_export_port": cfg.metrics_port}
+    on_interrupt("the endpoint was not up yet; nothing is written; the same command starts it")
     init_ray(exp, **quiet_serve_console(args.verbose), **local)
+    quiet_ray_reports(SERVE_SHUTDOWN_NOISE, args.verbose)
     stats = ray.remote(num_cpus=0)(TrafficStats).remote()
     try:
         url, started = start(args.model, cfg, stats=stats, output_stride=exp.inference.output_stride)
@@ -506,13 +501,16 @@ def main(argv=None) -> int:
           f"{info.output_stride}; {scale}, batches of up to {cfg.max_batch_size}) at {url}: POST /segment, "
           f"GET /info, GET /healthz, GET /readyz; Ctrl-C stops", flush=True)
     print(where_to_look(), flush=True)
-    _watch(stats, cfg.stats_interval_s)
-    print("stopping...", flush=True)
-    if started:
-        serve.shutdown()
-    else:  # Serve was running before: only this command's application goes
-        serve.delete(APP_NAME)
-    return 0
+    on_interrupt(f"the endpoint at {url} stopped ("
+                 + ("Serve shut down" if started else f"application {APP_NAME} removed; the Serve running before stays")
+                 + "); nothing is written; the same command serves again")
+    try:
+        _watch(stats, cfg.stats_interval_s)
+    finally:
+        if started:
+            serve.shutdown()
+        else:  # Serve was running before: only this command's application goes
+            serve.delete(APP_NAME)
 
 
 if __name__ == "__main__":

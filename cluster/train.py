@@ -22,7 +22,7 @@ import sys
 from typing import Optional
 
 from cluster.console import project_console, ray_init_options
-from deeplab.cli import command, error_line
+from deeplab.cli import command, error_line, keeps_stop_signals
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args
 from deeplab.fileio import copy_file_atomic, ensure_dir, is_uri, write_text_atomic
 
@@ -284,6 +284,7 @@ def _recorded_cluster() -> Optional[str]:
 LOCAL_SYSTEM_CONFIG = {"kill_idle_workers_interval_ms": 0}
 
 
+@keeps_stop_signals  # Ray takes SIGTERM for itself; a command answers it
 def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int] = None, **kwargs) -> None:
     """Join the cluster named by cluster.address / RAY_ADDRESS / the one started on this machine with ``ray start``
     or ``ray up``, else start a local one (``local``: always a fresh local one). ``kwargs`` go to ``ray.init``.

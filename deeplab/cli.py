@@ -51,6 +51,28 @@ def answer_stop_signals() -> dict:
     return {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
+def keeps_stop_signals(start):
+    """For a function that starts a library which takes SIGTERM for itself (``ray.init`` sets it to
+    ``sys.exit(15)``, then Ray's core worker to a crash handler that aborts the process with a stack dump: exit
+    134 and no line). Inside a ``@command`` the command's handlers are back when ``start`` returns, and a
+    SIGTERM caught by the library's ``sys.exit`` meanwhile is a ``Stopped`` like any other."""
+
+    @functools.wraps(start)
+    def run(*args, **kwargs):
+        if signal.getsignal(signal.SIGTERM) is not _raise_stopped:  # not inside a command: leave them be
+            return start(*args, **kwargs)
+        try:
+            return start(*args, **kwargs)
+        except SystemExit as e:
+            if e.code == signal.SIGTERM:
+                raise Stopped(signal.SIGTERM) from None
+            raise
+        finally:
+            answer_stop_signals()
+
+    return run
+
+
 def interrupted_exit(error: KeyboardInterrupt) -> int:
     """The one line and the exit code for a stop: 130 for SIGINT (or a plain KeyboardInterrupt), 143 for
     SIGTERM."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint
-from .cli import OutputError, command
+from .cli import OutputError, command, on_interrupt
 from .config import INFERENCE_ALIASES, Alias, ConfigError, add_config_args, config_from_args
 from .data import build_dataset, dataset_for_model, detect_format
 from .data.formats import DATASETS
@@ -96,6 +96,7 @@ def run_evaluation(predict, loader, info, exp, opts: dict, out: Path, model: dic
     name = next(iter(model.values()))
     print(f"evaluating {name} on {data.dataset} {data.val_split} ({images} images) at output stride "
           f"{opts['output_stride']}, scales {list(opts['scales'])}, flip {opts['flip']}", file=sys.stderr)
+    on_interrupt(f"no results written ({out} is as it was); the same command evaluates again from the first image")
     start = time.monotonic()
     cm = evaluate(predict, loader, info.num_classes, data.ignore_index, progress=Progress(images, "eval").update)
     result = cm.to_dict(info.class_names)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from deeplab.backbones import backbone_names
-from deeplab.cli import UserError, command, error_line
+from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
 from deeplab.fileio import atomic_path, ensure_dir, write_text_atomic
 
@@ -685,6 +685,8 @@ def benchmark(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ex, out = cfg.export, ensure_dir(args.out)
+    on_interrupt(f"no figures written ({out / 'bench.json'} is as it was; model files finished in {out} are whole); "
+                 "the same command measures everything again")
     dense, flops = count_flops(model, ex.image_size), required_flops(model, ex.image_size)
     cuda = torch.cuda.is_available()
     log.info(f"{model.config.backbone}, output stride {ex.output_stride}, {ex.image_size}x{ex.image_size}: "

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from deeplab.cli import UserError
+from deeplab.cli import UserError, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
 
 
@@ -39,6 +39,12 @@ class _Stdout(logging.StreamHandler):
     @stream.setter
     def stream(self, value):
         pass
+
+
+def say_unwritten_on_stop(out) -> None:
+    """A stop before ``out`` is written keeps nothing of it: its files are written under temporary names that
+    are removed on the way out, an older file there stays as it was, and nothing is resumed."""
+    on_interrupt(f"{out} not written (a file already there is unchanged); the same command starts over")
 
 
 def show_progress(level: int = logging.INFO) -> None:

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from deeplab.cli import UserError, error_line
-from deeplab.config import ConfigError
+from deeplab.config import ConfigError, to_plain
 from deeplab.fileio import write_text_atomic
 
 # onnxruntime providers, fastest first; the CPU provider is always last and always available.
@@ -462,6 +462,7 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
                      names or [f"class_{i}" for i in range(ckpt.config.num_classes)], model.config.output_stride,
                      tuple(mean), tuple(std), ckpt.config.backbone,
                      metrics.get("val_miou") if isinstance(metrics, dict) else None,
+                     to_plain(data) if data is not None else None,  # as an export of it records (build_metadata)
                      align_corners=bool(ckpt.config.align_corners), dataset=getattr(data, "dataset", None),
                      source_sha256=file_sha256(path), project_version=project_version())
 

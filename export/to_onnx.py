@@ -27,7 +27,7 @@ from deeplab.cli import command
 from deeplab.config import Alias, add_config_args, config_from_args
 from deeplab.fileio import atomic_path, ensure_dir
 
-from .cli import ExportError, SwitchOff, show_progress
+from .cli import ExportError, SwitchOff, say_unwritten_on_stop, show_progress
 from .metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, dataset_meta, file_sha256, set_metadata
 from .opset import check_opset
 from .runtime import OnnxRunner
@@ -182,6 +182,7 @@ def main(argv=None) -> int:
     ex = cfg.export
     ex.opset = check_opset(ex.opset, "onnxruntime")  # the parity check loads it in onnxruntime
     out = Path(args.output) if args.output else Path(args.checkpoint).with_suffix(".onnx")
+    say_unwritten_on_stop(out)
     _, meta, _ = export_checkpoint(ckpt, out, ex.output_stride, ex.dynamic, ex.opset, args.parity_size,
                                    args.parity_batch, ex.tolerance, cfg.data)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, output stride {meta['output_stride']}, "

@@ -28,7 +28,7 @@ from deeplab.cli import UserError, command, error_line
 from deeplab.config import Alias
 from deeplab.fileio import atomic_path, ensure_dir
 
-from .cli import parse_and_run, source_and_config, source_parser
+from .cli import parse_and_run, say_unwritten_on_stop, source_and_config, source_parser
 from .metadata import read_ir_metadata, read_metadata, set_ir_metadata
 from .runtime import require
 
@@ -185,6 +185,7 @@ def run(args) -> int:
                         "hints: the runner uses them where the CPU has them)")
     out = Path(args.output) if args.output else src.with_suffix(".xml" if precision == "fp32" else ".int8.xml")
     ensure_dir(out.parent)
+    say_unwritten_on_stop(out)
     with tempfile.TemporaryDirectory(prefix=".to_openvino.", dir=out.parent) as workdir:
         onnx_path, reference = source_onnx(src, ckpt, cfg, Path(workdir))
         meta = read_metadata(onnx_path)

@@ -25,7 +25,7 @@ from deeplab.cli import USAGE, UserError, command
 from deeplab.config import Alias
 from deeplab.fileio import atomic_path, ensure_dir
 
-from .cli import parse_and_run, source_and_config, source_parser
+from .cli import parse_and_run, say_unwritten_on_stop, source_and_config, source_parser
 from .config import ExportConfig
 from .metadata import file_sha256, read_metadata
 from .opset import TENSORRT_MAX_OPSET
@@ -324,6 +324,7 @@ def run(args) -> int:
     src, ckpt, cfg = source_and_config(args, "tensorrt")
     engine_path = Path(args.output) if args.output else src.with_suffix(f".{cfg.export.precision}.engine")
     ensure_dir(engine_path.parent)
+    say_unwritten_on_stop(engine_path)
     blocker = machine_blocker()
     path = None
     if blocker is None:
