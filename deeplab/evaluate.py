@@ -94,9 +94,9 @@ def run_evaluation(predict, loader, info, exp, opts: dict, out: Path, model: dic
     is the stride it ran at."""
     data, images = exp.data, len(loader.dataset)
     name = next(iter(model.values()))
+    on_interrupt(f"no results written ({out} is as it was); the same command evaluates again from the first image")
     print(f"evaluating {name} on {data.dataset} {data.val_split} ({images} images) at output stride "
           f"{opts['output_stride']}, scales {list(opts['scales'])}, flip {opts['flip']}", file=sys.stderr)
-    on_interrupt(f"no results written ({out} is as it was); the same command evaluates again from the first image")
     start = time.monotonic()
     cm = evaluate(predict, loader, info.num_classes, data.ignore_index, progress=Progress(images, "eval").update)
     result = cm.to_dict(info.class_names)
