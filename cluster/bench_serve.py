@@ -204,7 +204,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpus-per-worker", type=float, default=1, help="CPUs (threads) per replica / actor (default 1)")
     p.add_argument("--port", type=int, default=0, help="loopback port for Serve (default: a free one)")
     p.add_argument("--peak-rss", type=int, default=0, metavar="N",
-                   help="only measure the replica's peak RSS under N concurrent uploads at the pixel limit")
+                   help="only measure the replica's peak RSS under N concurrent uploads at the pixel limit (default: "
+                        "off, the full benchmark)")
     add_config_args(p)
     args = p.parse_args(argv)
     exp = config_from_args(args)

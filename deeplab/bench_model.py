@@ -19,11 +19,11 @@ from .model import build_model
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m deeplab.bench_model", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--strides", type=int, nargs="+", default=[16, 8])
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--size", type=int, default=513, help="square input side")
+    p.add_argument("--batch", type=int, default=1, help="images per forward (default: 1)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds; the median is printed (default: 3)")
+    p.add_argument("--strides", type=int, nargs="+", default=[16, 8], help="output strides compared (default: 16 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--size", type=int, default=513, help="square input side (default: 513)")
     add_config_args(p, aliases=[Alias("--backbone", "model.backbone", "a registered backbone (deeplab.backbones)")])
     args = p.parse_args(argv)
     if args.size < 1:

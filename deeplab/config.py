@@ -712,6 +712,7 @@ class Alias:
     metavar: Optional[str] = None
     choices: Optional[tuple] = None  # the words argparse accepts (the field's check still applies)
     value: str = "true"  # what a switch sets, as YAML
+    default_note: Optional[str] = None  # --help's words for the default, where the field's own would mislead
 
     def default(self):
         section, name = self.key.split(".", 1)
@@ -753,14 +754,17 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = False, ali
     """The config flags every command shares: --config FILE, repeated --set SECTION.FIELD=VALUE, and the
     command's shorthand ``aliases`` (each one config field; --help shows the field and its default)."""
     parser.add_argument("--config", required=required,
-                        help=f"experiment YAML (sections {'/'.join(SECTION_CLASSES)})")
+                        help=f"experiment YAML (sections {'/'.join(SECTION_CLASSES)})" + ("" if required else
+                             "; default: a model file's own experiment where the command reads one, else the "
+                             "built-in defaults"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override one config field, e.g. --set model.output_stride=8 (repeatable)")
+                        help="override one config field, e.g. --set model.output_stride=8 (repeatable; none by "
+                             "default)")
     for alias in aliases:
         section, name = alias.key.split(".", 1)
         if section not in SECTION_CLASSES or name not in {f.name for f in fields(SECTION_CLASSES[section])}:
             raise ValueError(f"alias {alias.flag}: {alias.key} is not a config field")
-        text = f"{alias.help} ({alias.key}; config default: {alias.default()})".lstrip()
+        text = f"{alias.help} ({alias.key}; {alias.default_note or f'config default: {alias.default()}'})".lstrip()
         if alias.switch:
             parser.add_argument(alias.flag, action="store_const", const=True, default=None, help=text)
         else:

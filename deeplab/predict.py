@@ -122,14 +122,16 @@ def predict_files(predict, images, output, names, palette, alpha: float = 0.5) -
 
 
 def parse_args(argv=None, prog: str = "python -m deeplab.predict", description: str = __doc__.split("\n\n")[1],
-               model=("checkpoint", "a DeepLabv3 checkpoint (.ckpt)")) -> argparse.Namespace:
-    """The predict command's arguments; ``model`` (name, help) is what it predicts with (export.predict: a file)."""
+               model=("checkpoint", "a DeepLabv3 checkpoint (.ckpt)"), inference_aliases=INFERENCE_ALIASES
+               ) -> argparse.Namespace:
+    """The predict command's arguments; ``model`` (name, help) is what it predicts with (export.predict: a file,
+    with its own ``inference_aliases``)."""
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(model[0], help=model[1])
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders of images")
     parser.add_argument("-o", "--output", required=True, metavar="DIR", help="folder for the PNGs")
-    add_config_args(parser, aliases=INFERENCE_ALIASES + [ALPHA_ALIAS])
+    add_config_args(parser, aliases=inference_aliases + [ALPHA_ALIAS])
     return parser.parse_args(argv)
 
 

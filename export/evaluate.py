@@ -60,6 +60,13 @@ def exported_predictor(runner, opts: dict):
     return predict
 
 
+# deeplab's inference flags as an exported model takes them: its graph is fixed at one output stride
+EXPORTED_INFERENCE_ALIASES = [
+    Alias("--output-stride", "inference.output_stride", "the stride the model was exported at, the only one it "
+          "runs at; another is refused (default: the model's own; another stride needs the checkpoint)")
+    if alias.flag == "--output-stride" else alias for alias in INFERENCE_ALIASES]
+
+
 def exported_options(args) -> tuple:
     """(runner, experiment, inference options at the stride the file was exported at: it cannot change). The
     experiment starts from the file's own metadata, so its inference section is read before the model opens."""
@@ -80,9 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help=MODEL_HELP)
     parser.add_argument("--data", help="dataset folder, or 'synthetic' (default: the model's own data section)")
-    parser.add_argument("--limit", type=int, help="evaluate only the first N images")
+    parser.add_argument("--limit", type=int, help="evaluate only the first N images (default: all)")
     parser.add_argument("-o", "--output", help="JSON results (default: MODEL.eval-SPLIT.json)")
-    add_config_args(parser, aliases=DATA_ALIASES + INFERENCE_ALIASES + [
+    add_config_args(parser, aliases=DATA_ALIASES + EXPORTED_INFERENCE_ALIASES + [
         Alias("--split", "data.val_split", "split to evaluate"),
         Alias("--workers", "data.loader_workers", "DataLoader workers")])
     args = parser.parse_args(argv)

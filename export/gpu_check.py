@@ -103,12 +103,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m export.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output", type=Path, default=None, help="JSON file (default: $OUT/gpu_check.json, "
                    "else runs/gpu_check.json)")
-    p.add_argument("--backbone", default="resnet101", choices=backbone_names(real_only=True))
-    p.add_argument("--size", type=int, default=513, help="image side for inference and training crops")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="inference batch sizes")
-    p.add_argument("--train-batch", type=int, default=8, help="training images per step")
-    p.add_argument("--repeats", type=int, default=20, help="timed calls per inference variant")
-    p.add_argument("--train-steps", type=int, default=10, help="training iterations per variant")
+    p.add_argument("--backbone", default="resnet101", choices=backbone_names(real_only=True),
+                   help="model timed (default: resnet101)")
+    p.add_argument("--size", type=int, default=513, help="image side for inference and training crops (default: 513)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="inference batch sizes (default: 1 8)")
+    p.add_argument("--train-batch", type=int, default=8, help="training images per step (default: 8)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per inference variant (default: 20)")
+    p.add_argument("--train-steps", type=int, default=10, help="training iterations per variant (default: 10)")
     p.add_argument("--budget-s", type=float, default=420, help="stop starting sections after this (default 7 min)")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="no GPU needed: every section on the CPU with a tiny model at 65 px (checks the check)")

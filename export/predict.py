@@ -12,13 +12,13 @@ from deeplab.cli import command
 from deeplab.predict import names_and_palette, parse_args, predict_files
 
 from .cli import show_progress
-from .evaluate import MODEL_HELP, exported_options, exported_predictor
+from .evaluate import EXPORTED_INFERENCE_ALIASES, MODEL_HELP, exported_options, exported_predictor
 
 
 @command
 def main(argv=None) -> int:
     args = parse_args(argv, "python -m export.predict", __doc__.split("\n\n")[1],
-                      ("model", MODEL_HELP))
+                      ("model", MODEL_HELP), EXPORTED_INFERENCE_ALIASES)
     show_progress()
     runner, exp, opts = exported_options(args)
     names, palette = names_and_palette(exp, runner.info.num_classes)

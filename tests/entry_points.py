@@ -12,6 +12,7 @@ COMMANDS = {
     "deeplab.data.bench": ["-m", "deeplab.data.bench"],
     "deeplab.import_torchvision": ["-m", "deeplab.import_torchvision"],
     "deeplab.bench_model": ["-m", "deeplab.bench_model"],
+    "deeplab.receptive": ["-m", "deeplab.receptive"],
     # export: model files and runtimes, no Ray
     "export.to_onnx": ["-m", "export.to_onnx"],
     "export.to_openvino": ["-m", "export.to_openvino"],

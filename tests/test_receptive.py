@@ -1,4 +1,8 @@
-"""The Figure 4 helper against a brute-force count of valid 3x3 taps."""
+"""The Figure 4 helper against a brute-force count of valid 3x3 taps, and its command."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from deeplab.receptive import degenerate_rates, feature_size, valid_weight_fraction
@@ -43,3 +47,22 @@ def test_degenerate_rates_at_a_threshold():
     assert degenerate_rates((6, 12, 18), 321, 16, threshold=0.15) == []  # 18 on 21x21 keeps 0.21 > 0.15
     assert [r for r, _ in degenerate_rates((6, 12, 18), 513, 8, threshold=0.15)] == []  # rates x2 on 65x65
     assert [r for r, _ in degenerate_rates((6, 12, 18, 24), 321, 16, threshold=0.15)] == [24]
+
+
+def test_command_prints_each_rate_share_at_each_stride():
+    """`python -m deeplab.receptive` in a fresh interpreter: the feature map of a 321 crop at OS 16 and 8 and each
+    rate (given at 16, doubled at 8) with the brute-force share of valid weights; a bad stride is one line, exit 2."""
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-m", "deeplab.receptive", "--crop", "321", "--output-stride", "16", "8",
+                          "--rates", "6", "24"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[1] == f"output stride 16: feature map {feature_size(321, 16)}x{feature_size(321, 16)}" == \
+        "output stride 16: feature map 21x21"
+    assert lines[4] == "output stride 8: feature map 41x41"
+    for line, rate, size in zip(lines[2:4] + lines[5:7], (6, 24, 12, 48), (21, 21, 41, 41)):
+        counts = _brute_force(rate, size)
+        assert line == f"  rate {rate:>3}: {sum(counts) / len(counts) / 9:6.1%}"
+    bad = subprocess.run([sys.executable, "-m", "deeplab.receptive", "--output-stride", "12"], cwd=root,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr == "error: --output-stride 12: must be 4, 8, 16 or 32\n"

@@ -74,8 +74,8 @@ def endpoint(collection):
             time.sleep(0.5)
         yield "127.0.0.1", port, lines, nodes.address
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0, "".join(lines[-40:])
-        assert any(line.startswith("stopping") for line in lines)
+        assert proc.wait(timeout=120) == 130, "".join(lines[-40:])
+        assert any(line.startswith("interrupted (SIGINT): the endpoint at ") for line in lines)
         assert serve_controllers(nodes.address) == []  # it started Serve, so it stopped it
     finally:
         if proc.poll() is None:

@@ -76,7 +76,8 @@ def main(argv=None) -> int:
     p = sub.add_parser("check", help="validate a dataset split before a long run")
     p.add_argument("--workers", type=int, default=4, help="decoding threads (default 4)")
     add_config_args(p, aliases=[
-        Alias("--format", "data.dataset", "dataset layout", choices=("voc", "cityscapes", "ade20k", "folder")),
+        Alias("--format", "data.dataset", "dataset layout", choices=("voc", "cityscapes", "ade20k", "folder"),
+              default_note="required unless --config names one; the config default, synthetic, has no files"),
         Alias("--root", "data.root", "dataset folder"),
         Alias("--split", "data.train_split", "split to check"),
         Alias("--num-classes", "data.num_classes", "classes of a folder dataset without classes.txt")])
