@@ -124,3 +124,21 @@ def test_engine_metadata_comes_from_its_sidecar_and_loading_needs_the_gpu_it_was
             load_runner(engine)
     with pytest.raises(ModelFileError, match="runs on its GPU only"):
         load_runner(engine, device="cpu")
+
+
+@pytest.mark.slow
+def test_checkpoint_and_its_onnx_describe_the_same_data(tmp_path):
+    """What /info serves (ModelInfo.to_dict): a checkpoint trained on a dataset reports that data section, as the
+    ONNX exported from it does (the checkpoint's was null)."""
+    from deeplab import build_model, save_checkpoint
+    from deeplab.config import DataConfig, ExperimentConfig, ModelConfig, to_plain
+    from export.to_onnx import export_checkpoint
+
+    exp = ExperimentConfig(model=ModelConfig(backbone="resnet_tiny", num_classes=4, aspp_channels=16),
+                           data=DataConfig(synthetic_size=49, synthetic_classes=4, crop_size=49))
+    ckpt = save_checkpoint(tmp_path / "tiny.ckpt", build_model(exp.model).eval(), exp)
+    onnx_path, _, _ = export_checkpoint(ckpt, tmp_path / "tiny.onnx", output_stride=16, parity_sizes=(49,))
+    from_ckpt, from_onnx = read_model_info(ckpt).to_dict(), read_model_info(onnx_path).to_dict()
+    assert from_ckpt["data_config"] == from_onnx["data_config"] == to_plain(exp.data)
+    for key in ("dataset", "class_names", "mean", "std", "num_classes", "output_stride", "align_corners"):
+        assert from_ckpt[key] == from_onnx[key], key
