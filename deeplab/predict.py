@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from .checkpoint import load_checkpoint
-from .cli import command
+from .cli import command, on_interrupt
 from .config import ALPHA_ALIAS, INFERENCE_ALIASES, add_config_args
 from .data import DatasetError, dataset_info, normalize, read_image
 from .evaluate import resolve_experiment
@@ -98,7 +98,9 @@ def predict_files(predict, images, output, names, palette, alpha: float = 0.5) -
     out_dir = ensure_dir(output)
     failures, used = 0, set()
     bar = Progress(len(files), "predict", enabled=len(files) > 1)
-    for path in files:
+    for done, path in enumerate(files):
+        on_interrupt(f"the PNGs of {done - failures} of {len(files)} images are in {out_dir} (each file whole); the "
+                     "same command writes them all again")
         try:
             image = read_image(path)
         except DatasetError as e:
