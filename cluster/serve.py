@@ -30,7 +30,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from typing import Optional
+from typing import NoReturn, Optional
 
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
 from deeplab.cli import UserError, command, error_line, on_interrupt
@@ -423,7 +423,7 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def _watch(stats, interval_s: float) -> None:
+def _watch(stats, interval_s: float) -> NoReturn:
     """Until Ctrl-C or SIGTERM (deeplab.cli's Stopped, also when started with SIGINT ignored): every
     ``interval_s``, one console line for the traffic since the last one."""
     import ray
