@@ -56,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="a DeepLabv3 checkpoint (.ckpt)")
     parser.add_argument("--data", help="dataset folder, or 'synthetic' (default: the checkpoint's data section)")
-    parser.add_argument("--batch-size", type=int, default=1, help="images per batch (default: 1; >1 needs data.val_size)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per batch (default: 1; >1 needs data.val_size)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N images (default: all)")
     parser.add_argument("-o", "--output", help="JSON results (default: CHECKPOINT.eval-SPLIT.json)")
     add_config_args(parser, aliases=DATA_ALIASES + INFERENCE_ALIASES + [

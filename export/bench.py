@@ -445,10 +445,12 @@ def parse_args(argv=None):
                    help="a TensorRT engine you built, with its .engine.json sidecar (repeatable; default: none, "
                    "no TensorRT row)")
     p.add_argument("--compare-backbone", nargs="+", default=[], choices=backbone_names(real_only=True),
-                   metavar="NAME", help="also time eager fp32 of the same model with these backbones (default: none; random "
+                   metavar="NAME", help="also time eager fp32 of the same model with these backbones (default: "
+                   "none; random "
                    f"weights), interleaved with the rest: {', '.join(backbone_names(real_only=True))}")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--out", default="runs/bench", help="folder for bench.json, bench.png and the ONNX files (default: runs/bench)")
+    p.add_argument("--out", default="runs/bench",
+                   help="folder for bench.json, bench.png and the ONNX files (default: runs/bench)")
     return p.parse_args(argv)
 
 

@@ -16,8 +16,8 @@ ACTOR_LINE = ("[2026-12-07 06:23:20,496 E 5749 5749] core_worker.cc:2465: Actor 
               "SegmentWorker))' and ID: '6fd99bfc3529549b3a23e28e01000000' has constructor arguments in the object "
               "store and max_restarts > 0. If the arguments in the object store go out of scope or are lost, the actor "
               "restart will fail. See https://github.com/ray-project/ray/issues/53727 for more details.")
-SHUTDOWN_LINE = ("Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task will "
-                 "be retried. Error: The actor is dead because it was killed by `ray.kill`.")
+SHUTDOWN_LINE = ("Task ServeController.graceful_shutdown failed. There are infinite retries remaining, so the task "
+                 "will be retried. Error: The actor is dead because it was killed by `ray.kill`.")
 
 WRITER = """import os, sys
 from cluster.console import ACTOR_ARGUMENTS_NOISE, quiet_stderr

@@ -102,7 +102,8 @@ class Command:
                 match = re.search(pattern, line)
                 if match:
                     return match
-            assert self.proc.poll() is None, f"ended ({self.proc.returncode}) before {pattern!r}:\n{self.output[-4000:]}"
+            assert self.proc.poll() is None, \
+                f"ended ({self.proc.returncode}) before {pattern!r}:\n{self.output[-4000:]}"
             assert time.monotonic() < deadline, f"no {pattern!r} within {timeout}s:\n{self.output[-4000:]}"
             time.sleep(0.05)
 
