@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
+from cluster.infer import CHECKPOINT_STRIDE_ALIAS, fetch_model, model_parser
 from deeplab.cli import UserError, command, error_line
 from deeplab.config import ALPHA_ALIAS, Alias, ConfigError, InferenceConfig, add_config_args, config_from_args
 from deeplab.fileio import is_uri
@@ -676,6 +676,9 @@ def main(argv=None) -> int:
     if is_uri(args.output):
         raise ConfigError(f"-o {args.output}: OUTPUT must be a folder (on a multi-node cluster, one every node "
                           "mounts at the same path); object-store output is not supported")
+    if is_uri(args.model):  # the driver fetches it once, then ships it to the nodes as any local model
+        print(f"fetching {args.model}", flush=True)
+        args.model = fetch_model(args.model)
     info = read_model_info(args.model, exp.inference.output_stride)
     out_dir = os.path.abspath(args.output)
     extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
