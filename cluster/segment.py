@@ -4,7 +4,8 @@ Segment a whole image collection on a Ray cluster with Ray Data: the files are r
 filesystems and decoded in parallel tasks, then a pool of model actors (map_batches with a callable class)
 runs the model on batches of same-size images. MODEL is a checkpoint (.ckpt), an ONNX file (FP32, FP16 or
 INT8 Q/DQ), an OpenVINO IR (.xml + .bin) or a TensorRT engine (+ its sidecar); every file of it is shipped to
-the nodes, and classes, output stride and mean/std come from the file itself. INPUT is a
+the nodes, and classes, output stride and mean/std come from the file itself. A one-file MODEL may be an
+object-store URL (the ``s3://.../best.ckpt`` cluster.train prints): the driver fetches it first. INPUT is a
 folder (recursive), a text file listing paths (one a line, relative to the list's folder or absolute), or
 an object-store prefix such as s3://bucket/photos/.
 

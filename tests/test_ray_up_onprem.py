@@ -182,18 +182,18 @@ for i in range(3):
 
     _wait("training again after the raylet was killed", lambda: training_again() or job.poll() is not None,
           240, [job_log])
+    assert training_again(), f"the run ended without resuming after the fault:\n{job_log.read_text()[-3000:]}"
     times["raylet killed -> training again"] = time.monotonic() - killed
     assert job.wait(timeout=240) == 0, job_log.read_text()[-5000:]
     times["training job (submit -> end)"] = time.monotonic() - submitted
-    text = job_log.read_text()
-    run_url = f"s3://{BUCKET}/runs/e2e?endpoint_override={s3.ip}:{S3_PORT}&scheme=http"
-    best_url = f"s3://{BUCKET}/runs/e2e/best.ckpt?endpoint_override={s3.ip}:{S3_PORT}&scheme=http"
-    assert f"\nrun {run_url}\n" in text and f"best checkpoint: {best_url}" in text, text[-3000:]
-
     keys = json.loads(_s3(laptop, f"print(json.dumps([o['Key'] for o in s3.list_objects_v2(Bucket='{BUCKET}')"
                                   f".get('Contents', [])]))", s3.ip))
     assert "runs/e2e/best.ckpt" in keys and "runs/e2e/summary.json" in keys, keys
     assert not [k for k in keys if "?" in k or "endpoint_override" in k], keys  # one run folder, no query keys
+    text = job_log.read_text()
+    run_url = f"s3://{BUCKET}/runs/e2e?endpoint_override={s3.ip}:{S3_PORT}&scheme=http"
+    best_url = f"s3://{BUCKET}/runs/e2e/best.ckpt?endpoint_override={s3.ip}:{S3_PORT}&scheme=http"
+    assert f"\nrun {run_url}\n" in text and f"best checkpoint: {best_url}" in text, text[-3000:]
     summary = json.loads(_s3(laptop, f"print(s3.get_object(Bucket='{BUCKET}', Key='runs/e2e/summary.json')"
                                      f"['Body'].read().decode())", s3.ip))
     assert summary["iterations"] == MAX_IT and summary["run"] == run_url and summary["best_checkpoint"] == best_url
