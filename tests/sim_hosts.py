@@ -47,7 +47,7 @@ for source, target, readonly, recursive in spec["binds"]:
 run("mount", "-t", "tmpfs", "-o", "size=2g", "tmpfs", "/dev/shm")
 run("mount", "-t", "tmpfs", "tmpfs", "/run")
 os.makedirs("/run/sshd", mode=0o755)
-run("mount", "--bind", spec["tmp"], "/tmp")
+run("mount", "--rbind", spec["tmp"], "/tmp")
 os.chmod("/tmp", 0o1777)
 if spec["sshd"]:
     log = open(spec["sshd_log"], "ab")
@@ -149,7 +149,7 @@ class SimHosts:
 
     def __init__(self, base: Path, names: list, sshd: tuple = (), venv: Optional[str] = None):
         self.base = Path(base)
-        self.venv = venv or sys.prefix
+        self.venv = os.path.realpath(venv or sys.prefix)
         self.tag = f"sim{os.getpid()}"
         self.hub = f"{self.tag}-hub"
         self.hosts = {n: Host(n, f"{SUBNET}.{i + 10}", f"{self.tag}-{n}", self.base / n)
@@ -218,18 +218,23 @@ class SimHosts:
             (host.home / ".ssh" / "authorized_keys").write_text("".join(keys))
 
     def _start(self, host: Host) -> None:
-        venv = os.path.realpath(self.venv)
         binds = []
-        # the venv's interpreter may live in the machine's HOME (pyenv: /root/.pyenv): kept visible, read-only
-        python = Path(os.path.realpath(sys.base_prefix))
-        if python.is_relative_to("/root"):
-            inside = host.home / python.relative_to("/root")
-            inside.mkdir(parents=True, exist_ok=True)
-            binds.append([str(python), str(inside), True, False])
+        # The venv and its interpreter (pyenv keeps it in /root/.pyenv), read-only at their own paths; one under
+        # /root or /tmp (which the host overmounts) goes into the host's home or /tmp at the same place.
+        keep = {os.path.realpath(self.venv), os.path.realpath(sys.base_prefix)}
+        for path in sorted(keep):
+            for shadowed, inside in (("/root", host.home), ("/tmp", host.tmp)):
+                if Path(path).is_relative_to(shadowed):
+                    target = inside / Path(path).relative_to(shadowed)
+                    target.mkdir(parents=True, exist_ok=True)
+                    binds.append([path, str(target), True, True])
+                    break
+            else:
+                binds.append([path, path, True, True])
         spec = {"name": host.name, "tmp": str(host.tmp), "sshd": host.name in self.sshd,  # paths as the host sees them
                 "sshd_config": "/tmp/sshd/sshd_config", "sshd_log": "/tmp/sshd/sshd.log", "ready": "/tmp/ready",
                 "binds": binds + [[str(host.home), "/root", False, True],
-                                  [str(host.dir / "hosts"), "/etc/hosts", False, False], [venv, venv, True, False],
+                                  [str(host.dir / "hosts"), "/etc/hosts", False, False],
                                   [str(self.base / "shared"), "/mnt", False, False]]}
         log = open(host.dir / "init.log", "ab")
         host.proc = subprocess.Popen(
