@@ -105,6 +105,7 @@ class Host:
     proc: Optional[subprocess.Popen] = None  # unshare, the parent of the host's first process
     init_pid: Optional[int] = None  # the host's first process, as the machine sees it
     env: dict = field(default_factory=dict)
+    started: list = field(default_factory=list)  # popen()'s nsenter processes, reaped at the end
 
     @property
     def home(self) -> Path:
@@ -133,8 +134,10 @@ class Host:
     def popen(self, args: list, log: Path, cwd: Optional[str] = None) -> subprocess.Popen:
         """Start ``args`` in this host, stdout and stderr into ``log``; it dies with the host at the latest."""
         with open(log, "ab") as f:
-            return subprocess.Popen(self.command(args, cwd), stdout=f, stderr=subprocess.STDOUT,
+            proc = subprocess.Popen(self.command(args, cwd), stdout=f, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)
+        self.started.append(proc)
+        return proc
 
     def processes(self) -> list:
         """[(pid, state, command line)] of every process of this host (its own PID namespace), zombies left out."""
@@ -208,8 +211,8 @@ class SimHosts:
             keys.append((host.home / ".ssh" / "id_ed25519.pub").read_text())
             if host.name in self.sshd:
                 (host.tmp / "sshd").mkdir()  # the host's /tmp/sshd
-                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(host.tmp / "sshd" / "host_key")],
-                               check=True)
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                                str(host.tmp / "sshd" / "host_key")], check=True)
                 (host.tmp / "sshd" / "sshd_config").write_text(SSHD_CONFIG.format(ip=host.ip,
                                                                                   host_key="/tmp/sshd/host_key"))
             host.env = {"PATH": f"{self.venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -277,6 +280,13 @@ class SimHosts:
                 except subprocess.TimeoutExpired:
                     host.proc.kill()
                     host.proc.wait(timeout=30)
+        for host in self.hosts.values():  # their processes died with the host: nsenter returns at once
+            for proc in host.started:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=30)
         for name in reversed(self.made_netns):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
         self.made_netns.clear()

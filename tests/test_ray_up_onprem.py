@@ -129,7 +129,8 @@ def test_ray_up_onprem_train_kill_raylet_segment_down(hosts, tmp_path):
 import io, numpy as np
 from PIL import Image
 for i in range(3):
-    b = io.BytesIO(); Image.fromarray(np.random.default_rng(i).integers(0, 255, (40 + i, 48, 3), np.uint8)).save(b, 'PNG')
+    b = io.BytesIO()
+    Image.fromarray(np.random.default_rng(i).integers(0, 255, (40 + i, 48, 3), np.uint8)).save(b, 'PNG')
     s3.put_object(Bucket='{BUCKET}', Key=f'photos/p{{i}}.png', Body=b.getvalue())""", s3.ip)
     storage = f"s3://{BUCKET}/runs?endpoint_override={s3.ip}:{S3_PORT}&scheme=http"
     env = ["--runtime-env-json", json.dumps({"env_vars": KEYS})]
