@@ -13,12 +13,14 @@ import hashlib
 import os
 import tempfile
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional, Sequence
+from urllib.parse import urlsplit
 
 import numpy as np
 
 from deeplab.config import Alias
+from deeplab.fileio import atomic_path, ensure_dir, is_uri
 
 CACHE_ENV = "DEEPLAB_MODEL_CACHE"  # where nodes keep shipped models (default: TMPDIR/deeplab-models)
 
@@ -41,6 +43,22 @@ CHECKPOINT_STRIDE_ALIAS = Alias("--output-stride", "inference.output_stride",
 
 def model_cache() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "deeplab-models")
+
+
+def fetch_model(model: str) -> str:
+    """MODEL as a local path. An object-store URL of a one-file model (``s3://.../best.ckpt`` as cluster.train
+    prints it, a single-file ONNX) is downloaded into the model cache, whole or not at all, afresh each time;
+    a local path is returned as given."""
+    if not is_uri(model):
+        return model
+    from deeplab.checkpoint import _read_remote  # one-line errors naming the URL
+
+    data = _read_remote(model).getvalue()
+    target = model_cache() / "fetched" / hashlib.sha256(model.encode()).hexdigest()[:16]
+    target = ensure_dir(target) / (PurePosixPath(urlsplit(model).path).name or "model")
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return str(target)
 
 
 def _identity(name: str, files: dict) -> dict:

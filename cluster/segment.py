@@ -4,7 +4,8 @@ Segment a whole image collection on a Ray cluster with Ray Data: the files are r
 filesystems and decoded in parallel tasks, then a pool of model actors (map_batches with a callable class)
 runs the model on batches of same-size images. MODEL is a checkpoint (.ckpt), an ONNX file (FP32, FP16 or
 INT8 Q/DQ), an OpenVINO IR (.xml + .bin) or a TensorRT engine (+ its sidecar); every file of it is shipped to
-the nodes, and classes, output stride and mean/std come from the file itself. INPUT is a
+the nodes, and classes, output stride and mean/std come from the file itself. A one-file MODEL may be an
+object-store URL (the ``s3://.../best.ckpt`` cluster.train prints): the driver fetches it first. INPUT is a
 folder (recursive), a text file listing paths (one a line, relative to the list's folder or absolute), or
 an object-store prefix such as s3://bucket/photos/.
 
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
+from cluster.infer import CHECKPOINT_STRIDE_ALIAS, fetch_model, model_parser
 from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import ALPHA_ALIAS, Alias, ConfigError, InferenceConfig, add_config_args, config_from_args
 from deeplab.fileio import is_uri
@@ -695,6 +696,9 @@ def main(argv=None) -> int:
     if is_uri(args.output):
         raise ConfigError(f"-o {args.output}: OUTPUT must be a folder (on a multi-node cluster, one every node "
                           "mounts at the same path); object-store output is not supported")
+    if is_uri(args.model):  # the driver fetches it once, then ships it to the nodes as any local model
+        print(f"fetching {args.model}", flush=True)
+        args.model = fetch_model(args.model)
     info = read_model_info(args.model, exp.inference.output_stride)
     out_dir = os.path.abspath(args.output)
     on_interrupt(f"{out_dir} is as it was (nothing segmented by this run yet); the same command starts again")

@@ -19,7 +19,9 @@ import copy
 import math
 import os
 import sys
+from dataclasses import dataclass, replace
 from typing import Optional
+from urllib.parse import urlsplit
 
 from cluster.console import project_console, ray_init_options
 from deeplab.cli import command, error_line, keeps_stop_signals
@@ -41,6 +43,48 @@ ALIASES = [
 def resolve_storage_path(storage_path: str) -> str:
     """Remote URIs (s3://, gs://, ...) as given; local paths made absolute against the current directory."""
     return storage_path if is_uri(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Where a run lives: ``path`` on ``filesystem`` (pyarrow) and ``url``, the same folder as a user types it.
+
+    Built from the storage path the way Ray Train resolves it (the URL's filesystem), never by appending to
+    the URL's text: ``s3://b/runs?endpoint_override=h:9000&scheme=http`` and NAME give ``b/runs/NAME`` on that
+    filesystem (where Ray writes the checkpoints) and ``s3://b/runs/NAME?endpoint_override=h:9000&scheme=http``
+    for the user, a URL every command that reads ``s3://`` opens on the same server. Credentials written into
+    the URL (``s3://KEY:SECRET@b/...``) are left out of ``url``. A local folder is its absolute path."""
+    filesystem: object
+    path: str
+    scheme: str = ""  # "" for a local folder
+    query: str = ""
+
+    @property
+    def url(self) -> str:
+        if not self.scheme:
+            return self.path
+        return f"{self.scheme}://{self.path}" + (f"?{self.query}" if self.query else "")
+
+    @property
+    def local(self) -> bool:
+        return not self.scheme
+
+    def child(self, name: str) -> "RunFolder":
+        return replace(self, path=f"{self.path.rstrip('/')}/{name}")
+
+
+def run_folder(storage_path: str, name: str) -> RunFolder:
+    """The run folder ``<storage_path>/<name>`` (see RunFolder); remote filesystems as Ray Train opens them."""
+    import pyarrow.fs
+
+    storage = resolve_storage_path(storage_path)
+    if not is_uri(storage):
+        return RunFolder(pyarrow.fs.LocalFileSystem(), storage).child(name)
+    from deeplab.checkpoint import _remote_filesystem  # pyarrow's own (s3, gs, file), else fsspec's
+
+    filesystem, path = _remote_filesystem(storage)
+    parts = urlsplit(storage)
+    return RunFolder(filesystem, path, parts.scheme, parts.query).child(name)
 
 
 def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -154,7 +198,8 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
     c = cfg.cluster
     name = name or c.name
     storage = resolve_storage_path(storage_path or c.storage_path)
-    log_dir = None if is_uri(storage) else os.path.join(storage, name, "tensorboard")
+    folder = run_folder(storage, name)
+    log_dir = folder.child("tensorboard").path if folder.local else None
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = 1
@@ -174,7 +219,7 @@ def build_trainer(cfg: ExperimentConfig, *, name: Optional[str] = None, storage_
         logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose else "WARNING"),
     )
     loop_config = {"experiment": cfg.to_dict(), "log_dir": log_dir, "verbose": verbose,
-                   "run_key": f"{storage.rstrip('/')}/{name}"}
+                   "run_key": folder.url}
     return TorchTrainer(train_worker, train_loop_config=loop_config,
                         scaling_config=scaling, torch_config=TorchConfig(timeout_s=c.collective_timeout_s),
                         run_config=run)
@@ -196,13 +241,17 @@ def copy_checkpoint(checkpoint_dir: str, destination: str, filesystem=None) -> s
     return destination
 
 
-def _copy_best(result, destination: str) -> Optional[str]:
-    """The run's best checkpoint (by val mIoU; the latest when none was scored) copied to ``destination``."""
+def _copy_best(result, destination: RunFolder) -> Optional[str]:
+    """The run's best checkpoint (by val mIoU; the latest when none was scored) copied to ``destination``;
+    returns its URL."""
     best = result.get_best_checkpoint("val_miou", "max") if result.best_checkpoints else result.checkpoint
-    return None if best is None else copy_checkpoint(best.path, destination, best.filesystem)
+    if best is None:
+        return None
+    copy_checkpoint(best.path, destination.path, best.filesystem)
+    return destination.url
 
 
-def _summary(result, best_path: Optional[str]) -> dict:
+def _summary(result, folder: RunFolder, best_path: Optional[str]) -> dict:
     """What the run did, for people and scripts: iterations, final and best val mIoU, the best checkpoint, and
     every restart from a checkpoint (lost node, resize) with the iterations it had to do again."""
     metrics = result.metrics or {}
@@ -210,7 +259,7 @@ def _summary(result, best_path: Optional[str]) -> dict:
     resumes = metrics.get("resumes") or []
     redone = sum(r["reached_iteration"] - r["checkpoint_iteration"] for r in resumes
                  if r.get("reached_iteration") is not None)
-    return {"run": str(result.path), "iterations": metrics.get("iteration"), "final_val_miou": metrics.get("val_miou"),
+    return {"run": folder.url, "iterations": metrics.get("iteration"), "final_val_miou": metrics.get("val_miou"),
             "best_val_miou": best.get("val_miou"), "best_iteration": best.get("iteration"),
             "best_val_iou": best.get("val_iou") or [], "best_checkpoint": best_path, "resumes": resumes,
             "redone_iterations": redone}
@@ -238,17 +287,15 @@ def _print_summary(cfg: ExperimentConfig, summary: dict) -> None:
         print(f"best checkpoint: {summary['best_checkpoint']}")
 
 
-def _write_summary(summary: dict, run_dir: str, filesystem=None) -> None:
+def _write_summary(summary: dict, folder: RunFolder) -> None:
     """<run>/summary.json, whole or not at all (a local atomic rename; one object-store put on S3/GCS)."""
     import json
 
-    import pyarrow.fs
-
     text = json.dumps(summary, indent=1, default=str)
-    if filesystem is None or isinstance(filesystem, pyarrow.fs.LocalFileSystem):
-        write_text_atomic(os.path.join(run_dir, SUMMARY_FILE), text)
+    if folder.local:
+        write_text_atomic(os.path.join(folder.path, SUMMARY_FILE), text)
     else:
-        with filesystem.open_output_stream(f"{run_dir.split('://', 1)[-1]}/{SUMMARY_FILE}") as f:
+        with folder.filesystem.open_output_stream(folder.child(SUMMARY_FILE).path) as f:
             f.write(text.encode())
 
 
@@ -393,17 +440,17 @@ def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False,
     init_ray(cfg, **ray_init_options(verbose))
     storage = resolve_storage_path(cfg.cluster.storage_path)
     check_storage_visible(cfg, storage)  # before any training, not at the first checkpoint upload
-    run_dir = f"{storage.rstrip('/')}/{cfg.cluster.name}"
-    if not is_uri(storage) and os.path.isdir(run_dir):
-        print(f"run directory {run_dir} exists: resuming that run where it stopped", flush=True)
+    folder = run_folder(storage, cfg.cluster.name)
+    if folder.local and os.path.isdir(folder.path):
+        print(f"run directory {folder.path} exists: resuming that run where it stopped", flush=True)
     if isinstance(cfg.cluster.num_workers, tuple):
         print(f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers; training starts once "
               f"{cfg.cluster.min_workers} fit and grows as nodes join", flush=True)
     trainer = build_trainer(cfg, name=cfg.cluster.name, storage_path=storage, callbacks=callbacks, verbose=verbose)
     with project_console(run_logs_dir(cfg), verbose):
         result = trainer.fit()
-    summary = _summary(result, _copy_best(result, f"{run_dir}/{BEST_FILE}"))
-    _write_summary(summary, run_dir, result.filesystem)
+    summary = _summary(result, folder, _copy_best(result, folder.child(BEST_FILE)))
+    _write_summary(summary, folder)
     _print_summary(cfg, summary)
     return result
 

@@ -25,6 +25,7 @@ COMMANDS = {
     "cluster.train": ["-m", "cluster.train"],
     "cluster.demo": ["-m", "cluster.demo"],
     "cluster.check_config": ["-m", "cluster.check_config"],
+    "cluster.down": ["-m", "cluster.down"],
     "cluster.segment": ["-m", "cluster.segment"],
     "cluster.serve": ["-m", "cluster.serve"],
     "cluster.bench": ["-m", "cluster.bench"],
