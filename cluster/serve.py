@@ -440,7 +440,8 @@ ALIASES = [
     Alias("--autoscale", "serve.autoscale", "autoscale between MIN and MAX replicas on the requests in flight",
           nargs=2, metavar=("MIN", "MAX")),
     Alias("--max-batch-size", "serve.max_batch_size", "requests batched into one model call (1: no batching)"),
-    Alias("--batch-wait-ms", "serve.batch_wait_ms", "how long a batch waits to fill"),
+    Alias("--batch-wait-ms", "serve.batch_wait_ms", "the most a model call waits for requests already being "
+          "read or decoded (a lone request never waits)"),
     Alias("--cpus-per-replica", "serve.cpus_per_replica", "CPUs (and intra-op threads) per replica"),
     Alias("--num-gpus-per-replica", "serve.gpus_per_replica", "GPUs per replica"),
     CHECKPOINT_STRIDE_ALIAS,
