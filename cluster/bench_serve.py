@@ -266,8 +266,9 @@ class ServeProcess:
 
     def __init__(self, code: Path, model: str, port: int, max_batch_size: int, cpus: float, replicas: int,
                  log: Path, timeout_s: float = 300):
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        env["PYTHONPATH"] = str(code)
+        # RAY_ADDRESS=local: a fresh Ray instance of its own, never a cluster that `ray start` or a test recorded
+        # on this machine (the serve command would join it, and its processes would not be this command's)
+        env = {**os.environ, "RAY_ADDRESS": "local", "PYTHONPATH": str(code)}
         args = [sys.executable, "-m", "cluster.serve", os.path.abspath(model), "--port", str(port),
                 "--max-batch-size", str(max_batch_size), "--cpus-per-replica", f"{cpus:g}",
                 "--replicas", str(replicas)]

@@ -49,31 +49,47 @@ async def _arrive_then_submit(batcher, item, delay_s):
 
 
 def test_company_already_at_the_replica_is_waited_for_and_shares_the_call():
-    """Two requests arrived (being decoded); the first to be ready waits for the second, then both run as one."""
+    """Three requests arrived (being decoded); the first ready one waits for the others, then the call takes half
+    of them rounded up (two), and the third runs next."""
     model = Model()
     batcher = DynamicBatcher(model, max_batch_size=8, max_wait_s=30.0)
 
-    async def two():
+    async def three():
+        for _ in range(3):
+            batcher.arrived()
+        return await asyncio.gather(*(_arrive_then_submit(batcher, item, delay)
+                                      for item, delay in (("a", 0), ("b", 0.2), ("c", 0.3))))
+
+    first, second, third = run(three())
+    assert model.calls == [["a", "b"], ["c"]] and first.images == second.images == 2
+    assert first.batch_ms > 200 and second.batch_ms < first.batch_ms  # "a" was held for the others, never 30 s
+    assert first.batch_ms < 30000 and third.images == 1
+
+
+def test_a_request_on_its_way_that_would_not_join_the_call_is_not_waited_for():
+    """Two waiting would make a call of one (half, rounded up) either way: nothing to wait for."""
+    model = Model()
+    batcher = DynamicBatcher(model, max_batch_size=8, max_wait_s=30.0)
+
+    async def pair():
         batcher.arrived()
         batcher.arrived()
         return await asyncio.gather(_arrive_then_submit(batcher, "a", 0), _arrive_then_submit(batcher, "b", 0.2))
 
-    first, second = run(two())
-    assert model.calls == [["a", "b"]] and first.images == second.images == 2
-    assert first.batch_ms > 100 and second.batch_ms < first.batch_ms  # "a" was held for "b", never 30 s
-    assert first.batch_ms < 30000
+    first, _ = run(pair())
+    assert model.calls == [["a"], ["b"]] and first.batch_ms < 1000
 
 
 def test_company_that_never_comes_holds_a_call_at_most_the_batch_wait():
     model = Model()
     batcher = DynamicBatcher(model, max_batch_size=8, max_wait_s=0.3)
 
-    async def one_of_two():
-        batcher.arrived()
-        batcher.arrived()  # announced, but it never submits (e.g. a slow upload)
+    async def one_of_three():
+        for _ in range(3):
+            batcher.arrived()  # two of them announced, but they never submit (e.g. slow uploads)
         return await batcher.submit("a", (64, 64))
 
-    answer = run(one_of_two())
+    answer = run(one_of_three())
     assert model.calls == [["a"]] and 250 <= answer.batch_ms < 5000
 
 
@@ -81,15 +97,16 @@ def test_a_request_that_fails_before_its_submit_stops_holding_the_others():
     model = Model()
     batcher = DynamicBatcher(model, max_batch_size=8, max_wait_s=30.0)
 
-    async def bad_neighbour():
-        batcher.arrived()
-        batcher.arrived()
+    async def bad_neighbours():
+        for _ in range(3):
+            batcher.arrived()
         waiting = asyncio.ensure_future(batcher.submit("a", (64, 64)))
         await asyncio.sleep(0.1)
-        batcher.left()  # the other request was a bad upload: nobody else is coming
+        batcher.left()  # the others were bad uploads: nobody else is coming
+        batcher.left()
         return await waiting
 
-    answer = run(bad_neighbour())
+    answer = run(bad_neighbours())
     assert model.calls == [["a"]] and 50 <= answer.batch_ms < 5000
 
 
@@ -107,8 +124,9 @@ def test_requests_queued_while_the_model_runs_form_the_next_call():
         return await asyncio.gather(first, *rest)
 
     answers = run(burst())
-    assert model.calls == [["r0"], ["r1", "r2", "r3", "r4"], ["r5", "r6"]]
-    assert [a.images for a in answers] == [1, 4, 4, 4, 4, 2, 2]
+    # half of those waiting, rounded up, at most 4: the rest run while the first half's answers travel
+    assert model.calls == [["r0"], ["r1", "r2", "r3"], ["r4", "r5"], ["r6"]]
+    assert [a.images for a in answers] == [1, 3, 3, 3, 2, 2, 1]
     for queued in answers[1:]:  # they waited for the model, not for company: queue, not batch wait
         assert queued.queue_ms > 10 * max(queued.batch_ms, 0.1)
 
@@ -123,7 +141,7 @@ def test_a_call_holds_one_image_size_and_the_pixel_budget_oldest_first():
     async def mixed():
         first = asyncio.ensure_future(batcher.submit("busy", (8, 8), counted=False))
         await asyncio.get_running_loop().run_in_executor(None, model.started.wait, 30)
-        shapes = [(64, 64), (32, 32), (64, 64), (64, 64), (32, 32)]
+        shapes = [(64, 64)] * 2 + [(32, 32)] + [(64, 64)] * 5 + [(32, 32)] * 3
         rest = [asyncio.ensure_future(batcher.submit(f"{i}:{h}", (h, w), counted=False))
                 for i, (h, w) in enumerate(shapes)]
         await asyncio.sleep(0.05)
@@ -131,8 +149,13 @@ def test_a_call_holds_one_image_size_and_the_pixel_budget_oldest_first():
         return await asyncio.gather(first, *rest)
 
     run(mixed())
-    assert model.calls == [["busy"], ["0:64", "2:64"], ["1:32", "4:32"], ["3:64"]]
-    assert calls == [1, 2, 2, 1]
+    sizes = {call[0].split(":")[1]: [] for call in model.calls[1:]}
+    for call in model.calls[1:]:
+        assert len({item.split(":")[1] for item in call}) == 1  # one image size per call
+        sizes[call[0].split(":")[1]].append(len(call))
+    assert sizes == {"64": [2, 2, 2, 1], "32": [2, 1, 1]}  # 64x64: the budget of 2; 32x32: half of those waiting
+    assert model.calls[1] == ["0:64", "1:64"] and model.calls[2] == ["2:32", "8:32"]  # oldest first
+    assert calls == [len(call) for call in model.calls]
 
 
 def test_a_failing_call_fails_its_own_requests_only():
