@@ -302,7 +302,8 @@ class ServeProcess:
 
 
 def row_line(row: dict) -> str:
-    return (f"serve  {row['code']:<8s} batching {'up to ' + str(row['max_batch_size']) if row['max_batch_size'] > 1 else 'off':<9s}"
+    batching = f"up to {row['max_batch_size']}" if row["max_batch_size"] > 1 else "off"
+    return (f"serve  {row['code']:<8s} batching {batching:<9s}"
             f" clients {row['clients']:2d}: {row['rps']:7.2f} req/s  p50 {row['p50']:7.1f}  p90 {row['p90']:7.1f}  "
             f"p99 {row['p99']:7.1f} ms  errors {row['errors']}  serve/bare {row['ratio']:.2f}x")
 

@@ -228,12 +228,14 @@ def test_batching_is_flagged_where_it_is_slower_or_its_tail_longer_than_batch_1(
 
 AB_REPORT = """LOG: header received:
 HTTP/1.1 200 OK
-server-timing: read;dur=0.50, decode;dur=1.00, queue;dur=2.00, batch;dur=0.00, model;dur=15.00, encode;dur=0.50, replica;dur=19.50
+server-timing: read;dur=0.50, decode;dur=1.00, queue;dur=2.00, batch;dur=0.00, model;dur=15.00, \
+encode;dur=0.50, replica;dur=19.50
 content-type: image/png
 
 LOG: header received:
 HTTP/1.1 200 OK
-server-timing: read;dur=0.50, decode;dur=1.00, queue;dur=4.00, batch;dur=0.00, model;dur=15.00, encode;dur=0.50, replica;dur=21.50
+server-timing: read;dur=0.50, decode;dur=1.00, queue;dur=4.00, batch;dur=0.00, model;dur=15.00, \
+encode;dur=0.50, replica;dur=21.50
 content-type: image/png
 
 Time taken for tests:   0.100 seconds
