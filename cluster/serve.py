@@ -16,7 +16,8 @@ answer's Server-Timing header gives its time by part. Bad input answers 4xx with
 image or truncated, 408 upload too slow, 413 too large, 415 wrong content type) and the replica keeps serving;
 a full queue answers 503 with Retry-After, a request over serve.request_timeout_s 504, an internal error 500
 with a request id (details in the log). The console shows one traffic line per serve.stats_interval_s; Serve's
-access lines stay in its log files unless --verbose. The endpoint binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops what the command started.
+access lines stay in its log files unless --verbose. The endpoint binds 127.0.0.1 unless --host says otherwise.
+Ctrl-C stops what the command started.
 """
 from __future__ import annotations
 
