@@ -103,7 +103,7 @@ class ServeConfig(Section):
     replicas: int = 1
     autoscale: Optional[Tuple[int, int]] = None  # [min, max] replicas: Serve scales between them instead
     max_batch_size: int = 8  # concurrent requests run as one batch (1: no batching)
-    batch_wait_ms: float = 10.0  # how long a batch waits to fill
+    batch_wait_ms: float = 10.0  # the most a call waits for requests already at the replica (a lone one: none)
     cpus_per_replica: float = 1
     gpus_per_replica: float = 0
     max_pixels: int = 2048 * 2048  # larger uploads answer 413

@@ -430,6 +430,7 @@ class SegmentWorker:
 
     def __init__(self, model, out_dir: str, color: bool, alpha: float, output_stride: Optional[int],
                  num_gpus: float, cpus: float, max_batch_pixels: Optional[int] = None):
+        self.startup = {"init": time.time()}  # for the driver's start-up phases
         from cluster.infer import open_model, set_threads, worker_device
         from deeplab.data import palette_for_classes
         from deeplab.predict import PREDICTION_KINDS
@@ -442,6 +443,7 @@ class SegmentWorker:
         self.out_dir, self.alpha = Path(out_dir), alpha
         self.max_batch_pixels = max_batch_pixels  # same-size images share a call up to this many pixels
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.startup["ready"] = time.time()
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -469,7 +471,11 @@ class SegmentWorker:
         for row in rows:
             if row["error"]:
                 records[str(row["uri"])] = {"path": str(row["uri"]), "status": "failed", "error": str(row["error"])}
-        return {"record": np.array([json.dumps(records[str(row["uri"])]) for row in rows], dtype=object)}
+        startup = [""] * len(rows)  # the first batch of each actor tells the driver how it started
+        if self.startup is not None and rows:
+            startup[0], self.startup = json.dumps(self.startup), None
+        return {"record": np.array([json.dumps(records[str(row["uri"])]) for row in rows], dtype=object),
+                "startup": np.array(startup, dtype=object)}
 
     def _missing(self, name: str) -> list:
         from deeplab.predict import prediction_paths
@@ -514,6 +520,15 @@ class Summary:
     first_result_s: float = 0.0  # actors starting, the model loading, the first batch
     first_count: int = 0  # images in the first results
     failures: list = field(default_factory=list)
+    startup: dict = field(default_factory=dict)  # phase -> seconds, up to the first results (startup_phases)
+
+    def count(self, records: list) -> None:
+        for r in records:
+            if r["status"] == "ok":
+                self.ok += 1
+            else:
+                self.failed += 1
+                self.failures.append(r["error"])
 
     @property
     def images_per_s(self) -> float:
@@ -524,6 +539,22 @@ class Summary:
         """Throughput once the pool is up: images after the first results over the time after them."""
         rest, span = self.ok + self.failed - self.first_count, self.seconds - self.first_result_s
         return rest / span if rest > 0 and span > 0 else 0.0
+
+
+def startup_phases(pipeline_start: float, first_results: float, actors: list) -> dict:
+    """Seconds per phase before the first results (epoch times): from the pipeline's start to the first ready
+    actor's constructor (Ray Data's start, scheduling, the worker process and its imports), its model load
+    (imports, open, compile), then the first batch (reading, decoding, the model, writing, the hop back).
+    ``actors``: the startup records of the actors seen so far."""
+    if not actors:
+        return {}
+    first = min(actors, key=lambda a: a["ready"])
+    return {"actor start": max(0.0, first["init"] - pipeline_start), "model load": first["ready"] - first["init"],
+            "first batch": max(0.0, first_results - first["ready"])}
+
+
+def startup_line(phases: dict) -> str:
+    return "start-up: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
 
 
 def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentConfig, inference: InferenceConfig):
@@ -610,24 +641,23 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
         f"{f', {cfg.gpus_per_worker:g} GPU' if cfg.gpus_per_worker else ''} each), batches of {cfg.batch_size}")
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our one line every few seconds instead of Ray Data's bars
-    start = time.perf_counter()
-    ds = build_dataset(todo, inputs.filesystem, ship_model(model_path), out_dir, cfg, inference or InferenceConfig())
-    wanted = {i.uri for i in todo}
+    start, epoch = time.perf_counter(), time.time()
+    shipped = ship_model(model_path)
+    summary.startup["ship model"] = time.perf_counter() - start
+    ds = build_dataset(todo, inputs.filesystem, shipped, out_dir, cfg, inference or InferenceConfig())
+    wanted, actors = {i.uri for i in todo}, []
     bar = Progress(len(todo), "segment", interval=cfg.progress_interval_s, redraw=False)  # lines: Ray's console
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            actors += [json.loads(a) for a in batch.get("startup", ()) if a]
             records = [json.loads(r) for r in batch["record"]]
             records = [r for r in records if r["path"] in wanted]  # a re-executed block is counted once
             wanted.difference_update(r["path"] for r in records)
             if records and not summary.first_count:
                 summary.first_result_s, summary.first_count = time.perf_counter() - start, len(records)
+                summary.startup.update(startup_phases(epoch + summary.startup["ship model"], time.time(), actors))
             manifest.append(records)
-            for r in records:
-                if r["status"] == "ok":
-                    summary.ok += 1
-                else:
-                    summary.failed += 1
-                    summary.failures.append(r["error"])
+            summary.count(records)
             bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed")
             _say_kept(summary, out_dir)
     finally:
@@ -699,11 +729,14 @@ def main(argv=None) -> int:
     if is_uri(args.model):  # the driver fetches it once, then ships it to the nodes as any local model
         print(f"fetching {args.model}", flush=True)
         args.model = fetch_model(args.model)
+    phases, clock = {}, time.perf_counter()
     info = read_model_info(args.model, exp.inference.output_stride)
+    phases["model info"], clock = time.perf_counter() - clock, time.perf_counter()
     out_dir = os.path.abspath(args.output)
     on_interrupt(f"{out_dir} is as it was (nothing segmented by this run yet); the same command starts again")
     extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
     inputs = list_inputs(args.input, exclude=out_dir, extensions=extensions)
+    phases["listing"] = time.perf_counter() - clock
     print(f"model: {args.model} ({info.backend.split(' ')[0]}, {info.precision}, {info.num_classes} classes, "
           f"output stride {info.output_stride})", flush=True)
     if os.path.isdir(out_dir):  # another model's OUTPUT stops here, before Ray starts
@@ -712,7 +745,9 @@ def main(argv=None) -> int:
     from cluster.console import ACTOR_ARGUMENTS_NOISE, quiet_ray_data, quiet_stderr, ray_init_options
     from cluster.train import init_ray
 
+    clock = time.perf_counter()
     init_ray(exp, **ray_init_options(args.verbose))
+    phases["Ray start"] = time.perf_counter() - clock
     quiet_ray_data(args.verbose)
     try:
         with quiet_stderr(ACTOR_ARGUMENTS_NOISE, args.verbose):
@@ -726,6 +761,9 @@ def main(argv=None) -> int:
     print(f"segmented {done} images in {summary.seconds:.1f}s: {summary.images_per_s:.2f} images/s "
           f"({summary.ok} ok, {summary.failed} failed, {summary.skipped} already done); manifest: {manifest}",
           flush=True)
+    if summary.first_count:
+        print(startup_line({**phases, **summary.startup}) + f"; then {summary.steady_images_per_s:.2f} images/s",
+              flush=True)
     if summary.failed:
         for reason in summary.failures[:5]:
             print(f"  failed: {reason}", file=sys.stderr)

@@ -10,12 +10,14 @@ engine + sidecar; every file of it is shipped to the replicas' nodes):
   GET  /healthz        "ok" while the replica serves (liveness)
   GET  /readyz         200 once the model is loaded and warmed up (readiness), else 503
 
-Concurrent requests are batched (serve.batch; same-size images share a model call, up to serve.max_batch_pixels
-pixels). Bad input answers 4xx with a one-line reason (400 not an image or truncated, 408 upload too slow, 413
-too large, 415 wrong content type) and the replica keeps serving; a full queue answers 503 with Retry-After, a
-request over serve.request_timeout_s 504, an internal error 500 with a request id (details in the log). The
-console shows one traffic line per serve.stats_interval_s; Serve's access lines stay in its log files unless
---verbose. The endpoint binds 127.0.0.1 unless --host says otherwise. Ctrl-C stops what the command started.
+Concurrent requests are batched (cluster.serve_batch: a lone request runs at once, the requests that queue while
+the model runs share its next call; same-size images only, up to serve.max_batch_pixels pixels per call); each
+answer's Server-Timing header gives its time by part. Bad input answers 4xx with a one-line reason (400 not an
+image or truncated, 408 upload too slow, 413 too large, 415 wrong content type) and the replica keeps serving;
+a full queue answers 503 with Retry-After, a request over serve.request_timeout_s 504, an internal error 500
+with a request id (details in the log). The console shows one traffic line per serve.stats_interval_s; Serve's
+access lines stay in its log files unless --verbose. The endpoint binds 127.0.0.1 unless --host says otherwise.
+Ctrl-C stops what the command started.
 """
 from __future__ import annotations
 
@@ -32,13 +34,17 @@ import urllib.request
 import uuid
 from typing import NoReturn, Optional
 
+import numpy as np
+
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
 from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
 
 from cluster.config import ServeConfig
+from cluster.serve_batch import DynamicBatcher, server_timing
 
 APP_NAME = "deeplab"
+STATS_FLUSH_S = 0.5  # how often a replica sends the console's traffic figures to the stats actor
 RAW_TYPES = ("application/octet-stream", "")  # and image/*
 USAGE = ("send the image as the raw body with Content-Type: image/jpeg (curl --data-binary @photo.jpg "
          "-H 'Content-Type: image/jpeg') or as multipart/form-data (curl -F image=@photo.jpg)")
@@ -169,8 +175,6 @@ def request_id(request) -> str:
 def warm_up(runner, side: int = 64) -> dict:
     """One model call at start, so the first request does not pay the model's first-call cost (allocations,
     kernel selection, lazy initialization); the replica takes no traffic before it returns."""
-    import numpy as np
-
     from cluster.infer import predict_labels
 
     start = time.perf_counter()
@@ -207,7 +211,7 @@ def decode_upload(data: bytes, cfg: ServeConfig):
 
 # ----------------------------------------------------------------------------------------------- replica
 class Replica:
-    """One replica of the endpoint, without Ray (`_deployment_class` adds Serve's batching and deployment):
+    """One replica of the endpoint, without Ray (`_deployment_class` makes it Serve's deployment):
     routing and answers are the module functions above, so each method stays short."""
 
     def __init__(self, model, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None):
@@ -221,9 +225,10 @@ class Replica:
                                  threads=threads)
         self.palette = palette_for_classes(self.runner.info.class_names)
         self.cfg, self.stats, self.metrics = cfg, stats, ReplicaMetrics()
+        self._unsent, self._flush_due = {"requests": [], "calls": []}, False  # for the stats actor
         self.max_upload_bytes = int(cfg.max_upload_mb * 2**20)
-        self.segment_batch.set_max_batch_size(cfg.max_batch_size)
-        self.segment_batch.set_batch_wait_timeout_s(cfg.batch_wait_ms / 1000)
+        self.batcher = DynamicBatcher(self._run_call, cfg.max_batch_size, cfg.batch_wait_ms / 1000,
+                                      cfg.max_batch_pixels, on_call=self._count_call)
         self.ready = warm_up(self.runner)
         self.info = {**self.runner.info.to_dict(), "max_batch_size": cfg.max_batch_size,
                      "batch_wait_ms": cfg.batch_wait_ms, "max_pixels": image_limit(cfg)[0],
@@ -231,18 +236,28 @@ class Replica:
                      "request_timeout_s": cfg.request_timeout_s, "read_timeout_s": cfg.read_timeout_s, **self.ready}
         self.info["path"] = os.path.basename(self.info["path"])
 
-    async def segment_batch(self, images: list) -> list:
-        """Concurrent requests' images -> (labels, images in its model call) each; same-size images share
-        a call up to serve.max_batch_pixels, so a batch of large images runs as several calls."""
-        from cluster.infer import model_calls, predict_labels
+    def _run_call(self, inputs: list) -> list:
+        """One model call (on the batcher's model thread): normalized images of one size -> label maps."""
+        batch = inputs[0][None] if len(inputs) == 1 else np.stack(inputs)  # one image: a view, no copy
+        return list(self.runner.labels(batch))
 
-        budget = self.cfg.max_batch_pixels
-        labels = await asyncio.to_thread(predict_labels, self.runner, images, True, budget)
-        call_size = {}
-        for call in model_calls([image.shape for image in images], budget):
-            self._count_call(len(call))
-            call_size.update((i, len(call)) for i in call)
-        return [(one, call_size[i]) for i, one in enumerate(labels)]  # a failed call: its exception
+    def _decode(self, data: bytes) -> tuple:
+        """(pixels, the normalized model input): done in a thread while the model runs other requests."""
+        from deeplab.data import normalize
+
+        image = decode_upload(data, self.cfg)
+        return image, normalize(image).numpy()
+
+    def _encode(self, image, labels, fmt: str, images: int, start: float) -> tuple:
+        """(body, media type) of the answer: done in a thread, so the event loop keeps feeding the model."""
+        from deeplab.predict import prediction_images
+
+        kinds = ("labels",) if fmt == "png" else ("color",)
+        picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
+        if fmt == "png":
+            return png_bytes(picture), "image/png"
+        answer = json_answer(image, labels, picture, self.runner.info, images, time.perf_counter() - start)
+        return json.dumps(answer, separators=(",", ":")).encode(), "application/json"
 
     async def __call__(self, request):
         fmt, start = request.query_params.get("format", "png"), time.perf_counter()
@@ -270,45 +285,68 @@ class Replica:
 
     def _count(self, status: int, seconds: float) -> None:
         self.metrics.request(status, seconds)
-        if self.stats is not None:
-            self.stats.record.remote(status, seconds)
+        self._tell_stats("requests", (status, seconds))
 
     def _count_call(self, images: int) -> None:
         self.metrics.model_call(images)
-        if self.stats is not None:
-            self.stats.record_call.remote(images)
+        self._tell_stats("calls", images)
+
+    def _tell_stats(self, kind: str, value) -> None:
+        """The console's figures go to the stats actor in one message per STATS_FLUSH_S, not one per request
+        (a Ray call each cost about 1 ms of CPU per request in the actor alone)."""
+        if self.stats is None:
+            return
+        self._unsent[kind].append(value)
+        if not self._flush_due:
+            self._flush_due = True
+            asyncio.get_running_loop().call_later(STATS_FLUSH_S, self._flush_stats)
+
+    def _flush_stats(self) -> None:
+        self._flush_due = False
+        self.stats.record_many.remote(self._unsent["requests"], self._unsent["calls"])
+        self._unsent = {"requests": [], "calls": []}
 
     async def _segment(self, request, fmt: str):
-        from starlette.responses import JSONResponse, Response
-
-        from deeplab.predict import prediction_images
+        """Read, decode (a thread), queue for the model (the batcher), encode (a thread); the answer carries
+        the time of each part in a Server-Timing header (ms; cluster.serve_batch.PARTS)."""
+        from starlette.responses import Response
 
         start = time.perf_counter()
-        body = await read_body(request, self.max_upload_bytes, self.cfg.read_timeout_s)
-        data = upload_bytes(request.headers.get("content-type", ""), body)
-        image = await asyncio.to_thread(decode_upload, data, self.cfg)
-        labels, batch = await self.segment_batch(image)
+        self.batcher.arrived()
+        submitted = False
+        try:
+            body = await read_body(request, self.max_upload_bytes, self.cfg.read_timeout_s)
+            data = upload_bytes(request.headers.get("content-type", ""), body)
+            read = time.perf_counter()
+            image, model_input = await asyncio.to_thread(self._decode, data)
+            decoded = time.perf_counter()
+            submitted = True
+            call = await self.batcher.submit(model_input, image.shape[:2])
+        finally:
+            if not submitted:
+                self.batcher.left()
+        labels = call.result
         if isinstance(labels, Exception):  # the model could not run this image: say why, keep serving
             status = 413 if "out of memory" in str(labels).lower() else 400
             raise Problem(status, f"the model cannot run this {image.shape[1]}x{image.shape[0]} image "
                                   f"({error_line(labels)})")
-        kinds = ("labels",) if fmt == "png" else ("color",)
-        picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
-        if fmt == "png":
-            return Response(png_bytes(picture), media_type="image/png")
-        return JSONResponse(json_answer(image, labels, picture, self.runner.info, batch,
-                                        time.perf_counter() - start))
+        answered = time.perf_counter()
+        content, media_type = await asyncio.to_thread(self._encode, image, labels, fmt, call.images, start)
+        end = time.perf_counter()
+        parts = {"read": read - start, "decode": decoded - read, "queue": call.queue_ms / 1000,
+                 "batch": call.batch_ms / 1000, "model": call.model_ms / 1000, "encode": end - answered,
+                 "replica": end - start}
+        timing = server_timing({name: 1000 * seconds for name, seconds in parts.items()})
+        return Response(content, media_type=media_type, headers={"Server-Timing": timing})
 
 
 def _deployment_class():
-    """The Serve deployment, made on first use so `--help` and the request helpers need no Ray: Serve's batching
-    wraps the replica's batch method (the limits set per replica in __init__), its deployment the class."""
+    """The Serve deployment, made on first use so `--help` and the request helpers need no Ray. Batching is the
+    replica's own (cluster.serve_batch.DynamicBatcher), not serve.batch: Serve's batch queue holds a lone
+    request for batch_wait_timeout_s and runs the model on the replica's event loop thread's executor."""
     from ray import serve
 
-    class SegmentService(Replica):
-        segment_batch = serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)(Replica.segment_batch)
-
-    return serve.deployment(name="SegmentService")(SegmentService)
+    return serve.deployment(name="SegmentService")(Replica)
 
 
 def deployment_options(cfg: ServeConfig) -> dict:
@@ -402,7 +440,8 @@ ALIASES = [
     Alias("--autoscale", "serve.autoscale", "autoscale between MIN and MAX replicas on the requests in flight",
           nargs=2, metavar=("MIN", "MAX")),
     Alias("--max-batch-size", "serve.max_batch_size", "requests batched into one model call (1: no batching)"),
-    Alias("--batch-wait-ms", "serve.batch_wait_ms", "how long a batch waits to fill"),
+    Alias("--batch-wait-ms", "serve.batch_wait_ms", "the most a model call waits for requests already being "
+          "read or decoded (a lone request never waits)"),
     Alias("--cpus-per-replica", "serve.cpus_per_replica", "CPUs (and intra-op threads) per replica"),
     Alias("--num-gpus-per-replica", "serve.gpus_per_replica", "GPUs per replica"),
     CHECKPOINT_STRIDE_ALIAS,

@@ -60,6 +60,12 @@ class TrafficStats:
     def record_call(self, images: int) -> None:
         self.batches.append(images)
 
+    def record_many(self, requests: list, calls: list) -> None:
+        """What a replica gathered since its last message: (status, seconds) per request, images per call."""
+        for status, seconds in requests:
+            self.record(status, seconds)
+        self.batches.extend(calls)
+
     def take(self) -> dict:
         """The window's summary, and a fresh window."""
         ms = np.asarray(self.latencies) * 1000

@@ -299,8 +299,10 @@ def _check_ir_root(path: Path) -> None:
 
 
 class OpenVINORunner:
-    """An OpenVINO IR (file or ov.Model) on the CPU. The CPU plugin is fastest on static shapes, so the model
-    is reshaped and compiled once per input shape and kept (the `cache` most recent shapes).
+    """An OpenVINO IR (file or ov.Model) on the CPU. The CPU plugin is fastest on a static image size, so the
+    model is reshaped and compiled once per image size and kept (the `cache` most recent sizes). The batch
+    dimension stays dynamic: as fast as a static one here (R-50 INT8 at 129x129, batch 1 and 8: within 1.5%),
+    and a server's batches of 1 to 8 images then need one compilation (0.2-0.4 s each), not eight.
 
     ``hint``: "latency" (one request at a time, all threads on it) or "throughput" (parallel streams).
     ``precision``: the inference precision of layers that are not int8: "f32" (exact; the default, since
@@ -338,15 +340,15 @@ class OpenVINORunner:
             raise EngineError(f"{path}: not a readable OpenVINO IR ({error_line(e)})") from None
 
     def request(self, shape: tuple):
-        """The infer request compiled for this input shape (compiled on first use)."""
-        shape = tuple(int(d) for d in shape)
-        request = self._compiled.pop(shape, None)
+        """The infer request compiled for this input's image size, any batch (compiled on first use)."""
+        size = tuple(int(d) for d in shape[1:])
+        request = self._compiled.pop(size, None)
         if request is None:
             if len(self._compiled) >= self.cache:
-                self._compiled.pop(next(iter(self._compiled)))  # the least recently used shape
-            self.model.reshape({0: list(shape)})
+                self._compiled.pop(next(iter(self._compiled)))  # the least recently used size
+            self.model.reshape({0: [-1, *size]})
             request = self.core.compile_model(self.model, self.device, self.config).create_infer_request()
-        self._compiled[shape] = request  # most recently used last
+        self._compiled[size] = request  # most recently used last
         return request
 
     def __call__(self, images) -> np.ndarray:

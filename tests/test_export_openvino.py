@@ -70,14 +70,23 @@ def test_fp32_ir_matches_pytorch(irs, shape):
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 0.999
 
 
-def test_runner_compiles_once_per_shape_and_keeps_the_callers_model(irs):
+def test_runner_compiles_once_per_image_size_for_any_batch_and_keeps_the_callers_model(irs):
     import openvino as ov
 
     model = ov.Core().read_model(str(irs["fp32"]))
     runner = OpenVINORunner(model, cache=2)
-    for shape in [(1, 3, 33, 33), (1, 3, 49, 49), (1, 3, 33, 33), (1, 3, 65, 65)]:
-        assert runner(np.zeros(shape, np.float32)).shape == (1, 4) + shape[2:]
-    assert list(runner._compiled) == [(1, 3, 33, 33), (1, 3, 65, 65)]  # the oldest shape was dropped
+    compiled = []
+    compile_model = runner.core.compile_model
+    runner.core = type("Core", (), {"compile_model": lambda self, *a: compiled.append(1) or compile_model(*a)})()
+    x = np.random.default_rng(0).standard_normal((3, 3, 33, 33)).astype(np.float32)
+    alone = [runner(x[i:i + 1]) for i in range(3)]
+    together = runner(x)  # a batch of 3 at a size compiled for batch 1: the same compiled model
+    assert len(compiled) == 1 and together.shape == (3, 4, 33, 33)
+    np.testing.assert_allclose(together, np.concatenate(alone), rtol=1e-4, atol=1e-4)
+    for shape in [(1, 3, 49, 49), (2, 3, 33, 33), (1, 3, 65, 65)]:
+        assert runner(np.zeros(shape, np.float32)).shape == (shape[0], 4) + shape[2:]
+    assert list(runner._compiled) == [(3, 33, 33), (3, 65, 65)]  # the oldest size was dropped
+    assert len(compiled) == 3
     assert model.input(0).get_partial_shape().is_dynamic  # the caller's model is not reshaped
 
 

@@ -4,6 +4,7 @@ pixel for pixel with deeplab.predict on the same checkpoint; a rerun skips what 
 is replaced and every image is written once."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,6 +90,14 @@ def test_segment_matches_predict_lists_failures_and_a_rerun_skips_what_is_done(c
     assert "segmented 22 images in" in first.stdout and "images/s (20 ok, 2 failed, 0 already done)" in first.stdout
     for noise in ("streaming_executor", "Execution plan", "Progress bars disabled"):  # Ray Data's, in its log
         assert noise not in text, noise
+    # where the time before the first results went, phase by phase, within the run's own seconds
+    startup = re.search(r"^start-up: (.*); then [\d.]+ images/s$", first.stdout, re.M)
+    assert startup, first.stdout[-2000:]
+    phases = {name: float(value.rstrip("s")) for name, value in (p.rsplit(" ", 1) for p in startup[1].split(", "))}
+    assert list(phases) == ["model info", "listing", "Ray start", "ship model", "actor start", "model load",
+                            "first batch"]
+    seconds = float(re.search(r"segmented 22 images in ([\d.]+)s", first.stdout)[1])
+    assert phases["model load"] > 0 and sum(list(phases.values())[3:]) <= seconds + 0.2, (phases, seconds)
 
     # every picture, at the input's relative path, equal to deeplab.predict's pixel for pixel
     written = outputs(out)

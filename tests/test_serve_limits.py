@@ -187,11 +187,25 @@ def test_slow_uploads_lose_their_slot_after_the_read_timeout(env):
         assert code == 408 and "serve.read_timeout_s=3" in text and took < 15, (code, text, took)
 
 
+def test_a_lone_request_is_not_held_for_the_batch_wait_and_its_answer_says_where_its_time_went(env):
+    """With a 5 s batch wait, a request alone is run at once (the batch-wait part of its Server-Timing is ~0, not
+    5000 ms); the parts add up to the replica's time, which is within the client's."""
+    from cluster.serve_batch import PARTS, parse_server_timing
+
+    deploy(env, batch_wait_ms=5000)
+    status, headers, _, seconds = request(env, "POST", "/segment", jpeg_bytes(photo((SIDE, SIDE), seed=4)))
+    timing = parse_server_timing({k.lower(): v for k, v in headers.items()}.get("server-timing", ""))
+    assert status == 200 and set(PARTS) | {"replica"} <= set(timing), timing
+    assert timing["batch"] < 1000, timing
+    assert 0.7 * timing["replica"] <= sum(timing[p] for p in PARTS) <= timing["replica"] + 0.05, timing
+    assert timing["replica"] <= 1000 * seconds
+
+
 def test_a_request_over_its_timeout_is_504_and_the_replica_is_ready(env):
-    """A lone request waits for a batch that never fills (5 s wait) longer than serve.request_timeout_s."""
-    deploy(env, request_timeout_s=1, batch_wait_ms=5000)
-    status, _, body, seconds = request(env, "POST", "/segment", jpeg_bytes(photo((SIDE, SIDE), seed=3)))
-    assert status == 504 and "serve.request_timeout_s=1" in body.decode() and seconds < 4.5, (status, seconds)
+    """A 1024x1024 upload takes the tiny model longer than serve.request_timeout_s=0.1 (0.3-1 s here)."""
+    deploy(env, request_timeout_s=0.1)
+    status, _, body, seconds = request(env, "POST", "/segment", jpeg_bytes(photo((1024, 1024), seed=3)))
+    assert status == 504 and "serve.request_timeout_s=0.1" in body.decode() and seconds < 4.5, (status, seconds)
     status, _, body, _ = request(env, "GET", "/readyz")
     ready = json.loads(body)
     assert status == 200 and ready["ready"] and ready["model_loaded"] and ready["warmed_up"]
