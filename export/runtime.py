@@ -210,6 +210,42 @@ class TensorRTRunner:
         return out
 
 
+# TensorRT's engine inspector names each layer output's type inside a format text ("Row major linear FP32",
+# "Channel major FP16 format where channel % 8 == 0", "Int8"); the first of these found names the precision.
+_FORMAT_PRECISIONS = (("BF16", "bf16"), ("FP16", "fp16"), ("HALF", "fp16"), ("FP8", "fp8"), ("INT8", "int8"),
+                      ("UINT8", "uint8"), ("INT32", "int32"), ("INT64", "int64"), ("BOOL", "bool"),
+                      ("FP32", "fp32"), ("FLOAT", "fp32"))
+
+
+def format_precision(text: str) -> str:
+    upper = str(text).upper()
+    return next((name for token, name in _FORMAT_PRECISIONS if token in upper), "unknown")
+
+
+def precision_groups(engine_information: str) -> dict:
+    """{layer type: {precision of its output: layers}} from the engine inspector's JSON
+    (``get_engine_information(LayerInformationFormat.JSON)``). Only an engine built with
+    ProfilingVerbosity.DETAILED lists types and formats; one that lists names only says so."""
+    layers = json.loads(engine_information).get("Layers", [])
+    if layers and all(isinstance(layer, str) for layer in layers):
+        return {"unknown": {"layers listed by name only (not built with ProfilingVerbosity.DETAILED)": len(layers)}}
+    groups: dict = {}
+    for layer in layers:
+        outputs = layer.get("Outputs") or [{}]
+        precision = format_precision(outputs[0].get("Format/Datatype", ""))
+        kind = groups.setdefault(layer.get("LayerType", "unknown"), {})
+        kind[precision] = kind.get(precision, 0) + 1
+    return groups
+
+
+def engine_precisions(engine) -> dict:
+    """The precision of every layer group of a deserialized engine (see precision_groups)."""
+    import tensorrt as trt
+
+    inspector = engine.create_engine_inspector()
+    return precision_groups(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
 def require(module: str, what: str):
     """Import an optional runtime, or say in one line which extra installs it."""
     import importlib

@@ -123,6 +123,7 @@ def build_engine(onnx_path, precision: str, shapes: Optional[dict], workspace_gb
         raise BuildError(f"{onnx_path}: TensorRT could not parse the ONNX: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the engine inspector can name layer precisions
     for name in builder_flags(precision, path):
         flag = getattr(trt.BuilderFlag, name, None)
         if flag is None:
