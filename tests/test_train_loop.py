@@ -21,7 +21,7 @@ def tiny_config(**train) -> ExperimentConfig:
         "data.synthetic_classes=4", "data.synthetic_size=80", "data.crop_size=65",
         "data.synthetic_train=8", "data.synthetic_val=2", "data.loader_workers=0",
         "train.batch_size=2", "train.max_iterations=6", "train.eval_interval=3", "train.log_interval=100",
-        "train.lr=0.01", "train.amp=off", "cluster.num_workers=1",
+        "train.lr=0.01", "train.amp=off",
     ])
     for k, v in train.items():
         setattr(cfg.train, k, v)
