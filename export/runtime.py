@@ -304,7 +304,8 @@ class OnnxRunner:
         opts.log_severity_level = 3
         self.path = onnx_path
         try:
-            chosen = [(p, provider_options[p]) if p in (provider_options or {}) else p for p in pick_providers(providers)]
+            options = provider_options or {}
+            chosen = [(p, options[p]) if p in options else p for p in pick_providers(providers)]
             self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
         except _ort_load_errors(ort) as e:
             raise EngineError(f"{onnx_path}: onnxruntime cannot load it ({error_line(e)})") from None

@@ -4,6 +4,7 @@ machine runs the rest). The check runs as a user runs it: `python -m export.gpu_
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -129,6 +130,39 @@ def test_a_hanging_section_is_killed_when_the_budget_runs_out_and_the_check_ends
     assert data["sections"] == {}
     assert re.fullmatch(r"killed after \d+s \(the time budget: \d+s\)", data["failed"]["environment"])
     assert data["failed"]["inference_eager_fp32"].startswith("not started: time budget")
+
+
+def _children(pid: int) -> list:
+    """The processes whose parent is ``pid`` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_ctrl_c_stops_the_check_and_the_section_it_was_running(tmp_path):
+    """A section runs in its own session (so a terminal's Ctrl-C reaches only the check): the check, stopped,
+    kills the section's interpreter with it, says so in one line and exits 130."""
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.Popen([sys.executable, "-m", "export.gpu_check", "--cpu-dry-run", "--sections", "environment",
+                             "-o", str(out)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                             "GPU_CHECK_FAULT": "environment:hang"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (section := _children(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert section, "the section's interpreter never started"
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and stderr.startswith("interrupted (SIGINT): "), stderr
+    assert f"{out} keeps every section finished" in stderr
+    assert not Path(f"/proc/{section[0]}").exists()
 
 
 def test_tf32_is_labelled_with_the_switches_torch_has():

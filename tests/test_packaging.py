@@ -33,7 +33,8 @@ def test_gpu_extra_pins_the_versions_that_load_together_and_the_readme_names_the
     pins = dict(r.replace("[onnx]", "").split("==") for r in PROJECT["optional-dependencies"]["gpu"])
     assert set(pins) == {"onnxruntime-gpu", "tensorrt", "nvidia-modelopt"}
     assert pins["tensorrt"].startswith("10.") and pins["onnxruntime-gpu"].startswith("1.22.")
-    stated = f"onnxruntime-gpu {pins['onnxruntime-gpu']}, TensorRT {pins['tensorrt']}, ModelOpt {pins['nvidia-modelopt']}"
+    stated = (f"onnxruntime-gpu {pins['onnxruntime-gpu']}, TensorRT {pins['tensorrt']}, "
+              f"ModelOpt {pins['nvidia-modelopt']}")
     assert stated in (ROOT / "README.md").read_text()
 
 
