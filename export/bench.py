@@ -216,7 +216,8 @@ def torch_backends(model, cuda: bool, bf16: bool = True) -> list:
                         note="autocast bf16, NHWC", kind="bf16"))
     if cuda:
         gpu = copy.deepcopy(model).cuda()
-        out.append(make("cuda_fp32", gpu, device="cuda", note="eager on GPU"))
+        tf32 = "on" if torch.backends.cudnn.allow_tf32 else "off"  # cuDNN's default: fp32 convolutions as TF32
+        out.append(make("cuda_fp32", gpu, device="cuda", note=f"eager on GPU, TF32 convolutions {tf32}"))
         out.append(make("cuda_fp16", gpu, torch.float16, device="cuda", note="autocast fp16 on GPU"))
     return out
 
@@ -752,6 +753,8 @@ def benchmark(args) -> int:
     report({"model": model.config.backbone, "output_stride": ex.output_stride, "size": ex.image_size,
             "flops_per_image": flops, "dense_flops_per_image": dense, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": features, "limits": limits, "measured_limits": measured,
+            "tf32": {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                     "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32} if cuda else None,
             "rows": rows, "accuracy": acc, "skipped": skipped,
             "checkpoint": args.checkpoint, "recommendation": recommend(rows, acc, ex.max_int8_miou_drop)}, out)
     return 0

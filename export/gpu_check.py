@@ -454,7 +454,7 @@ def tensorrt_engines(args) -> dict:
             sidecar, runner = read_sidecar(engine), TensorRTRunner(engine)
             x = torch.randn(*shape, device="cuda")
             row = measure(lambda: runner(x), warmup=5, repeats=args.repeats, sync=torch.cuda.synchronize)
-            row.update(converter={k: sidecar[k] for k in ("build_path", "int8_quantizer", "int8_other_layers")
+            row.update(converter={k: sidecar[k] for k in ("build_path", "int8_quantizer", "int8_other_layers", "tf32")
                                   if k in sidecar},
                        parity=sidecar.get("parity"), layer_precisions=engine_precisions(runner.engine),
                        engine_mib=engine.stat().st_size / 2**20)
