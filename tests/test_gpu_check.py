@@ -1,6 +1,7 @@
 """The prepared GPU check's logic that needs no GPU: arguments, the one-line exit without a GPU, every section in
 its own interpreter under a hard time limit, a failed section failing the check, and the timing helper (a GPU
 machine runs the rest). The check runs as a user runs it: `python -m export.gpu_check` in a fresh interpreter."""
+import importlib.util
 import json
 import os
 import re
@@ -130,6 +131,15 @@ def test_a_hanging_section_is_killed_when_the_budget_runs_out_and_the_check_ends
     assert data["sections"] == {}
     assert re.fullmatch(r"killed after \d+s \(the time budget: \d+s\)", data["failed"]["environment"])
     assert data["failed"]["inference_eager_fp32"].startswith("not started: time budget")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_a_section_whose_package_is_not_installed_is_a_skip_not_a_failure(tmp_path):
+    """The TensorRT section's own interpreter finds no tensorrt: an expected gap, recorded with its reason."""
+    report = gpu_check.Report(tmp_path / "gpu_check.json", budget_s=120)
+    report.run("tensorrt", 1, 120, ["--cpu-dry-run"])
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert (data["skipped"], data["failed"], data["sections"]) == ({"tensorrt": "tensorrt is not installed here"}, {}, {})
 
 
 def _children(pid: int) -> list:
