@@ -511,7 +511,7 @@ def environment(args) -> dict:
     import torch
 
     if args.device == "cpu":
-        return {"torch": torch.__version__, "gpu": None, "dry_run": "cpu: every section on the CPU, tiny model",
+        return {"gpu": None, "dry_run": "cpu: every section on the CPU, tiny model", "versions": versions(),
                 "backbone": args.backbone, "size": args.size}
     return {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(),
             "capability": ".".join(map(str, torch.cuda.get_device_capability())), "versions": versions(),

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
 
@@ -86,6 +87,10 @@ def test_cpu_dry_run_in_a_fresh_interpreter_passes_every_section_a_cpu_can_run(t
     assert skipped == {"inference_eager_fp16": "cpu dry run: fp16 autocast is a GPU variant",
                        "training_fp16_channels_last": "cpu dry run: fp16 with GradScaler needs CUDA",
                        "tensorrt": "cpu dry run"}
+    versions = sections["environment"]["versions"]
+    assert (versions["torch"], versions["cuda"]) == (torch.__version__, torch.version.cuda)
+    assert versions["onnxruntime"]["version"] == onnxruntime.__version__
+    assert versions["onnxruntime"]["providers"] == onnxruntime.get_available_providers()
     assert sections["inference_eager_fp32"]["batch1"]["images_per_s"] > 0
     assert sections["inference_compile_bf16"]["batch1"]["images_per_s"] > 0
     for name in ("training_bf16_channels_last", "training_fp32_nchw"):
