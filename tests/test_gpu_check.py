@@ -132,7 +132,7 @@ def test_a_hanging_section_is_killed_when_the_budget_runs_out_and_the_check_ends
                            tmp_path, GPU_CHECK_FAULT="environment:hang")
     took = time.monotonic() - t0
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert 20 <= took < 20 + 20  # the budget plus starting and ending the interpreters
+    assert 20 <= took < 20 + 60  # the budget plus starting and ending the interpreters (on a busy machine)
     assert data["sections"] == {}
     assert re.fullmatch(r"killed after \d+s \(the time budget: \d+s\)", data["failed"]["environment"])
     assert data["failed"]["inference_eager_fp32"].startswith("not started: time budget")
