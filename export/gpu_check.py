@@ -102,8 +102,8 @@ class Report:
         t0 = time.monotonic()
         with tempfile.TemporaryDirectory(prefix="gpu_check_section_") as folder:
             figures_file, stderr_file = Path(folder) / "figures.json", Path(folder) / "stderr.txt"
-            cmd = [sys.executable, "-m", "export.gpu_check", *argv, "--section", section, "--figures-to",
-                   str(figures_file)]
+            cmd = [sys.executable, "-X", "faulthandler", "-m", "export.gpu_check", *argv, "--section", section,
+                   "--figures-to", str(figures_file)]  # faulthandler: a crash prints its Python stack to the log
             with open(stderr_file, "w") as err:
                 code = run_killing_group(cmd, timeout, err)
             stderr = stderr_file.read_text(errors="replace")
@@ -115,7 +115,7 @@ class Report:
         elif "error" in result:
             self.fail(section, result["error"])
         elif code != 0 or not ("figures" in result or "skipped" in result):
-            said = last_line(stderr)
+            said = error_line(RuntimeError(stderr), 300) if stderr.strip() else ""  # a traceback's raised line
             self.fail(section, f"its interpreter {exit_text(code)}" + (f": {said}" if said else ""))
         elif "skipped" in result:
             self.skip(section, result["skipped"])
@@ -156,11 +156,6 @@ def exit_text(code: int) -> str:
         except ValueError:
             return f"died of signal {-code}"
     return f"exited with code {code}"
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return lines[-1][:300] if lines else ""
 
 
 def measure(fn: Callable[[], object], warmup: int, repeats: int, sync: Optional[Callable[[], None]] = None) -> dict:
@@ -482,8 +477,8 @@ def driver_version() -> Optional[str]:
     except (OSError, subprocess.TimeoutExpired):
         pass
     try:
-        return Path("/proc/driver/nvidia/version").read_text().splitlines()[0].strip()
-    except (OSError, IndexError):
+        return Path("/proc/driver/nvidia/version").read_text().partition("\n")[0].strip() or None
+    except OSError:
         return None
 
 
