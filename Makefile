@@ -32,7 +32,8 @@ test-fast: install
 demo: install
 	$(PY) -m cluster.demo
 
-# every GPU figure into one JSON ($$OUT/gpu_check.json when OUT is set), < 8 minutes; exits 2 without a GPU
+# every GPU figure into one JSON ($$OUT/gpu_check.json when OUT is set), < 8 minutes, each section in its own
+# interpreter under a hard time limit; exits 1 when a section failed, 2 without a GPU
 gpu-check:
 	$(GPU_PY) -m export.gpu_check
 

@@ -321,6 +321,8 @@ def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
     per_worker_batch(t.batch_size, worker.world_size, worker.synchronized_bn, t.freeze_bn)
     batch = split_batch(t.batch_size, worker.world_size, worker.rank)
     amp = resolve_amp(t.amp, worker.device)
+    if worker.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed-size crops: cuDNN times each conv's algorithms once, then reuses
     num_classes = cfg.model.num_classes
     dataset_for_model(cfg.data, num_classes, f"model.num_classes={num_classes}")
     _seed(t.seed + worker.rank)
@@ -432,7 +434,12 @@ def evaluate_shard(model: nn.Module, dataset, num_classes: int, worker: Worker, 
     shard = Subset(dataset, range(worker.rank, len(dataset), worker.world_size))
     loader = DataLoader(shard, batch_size=1, shuffle=False, num_workers=0)
     predict = model_predictor(unwrap(model), device=worker.device, amp=amp)
-    return evaluate(predict, loader, num_classes, ignore_index).all_reduce()
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False  # whole images of many sizes: timing algorithms for each would cost more
+    try:
+        return evaluate(predict, loader, num_classes, ignore_index).all_reduce()
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def evaluate_and_report(run: Run, meter: Meter, epoch: int, lr: float) -> dict:

@@ -9,8 +9,12 @@ CUDA fp32/fp16 when there is a GPU), torch.compile (inductor, frozen weights), o
 Q/DQ with 8-bit and 7-bit weights; CUDA and TensorRT providers where they load), OpenVINO (FP32 IR at f32
 and, with native bf16, bf16; NNCF INT8 IR; the Q/DQ ONNX) and TensorRT engines given with --engine. Each is
 warmed up, then all are timed interleaved (one call each per round, the order rotating) so a noisy shared
-machine slows them alike. Reported per backend and batch size: latency min/median/p90/p99, images/s, peak
-memory (process RSS on CPU and what one call adds to it; the CUDA allocator's peak on GPU), GFLOP/s of the
+machine slows them alike. Every backend is timed from its input on its device to its output on its device
+(GPU backends: the input is copied to the GPU untimed, onnxruntime's through I/O binding; each row's "timed"
+says so). Reported per backend and batch size: latency min/median/p90/p99, images/s, peak memory measured the
+same way for every backend of a device (CPU: process RSS; GPU: device memory in use as the driver reports it,
+cudaMemGetInfo, which sees TensorRT's and onnxruntime's allocations as well as torch's) and what one call adds
+to it (in use during the call minus just before), GFLOP/s of the
 FLOPs no engine can skip (products with zero padding left out) and as a share (%limit) of this CPU's peak for
 its arithmetic (fp32, bf16, int8: an upper bound from the instruction set, cores and clock, export.cpu's
 peak_limits; GEMMs measured in the same run are reported against it), the median ratio to eager fp32 and,
@@ -117,14 +121,22 @@ def rss_bytes() -> int:
         return 0
 
 
-class PeakRSS:
-    """Samples RSS every few ms in a thread while active: the peak a backend reaches during its calls."""
+def device_used_bytes() -> int:
+    """GPU memory in use now, as the driver reports it (total - free, cudaMemGetInfo): every allocator's,
+    torch's caching allocator, TensorRT's execution context and onnxruntime's arenas alike."""
+    free, total = torch.cuda.mem_get_info()
+    return total - free
 
-    def __init__(self, interval: float = 0.005):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+class PeakMemory:
+    """Samples ``read()`` (bytes in use) every few ms in a thread while active: the level just before (``start``)
+    and the peak reached during a backend's call."""
+
+    def __init__(self, read: Callable[[], int], interval: float = 0.005):
+        self.read, self.interval, self.peak, self._stop = read, interval, 0, threading.Event()
 
     def __enter__(self):
-        self.start = self.peak = rss_bytes()
+        self.start = self.peak = self.read()
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -132,12 +144,22 @@ class PeakRSS:
 
     def _run(self):
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, rss_bytes())
+            self.peak = max(self.peak, self.read())
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, rss_bytes())
+        self.peak = max(self.peak, self.read())
+
+
+class PeakRSS(PeakMemory):
+    """This process's RSS (the CPU backends' memory)."""
+
+    def __init__(self, interval: float = 0.005):
+        super().__init__(rss_bytes, interval)
+
+
+MEMORY = {"cpu": "process RSS", "cuda": "GPU memory in use (driver: cudaMemGetInfo, whole device)"}
 
 
 # ------------------------------------------------------------------------------------------ backends
@@ -156,6 +178,11 @@ class Backend:
     refuses: Optional[Callable] = None  # refuses(shape) -> why it cannot run an input of that shape, or None
     model: Optional[str] = None  # another backbone than the subject's (--compare-backbone): its own FLOPs
     flops: Optional[int] = None
+    timed: str = ""  # what its time includes; "" = from its input on its device to its output on its device
+
+    def __post_init__(self):
+        self.timed = self.timed or (f"{self.device.upper()} input to {self.device.upper()} output"
+                                    + (" (input copied to the GPU untimed)" if self.device == "cuda" else ""))
 
 
 class Skip(Exception):
@@ -189,7 +216,8 @@ def torch_backends(model, cuda: bool, bf16: bool = True) -> list:
                         note="autocast bf16, NHWC", kind="bf16"))
     if cuda:
         gpu = copy.deepcopy(model).cuda()
-        out.append(make("cuda_fp32", gpu, device="cuda", note="eager on GPU"))
+        tf32 = "on" if torch.backends.cudnn.allow_tf32 else "off"  # cuDNN's default: fp32 convolutions as TF32
+        out.append(make("cuda_fp32", gpu, device="cuda", note=f"eager on GPU, TF32 convolutions {tf32}"))
         out.append(make("cuda_fp16", gpu, torch.float16, device="cuda", note="autocast fp16 on GPU"))
     return out
 
@@ -232,23 +260,37 @@ def compiled_backend(model) -> Backend:
                    logits=lambda x: run(prepare(torch.as_tensor(x))).float())
 
 
-def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp32") -> Backend:
-
+def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp32",
+                options: Optional[dict] = None) -> Backend:
+    """onnxruntime with one provider. A GPU provider runs through I/O binding: its input copied to the GPU
+    untimed (as torch's and TensorRT's are) and its output left there, so its time is device to device."""
     from export.runtime import OnnxRunner, available_providers
 
     if provider not in available_providers():
         raise Skip(f"onnxruntime has no {provider} (available: {', '.join(available_providers())}; "
                    "GPU providers come with onnxruntime-gpu)")
     try:
-        runner = OnnxRunner(onnx_path, [provider], threads=torch.get_num_threads())  # as many threads as torch
+        runner = OnnxRunner(onnx_path, [provider], threads=torch.get_num_threads(),  # as many threads as torch
+                            provider_options={provider: options} if options else None)
     except Exception as e:
         raise Skip(f"{provider} did not load {Path(onnx_path).name}: {error_line(e)}") from None
     if runner.providers[0] != provider:
         raise Skip(f"{provider} fell back to {runner.providers[0]}")
     session, input_name = runner.session, runner.input_name
-    return Backend(name, prepare=lambda x: {input_name: np.ascontiguousarray(x.numpy(), np.float32)},
-                   run=lambda feed: session.run(None, feed), device="cuda" if provider != "CPUExecutionProvider" else "cpu",
-                   note=note, logits=lambda x: torch.from_numpy(runner(x)), kind=kind)
+    def logits(x):
+        return torch.from_numpy(runner(x))
+
+    if provider == "CPUExecutionProvider":
+        return Backend(name, prepare=lambda x: {input_name: np.ascontiguousarray(x.numpy(), np.float32)},
+                       run=lambda feed: session.run(None, feed), note=note, logits=logits, kind=kind)
+
+    def run_bound(binding):
+        session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # returns when the logits are on the device, as the other GPU rows do
+
+    return Backend(name, prepare=lambda x: runner.bind(x.numpy(), "cuda"), run=run_bound, device="cuda", note=note,
+                   logits=logits, kind=kind, timed="GPU input to GPU output (I/O binding; input copied to the GPU "
+                                                   "untimed)")
 
 
 def trt_backend(engine_path) -> Backend:
@@ -294,17 +336,12 @@ def interleaved(backends: list, inputs: dict, repeats: int, warmup: int) -> dict
     for r in range(repeats):
         k = r % len(backends)
         for b in backends[k:] + backends[:k]:
-            if b.device == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            with PeakRSS() as mem:
+            with PeakMemory(device_used_bytes if b.device == "cuda" else rss_bytes) as mem:  # the same for all
                 t0 = time.perf_counter()
                 b.run(inputs[b.name])
                 times[b.name].append(time.perf_counter() - t0)
-            if b.device == "cuda":
-                peaks[b.name] = max(peaks[b.name], torch.cuda.max_memory_allocated())
-            else:
-                peaks[b.name] = max(peaks[b.name], mem.peak)
-                extra[b.name] = max(extra[b.name], mem.peak - mem.start)
+            peaks[b.name] = max(peaks[b.name], mem.peak)
+            extra[b.name] = max(extra[b.name], mem.peak - mem.start)
         log.info(f"  round {r + 1}/{repeats}: "
                  + ", ".join(f"{b.name} {1000 * times[b.name][-1]:.0f} ms" for b in backends))
     return {"times": times, "peak_bytes": peaks, "extra_bytes": extra}
@@ -338,7 +375,7 @@ def summarize(runs: dict, flops: int, backends: list, batch: int, reference: str
             s["speedup_vs_fp32"] = 1 / statistics.median(per_round)
         s.update(backend=b.name, note=b.note, device=b.device, batch=batch, images_per_s=batch / med,
                  gflops_per_s=(b.flops or flops) * batch / med / 1e9, peak_mib=runs["peak_bytes"][b.name] / 2**20,
-                 call_mib=runs["extra_bytes"][b.name] / 2**20, kind=b.kind)
+                 call_mib=runs["extra_bytes"][b.name] / 2**20, memory=MEMORY[b.device], timed=b.timed, kind=b.kind)
         if b.device == "cpu" and limits.get(b.kind):
             s["limit_share"] = s["gflops_per_s"] / limits[b.kind]
         if b.model:
@@ -533,10 +570,12 @@ class Artifacts:
                         self.model.config.num_classes)[0]
 
 
-def onnx_backends(files: Artifacts, wanted: Callable, skipped: dict) -> list:
+def onnx_backends(files: Artifacts, wanted: Callable, skipped: dict, shapes: Optional[list] = None) -> list:
     """onnxruntime backends: the FP32 ONNX, its INT8 Q/DQ twins (8-bit and 7-bit weights: this CPU's choice is
-    marked), the GPU providers this build has."""
+    marked), the GPU providers this build has; the TensorRT provider with an engine cache under --out and the
+    shape profile of the benchmark's inputs (``shapes``)."""
     from export.precision import cpu_reduce_range
+    from export.runtime import trt_provider_options
 
     chosen = cpu_reduce_range()
     why = "no VNNI: 7-bit weights avoid int16 saturation" if chosen else "VNNI: full 8-bit weights"
@@ -555,11 +594,20 @@ def onnx_backends(files: Artifacts, wanted: Callable, skipped: dict) -> list:
         if name == "ort_cpu_int8_rr" and files.args.int8_onnx:
             skipped[name] = "--int8-onnx gives the one INT8 ONNX to run (ort_cpu_int8)"
             continue
+        options = None
+        if provider == "TensorrtExecutionProvider" and shapes:
+            options = trt_provider_options(onnx_input_name(path()), shapes, Path(files.args.out) / "ort_trt_cache")
         try:
-            backends.append(ort_backend(name, path(), provider, note, kind))
+            backends.append(ort_backend(name, path(), provider, note, kind, options))
         except Skip as e:
             skipped[name] = str(e)
     return backends
+
+
+def onnx_input_name(onnx_path) -> str:
+    import onnx
+
+    return onnx.load(str(onnx_path), load_external_data=False).graph.input[0].name
 
 
 def openvino_backend(name: str, model, precision: str, threads: int, note: str, kind: str) -> Backend:
@@ -621,7 +669,8 @@ def all_backends(model, cfg, args, skipped: dict) -> list:
     if wanted("torch_compile"):
         backends.append(compiled_backend(model))
     files = Artifacts(model, cfg, args)
-    backends += onnx_backends(files, wanted, skipped) + openvino_backends(files, wanted, skipped, bf16)
+    shapes = [(batch, 3, cfg.export.image_size, cfg.export.image_size) for batch in args.batch]
+    backends += onnx_backends(files, wanted, skipped, shapes) + openvino_backends(files, wanted, skipped, bf16)
     for engine in args.engine:
         try:
             backends.append(trt_backend(engine))
@@ -709,6 +758,8 @@ def benchmark(args) -> int:
     report({"model": model.config.backbone, "output_stride": ex.output_stride, "size": ex.image_size,
             "flops_per_image": flops, "dense_flops_per_image": dense, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": features, "limits": limits, "measured_limits": measured,
+            "tf32": {"cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                     "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32} if cuda else None,
             "rows": rows, "accuracy": acc, "skipped": skipped,
             "checkpoint": args.checkpoint, "recommendation": recommend(rows, acc, ex.max_int8_miou_drop)}, out)
     return 0

@@ -4,40 +4,58 @@ without TensorRT (the case of a lent GPU machine).
 
     python -m export.gpu_check                  # writes $OUT/gpu_check.json (else runs/gpu_check.json)
 
-Sections, each timed with CUDA synchronization, written to the JSON as soon as it is done (a run cut short
-keeps what it measured), each failing alone (its reason in "skipped", the others' figures kept), skipped with
-a reason when the time budget (--budget-s) is spent:
+Each section runs in its own fresh interpreter (``python -m export.gpu_check --section NAME``) under a hard
+time limit: a hang, a crash or an out-of-memory in one (a TensorRT build, torch.compile) loses that section
+only, and no section runs past the time budget (--budget-s, checked while a section runs, not only before
+it starts). Each section's figures are written to the JSON as soon as it is done (a run cut short keeps what
+it measured). The JSON holds "sections" (figures), "skipped" (expected, with the reason: no TensorRT here,
+fp16 in a CPU dry run) and "failed" (an error, a crash, its time limit, or not started for lack of budget);
+any failed section makes the check exit 1. The sections:
 1. inference, R-101 (--backbone) at output stride 8, --size 513, batch 1 and 8, one section per variant:
    eager fp32, fp16 and bf16 autocast (channels_last), torch.compile (inductor) in bf16;
 2. training, one section per variant (AMP fp16 with GradScaler, AMP bf16, both channels_last; fp32 NCHW):
-   a few iterations of the project's own loop (`deeplab.train_loop.train`) on synthetic --size crops with
-   SyncBatchNorm converted, one evaluation, its checkpoint saved, loaded and resumed for one more iteration.
-   With 2+ GPUs it runs as 2 processes under DDP and NCCL; on one GPU a group of one runs SyncBatchNorm as
-   plain BatchNorm, and the JSON says so. The variant `demo_step` is configs/demo.yaml's step (ResNet-50 OS16,
-   81 px crops, global batch 8, amp auto), the one `python -m cluster.bench --scaling` times on CPUs: its
-   images/s (median per step after 2 warm-up steps) is the comparable GPU figure;
-3. ONNX export parity: the exported ONNX in onnxruntime (CPU) against the model on the GPU;
-4. where tensorrt imports: FP16 and INT8 engines built and timed with export.runtime.TensorRTRunner.
+   a few iterations of the project's own loop (`deeplab.train_loop.train`, which needs no Ray and no cluster
+   section) on synthetic --size crops with SyncBatchNorm converted, one evaluation, its checkpoint saved,
+   loaded and resumed for one more iteration. With 2+ GPUs it runs as 2 processes under DDP and NCCL; on one
+   GPU a group of one runs SyncBatchNorm as plain BatchNorm, and the JSON says so. The variant `demo_step` is
+   configs/demo.yaml's step (ResNet-50 OS16, 81 px crops, global batch 8, amp auto), the one
+   `python -m cluster.bench --scaling` times on CPUs: its images/s (median per step after 2 warm-up steps) is
+   the comparable GPU figure;
+3. ONNX export parity: the exported ONNX in onnxruntime (CPU) against the model on the GPU in fp32 with TF32
+   off (recorded);
+4. where tensorrt is installed: FP16 and INT8 engines built by `export.to_tensorrt` itself (the converter it
+   picks for this TensorRT: ModelOpt or onnxruntime's quantizer, AutoCast or builder flags), timed with
+   export.runtime.TensorRTRunner, with the TensorRT, CUDA, driver and onnxruntime versions and the precision
+   of every layer group of each engine.
 fp32 figures carry the TF32 switches they ran under (torch.backends.cuda.matmul / cudnn.allow_tf32).
 Without a CUDA GPU it prints one line, ``no CUDA GPU``, and exits 2; ``--cpu-dry-run`` runs the same sections
-on the CPU with a tiny model instead (what the tests use).
+on the CPU with a tiny model instead (what the tests use). Test-only: ``GPU_CHECK_FAULT=SECTION:raise`` (or
+``:hang``, ``:crash``; several comma-separated) makes that section's interpreter fail that way, to test that
+the check reports it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from deeplab.backbones import backbone_names
-from deeplab.cli import error_line
+from deeplab.cli import command, error_line, on_interrupt
+from deeplab.fileio import ensure_dir, write_text_atomic
 
+ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_EXIT = 2
+FAILED_EXIT = 1
+FAULT_ENV = "GPU_CHECK_FAULT"  # test-only: SECTION:raise|hang|crash
 
 
 class Report:
@@ -45,7 +63,7 @@ class Report:
 
     def __init__(self, path, budget_s: float):
         self.path, self.budget_s, self.start = Path(path), budget_s, time.monotonic()
-        self.data = {"sections": {}, "skipped": {}}
+        self.data = {"sections": {}, "skipped": {}, "failed": {}}
 
     def left_s(self) -> float:
         return self.budget_s - (time.monotonic() - self.start)
@@ -55,29 +73,89 @@ class Report:
         self.write()
 
     def skip(self, section: str, why: str) -> None:
+        """An expected gap (no TensorRT here, fp16 in a CPU dry run): the check still passes."""
         self.data["skipped"][section] = why
+        print(f"{section}: skipped: {why}", flush=True)
+        self.write()
+
+    def fail(self, section: str, why: str) -> None:
+        """A section that should have given figures and did not: the check exits non-zero."""
+        self.data["failed"][section] = why
+        print(f"{section}: FAILED: {why}", flush=True)
         self.write()
 
     def write(self) -> None:
-        from deeplab.fileio import ensure_dir, write_text_atomic
-
         ensure_dir(self.path.parent)
         self.data["elapsed_s"] = round(time.monotonic() - self.start, 1)
         write_text_atomic(self.path, json.dumps(self.data, indent=2) + "\n")
 
-    def run(self, section: str, needs_s: float, fn: Callable[[], object]) -> None:
-        """Run one section if the budget has `needs_s` seconds left; a failure is recorded, not raised."""
-        if self.left_s() < needs_s:
-            self.skip(section, f"time budget: {self.left_s():.0f}s left, the section needs about {needs_s:.0f}s")
+    def run(self, section: str, needs_s: float, limit_s: float, argv: list) -> None:
+        """Run one section in a fresh interpreter (``python -m export.gpu_check --section ...``), killed (with
+        every process it started) at ``limit_s`` or when the budget runs out, whichever comes first; it starts
+        only if the budget has ``needs_s`` seconds left. Its figures, a skip, or why it failed are recorded."""
+        left = self.left_s()
+        if left < needs_s:
+            self.fail(section, f"not started: time budget: {max(left, 0):.0f}s left, the section needs about "
+                               f"{needs_s:.0f}s")
             return
+        timeout = min(limit_s, left)
         t0 = time.monotonic()
-        try:
-            figures = fn()
-        except Exception as e:  # one section's failure (out of memory, a missing package) must not lose the rest
-            self.skip(section, f"failed: {error_line(e, 300, with_type=True)}")
+        with tempfile.TemporaryDirectory(prefix="gpu_check_section_") as folder:
+            figures_file, stderr_file = Path(folder) / "figures.json", Path(folder) / "stderr.txt"
+            cmd = [sys.executable, "-X", "faulthandler", "-m", "export.gpu_check", *argv, "--section", section,
+                   "--figures-to", str(figures_file)]  # faulthandler: a crash prints its Python stack to the log
+            with open(stderr_file, "w") as err:
+                code = run_killing_group(cmd, timeout, err)
+            stderr = stderr_file.read_text(errors="replace")
+            result = json.loads(figures_file.read_text()) if figures_file.is_file() else {}
+        took = time.monotonic() - t0
+        if code is None:
+            why = "its own limit" if timeout == limit_s else "the time budget"
+            self.fail(section, f"killed after {took:.0f}s ({why}: {timeout:.0f}s)")
+        elif "error" in result:
+            self.fail(section, result["error"])
+        elif code != 0 or not ("figures" in result or "skipped" in result):
+            said = error_line(RuntimeError(stderr), 300) if stderr.strip() else ""  # a traceback's raised line
+            self.fail(section, f"its interpreter {exit_text(code)}" + (f": {said}" if said else ""))
+        elif "skipped" in result:
+            self.skip(section, result["skipped"])
             return
-        print(f"{section}: done in {time.monotonic() - t0:.0f}s", flush=True)
-        self.add(section, figures)
+        else:
+            print(f"{section}: done in {took:.0f}s", flush=True)
+            self.add(section, result["figures"])
+            return
+        if stderr.strip():  # what a failed section printed, for whoever reads the log
+            print("\n".join(f"  | {line}" for line in stderr.rstrip().splitlines()[-25:]), file=sys.stderr, flush=True)
+
+
+def run_killing_group(cmd: list, timeout: float, stderr) -> Optional[int]:
+    """Run ``cmd`` in its own process group; its exit code, or None when it ran past ``timeout`` seconds and
+    was killed with every process it started (DDP ranks, compile workers). A stop of this process kills it too."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(cmd, stdout=None, stderr=stderr, env=env, start_new_session=True)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        _kill_group(proc)  # also what it left behind (a DataLoader worker) once it exited
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own group (start_new_session): nothing of ours, nothing else
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def exit_text(code: int) -> str:
+    if code < 0:
+        try:
+            return f"died of {signal.Signals(-code).name}"
+        except ValueError:
+            return f"died of signal {-code}"
+    return f"exited with code {code}"
 
 
 def measure(fn: Callable[[], object], warmup: int, repeats: int, sync: Optional[Callable[[], None]] = None) -> dict:
@@ -100,6 +178,7 @@ def default_output() -> Path:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="python -m export.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("-o", "--output", type=Path, default=None, help="JSON file (default: $OUT/gpu_check.json, "
                    "else runs/gpu_check.json)")
@@ -110,12 +189,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-batch", type=int, default=8, help="training images per step (default: 8)")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per inference variant (default: 20)")
     p.add_argument("--train-steps", type=int, default=10, help="training iterations per variant (default: 10)")
-    p.add_argument("--budget-s", type=float, default=420, help="stop starting sections after this (default 7 min)")
+    p.add_argument("--budget-s", type=float, default=420,
+                   help="the whole check's time (default: 420 s, 7 min): a section still running then is killed, "
+                        "later ones are not started (both count as failed)")
+    p.add_argument("--sections", nargs="+", metavar="NAME", choices=SECTION_NAMES, default=None,
+                   help=f"run only these (default: all): {', '.join(SECTION_NAMES)}")
     p.add_argument("--cpu-dry-run", action="store_true",
                    help="no GPU needed: every section on the CPU with a tiny model at 65 px (checks the check)")
+    p.add_argument("--section", choices=SECTION_NAMES, help=argparse.SUPPRESS)  # one section, in this interpreter
+    p.add_argument("--figures-to", type=Path, help=argparse.SUPPRESS)  # where that section writes its result
     args = p.parse_args(argv)
     if args.size < 33 or min(args.batches) < 1 or args.train_batch < 2 or args.repeats < 1 or args.train_steps < 1:
         p.error("--size >= 33, --batches >= 1, --train-batch >= 2 (BatchNorm), --repeats and --train-steps >= 1")
+    if args.budget_s <= 0:
+        p.error("--budget-s must be > 0")
+    if bool(args.section) != bool(args.figures_to):
+        p.error("--section and --figures-to go together (the check passes them to each section's interpreter)")
+    args.argv = argv  # what each section's interpreter is started with
     if args.cpu_dry_run:
         args.backbone, args.size, args.batches, args.train_batch = "resnet_tiny", 65, [1], 2
         args.repeats, args.train_steps = min(args.repeats, 2), min(args.train_steps, 2)
@@ -147,17 +237,15 @@ INFERENCE_VARIANTS = {"eager_fp32": ("eager", None), "eager_fp16": ("eager", "fl
                       "eager_bf16": ("eager", "bfloat16"), "compile_bf16": ("compile", "bfloat16")}
 
 
-def inference(args, variant: str, models: dict) -> dict:
-    """One variant at every batch size; the model is built once and shared by the variants (``models``)."""
+def inference(args, variant: str) -> dict:
+    """One variant at every batch size."""
     import torch
 
     mode, dtype_name = INFERENCE_VARIANTS[variant]
     dtype = getattr(torch, dtype_name) if dtype_name else None
-    if "eager" not in models:
-        models["eager"] = build(args.backbone, 8).to(args.device).eval().to(memory_format=torch.channels_last)
+    net = build(args.backbone, 8).to(args.device).eval().to(memory_format=torch.channels_last)
     if mode == "compile":  # one static graph per batch size, compiled in the warm-up
-        models.setdefault("compile", torch.compile(models["eager"], dynamic=False))
-    net = models[mode]
+        net = torch.compile(net, dynamic=False)
     sync = torch.cuda.synchronize if args.device == "cuda" else None
     out = {}
     for batch in args.batches:
@@ -198,7 +286,8 @@ def demo_step_config(args, iterations: int):
 
 
 def train_config(args, amp: str, channels_last: bool, iterations: int):
-    """Synthetic --size crops, --train-batch images per step, one evaluation at the end."""
+    """Synthetic --size crops, --train-batch images per step, one evaluation at the end. deeplab's sections only:
+    the loop runs here without Ray, its world size is the Worker's (cluster's section is cluster's business)."""
     from deeplab.config import load_config
 
     if amp == DEMO_STEP:
@@ -212,7 +301,7 @@ def train_config(args, amp: str, channels_last: bool, iterations: int):
         f"train.batch_size={args.train_batch}",
         f"train.max_iterations={iterations}", f"train.eval_interval={iterations}", f"train.log_interval={iterations}",
         f"train.amp={amp}", f"train.channels_last={str(channels_last).lower()}", "train.lr=0.001",
-        "train.bn_momentum=0.5", "cluster.num_workers=1"]).check()  # a few iterations: running stats must move
+        "train.bn_momentum=0.5"]).check()  # a few iterations: running stats must move
 
 
 def _loop_worker(device, rank: int, world_size: int, keep: Path, resume: Optional[Path], reports: list):
@@ -313,103 +402,223 @@ def training(args, variant: str) -> dict:
 
 
 def onnx_parity(args) -> dict:
+    """The exported ONNX in onnxruntime (CPU) against the model in fp32 on --device; on a GPU the reference runs
+    with TF32 off (cuDNN allows it by default), and the entry records the switches it ran under."""
     import torch
 
     from .metadata import build_metadata
     from .runtime import OnnxRunner
     from .to_onnx import compare, export_model
 
+    if args.device == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     model = build(args.backbone, 8).eval()
     with tempfile.TemporaryDirectory() as d:
         path = export_model(model, Path(d) / "model.onnx", build_metadata(model.config))
         x = torch.randn(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             ref = model.to(args.device)(x.to(args.device)).float().cpu().numpy()
-        return compare(ref, OnnxRunner(path, ["CPUExecutionProvider"])(x), x.shape,
-                       f"onnxruntime (CPU) vs {args.device.upper()}")
+        row = compare(ref, OnnxRunner(path, ["CPUExecutionProvider"])(x), x.shape,
+                      f"onnxruntime (CPU) vs {args.device.upper()}")
+    if args.device == "cuda":
+        row["reference_tf32"] = tf32_state()
+    return row
 
 
 def tensorrt_engines(args) -> dict:
+    """FP16 and INT8 engines as `python -m export.to_tensorrt` builds them (its converter for this TensorRT, its
+    sidecar), each timed and described: converter, parity with the FP32 ONNX, precision of every layer group."""
     import torch
 
-    import tensorrt as trt
-
+    from . import to_tensorrt
     from .metadata import build_metadata
-    from .precision import lowp_onnx, quantize_int8
-    from .runtime import TensorRTRunner, device_info
+    from .runtime import TensorRTRunner, engine_precisions, read_sidecar
     from .to_onnx import export_model
-    from .to_tensorrt import build_engine, build_path, make_sidecar, onnx_variant, write_engine
 
     model = build(args.backbone, 8).eval()
     shape = (1, 3, args.size, args.size)
-    out = {}
+    text = "x".join(map(str, shape))
+    out = {"versions": versions()}
     with tempfile.TemporaryDirectory() as d:
-        fp32 = export_model(model, Path(d) / "model.onnx", build_metadata(model.config))
-        calib = [torch.randn(*shape).numpy() for _ in range(4)]
-        path = build_path(trt.__version__)  # TensorRT 10: precision flags on the FP32 ONNX; 11: a typed ONNX
-        fp16 = lowp_onnx(fp32, Path(d) / "model.fp16.onnx")[0] if onnx_variant("fp16", path) == "fp16" else fp32
-        sources = {"fp16": fp16, "int8": quantize_int8(fp32, Path(d) / "model.int8.onnx", calib)}
-        profile = {"min": shape, "opt": shape, "max": shape}
-        for precision, onnx_path in sources.items():
+        onnx_path = export_model(model, Path(d) / "model.onnx", build_metadata(model.config))
+        for precision in ("fp16", "int8"):
             engine = Path(d) / f"model.{precision}.engine"
-            data = build_engine(onnx_path, precision, profile, 8.0)
-            write_engine(engine, data, lambda tmp: make_sidecar(device_info(), precision, path, profile, onnx_path, {}))
-            runner, x = TensorRTRunner(engine), torch.randn(*shape, device="cuda")
-            out[precision] = measure(lambda: runner(x), warmup=5, repeats=args.repeats, sync=torch.cuda.synchronize)
+            code = to_tensorrt.main([str(onnx_path), "-o", str(engine), "--precision", precision, "--min-shape", text,
+                                     "--opt-shape", text, "--max-shape", text, "--calib-images", "8"])
+            if code != 0:
+                raise RuntimeError(f"python -m export.to_tensorrt --precision {precision} exited {code}")
+            sidecar, runner = read_sidecar(engine), TensorRTRunner(engine)
+            x = torch.randn(*shape, device="cuda")
+            row = measure(lambda: runner(x), warmup=5, repeats=args.repeats, sync=torch.cuda.synchronize)
+            row.update(converter={k: sidecar[k] for k in ("build_path", "int8_quantizer", "int8_other_layers", "tf32")
+                                  if k in sidecar},
+                       parity=sidecar.get("parity"), layer_precisions=engine_precisions(runner.engine),
+                       engine_mib=engine.stat().st_size / 2**20)
+            out[precision] = row
+            print(f"  tensorrt {precision}: {row['median_ms']:.2f} ms", flush=True)
     return out
+
+
+def package_version(name: str) -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def driver_version() -> Optional[str]:
+    """The NVIDIA driver's version (nvidia-smi, else /proc/driver/nvidia/version), None without one."""
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.split()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        return Path("/proc/driver/nvidia/version").read_text().partition("\n")[0].strip() or None
+    except OSError:
+        return None
+
+
+def versions() -> dict:
+    """What GPU figures depend on: torch and its CUDA and cuDNN, the driver, TensorRT, onnxruntime (its build's
+    providers), ModelOpt (which converter to_tensorrt picks)."""
+    import torch
+
+    from .runtime import tensorrt_version
+
+    try:
+        import onnxruntime as ort
+
+        onnxruntime = {"version": ort.__version__, "providers": list(ort.get_available_providers())}
+    except Exception as e:
+        onnxruntime = {"version": None, "error": error_line(e, 200, with_type=True)}
+    onnxruntime["wheel"] = "onnxruntime-gpu" if package_version("onnxruntime-gpu") else "onnxruntime"
+    return {"torch": torch.__version__, "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+            "driver": driver_version(), "tensorrt": tensorrt_version(), "onnxruntime": onnxruntime,
+            "modelopt": package_version("nvidia-modelopt")}
 
 
 def environment(args) -> dict:
     import torch
 
     if args.device == "cpu":
-        return {"torch": torch.__version__, "gpu": None, "dry_run": "cpu: every section on the CPU, tiny model",
+        return {"gpu": None, "dry_run": "cpu: every section on the CPU, tiny model", "versions": versions(),
                 "backbone": args.backbone, "size": args.size}
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(),
-            "gpus": torch.cuda.device_count(), "capability": ".".join(map(str, torch.cuda.get_device_capability())),
+    return {"gpu": torch.cuda.get_device_name(), "gpus": torch.cuda.device_count(),
+            "capability": ".".join(map(str, torch.cuda.get_device_capability())), "versions": versions(),
             "backbone": args.backbone, "size": args.size, "tf32": tf32_state()}
 
 
-def run_sections(args, report: Report) -> None:
-    """Each variant its own section: one failing (a torch.compile error, out of memory) keeps the others."""
-    models: dict = {}
-    for variant in INFERENCE_VARIANTS:
-        if args.device == "cpu" and variant == "eager_fp16":
-            report.skip(f"inference_{variant}", "cpu dry run: fp16 autocast is a GPU variant")
-            continue
-        if not variant.startswith("compile"):
-            report.run(f"inference_{variant}", 40, lambda v=variant: inference(args, v, models))
-    for variant in TRAIN_VARIANTS:
-        if args.device == "cpu" and TRAIN_VARIANTS[variant][0] == "fp16":
-            report.skip(f"training_{variant}", "cpu dry run: fp16 with GradScaler needs CUDA")
-            continue
-        report.run(f"training_{variant}", 60, lambda v=variant: training(args, v))
-    report.run("onnx_parity", 90, lambda: onnx_parity(args))
-    report.run("inference_compile_bf16", 90, lambda: inference(args, "compile_bf16", models))
-    if args.device == "cpu":
-        report.skip("tensorrt", "cpu dry run")
+@dataclass(frozen=True)
+class Section:
+    """One section: ``run(args) -> figures`` in its own interpreter, started only with ``needs_s`` of the budget
+    left and killed after ``limit_s``; ``cpu_skip``: why a CPU dry run leaves it out (an expected skip)."""
+
+    name: str
+    needs_s: float
+    limit_s: float
+    run: Callable[[argparse.Namespace], dict]
+    cpu_skip: Optional[str] = None
+
+
+def _inference(variant: str) -> Section:
+    slow = variant.startswith("compile")
+    return Section(f"inference_{variant}", 60 if slow else 30, 180 if slow else 120,
+                   lambda args: inference(args, variant),
+                   "cpu dry run: fp16 autocast is a GPU variant" if variant == "eager_fp16" else None)
+
+
+def _training(variant: str) -> Section:
+    return Section(f"training_{variant}", 45, 150, lambda args: training(args, variant),
+                   "cpu dry run: fp16 with GradScaler needs CUDA" if TRAIN_VARIANTS[variant][0] == "fp16" else None)
+
+
+def _tensorrt(args) -> dict:
+    from importlib.util import find_spec
+
+    if find_spec("tensorrt") is None:
+        return {"skipped": "tensorrt is not installed here"}  # installed but broken: its import fails the section
+    return {"figures": tensorrt_engines(args)}
+
+
+SECTIONS = [Section("environment", 5, 60, environment),
+            *[_inference(v) for v in INFERENCE_VARIANTS if not v.startswith("compile")],
+            *[_training(v) for v in TRAIN_VARIANTS],
+            Section("onnx_parity", 60, 180, onnx_parity),
+            _inference("compile_bf16"),
+            Section("tensorrt", 120, 360, _tensorrt, "cpu dry run")]
+SECTION_NAMES = [s.name for s in SECTIONS]
+RESULT_OF = {"tensorrt"}  # sections whose run() returns {"figures": ...} or {"skipped": why} itself
+
+
+def fault(section: str) -> None:
+    """Test-only (GPU_CHECK_FAULT=SECTION:raise|hang|crash[,SECTION:...]): make this section fail as a real one
+    can (an error, a hang, a crash of the interpreter)."""
+    faults = dict(item.partition(":")[::2] for item in os.environ.get(FAULT_ENV, "").split(",") if item)
+    how = faults.get(section)
+    if how is None:
         return
+    if how == "hang":
+        time.sleep(24 * 3600)
+    if how == "crash":
+        os.abort()
+    raise RuntimeError(f"made to fail by {FAULT_ENV}")
+
+
+def run_one(args) -> int:
+    """The interpreter of one section: its figures (or skip) to --figures-to; an error there too, exit 1."""
+    section = next(s for s in SECTIONS if s.name == args.section)
+    import torch
+
+    if args.device == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes throughout
     try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        report.skip("tensorrt", "tensorrt is not importable here")
-    else:
-        report.run("tensorrt", 150, lambda: tensorrt_engines(args))
+        fault(section.name)
+        result = section.run(args) if section.name in RESULT_OF else {"figures": section.run(args)}
+    except Exception as e:  # the parent records it; the traceback goes to stderr for the log
+        import traceback
+
+        traceback.print_exc()
+        write_text_atomic(args.figures_to, json.dumps({"error": error_line(e, 300, with_type=True)}))
+        return FAILED_EXIT
+    write_text_atomic(args.figures_to, json.dumps(result))
+    return 0
 
 
+def run_sections(args, report: Report) -> None:
+    """Each section in its own interpreter, in order; one failing keeps the others."""
+    for section in SECTIONS:
+        if args.sections and section.name not in args.sections:
+            continue
+        if args.device == "cpu" and section.cpu_skip:
+            report.skip(section.name, section.cpu_skip)
+        else:
+            report.run(section.name, section.needs_s, section.limit_s, args.argv)
+
+
+@command
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.section:
+        return run_one(args)
     import torch
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA GPU", file=sys.stderr)
         return NO_GPU_EXIT
+    on_interrupt(f"{args.output} keeps every section finished; a rerun measures them all again")
     report = Report(args.output, args.budget_s)
-    report.add("environment", environment(args))
-    torch.backends.cudnn.benchmark = args.device == "cuda"
+    report.write()
     run_sections(args, report)
-    print(f"wrote {args.output} ({report.data['elapsed_s']:.0f}s)")
-    return 0
+    failed = report.data["failed"]
+    print(f"wrote {args.output} ({report.data['elapsed_s']:.0f}s); "
+          + (f"{len(failed)} section(s) FAILED: {', '.join(failed)}" if failed else "no section failed"))
+    return FAILED_EXIT if failed else 0
 
 
 if __name__ == "__main__":

@@ -210,6 +210,42 @@ class TensorRTRunner:
         return out
 
 
+# TensorRT's engine inspector names each layer output's type inside a format text ("Row major linear FP32",
+# "Channel major FP16 format where channel % 8 == 0", "Int8"); the first of these found names the precision.
+_FORMAT_PRECISIONS = (("BF16", "bf16"), ("FP16", "fp16"), ("HALF", "fp16"), ("FP8", "fp8"), ("INT8", "int8"),
+                      ("UINT8", "uint8"), ("INT32", "int32"), ("INT64", "int64"), ("BOOL", "bool"),
+                      ("FP32", "fp32"), ("FLOAT", "fp32"))
+
+
+def format_precision(text: str) -> str:
+    upper = str(text).upper()
+    return next((name for token, name in _FORMAT_PRECISIONS if token in upper), "unknown")
+
+
+def precision_groups(engine_information: str) -> dict:
+    """{layer type: {precision of its output: layers}} from the engine inspector's JSON
+    (``get_engine_information(LayerInformationFormat.JSON)``). Only an engine built with
+    ProfilingVerbosity.DETAILED lists types and formats; one that lists names only says so."""
+    layers = json.loads(engine_information).get("Layers", [])
+    if layers and all(isinstance(layer, str) for layer in layers):
+        return {"unknown": {"layers listed by name only (not built with ProfilingVerbosity.DETAILED)": len(layers)}}
+    groups: dict = {}
+    for layer in layers:
+        outputs = layer.get("Outputs") or [{}]
+        precision = format_precision(outputs[0].get("Format/Datatype", ""))
+        kind = groups.setdefault(layer.get("LayerType", "unknown"), {})
+        kind[precision] = kind.get(precision, 0) + 1
+    return groups
+
+
+def engine_precisions(engine) -> dict:
+    """The precision of every layer group of a deserialized engine (see precision_groups)."""
+    import tensorrt as trt
+
+    inspector = engine.create_engine_inspector()
+    return precision_groups(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+
+
 def require(module: str, what: str):
     """Import an optional runtime, or say in one line which extra installs it."""
     import importlib
@@ -252,7 +288,10 @@ def _ort_load_errors(ort) -> tuple:
 class OnnxRunner:
     """An ONNX model in onnxruntime. `providers` are tried in order; `.providers` says which ones loaded."""
 
-    def __init__(self, onnx_path, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None):
+    def __init__(self, onnx_path, providers: Optional[Sequence[str]] = None, threads: Optional[int] = None,
+                 provider_options: Optional[dict] = None):
+        """``provider_options``: {provider name: its options} (the TensorRT provider's engine cache and shape
+        profile, see trt_provider_options)."""
         ort = require("onnxruntime", "onnxruntime")
 
         onnx_path = Path(onnx_path)
@@ -265,12 +304,28 @@ class OnnxRunner:
         opts.log_severity_level = 3
         self.path = onnx_path
         try:
-            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=pick_providers(providers))
+            options = provider_options or {}
+            chosen = [(p, options[p]) if p in options else p for p in pick_providers(providers)]
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
         except _ort_load_errors(ort) as e:
             raise EngineError(f"{onnx_path}: onnxruntime cannot load it ({error_line(e)})") from None
         self.providers = self.session.get_providers()
         self.input_name = self.session.get_inputs()[0].name
         self.input_type = self.session.get_inputs()[0].type  # e.g. "tensor(float)" or "tensor(float16)"
+
+    def bind(self, images: np.ndarray, device: str = "cuda"):
+        """An I/O binding with ``images`` copied to ``device`` once (onnxruntime's OrtValue) and the output left
+        there: ``session.run_with_iobinding(binding)`` then runs from device input to device output, no host
+        copy timed (``binding.get_outputs()[0]``: the logits, an OrtValue on the device)."""
+        ort = require("onnxruntime", "onnxruntime")
+
+        dtype = np.float16 if self.input_type == "tensor(float16)" else np.float32
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images, dtype), device, 0)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, value)
+        binding.bind_output(self.session.get_outputs()[0].name, device)
+        binding.value = value  # keeps the device input alive as long as the binding
+        return binding
 
     def __call__(self, images) -> np.ndarray:
         """images: (N, 3, H, W) numpy array or CPU torch tensor; returns logits as float32 numpy."""
@@ -278,6 +333,20 @@ class OnnxRunner:
         x = x.astype(np.float16 if self.input_type == "tensor(float16)" else np.float32, copy=False)
         out = self.session.run(None, {self.input_name: np.ascontiguousarray(x)})[0]
         return out.astype(np.float32, copy=False)
+
+
+def trt_provider_options(input_name: str, shapes: Sequence[tuple], cache_dir) -> dict:
+    """onnxruntime's TensorRT provider options for inputs of ``shapes`` (NCHW): engines cached in ``cache_dir``
+    (built once, reused by the next run) and one shape profile covering them (opt: the first), so the provider
+    does not rebuild its engine when the input size changes."""
+    def text(shape):
+        return f"{input_name}:{'x'.join(str(int(d)) for d in shape)}"
+
+    low = tuple(min(dims) for dims in zip(*shapes))
+    high = tuple(max(dims) for dims in zip(*shapes))
+    return {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir), "trt_timing_cache_enable": True,
+            "trt_profile_min_shapes": text(low), "trt_profile_opt_shapes": text(shapes[0]),
+            "trt_profile_max_shapes": text(high)}
 
 
 # ------------------------------------------------------------------------------------------- OpenVINO
@@ -350,6 +419,20 @@ class OpenVINORunner:
             request = self.core.compile_model(self.model, self.device, self.config).create_infer_request()
         self._compiled[size] = request  # most recently used last
         return request
+
+    def bind(self, images: np.ndarray, device: str = "cuda"):
+        """An I/O binding with ``images`` copied to ``device`` once (onnxruntime's OrtValue) and the output left
+        there: ``session.run_with_iobinding(binding)`` then runs from device input to device output, no host
+        copy timed (``binding.get_outputs()[0]``: the logits, an OrtValue on the device)."""
+        ort = require("onnxruntime", "onnxruntime")
+
+        dtype = np.float16 if self.input_type == "tensor(float16)" else np.float32
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images, dtype), device, 0)
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input(self.input_name, value)
+        binding.bind_output(self.session.get_outputs()[0].name, device)
+        binding.value = value  # keeps the device input alive as long as the binding
+        return binding
 
     def __call__(self, images) -> np.ndarray:
         """images: (N, 3, H, W) numpy array or CPU torch tensor; returns logits as float32 numpy."""

@@ -108,8 +108,9 @@ def machine_blocker() -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------ building
 def build_engine(onnx_path, precision: str, shapes: Optional[dict], workspace_gb: float,
-                 input_name: str = "images") -> bytes:
-    """Parse the ONNX and build a serialized engine (TensorRT 10 or 11); raises BuildError."""
+                 input_name: str = "images", record: Optional[dict] = None) -> bytes:
+    """Parse the ONNX and build a serialized engine (TensorRT 10 or 11); raises BuildError. ``record`` gets
+    what the sidecar should say of the build: whether fp32 layers may run as TF32 (TensorRT's default)."""
     import tensorrt as trt
 
     path = build_path(trt.__version__)
@@ -123,11 +124,15 @@ def build_engine(onnx_path, precision: str, shapes: Optional[dict], workspace_gb
         raise BuildError(f"{onnx_path}: TensorRT could not parse the ONNX: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # the engine inspector can name layer precisions
     for name in builder_flags(precision, path):
         flag = getattr(trt.BuilderFlag, name, None)
         if flag is None:
             raise BuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{name}; use TensorRT 11 with a typed ONNX")
         config.set_flag(flag)
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if record is not None:
+        record["tf32"] = bool(config.get_flag(tf32)) if tf32 is not None else None
     if shapes:
         profile = builder.create_optimization_profile()
         profile.set_shape(input_name, shapes["min"], shapes["opt"], shapes["max"])
@@ -306,7 +311,8 @@ def build_and_write(engine_path: Path, onnx_in: Path, fp32_onnx: Path, path: str
     dims = [d.dim_value if d.HasField("dim_value") else None for d in model_input.type.tensor_type.shape.dim]
     fixed = static_profile(dims)
     profile = None if fixed else ex.profile()
-    data = build_engine(onnx_in, ex.precision, profile, ex.workspace_gb, model_input.name)
+    built: dict = {}
+    data = build_engine(onnx_in, ex.precision, profile, ex.workspace_gb, model_input.name, built)
 
     def describe(tmp_engine: Path) -> dict:
         par = engine_parity(tmp_engine, fp32_onnx, fixed or profile["opt"])
@@ -314,7 +320,7 @@ def build_and_write(engine_path: Path, onnx_in: Path, fp32_onnx: Path, path: str
                  f"argmax agreement {100 * par['argmax_agreement']:.2f}%")
         meta = {**read_metadata(fp32_onnx), "precision": ex.precision}  # the record, for this engine
         return make_sidecar(device_info(), ex.precision, path, profile or {"fixed": fixed}, onnx_in, meta,
-                            parity=par, workspace_gb=ex.workspace_gb, **sidecar_extra)
+                            parity=par, workspace_gb=ex.workspace_gb, **built, **sidecar_extra)
 
     write_engine(engine_path, data, describe)
     log.info(f"wrote {engine_path} ({len(data) / 2**20:.1f} MiB) and {sidecar_path(engine_path).name}")

@@ -3,12 +3,8 @@ import os
 import pytest
 import torch
 
-# Every package's config sections, registered as each package's entry points register them (on import), so a
-# test's experiment holds the same sections whichever test ran first. A process importing deeplab alone is
-# tested in a subprocess (tests/test_layering.py, tests/test_config.py).
-import cluster  # noqa: F401,E402  (cluster, segment, serve)
-import export  # noqa: F401,E402  (export)
-import tuning  # noqa: F401,E402  (tune)
+# No project package is imported here: a test imports what it uses (a package registers its config sections when
+# imported), so each test file holds alone, as each command runs alone.
 
 # Two cores are shared by torch, Ray workers and pytest; keep each process from oversubscribing.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

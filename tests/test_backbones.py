@@ -31,7 +31,7 @@ def tiny_run(backbone: str, *extra):
         "data.synthetic_classes=4", "data.synthetic_size=80", "data.crop_size=65", "data.synthetic_train=4",
         "data.synthetic_val=2", "data.loader_workers=0", "train.batch_size=2", "train.max_iterations=1",
         "train.eval_interval=1", "train.log_interval=100", "train.lr=0.01", "train.amp=off",
-        "train.bn_momentum=0.5", "cluster.num_workers=1", *extra])
+        "train.bn_momentum=0.5", *extra])
 
 
 def trained_step(cfg) -> dict:

@@ -3,6 +3,7 @@ model over every CPU backend (timings are printed by the script, never asserted)
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,54 @@ def test_a_compared_backbone_is_timed_in_the_same_rounds_with_its_own_flops_and_
     assert "torch_fp32 (" in bench.recommend(faster, {}, 1.0)
     assert bench.parse_args(["--compare-backbone", "resnet101", "mobilenet_v3_large"]).compare_backbone == \
         ["resnet101", "mobilenet_v3_large"]
+
+
+def test_every_device_s_memory_is_read_before_and_during_each_call_the_same_way(monkeypatch):
+    """interleaved() takes each backend's memory with one sampler: in use just before its call and the peak during
+    it. No GPU here, so the driver's reading (cudaMemGetInfo) is replaced by a level the "GPU" call raises and
+    lowers again, as TensorRT or onnxruntime would, outside torch's allocator."""
+    level = [1000 * 2**20]
+
+    def gpu_call(_):
+        level[0] += 300 * 2**20  # a workspace taken for the call...
+        time.sleep(0.03)
+        level[0] -= 300 * 2**20  # ...and given back before it returns
+
+    monkeypatch.setattr(bench, "device_used_bytes", lambda: level[0])
+    backends = [bench.Backend("cpu_row", lambda x: x, lambda x: None), bench.Backend("gpu_row", lambda x: x, gpu_call,
+                                                                                     device="cuda")]
+    runs = bench.interleaved(backends, {"cpu_row": 0, "gpu_row": 0}, repeats=2, warmup=0)
+    assert runs["peak_bytes"]["gpu_row"] == 1300 * 2**20 and runs["extra_bytes"]["gpu_row"] == 300 * 2**20
+    assert runs["peak_bytes"]["cpu_row"] >= bench.rss_bytes() // 2  # the process's RSS
+    rows = bench.summarize(runs, 10**9, backends, 1, reference="cpu_row")
+    assert [(r["memory"], r["timed"]) for r in rows] == [
+        ("process RSS", "CPU input to CPU output"),
+        ("GPU memory in use (driver: cudaMemGetInfo, whole device)",
+         "CUDA input to CUDA output (input copied to the GPU untimed)")]
+
+
+def test_io_binding_runs_from_device_input_to_device_output_with_the_sessions_logits(tmp_path):
+    """The path onnxruntime's GPU rows time, on the device this machine has (the CPU): input bound once, the
+    output left as an OrtValue on the device, the same logits as a plain run."""
+    from export.metadata import build_metadata
+    from export.runtime import OnnxRunner
+    from export.to_onnx import export_model
+
+    model = build_model(ModelConfig(backbone="resnet_tiny", num_classes=3, aspp_channels=16)).eval()
+    runner = OnnxRunner(export_model(model, tmp_path / "m.onnx", build_metadata(model.config)),
+                        ["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 33, 33, generator=torch.Generator().manual_seed(0))
+    binding = runner.bind(x.numpy(), "cpu")
+    runner.session.run_with_iobinding(binding)
+    out = binding.get_outputs()[0]
+    assert out.device_name() == "cpu" and out.shape() == [1, 3, 33, 33]
+    np.testing.assert_allclose(out.numpy(), runner(x), rtol=0, atol=1e-6)
+
+
+def test_the_tensorrt_provider_gets_a_cache_folder_and_the_benchmarks_shape_profile(tmp_path):
+    from export.runtime import trt_provider_options
+
+    options = trt_provider_options("images", [(1, 3, 513, 513), (8, 3, 513, 513), (2, 3, 257, 321)], tmp_path / "c")
+    assert options == {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "c"),
+                       "trt_timing_cache_enable": True, "trt_profile_min_shapes": "images:1x3x257x321",
+                       "trt_profile_opt_shapes": "images:1x3x513x513", "trt_profile_max_shapes": "images:8x3x513x513"}

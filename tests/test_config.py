@@ -3,6 +3,9 @@ from pathlib import Path
 
 import pytest
 
+import cluster  # noqa: F401  (cluster, export and tuning register their sections, tested here with deeplab's)
+import export  # noqa: F401
+import tuning  # noqa: F401
 from deeplab.config import ConfigError, experiment_from_dict, load_config, save_config
 
 

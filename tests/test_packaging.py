@@ -27,6 +27,17 @@ def test_cpu_and_gpu_runtimes_are_separate_extras():
     assert torch == ["torch>=2.4"]  # a range: GPU users keep their CUDA build, CI installs torch==2.13.0 first
 
 
+def test_gpu_extra_pins_the_versions_that_load_together_and_the_readme_names_them():
+    """An open range let tensorrt resolve to 11, which the onnxruntime-gpu of the day could not load: the gpu
+    extra pins one set (onnxruntime-gpu 1.22 <-> TensorRT 10.9, ModelOpt requiring onnxruntime-gpu ~=1.22.0)."""
+    pins = dict(r.replace("[onnx]", "").split("==") for r in PROJECT["optional-dependencies"]["gpu"])
+    assert set(pins) == {"onnxruntime-gpu", "tensorrt", "nvidia-modelopt"}
+    assert pins["tensorrt"].startswith("10.") and pins["onnxruntime-gpu"].startswith("1.22.")
+    stated = (f"onnxruntime-gpu {pins['onnxruntime-gpu']}, TensorRT {pins['tensorrt']}, "
+              f"ModelOpt {pins['nvidia-modelopt']}")
+    assert stated in (ROOT / "README.md").read_text()
+
+
 @pytest.mark.parametrize("extra", ["cpu", "dev"])
 def test_extra_resolves_offline_in_this_environment(extra):
     """pip's resolver, with no index, must find every requirement of the extra already installed here."""

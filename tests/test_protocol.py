@@ -24,6 +24,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
+import cluster  # noqa: F401  (the cluster section: these configs set it, its checks are tested here)
+import tuning  # noqa: F401  (the tune section of the shipped configs)
 from deeplab import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from deeplab.checkpoint import CHECKPOINT_FILE
 from deeplab.config import ConfigError, TrainConfig, load_config

@@ -28,6 +28,7 @@ def two_nodes(tmp_path_factory):
 
 
 def _cfg(storage: str):
+    import cluster.config  # noqa: F401  (registers the cluster section this config sets)
     from deeplab.config import load_config
 
     cfg = load_config(None, [f"cluster.storage_path={storage}", "cluster.num_workers=2"])

@@ -21,7 +21,7 @@ def tiny_config(**train) -> ExperimentConfig:
         "data.synthetic_classes=4", "data.synthetic_size=80", "data.crop_size=65",
         "data.synthetic_train=8", "data.synthetic_val=2", "data.loader_workers=0",
         "train.batch_size=2", "train.max_iterations=6", "train.eval_interval=3", "train.log_interval=100",
-        "train.lr=0.01", "train.amp=off", "cluster.num_workers=1",
+        "train.lr=0.01", "train.amp=off",
     ])
     for k, v in train.items():
         setattr(cfg.train, k, v)
@@ -194,3 +194,24 @@ def test_remote_init_from_and_pretrained_backbone_are_read_through_the_filesyste
             build_model_for_training(tiny_config(init_from="memory://bucket/voc_stage1"), None)
     finally:
         store.rm("/bucket", recursive=True)
+
+
+def test_evaluation_of_whole_images_of_many_sizes_runs_without_cudnn_benchmark_and_restores_it(monkeypatch):
+    """GPU training turns cudnn.benchmark on for its fixed-size crops; validation images come in many sizes, so
+    the evaluation turns it off while it runs (an algorithm search per new size costs more than it saves) and
+    gives the training steps their setting back."""
+    from deeplab.data import build_dataset
+    from deeplab.train_loop import evaluate_shard
+
+    cfg = tiny_config()
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.backends.cudnn.benchmark)
+            return torch.zeros(x.shape[0], 4, *x.shape[2:])
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    cm = evaluate_shard(Recorder(), build_dataset(cfg.data, "val", train=False), 4, Worker())
+    assert seen and not any(seen) and torch.backends.cudnn.benchmark is True
+    assert cm.miou() >= 0

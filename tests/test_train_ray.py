@@ -12,6 +12,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.train import UserCallback  # noqa: E402
 
+import cluster  # noqa: F401,E402  (registers the cluster section these configs set)
 from deeplab import load_checkpoint  # noqa: E402
 from deeplab.config import load_config  # noqa: E402
 from ray_nodes import one_cpu_nodes  # noqa: E402

@@ -3,6 +3,7 @@ import itertools
 
 import pytest
 
+import cluster  # noqa: F401  (registers the cluster section, as tuning.search_rates does before it prunes)
 from deeplab.config import ConfigError, ExperimentConfig, ModelConfig
 from tuning import spaces
 

@@ -86,7 +86,7 @@ def test_tensorboard_gets_the_grid_at_each_evaluation_and_training_is_unchanged(
         "data.synthetic_classes=4", "data.synthetic_size=49", "data.crop_size=33",
         "data.synthetic_train=4", "data.synthetic_val=2", "data.loader_workers=0",
         "train.batch_size=2", "train.max_iterations=4", "train.eval_interval=2", "train.log_interval=100",
-        "train.lr=0.01", "train.amp=off", "cluster.num_workers=1"]).check()
+        "train.lr=0.01", "train.amp=off"]).check()
     logged, plain = [], []
     train(cfg, Worker(log_dir=str(tmp_path / "tb"), report=lambda m, c: logged.append(m)))
     train(cfg, Worker(report=lambda m, c: plain.append(m)))
