@@ -470,7 +470,7 @@ def parse_args(argv):
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients (default 1 8)")
     p.add_argument("--client", choices=("python", "ab"), default="python",
                    help="who sends the requests: the built-in Python client (keep-alive connections) or Apache "
-                        "Bench, `ab -c CLIENTS -n REQUESTS` (a connection per request; apt-get install apache2-utils)")
+                        "Bench, `ab -c CLIENTS -n REQUESTS` (a connection per request; apt-get install apache2-utils); default: python")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1], metavar="N",
                    help="serve.max_batch_size settings to compare (default 8 1: batching on and off)")
     p.add_argument("--replicas", type=int, nargs="+", default=[1], help="replica counts (default 1)")
@@ -479,8 +479,8 @@ def parse_args(argv):
                    help="run cluster.serve from this source tree (repeatable: e.g. --code before=/tmp/main "
                         "--code after=.); default: this tree")
     p.add_argument("--bare-images", type=int, default=48, help="images per bare-runner measurement (default 48)")
-    p.add_argument("--only", choices=("serve", "segment"), help="run one half of the bench")
-    p.add_argument("--json", metavar="FILE", help="also write every figure to FILE (JSON)")
+    p.add_argument("--only", choices=("serve", "segment"), help="run one half of the bench (default: both)")
+    p.add_argument("--json", metavar="FILE", help="also write every figure to FILE (JSON; default: none)")
     p.add_argument("--image-size", type=int, default=129, help="side of the test images (default 129)")
     p.add_argument("--segment-images", type=int, default=48, help="images for each segment run (default 48)")
     p.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="segment actor counts (default 1 2)")

@@ -29,6 +29,7 @@ RUN_ELSEWHERE = {
     "cluster.segment": "test_segment_ray.py",
     "cluster.serve": "test_serve_ray.py",
     "tuning.search_rates": "test_tuning_resume.py",
+    "cluster.down": "test_ray_up_onprem.py",
 }
 HELP_ONLY = {  # why there is no tiny real run of these anywhere
     "cluster.bench": "a benchmark of Ray Train's overhead: minutes of Ray and training by design",
@@ -194,12 +195,20 @@ def run_check_config(f):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
 
 
+def run_receptive(f):
+    """A 129 crop at output stride 16 leaves a 9x9 map: a rate of 12 or more keeps only the centre tap (1/9)."""
+    proc = python(["-m", "deeplab.receptive", "--crop", "129", "--output-stride", "16"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "feature map 9x9" in proc.stdout
+    assert re.search(r"rate\s+12:\s+11\.1%", proc.stdout) and re.search(r"rate\s+18:\s+11\.1%", proc.stdout)
+
+
 REAL_RUNS = {"export.to_onnx": run_to_onnx, "export.to_openvino": run_to_openvino,
              "export.to_tensorrt": run_to_tensorrt, "deeplab.evaluate": run_deeplab_evaluate,
              "export.evaluate": run_export_evaluate, "deeplab.predict": run_deeplab_predict,
              "export.predict": run_export_predict, "deeplab.data": run_data_check, "deeplab.data.bench": run_data_bench,
              "deeplab.bench_model": run_bench_model, "export/bench.py": run_bench, "export.gpu_check": run_gpu_check,
-             "cluster.check_config": run_check_config}
+             "cluster.check_config": run_check_config, "deeplab.receptive": run_receptive}
 
 
 @pytest.mark.parametrize("name", list(REAL_RUNS))
