@@ -19,6 +19,9 @@ import os
 import shutil
 from typing import Optional
 
+import pyarrow.fs
+import torch
+
 from deeplab.checkpoint import CHECKPOINT_FILE
 from deeplab.fileio import atomic_path
 from deeplab.pause import pause_for_test
@@ -28,15 +31,11 @@ PROGRESS_FILE = "progress.json"
 
 
 def _is_local(fs) -> bool:
-    import pyarrow.fs
-
     return isinstance(fs, pyarrow.fs.LocalFileSystem)
 
 
 def checkpoint_folders(fs, run_path: str) -> list:
     """Names of the run's checkpoint folders, newest first (Ray names them by the time of the report)."""
-    import pyarrow.fs
-
     try:
         infos = fs.get_file_info(pyarrow.fs.FileSelector(run_path, allow_not_found=True))
     except OSError:
@@ -47,8 +46,6 @@ def checkpoint_folders(fs, run_path: str) -> list:
 
 def checkpoint_iteration(fs, folder: str) -> Optional[int]:
     """The iteration saved in ``folder/model.ckpt``, or None when it is missing, partial or unreadable."""
-    import torch
-
     path = f"{folder}/{CHECKPOINT_FILE}"
     try:
         if _is_local(fs):

@@ -424,21 +424,21 @@ def _fit(trainer):
     return outcome["result"]
 
 
-def stop_note(run_dir: str) -> str:
-    """What a stop keeps of the run in ``run_dir`` and what the same command does next (the
-    ``interrupted (SIGINT): ...`` line)."""
+def stop_note(run_dir: str, rerun: str = "the same command") -> str:
+    """What a stop keeps of the run in ``run_dir`` and what ``rerun`` does next: the ``interrupted (SIGINT): ...``
+    line (cluster.checkpoints: a rerun resumes from the newest complete checkpoint)."""
     import pyarrow.fs
 
     from cluster.checkpoints import newest_complete, read_progress
 
     if is_uri(run_dir):
-        return f"checkpoints kept in {run_dir}; the same command resumes from the newest complete one"
-    found, reached = newest_complete(pyarrow.fs.LocalFileSystem(), run_dir), (read_progress(run_dir) or {}).get(
-        "reached_iteration")
-    at = f" (stopped at iteration {reached})" if reached is not None else ""
+        return f"checkpoints kept in {run_dir}; {rerun} resumes from the newest complete one"
+    found = newest_complete(pyarrow.fs.LocalFileSystem(), run_dir)
+    reached = (read_progress(run_dir) or {}).get("reached_iteration")
+    at = f" (the run had reached iteration {reached})" if reached else ""
     if found is None:
-        return f"no checkpoint written yet{at}; the same command starts the run {run_dir} from the beginning"
-    return (f"checkpoint of iteration {found[1]} kept in {run_dir}{at}; the same command resumes from it")
+        return f"no checkpoint written yet{at}; {rerun} starts the run {run_dir} from the beginning"
+    return f"checkpoint of iteration {found[1]} kept in {run_dir}{at}; {rerun} resumes from it"
 
 
 def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False, verbose: bool = False):

@@ -70,7 +70,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     if first.returncode == 0:
         pytest.fail("the first run finished every trial before Ctrl-C could interrupt it:\n" + text[-3000:])
     assert first.returncode == 130, text[-3000:]
-    assert "interrupted with 1 of 2 trials unfinished" in text
+    assert "interrupted (SIGINT): 1 of 2 trials unfinished" in text and "the same command" in text
+    # the console is the project's: no Tune box, no trial's worker lines, no advice to call Tuner.restore
+    for noise in ("Configuration for experiment", "(RayTrainWorker", "Tuner.restore", "Trials did not complete"):
+        assert noise not in text, noise
+    assert "(RayTrainWorker" in (search_dir / "logs" / "console.log").read_text()  # kept in the search's log
     assert not output.exists()  # no best.ckpt from half a search
     kept = (search_dir / finished_id / "result.json").read_text()
     before = _rows(search_dir)
