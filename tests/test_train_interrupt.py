@@ -58,9 +58,9 @@ def _processes_using(folder: str) -> list:
 
 
 def run(command: list, pause: str = None, stop: int = None, ignore_sigint: bool = False, timeout: float = 300):
-    """Run ``command``; with ``pause``, send ``stop`` when it prints the pause marker (SIGINT to its process group,
-    as Ctrl-C in a terminal does; SIGTERM to the process, as kill or a scheduler does). Returns (exit code,
-    stdout, stderr). Afterwards no process of the local Ray it started may be left."""
+    """Run ``command``; with ``pause``, send ``stop`` when it prints the pause marker, or a line that is ``pause``
+    (SIGINT to its process group, as Ctrl-C in a terminal does; SIGTERM to the process, as kill or a scheduler
+    does). Returns (exit code, stdout, stderr). Afterwards no process of the local Ray it started may be left."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are limited to 107 bytes
     env = {**os.environ, "PYTHONPATH": ROOT, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
@@ -78,7 +78,7 @@ def run(command: list, pause: str = None, stop: int = None, ignore_sigint: bool 
         try:
             for line in proc.stdout:
                 out.append(line)
-                if pause and not sent and line.startswith("test-pause:"):
+                if pause and not sent and (line.startswith("test-pause:") or line.strip() == pause):
                     time.sleep(0.5)  # every worker at the point, not only the first to print
                     (os.killpg if stop == signal.SIGINT else os.kill)(proc.pid, stop)
                     sent = True
@@ -183,3 +183,35 @@ def test_stopped_anywhere_and_run_again_ends_as_the_uninterrupted_run(reference,
     assert summary["redone_iterations"] == sum(r - c for r, c in resumes) == 8
     assert "restarted 3 time(s) from a checkpoint, 8 iteration(s) done again" in out
     assert (run_dir / "best.ckpt").is_file() and summary["best_val_miou"] == reference_summary["best_val_miou"]
+
+
+RAY_GET_SCRIPT = """
+import sys, time
+import ray
+from cluster.train import init_ray
+from deeplab.cli import command
+from deeplab.config import load_config
+
+@ray.remote(num_cpus=0)
+def sleep():
+    time.sleep(600)
+
+@command
+def main(argv=None):
+    init_ray(load_config(None, []), local=True, num_cpus=1)
+    task = sleep.remote()
+    print("waiting", flush=True)
+    ray.get(task)
+    return 0
+
+sys.exit(main())
+"""
+
+
+def test_sigterm_during_ray_get_still_exits_143():
+    """A driver started by cluster.train.init_ray (ray.init installs its own SIGTERM handlers, Python's and Ray
+    Core's, which aborts) waiting in ray.get, as tuning.search_rates waits in Tune: ray.get checks for signals
+    itself and raises a new, plain KeyboardInterrupt in place of the command's Stopped(SIGTERM). The exit must
+    still say SIGTERM, 143."""
+    code, out, err = run([sys.executable, "-c", RAY_GET_SCRIPT], pause="waiting", stop=signal.SIGTERM)
+    assert code == 143 and err.splitlines()[-1] == "interrupted (SIGTERM): nothing half-written", (code, err[-2000:])
