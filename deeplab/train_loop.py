@@ -201,6 +201,7 @@ class Run:
     writer: Any = None  # TensorBoard SummaryWriter on rank 0 when the runner gives a log_dir
     batches: list = field(default_factory=list)  # [images, iterations] runs this rank trained since its last report
     resumes: list = field(default_factory=list)  # every restart of the run from a checkpoint, with group sizes
+    resumed_metrics: dict = field(default_factory=dict)  # what the checkpoint resumed from had reported
 
     @property
     def main(self) -> bool:
@@ -305,6 +306,7 @@ def _restore(run: Run, state: Optional[dict], resume: Optional[str]) -> None:
     if state.get("scaler") and run.scaler.is_enabled():  # fp16: the loss scale and its growth tracker
         run.scaler.load_state_dict(state["scaler"])
     run.iteration = int(state["iteration"])
+    run.resumed_metrics = state.get("metrics") or {}
     rng = state.get("rng") or []
     if len(rng) == run.worker.world_size:
         _set_rng_state(rng[run.worker.rank])
@@ -535,6 +537,11 @@ def _count_batch(run: Run, images: int) -> None:
 def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:
     """Train one worker's share of the run; returns the last reported metrics."""
     run = setup(cfg, worker or Worker())
+    if run.iteration >= cfg.train.max_iterations and run.resumed_metrics:
+        # a finished run started again (stopped after its last report): its result once more, for whoever waits
+        # for one (a Tune trial restored after a SIGTERM); every rank alike, as for any report
+        run.worker.report(run.resumed_metrics, None)
+        return run.resumed_metrics
     meter = Meter(run.iteration)
     metrics: dict = {}
     epoch, position = divmod(run.iteration, run.steps_per_epoch)

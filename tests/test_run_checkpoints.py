@@ -103,3 +103,13 @@ def test_redone_iterations_are_unknown_not_zero_when_a_restart_did_not_record_th
     assert "restarted 2 time(s) from a checkpoint, an unknown number of iteration(s) done again" in out
     resumes[1]["reached_iteration"] = 85
     assert _summary(result, None)["redone_iterations"] == 25
+
+
+def test_a_finished_run_started_again_reports_its_result_once_more(saved):
+    """A stop after the last report (a search stopped by SIGTERM before Tune saved that the trial ended): the run
+    resumed from its last checkpoint trains nothing, but whoever waits for a result (Tune) gets it again."""
+    reports = []
+    last = train(tiny_config(4), Worker(report=lambda m, c: reports.append((m, c)),
+                                        latest_checkpoint=lambda: os.path.join(saved[4], CHECKPOINT_FILE)))
+    expected = load_checkpoint(os.path.join(saved[4], CHECKPOINT_FILE)).state["metrics"]
+    assert reports == [(expected, None)] and last == expected and expected["iteration"] == 4
