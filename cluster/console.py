@@ -56,6 +56,26 @@ def _not_the_progress_bar_note(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("Progress bars disabled")
 
 
+_TUNE_ADVICE = ("Experiment has been interrupted", "Trials did not complete")  # Tuner.restore(...); the trial list
+
+
+def _not_tune_advice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith(_TUNE_ADVICE)
+
+
+def quiet_tune(verbose: bool) -> None:
+    """On a Tune driver: no configuration box (RAY_AIR_NEW_OUTPUT=0 selects Tune's older reporter, silent at
+    verbose=0), and neither the list of unfinished trials nor the advice to resume with ``Tuner.restore(...)``
+    after a stop (the project's answer is to run the same command again; its own lines say which trials
+    ended how). ``verbose``: Tune prints as it always does."""
+    if verbose:
+        return
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    tune_logger = logging.getLogger("ray.tune.tune")
+    if _not_tune_advice not in tune_logger.filters:
+        tune_logger.addFilter(_not_tune_advice)
+
+
 def ray_init_options(verbose: bool) -> dict:
     """ray.init options for the console: Ray's own INFO lines only with --verbose."""
     return {"logging_level": logging.INFO if verbose else logging.WARNING}
@@ -139,11 +159,11 @@ class ConsoleFilter:
     in one line; the traceback is in console.log), so the filter remembers, per process, that it is inside
     one: they arrive split over several batches."""
 
-    def __init__(self):
-        self._in_traceback: set = set()
+    def __init__(self, processes: tuple = PROJECT_PROCESSES):
+        self.processes, self._in_traceback = processes, set()
 
     def keep(self, batch: dict, line: str) -> bool:
-        if (batch.get("actor_name") or "") not in PROJECT_PROCESSES or _RAY_CORE_LINE.match(line) or not line.strip():
+        if (batch.get("actor_name") or "") not in self.processes or _RAY_CORE_LINE.match(line) or not line.strip():
             return False
         pid = batch.get("pid")
         if line.startswith(_TRACEBACK_START):
@@ -161,8 +181,8 @@ class _Console:
     """The handler that replaces Ray's printing of forwarded lines for the rest of the process (late lines
     of a failed run arrive after fit() returns); ``log`` is the run's console.log while a run is on."""
 
-    def __init__(self, show, verbose: bool):
-        self.show, self.verbose, self.filter, self.log = show, verbose, ConsoleFilter(), None
+    def __init__(self, show, verbose: bool, processes: tuple = PROJECT_PROCESSES):
+        self.show, self.verbose, self.filter, self.log = show, verbose, ConsoleFilter(processes), None
         self.lock = threading.Lock()  # Ray's logger thread writes while the driver opens and closes the log
 
     def open_log(self, path: Optional[str]) -> None:
@@ -186,9 +206,9 @@ class _Console:
             self.show({**batch, "lines": kept}, ignore_prefix=True)
 
 
-def _install(verbose: bool) -> Optional[_Console]:
+def _install(verbose: bool, processes: tuple) -> Optional[_Console]:
     """Our handler in place of Ray's ``ray_print_logs`` (None where Ray forwards nothing or has moved the
-    private dispatcher: then Ray prints as it always did)."""
+    private dispatcher: then Ray prints as it always did); ``processes``: whose lines the console shows."""
     try:
         from ray._private import worker as ray_worker
 
@@ -197,11 +217,12 @@ def _install(verbose: bool) -> Optional[_Console]:
     except (ImportError, AttributeError):
         return None
     if "deeplab_console" in handlers:
-        handlers["deeplab_console"].verbose = verbose
-        return handlers["deeplab_console"]
+        console = handlers["deeplab_console"]
+        console.verbose, console.filter = verbose, ConsoleFilter(processes)
+        return console
     if "ray_print_logs" not in handlers:  # ray.init(log_to_driver=False)
         return None
-    console = _Console(ray_worker.print_to_stdstream, verbose)
+    console = _Console(ray_worker.print_to_stdstream, verbose, processes)
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("deeplab_console", console)
     return console
@@ -220,10 +241,11 @@ def _copy_ray_train_logs(log_dir: str) -> None:
 
 
 @contextmanager
-def project_console(log_dir: Optional[str], verbose: bool = False):
+def project_console(log_dir: Optional[str], verbose: bool = False, processes: tuple = PROJECT_PROCESSES):
     """Inside the block, forwarded lines are filtered for the console (all shown with ``verbose``) and logged
-    to ``log_dir/console.log``; on the way out Ray Train's log files are copied to ``log_dir/ray_train``."""
-    console = _install(verbose)
+    to ``log_dir/console.log``; on the way out Ray Train's log files are copied to ``log_dir/ray_train``.
+    ``processes``: the Ray actors whose lines the console shows (none: the driver's own lines only)."""
+    console = _install(verbose, processes)
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
     if console:

@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 
-from deeplab.cli import command
+from deeplab.cli import command, on_interrupt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PICTURE = "predictions_os8.png"  # in the run folder: what the demo learned, named on the console's last line
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
 
     from cluster.console import ray_init_options
-    from cluster.train import init_ray, resolve_storage_path, train
+    from cluster.train import init_ray, resolve_storage_path, stop_note, train
 
     run_dir = os.path.join(resolve_storage_path(cfg.cluster.storage_path), cfg.cluster.name)
     if os.path.isdir(run_dir) and not args.resume:
@@ -101,12 +101,18 @@ def main(argv=None) -> int:
     print(f"[1/3] training {cfg.model.backbone} DeepLabv3 on {cfg.cluster.num_workers} CPU workers "
           f"(synchronized BatchNorm), {cfg.train.max_iterations} iterations of batch {cfg.train.batch_size} "
           f"at {cfg.data.crop_size}x{cfg.data.crop_size}", flush=True)
-    train(cfg, verbose=args.verbose)
+    try:
+        train(cfg, verbose=args.verbose)
+    except KeyboardInterrupt:  # without --resume, the same command would start afresh
+        on_interrupt(stop_note(run_dir, rerun="python -m cluster.demo --resume"))
+        raise
     import ray
 
     ray.shutdown()  # free the cores for evaluation
     trained = time.perf_counter()
     best = os.path.join(run_dir, "best.ckpt")
+    on_interrupt(f"training finished, {best} kept; `python -m deeplab.evaluate {best}` evaluates it "
+                 "(the same command trains again from the beginning)")
 
     import torch
 

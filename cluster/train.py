@@ -19,14 +19,16 @@ import copy
 import math
 import os
 import sys
+import threading
 from dataclasses import dataclass, replace
 from typing import Optional
 from urllib.parse import urlsplit
 
 from cluster.console import project_console, ray_init_options
-from deeplab.cli import command, error_line, keeps_stop_signals
+from deeplab.cli import command, error_line, keeps_stop_signals, on_interrupt
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args
 from deeplab.fileio import copy_file_atomic, ensure_dir, is_uri, write_text_atomic
+from deeplab.pause import pause_for_test
 
 BEST_FILE = "best.ckpt"
 SUMMARY_FILE = "summary.json"
@@ -257,8 +259,8 @@ def _summary(result, folder: RunFolder, best_path: Optional[str]) -> dict:
     metrics = result.metrics or {}
     best = max((m for _, m in result.best_checkpoints or []), key=lambda m: m.get("val_miou", -1), default=metrics)
     resumes = metrics.get("resumes") or []
-    redone = sum(r["reached_iteration"] - r["checkpoint_iteration"] for r in resumes
-                 if r.get("reached_iteration") is not None)
+    unknown = any(r.get("reached_iteration") is None for r in resumes)  # e.g. a new driver on an object store
+    redone = None if unknown else sum(r["reached_iteration"] - r["checkpoint_iteration"] for r in resumes)
     return {"run": folder.url, "iterations": metrics.get("iteration"), "final_val_miou": metrics.get("val_miou"),
             "best_val_miou": best.get("val_miou"), "best_iteration": best.get("iteration"),
             "best_val_iou": best.get("val_iou") or [], "best_checkpoint": best_path, "resumes": resumes,
@@ -275,8 +277,10 @@ def _print_summary(cfg: ExperimentConfig, summary: dict) -> None:
     print(f"iterations {summary['iterations']}  final val mIoU {final:.4f}  best val mIoU {best:.4f} "
           f"(iteration {summary['best_iteration']})")
     if summary["resumes"]:
-        print(f"restarted {len(summary['resumes'])} time(s) from a checkpoint, {summary['redone_iterations']} "
-              f"iteration(s) done again: " + "; ".join(describe_resume(r) for r in summary["resumes"]))
+        redone = summary["redone_iterations"]
+        print(f"restarted {len(summary['resumes'])} time(s) from a checkpoint, "
+              f"{'an unknown number of' if redone is None else redone} iteration(s) done again: "
+              + "; ".join(describe_resume(r) for r in summary["resumes"]))
     if summary["best_val_iou"]:
         print("per-class IoU of the best checkpoint:")
         for i, value in enumerate(summary["best_val_iou"]):
@@ -359,8 +363,8 @@ def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int]
             pass
     port = _free_port() if _port_in_use(8265) else 8265
     system = {**LOCAL_SYSTEM_CONFIG, **kwargs.pop("_system_config", {})}
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=None if cfg.cluster.use_gpu else 0, dashboard_port=port,
-             runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=None if cfg.cluster.use_gpu else 0,
+             dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
              _system_config=system, **kwargs)
 
 
@@ -429,26 +433,74 @@ def run_logs_dir(cfg: ExperimentConfig) -> Optional[str]:
     return None if is_uri(storage) else os.path.join(storage, cfg.cluster.name, "logs")
 
 
+def _fit(trainer):
+    """``trainer.fit()`` on a helper thread while the main thread waits. On the main thread Ray Train's driver
+    installs its own SIGINT handler, which aborts the run and exits the process with status 1 itself, so
+    fit() never raises and the command could not say what it kept; on any other thread (as under Tune) it
+    installs none. Here a stop signal raises Stopped in the main thread (deeplab.cli) and `train` stops Ray."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as e:  # handed to the main thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name="trainer.fit", daemon=True)
+    thread.start()
+    thread.join()  # a signal interrupts the wait: its handler raises here
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def stop_note(run_dir: str, rerun: str = "the same command") -> str:
+    """What a stop keeps of the run in ``run_dir`` and what ``rerun`` does next: the ``interrupted (SIGINT): ...``
+    line (cluster.checkpoints: a rerun resumes from the newest complete checkpoint)."""
+    import pyarrow.fs
+
+    from cluster.checkpoints import newest_complete, read_progress
+
+    if is_uri(run_dir):
+        return f"checkpoints kept in {run_dir}; {rerun} resumes from the newest complete one"
+    found = newest_complete(pyarrow.fs.LocalFileSystem(), run_dir)
+    reached = (read_progress(run_dir) or {}).get("reached_iteration")
+    at = f" (the run had reached iteration {reached})" if reached else ""
+    if found is None:
+        return f"no checkpoint written yet{at}; {rerun} starts the run {run_dir} from the beginning"
+    return f"checkpoint of iteration {found[1]} kept in {run_dir}{at}; {rerun} resumes from it"
+
+
 def train(cfg: ExperimentConfig, *, callbacks: list = (), checked: bool = False, verbose: bool = False):
     """Run the experiment to the end (resuming a previous run of the same name) and write best.ckpt.
     ``callbacks``: extra Ray Train UserCallbacks (they run in the controller); ``checked``: the config already
     passed its checks and preflight; ``verbose``: Ray's own lines on the console too (they are always in the
-    run dir's logs/ and Ray's session folder)."""
+    run dir's logs/ and Ray's session folder). A stop signal (Ctrl-C, SIGTERM) stops Ray and every process it
+    started, says what was kept, and raises Stopped."""
     if not checked:
         cfg.check()
         preflight(cfg)
-    init_ray(cfg, **ray_init_options(verbose))
     storage = resolve_storage_path(cfg.cluster.storage_path)
-    check_storage_visible(cfg, storage)  # before any training, not at the first checkpoint upload
     folder = run_folder(storage, cfg.cluster.name)
-    if folder.local and os.path.isdir(folder.path):
-        print(f"run directory {folder.path} exists: resuming that run where it stopped", flush=True)
-    if isinstance(cfg.cluster.num_workers, tuple):
-        print(f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers; training starts once "
-              f"{cfg.cluster.min_workers} fit and grows as nodes join", flush=True)
-    trainer = build_trainer(cfg, name=cfg.cluster.name, storage_path=storage, callbacks=callbacks, verbose=verbose)
-    with project_console(run_logs_dir(cfg), verbose):
-        result = trainer.fit()
+    try:
+        pause_for_test("before-ray")
+        init_ray(cfg, **ray_init_options(verbose))
+        check_storage_visible(cfg, storage)  # before any training, not at the first checkpoint upload
+        if folder.local and os.path.isdir(folder.path):
+            print(f"run directory {folder.path} exists: resuming that run where it stopped", flush=True)
+        if isinstance(cfg.cluster.num_workers, tuple):
+            print(f"elastic: {cfg.cluster.min_workers} to {cfg.cluster.max_workers} workers; training starts once "
+                  f"{cfg.cluster.min_workers} fit and grows as nodes join", flush=True)
+        trainer = build_trainer(cfg, name=cfg.cluster.name, storage_path=storage, callbacks=callbacks,
+                                verbose=verbose)
+        with project_console(run_logs_dir(cfg), verbose):
+            result = _fit(trainer)
+    except KeyboardInterrupt:
+        import ray
+
+        ray.shutdown()  # the controller and the workers end with the driver's job; a local cluster with it
+        on_interrupt(stop_note(folder.url))
+        raise
     summary = _summary(result, folder, _copy_best(result, folder.child(BEST_FILE)))
     _write_summary(summary, folder)
     _print_summary(cfg, summary)

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
+import json
 import os
 import threading
 from contextlib import contextmanager
 from typing import Optional
 
+import pyarrow.fs
+
+from cluster.checkpoints import newest_complete, read_progress, remove_incomplete, upload_atomically, write_progress
 from deeplab.config import experiment_from_dict
 
 
@@ -47,13 +52,12 @@ class ExitGuard:
 
 def train_worker(config: dict) -> None:
     """One Ray Train worker: hand `deeplab.train_loop.train` the Ray-specific pieces."""
-    import pyarrow.fs
     import ray.train
     import ray.train.torch
 
     from cluster.console import quiet_worker_console
     from cluster.syncbn import convert_sync_batchnorm, revert_sync_batchnorm
-    from deeplab.checkpoint import CHECKPOINT_FILE, unwrap
+    from deeplab.checkpoint import unwrap
     from deeplab.train_loop import Worker, train
 
     cfg = experiment_from_dict(config["experiment"])
@@ -77,27 +81,52 @@ def train_worker(config: dict) -> None:
     def plain_model(model):  # a copy: reverting in place would swap the training model's modules
         return revert_sync_batchnorm(copy.deepcopy(unwrap(model)))
 
+    storage = context.get_storage()
+    fs, run_path = storage.storage_filesystem, storage.experiment_fs_path
+    local = isinstance(fs, pyarrow.fs.LocalFileSystem)
+
     def report(metrics: dict, checkpoint_dir: Optional[str]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        # local/NFS storage: the whole model.ckpt or none (Ray's own copy writes it in place)
+        upload = functools.partial(_upload, run_path, iteration=metrics["iteration"]) if local and checkpoint else None
         with exit_guard.writing():  # a checkpoint upload is finished, or not begun, when the node shuts down
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload)
 
     def latest_checkpoint() -> Optional[str]:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
-            folder = checkpoint.path
-        else:
-            folder = checkpoint.to_directory()  # download from S3/GCS
-        return os.path.join(folder, CHECKPOINT_FILE)
+        return _newest_checkpoint(fs, run_path, context.get_world_rank())
 
-    record_progress, recorded_progress = _progress_store(config["run_key"])
+    record_progress, recorded_progress = _progress_store(config["run_key"], fs, run_path)
     train(cfg, Worker(rank=context.get_world_rank(), world_size=world_size, device=device,
                       prepare_model=prepare_model, plain_model=plain_model, report=report,
                       latest_checkpoint=latest_checkpoint, log_dir=config.get("log_dir"), synchronized_bn=synchronized,
                       record_progress=record_progress, recorded_progress=recorded_progress,
                       preempted=_preemption_notice()))
+
+
+def _upload(run_path: str, checkpoint, dir_name: str, iteration: int):
+    """Ray's checkpoint_upload_fn for local/NFS storage: `cluster.checkpoints.upload_atomically`."""
+    import ray.train
+
+    return ray.train.Checkpoint(upload_atomically(checkpoint.path, f"{run_path}/{dir_name}", iteration))
+
+
+def _newest_checkpoint(fs, run_path: str, rank: int) -> Optional[str]:
+    """model.ckpt of the newest complete checkpoint in the run folder: Ray's latest, or a newer one Ray never
+    recorded (its driver was stopped just after the upload; see cluster.checkpoints). Rank 0 first removes what
+    a stopped attempt's upload left (no rank writes there now)."""
+    import ray.train
+
+    from deeplab.checkpoint import CHECKPOINT_FILE
+
+    if rank == 0:
+        remove_incomplete(fs, run_path)
+    recorded = ray.train.get_checkpoint()
+    found = newest_complete(fs, run_path, os.path.basename(recorded.path) if recorded else None)
+    if found is None and recorded is None:
+        return None
+    checkpoint = ray.train.Checkpoint(found[0], fs) if found else recorded
+    folder = checkpoint.path if isinstance(fs, pyarrow.fs.LocalFileSystem) else checkpoint.to_directory()  # S3/GCS
+    return os.path.join(folder, CHECKPOINT_FILE)
 
 
 def set_worker_threads(cpus: float) -> None:
@@ -146,20 +175,27 @@ def _bf16_all_reduce(group, bucket):
     return future.then(decompress)
 
 
-def _progress_store(run_key: str) -> tuple:
-    """(record, read) of the iteration a run's rank 0 reached, kept in Ray's key-value store (the GCS), so the
-    group that resumes after a resize can say how much work it redoes. Ray has no public key-value store;
-    internal_kv is the one its own libraries use."""
+def _progress_store(run_key: str, fs, run_path: str) -> tuple:
+    """(record, read) of how far a run's rank 0 got (deeplab.train_loop.Worker.record_progress), so that the group
+    that resumes after a resize or a stop can say how much work it redoes: in the run folder on local/NFS storage
+    (cluster.checkpoints.PROGRESS_FILE; it outlives the cluster), else in Ray's key-value store (the GCS; it lives
+    as long as the cluster). Ray has no public key-value store; internal_kv is the one its own libraries use."""
     from ray.experimental import internal_kv
 
     key = f"deeplab/progress/{run_key}"
+    local = isinstance(fs, pyarrow.fs.LocalFileSystem)
 
-    def record(iteration: int) -> None:
-        internal_kv._internal_kv_put(key, str(iteration), overwrite=True)
+    def record(progress: dict) -> None:
+        if local:
+            write_progress(run_path, progress)
+        else:
+            internal_kv._internal_kv_put(key, json.dumps(progress), overwrite=True)
 
-    def read() -> Optional[int]:
+    def read() -> Optional[dict]:
+        if local:
+            return read_progress(run_path)
         value = internal_kv._internal_kv_get(key)
-        return int(value) if value else None
+        return json.loads(value) if value else None
 
     return record, read
 

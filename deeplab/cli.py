@@ -39,7 +39,12 @@ def on_interrupt(note: str) -> None:
     _interrupt_note[0] = note
 
 
+_received = [None]  # the stop signal that came: a KeyboardInterrupt raised inside ray.get reaches us as a new,
+# plain one (Ray's C++ wait checks for signals and raises its own), without the Stopped's signum
+
+
 def _raise_stopped(signum, _frame):
+    _received[0] = signum
     raise Stopped(signum)
 
 
@@ -76,7 +81,7 @@ def keeps_stop_signals(start):
 def interrupted_exit(error: KeyboardInterrupt) -> int:
     """The one line and the exit code for a stop: 130 for SIGINT (or a plain KeyboardInterrupt), 143 for
     SIGTERM."""
-    signum = getattr(error, "signum", signal.SIGINT)
+    signum = getattr(error, "signum", None) or _received[0] or signal.SIGINT
     print(f"interrupted ({signal.Signals(signum).name}): {_interrupt_note[0]}", file=sys.stderr)
     return 128 + signum
 
@@ -122,7 +127,7 @@ def command(main):
 
     @functools.wraps(main)
     def run(argv=None) -> int:
-        _interrupt_note[0] = NOTHING_LOST
+        _interrupt_note[0], _received[0] = NOTHING_LOST, None
         replaced = answer_stop_signals()
         try:
             return main(argv)

@@ -41,6 +41,7 @@ from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_work
 from .data import build_dataset, dataset_for_model, dataset_info
 from .inference import align_corners, evaluate, model_predictor
 from .model import build_model, load_backbone_weights
+from .pause import pause_for_test
 from .progress import eta_text, remaining_seconds
 from .visualize import validation_grid
 
@@ -58,10 +59,11 @@ class Worker:
     latest_checkpoint: Callable[[], Optional[str]] = lambda: None  # a model.ckpt to resume from
     synchronized_bn: bool = False  # prepare_model makes BatchNorm normalize over every worker's batch
     log_dir: Optional[str] = None  # TensorBoard event files (rank 0)
-    # Elastic runs: rank 0 records the iteration it reached, for the group that resumes after a resize to read;
-    # every rank asks at the same iterations whether a node is being preempted (then all checkpoint at once).
-    record_progress: Callable[[int], None] = lambda iteration: None
-    recorded_progress: Callable[[], Optional[int]] = lambda: None
+    # Elastic runs and reruns: rank 0 records how far the run got ({"reached_iteration", "resumes", "world_size"})
+    # for the group that resumes after a resize or a stop to read; every rank asks at the same iterations whether
+    # a node is being preempted (then all checkpoint at once).
+    record_progress: Callable[[dict], None] = lambda progress: None
+    recorded_progress: Callable[[], Optional[dict]] = lambda: None
     preempted: Callable[[], bool] = lambda: False
 
 
@@ -199,6 +201,7 @@ class Run:
     writer: Any = None  # TensorBoard SummaryWriter on rank 0 when the runner gives a log_dir
     batches: list = field(default_factory=list)  # [images, iterations] runs this rank trained since its last report
     resumes: list = field(default_factory=list)  # every restart of the run from a checkpoint, with group sizes
+    resumed_metrics: dict = field(default_factory=dict)  # what the checkpoint resumed from had reported
 
     @property
     def main(self) -> bool:
@@ -281,8 +284,18 @@ def param_groups(model: nn.Module, weight_decay: float) -> list:
 
 
 def _restore(run: Run, state: Optional[dict], resume: Optional[str]) -> None:
-    """Optimizer, iteration and this rank's RNG states from a resumed checkpoint."""
+    """Optimizer, iteration and this rank's RNG states from a resumed checkpoint, and the restart recorded.
+
+    The run's restarts so far are those the previous attempt recorded with its progress (a stop may have lost
+    the checkpoint that held the latest one), else those the checkpoint holds. A run stopped before its first
+    checkpoint starts again from the beginning: that too is a restart, its iterations done again."""
+    progress = run.worker.recorded_progress() or {}
+    history = progress["resumes"] if "resumes" in progress else (state or {}).get("resumes", [])
     if not state:
+        if progress.get("reached_iteration"):
+            run.resumes = [*history, {"workers": [progress.get("world_size") or run.worker.world_size,
+                                                  run.worker.world_size], "checkpoint_iteration": 0,
+                                      "reached_iteration": progress["reached_iteration"], "time": time.time()}]
         return
     saved_groups = len(state["optimizer"].get("param_groups", []))
     if saved_groups != len(run.optimizer.param_groups):
@@ -293,13 +306,14 @@ def _restore(run: Run, state: Optional[dict], resume: Optional[str]) -> None:
     if state.get("scaler") and run.scaler.is_enabled():  # fp16: the loss scale and its growth tracker
         run.scaler.load_state_dict(state["scaler"])
     run.iteration = int(state["iteration"])
+    run.resumed_metrics = state.get("metrics") or {}
     rng = state.get("rng") or []
     if len(rng) == run.worker.world_size:
         _set_rng_state(rng[run.worker.rank])
     resumed = {"workers": [int(state.get("world_size") or len(rng) or 1), run.worker.world_size],
-               "checkpoint_iteration": run.iteration, "reached_iteration": run.worker.recorded_progress(),
+               "checkpoint_iteration": run.iteration, "reached_iteration": progress.get("reached_iteration"),
                "time": time.time()}  # when the new group was ready to train again
-    run.resumes = [*state.get("resumes", []), resumed]
+    run.resumes = [*history, resumed]
     if run.main:
         print(f"resuming from {resume} at iteration {run.iteration}/{run.cfg.train.max_iterations}", flush=True)
         if resumed["workers"][0] != resumed["workers"][1]:
@@ -312,7 +326,9 @@ def describe_resume(record: dict) -> str:
     before, after = record["workers"]
     reached = record.get("reached_iteration")
     at = f" at iteration {reached}" if reached is not None else ""
-    return f"workers {before} -> {after}{at}, resumed from checkpoint of iteration {record['checkpoint_iteration']}"
+    start = record["checkpoint_iteration"]
+    return f"workers {before} -> {after}{at}, " + (f"resumed from checkpoint of iteration {start}" if start
+                                                   else "started again from the beginning (no checkpoint yet)")
 
 
 def setup(cfg: ExperimentConfig, worker: Worker) -> Run:
@@ -393,6 +409,7 @@ def train_step(run: Run, images: torch.Tensor, masks: torch.Tensor) -> tuple:
     """One SGD step at the poly learning rate; returns (lr, loss averaged over workers). A non-finite loss
     raises FloatingPointError on every rank at once (they all see the same mean)."""
     t, device = run.cfg.train, run.worker.device
+    pause_for_test("step", run.iteration + 1)
     lr = poly_lr(t.lr, run.iteration, t.max_iterations, t.poly_power)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
@@ -444,6 +461,7 @@ def evaluate_shard(model: nn.Module, dataset, num_classes: int, worker: Worker, 
 
 def evaluate_and_report(run: Run, meter: Meter, epoch: int, lr: float) -> dict:
     """Every rank evaluates its shard and reports the same metrics; rank 0 attaches the checkpoint."""
+    pause_for_test("evaluate", run.iteration)
     cm = evaluate_shard(run.model, run.val_set, run.num_classes, run.worker, run.amp, run.cfg.data.ignore_index)
     metrics = {"iteration": run.iteration, "epoch": epoch, "loss": float(np.mean(meter.losses)), "lr": lr,
                "images_per_s": meter.images / max(meter.train_time, 1e-9), "images_per_s_median": meter.median_speed,
@@ -501,7 +519,8 @@ def train_one_epoch(run: Run, meter: Meter, epoch: int, position: int) -> Option
         _count_batch(run, len(images))
         last = run.iteration == t.max_iterations
         if run.main:
-            run.worker.record_progress(run.iteration)
+            run.worker.record_progress({"reached_iteration": run.iteration, "resumes": run.resumes,
+                                        "world_size": run.worker.world_size})
             if run.iteration % t.log_interval == 0 or last:
                 log_progress(run, meter, lr, loss)
         # a node about to be preempted: checkpoint now, while it can be written whole (asked on every rank alike)
@@ -525,6 +544,11 @@ def _count_batch(run: Run, images: int) -> None:
 def train(cfg: ExperimentConfig, worker: Optional[Worker] = None) -> dict:
     """Train one worker's share of the run; returns the last reported metrics."""
     run = setup(cfg, worker or Worker())
+    if run.iteration >= cfg.train.max_iterations and run.resumed_metrics:
+        # a finished run started again (stopped after its last report): its result once more, for whoever waits
+        # for one (a Tune trial restored after a SIGTERM); every rank alike, as for any report
+        run.worker.report(run.resumed_metrics, None)
+        return run.resumed_metrics
     meter = Meter(run.iteration)
     metrics: dict = {}
     epoch, position = divmod(run.iteration, run.steps_per_epoch)

@@ -4,9 +4,11 @@ each with its own local Ray cluster, exactly as a user would type them."""
 import csv
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,7 +47,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     config.write_text(yaml.safe_dump(_config(tmp_path / "runs", output)))
     search_dir = tmp_path / "runs" / "resume"
     command = [sys.executable, "-m", "tuning.search_rates", "--config", str(config)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": ""}
+    # its own Ray temp folder: a cluster another test records in the default one (/tmp/ray) is never joined
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's socket paths are limited to 107 bytes
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "", "RAY_TMPDIR": ray_tmp}
 
     # first run: Ctrl-C as soon as one trial has finished
     first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -70,7 +74,11 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     if first.returncode == 0:
         pytest.fail("the first run finished every trial before Ctrl-C could interrupt it:\n" + text[-3000:])
     assert first.returncode == 130, text[-3000:]
-    assert "interrupted with 1 of 2 trials unfinished" in text
+    assert "interrupted (SIGINT): 1 of 2 trials unfinished" in text and "the same command" in text
+    # the console is the project's: no Tune box, no trial's worker lines, no advice to call Tuner.restore
+    for noise in ("Configuration for experiment", "(RayTrainWorker", "Tuner.restore", "Trials did not complete"):
+        assert noise not in text, noise
+    assert "(RayTrainWorker" in (search_dir / "logs" / "console.log").read_text()  # kept in the search's log
     assert not output.exists()  # no best.ckpt from half a search
     kept = (search_dir / finished_id / "result.json").read_text()
     before = _rows(search_dir)
@@ -90,3 +98,4 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(tmp_path):
     assert after[other]["status"] == "finished" and after[other]["iterations"] == "8"
     assert f"trial {other} finished" in second.stdout
     assert second.stdout.strip().splitlines()[-1] == str(output) and output.exists()
+    shutil.rmtree(ray_tmp, ignore_errors=True)

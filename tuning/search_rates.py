@@ -15,13 +15,15 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 
+from cluster.console import project_console, quiet_tune, ray_init_options
 from cluster.train import (build_trainer, check_storage_visible, copy_checkpoint, divergence_reason, init_ray,
                            training_code_reason)
-from deeplab.cli import UserError, command
+from deeplab.cli import Stopped, UserError, command, on_interrupt
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, \
     experiment_from_dict, save_config, to_plain
 from deeplab.fileio import is_uri, write_text_atomic
@@ -110,11 +112,11 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def init_search_ray(cfg: ExperimentConfig) -> None:
+def init_search_ray(cfg: ExperimentConfig, verbose: bool = False) -> None:
     """`cluster.train.init_ray`, a local cluster counting logical CPUs so that one wave of trials fits (a 2-core
     laptop holds 1 trial x 2 workers plus the trial's driver)."""
     need = cfg.tune.max_concurrent * (cfg.tune.workers_per_trial * cfg.cluster.cpus_per_worker + 0.01)
-    init_ray(cfg, num_cpus=max(os.cpu_count() or 1, math.ceil(need)))
+    init_ray(cfg, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), **ray_init_options(verbose))
 
 
 def _build_tuner(cfg: ExperimentConfig, search_dir: Path, points: list, restore: bool, retry_errored: bool):
@@ -176,6 +178,9 @@ def parse_args(argv=None):
     p.add_argument("--retry-errored", action="store_true",
                    help="on resume, run failed trials again (diverged ones stay failed)")
     p.add_argument("--dry-run", action="store_true", help="print the configurations and pruning reasons, run nothing")
+    p.add_argument("--verbose", action="store_true",
+                   help="Ray's and Tune's own lines and the trials' lines on the console too (the trials' lines are "
+                        "always in STORAGE/NAME/logs/console.log)")
     return p.parse_args(argv)
 
 
@@ -209,12 +214,32 @@ def _plan(cfg: ExperimentConfig, search_dir: Path, args) -> tuple:
     return full, kept, pruned, restore
 
 
-def _run_trials(base: ExperimentConfig, search_dir: Path, kept: list, restore: bool, retry_errored: bool):
-    """Tune's ResultGrid for the kept points (restoring Tune's own state when the search resumes)."""
+def _kept_note(search_dir: Path) -> str:
+    return (f"finished trials and every trial's checkpoints kept in {search_dir}; the same command (or --resume) "
+            "continues the search")
+
+
+def _run_trials(base: ExperimentConfig, search_dir: Path, kept: list, restore: bool, retry_errored: bool,
+                verbose: bool = False):
+    """Tune's ResultGrid for the kept points (restoring Tune's own state when the search resumes). Ctrl-C is
+    Tune's: it stops the trials, saves its state and returns; SIGTERM stops Ray at once (Tune saves its state
+    as it goes)."""
     if base.train.eval_interval >= base.train.max_iterations and base.tune.scheduler == "asha":
         print(f"[search] note: train.eval_interval {base.train.eval_interval} >= {base.train.max_iterations} "
               "iterations: one evaluation per trial, so ASHA cannot stop any trial early", flush=True)
-    init_search_ray(base)
+    on_interrupt(_kept_note(search_dir))
+    try:
+        return _fit_trials(base, search_dir, kept, restore, retry_errored, verbose)
+    except KeyboardInterrupt:
+        import ray
+
+        ray.shutdown()  # every trial's driver and workers end with this job
+        raise
+
+
+def _fit_trials(base: ExperimentConfig, search_dir: Path, kept: list, restore: bool, retry_errored: bool,
+                verbose: bool):
+    init_search_ray(base, verbose)
     check_storage_visible(base, str(search_dir))  # every node's trials write there: refuse a node-local folder now
     from ray import tune
 
@@ -228,7 +253,10 @@ def _run_trials(base: ExperimentConfig, search_dir: Path, kept: list, restore: b
         for marker in (search_dir / results.RUNS_DIR).glob("*.*"):
             if results.FAILURE_MARKERS.get(marker.suffix[1:]):
                 marker.unlink()  # run it again
-    return _build_tuner(base, search_dir, kept, restore, retry_errored).fit()
+    quiet_tune(verbose)
+    tuner = _build_tuner(base, search_dir, kept, restore, retry_errored)
+    with project_console(str(search_dir / "logs"), verbose, processes=()):  # trials' lines: in logs/console.log
+        return tuner.fit()
 
 
 def _write_best(full: ExperimentConfig, rows: list, search_dir: Path, output: Path) -> None:
@@ -262,7 +290,8 @@ def _search(args) -> int:
         write_text_atomic(search_dir / STATE_FILE, json.dumps(
             {"config": to_plain(full), "points": kept, "pruned": [list(x) for x in pruned]}, indent=1))
     base = _trial_config(full)
-    rows = results.collect(_run_trials(base, search_dir, kept, restore, args.retry_errored), kept, pruned, base)
+    rows = results.collect(_run_trials(base, search_dir, kept, restore, args.retry_errored, args.verbose), kept,
+                           pruned, base)
     results.write(rows, search_dir, f"search {cfg.tune.name}: space {_space_name(full)}", base.tune.metric,
                   base.tune.metric_mode)
     saved = results.asha_savings(rows)
@@ -270,10 +299,9 @@ def _search(args) -> int:
         print(f"[search] {saved}")
     print(f"[search] wall time {results.fmt_time(time.monotonic() - started)} for this run of the search", flush=True)
     unfinished = [r for r in rows if r["status"] == "unfinished"]
-    if unfinished:
-        print(f"[search] interrupted with {len(unfinished)} of {len(kept)} trials unfinished; run the same command "
-              f"(or add --resume) to continue", flush=True)
-        return 130
+    if unfinished:  # Tune answered Ctrl-C: it stopped the trials and returned
+        on_interrupt(f"{len(unfinished)} of {len(kept)} trials unfinished; {_kept_note(search_dir)}")
+        raise Stopped(signal.SIGINT)
     _write_best(full, rows, search_dir, Path(cfg.tune.output).expanduser().resolve())
     return 0
 
