@@ -420,20 +420,6 @@ class OpenVINORunner:
         self._compiled[size] = request  # most recently used last
         return request
 
-    def bind(self, images: np.ndarray, device: str = "cuda"):
-        """An I/O binding with ``images`` copied to ``device`` once (onnxruntime's OrtValue) and the output left
-        there: ``session.run_with_iobinding(binding)`` then runs from device input to device output, no host
-        copy timed (``binding.get_outputs()[0]``: the logits, an OrtValue on the device)."""
-        ort = require("onnxruntime", "onnxruntime")
-
-        dtype = np.float16 if self.input_type == "tensor(float16)" else np.float32
-        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(images, dtype), device, 0)
-        binding = self.session.io_binding()
-        binding.bind_ortvalue_input(self.input_name, value)
-        binding.bind_output(self.session.get_outputs()[0].name, device)
-        binding.value = value  # keeps the device input alive as long as the binding
-        return binding
-
     def __call__(self, images) -> np.ndarray:
         """images: (N, 3, H, W) numpy array or CPU torch tensor; returns logits as float32 numpy."""
         x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
