@@ -17,7 +17,7 @@ import sys
 
 import yaml
 
-from deeplab.cli import UserError, command
+from deeplab.cli import UserError, command, error_line
 
 
 def _read(path: str) -> dict:
@@ -27,7 +27,7 @@ def _read(path: str) -> dict:
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
-        raise UserError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+        raise UserError(f"{path}: not YAML ({error_line(e)})") from None
     if not isinstance(config, dict) or not isinstance(config.get("provider"), dict):
         raise UserError(f"{path}: not a Ray cluster config (no provider section)")
     return config

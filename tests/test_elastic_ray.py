@@ -123,9 +123,12 @@ def test_group_grows_and_shrinks_with_the_cluster_and_keeps_the_global_batch(two
     sizes = [len(r["iteration"]) for r in reports]
     assert [s for i, s in enumerate(sizes) if i == 0 or s != sizes[i - 1]] == [2, 3, 2]
 
-    # every iteration's global batch from what each rank logged: [images, iterations] runs since its last report
+    # every iteration's global batch from what each rank logged: [images, iterations] runs since its last report,
+    # or since the checkpoint a restart resumed from (the newest complete one, which Ray may not have recorded)
+    resumed_from = [r["checkpoint_iteration"] for r in out["result"].metrics["resumes"]]
     previous = 0
     for report, iteration in zip(reports, iterations):
+        previous = max([previous, *(c for c in resumed_from if previous < c < iteration)])
         per_rank = [[n for n, count in runs for _ in range(count)] for runs in report["batches"]]
         world = len(per_rank)
         assert all(len(sizes) == iteration - previous for sizes in per_rank), report

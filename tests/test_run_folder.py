@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import time
+import urllib.request
 
 import pytest
 
@@ -37,22 +38,36 @@ def _free_port():
 
 @pytest.fixture
 def s3_server(tmp_path):
-    """moto's S3 server on loopback, for the test's own process."""
+    """moto's S3 server on loopback, for the test's own process. The port answers as moto (S3's bucket list), not
+    merely accepts: a free port can be taken by another process before moto binds it, and a server that is not
+    S3 answers 200 to uploads it never stores."""
     if not shutil.which("moto_server"):
         pytest.skip("moto_server not installed (pip install 'moto[server]')")
-    port = _free_port()
-    log = open(tmp_path / "moto.log", "w")
-    server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 30
-        while socket.socket().connect_ex(("127.0.0.1", port)):
-            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "moto.log").read_text()
+    for attempt in range(3):
+        port = _free_port()
+        log = open(tmp_path / f"moto{attempt}.log", "w")
+        server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
+        try:
+            if _answers_as_s3(server, port):
+                yield f"127.0.0.1:{port}"
+                return
+        finally:
+            server.kill()
+            server.wait()
+            log.close()
+    pytest.fail("moto_server did not come up as S3 on three free ports: " + (tmp_path / "moto2.log").read_text())
+
+
+def _answers_as_s3(server, port: int, timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as reply:
+                body = reply.read()
+            return server.poll() is None and b"ListAllMyBucketsResult" in body
+        except OSError:
             time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        server.kill()
-        server.wait()
-        log.close()
+    return False
 
 
 def test_best_and_summary_land_in_the_run_folder_on_s3(s3_server, tmp_path, monkeypatch):
