@@ -144,7 +144,9 @@ def test_group_grows_and_shrinks_with_the_cluster_and_keeps_the_global_batch(two
     resumes = result.metrics["resumes"]
     assert [r["workers"] for r in resumes] == [[2, 3], [3, 2]]
     off_schedule = [i for i in iterations if i % EVAL_INTERVAL]
-    assert resumes[1]["checkpoint_iteration"] in off_schedule  # resumed from the preemption checkpoint
+    # resumed from the preemption checkpoint, or from a newer complete one rank 0 wrote before the node went (which
+    # Ray may not have recorded: cluster.checkpoints resumes from the newest complete checkpoint on disk)
+    assert off_schedule and resumes[1]["checkpoint_iteration"] >= off_schedule[0]
     for r in resumes:
         assert r["reached_iteration"] >= r["checkpoint_iteration"]
     summary = json.loads((tmp_path / "elastic" / "summary.json").read_text())
