@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, fetch_model, model_parser
+from deeplab.checkpoint import _remote_filesystem
 from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import ALPHA_ALIAS, Alias, ConfigError, InferenceConfig, add_config_args, config_from_args
 from deeplab.fileio import is_uri
@@ -68,7 +69,7 @@ def _filesystem(location: str):
 
     if is_uri(location):
         try:
-            return pafs.FileSystem.from_uri(location)
+            return _remote_filesystem(location)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad URIs and unreachable stores
             raise InputError(f"{location}: cannot open ({error_line(e)})") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))
@@ -645,7 +646,7 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     shipped = ship_model(model_path)
     summary.startup["ship model"] = time.perf_counter() - start
     ds = build_dataset(todo, inputs.filesystem, shipped, out_dir, cfg, inference or InferenceConfig())
-    wanted, actors = {i.uri for i in todo}, []
+    wanted, actors, first_results = {i.uri for i in todo}, [], 0.0
     bar = Progress(len(todo), "segment", interval=cfg.progress_interval_s, redraw=False)  # lines: Ray's console
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -655,7 +656,10 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
             wanted.difference_update(r["path"] for r in records)
             if records and not summary.first_count:
                 summary.first_result_s, summary.first_count = time.perf_counter() - start, len(records)
-                summary.startup.update(startup_phases(epoch + summary.startup["ship model"], time.time(), actors))
+                first_results = time.time()
+            if summary.first_count and actors and "actor start" not in summary.startup:
+                # the block carrying an actor's start-up record may arrive after the first results
+                summary.startup.update(startup_phases(epoch + summary.startup["ship model"], first_results, actors))
             manifest.append(records)
             summary.count(records)
             bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed")

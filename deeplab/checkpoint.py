@@ -102,12 +102,25 @@ def _remote_filesystem(uri: str) -> tuple:
     import pyarrow.fs
 
     try:
-        return pyarrow.fs.FileSystem.from_uri(uri)
+        return pyarrow.fs.FileSystem.from_uri(_delayed_open(uri))
     except pyarrow.ArrowInvalid:
         import fsspec
 
         fs, where = fsspec.core.url_to_fs(uri)
         return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), where
+
+
+def _delayed_open(uri: str) -> str:
+    """s3:// URIs open with ``allow_delayed_open``: a small file (a summary, a mask) is then one PUT when it is
+    closed instead of a three-request multipart upload, and nothing is started for a write that never closes.
+    (moto's server answers multipart completions with bodies pyarrow sometimes takes for embedded errors.)"""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if parts.scheme != "s3" or any(k == "allow_delayed_open" for k, _ in query):
+        return uri
+    return urlunsplit(parts._replace(query=urlencode(query + [("allow_delayed_open", "true")])))
 
 
 def _read_remote(uri: str):

@@ -74,9 +74,9 @@ def _answers_as_s3(server, port: int, timeout_s: float = 30) -> bool:
 
 
 def test_best_and_summary_land_in_the_run_folder_on_s3(s3_server, tmp_path):
-    """In a fresh interpreter, as cluster.train runs it: pyarrow's S3 client is process-wide, and in the full suite
-    (one pytest process, Ray's and earlier tests' S3 use before it) its upload of summary.json failed against moto
-    while the same test alone passed."""
+    """In a fresh interpreter, as cluster.train runs it. The run folder's filesystem opens s3:// with
+    allow_delayed_open, so summary.json is one PUT: moto answered pyarrow's multipart completions with replies
+    pyarrow took for embedded errors, and retried them for 25-50 s (a failure on a loaded CI machine)."""
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
