@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path, PurePosixPath
@@ -149,11 +150,11 @@ def predict_labels(runner, images: Sequence[np.ndarray], keep_errors: bool = Fal
     """Label maps (HxW uint8) for HxWx3 uint8 images, each at its own size; one model call per size and per
     ``max_batch_pixels`` (see model_calls). ``keep_errors``: a call the model fails on (an engine profile too
     small, out of GPU memory) gets the exception in place of its label maps, and the other calls still run."""
-    from deeplab.data import normalize
+    from deeplab.data.imagenet import normalize_array
 
     out: list = [None] * len(images)
     for indices in model_calls([image.shape for image in images], max_batch_pixels):
-        batch = np.stack([normalize(images[i]).numpy() for i in indices])
+        batch = np.stack([normalize_array(images[i]) for i in indices])
         try:
             labels = list(runner.labels(batch))
         except Exception as e:
@@ -178,9 +179,10 @@ def worker_device(num_gpus: float, device: Optional[str] = None) -> str:
 
 
 def set_threads(cpus: float) -> int:
-    """One intra-op thread per CPU the worker holds, so actors on one node do not oversubscribe it."""
-    import torch
-
+    """One intra-op thread per CPU the worker holds, so actors on one node do not oversubscribe it: pass it to
+    `open_model`. torch's pool is set here only where torch is loaded already (a checkpoint's runner sets it
+    when it loads torch), so an exported model's worker never imports torch for it."""
     threads = max(1, int(cpus))
-    torch.set_num_threads(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
     return threads

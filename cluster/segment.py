@@ -30,7 +30,6 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, fetch_model, model_parser
-from deeplab.checkpoint import _remote_filesystem
 from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import ALPHA_ALIAS, Alias, ConfigError, InferenceConfig, add_config_args, config_from_args
 from deeplab.fileio import is_uri
@@ -68,6 +67,8 @@ def _filesystem(location: str):
     import pyarrow.fs as pafs
 
     if is_uri(location):
+        from deeplab.checkpoint import _remote_filesystem  # torch: not in the workers that only decode
+
         try:
             return _remote_filesystem(location)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad URIs and unreachable stores

@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .checkpoint import load_checkpoint
 from .cli import command, on_interrupt
 from .config import ALPHA_ALIAS, INFERENCE_ALIASES, add_config_args
-from .data import DatasetError, dataset_info, normalize, read_image
-from .evaluate import resolve_experiment
+from .data import DatasetError, read_image
 from .fileio import atomic_path, ensure_dir
-from .inference import model_predictor
 from .progress import Progress
 from .palette import overlay, palette_bytes, voc_palette
 
+# torch (the checkpoint, the model, normalize to a tensor) is imported where it is used: segment's actors and
+# serve's replicas write their PNGs with prediction_paths / write_prediction and must not load it.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
@@ -80,6 +79,8 @@ def write_prediction(out_dir: Path, name: str, image: np.ndarray, labels: np.nda
 
 def names_and_palette(exp, num_classes: int) -> tuple:
     """Class names and colours of the experiment's dataset when it has the model's classes, else generic."""
+    from .data import dataset_info
+
     try:
         info = dataset_info(exp.data)
     except DatasetError:
@@ -92,6 +93,8 @@ def names_and_palette(exp, num_classes: int) -> tuple:
 def predict_files(predict, images, output, names, palette, alpha: float = 0.5) -> int:
     """The PNGs of every image (files, or folders of them) into the folder `output`, with a progress bar and a
     line per image; an unreadable image is one error line and the exit code 1, the others are still written."""
+    from .data import normalize
+
     files = _expand(images)
     if not files:
         raise DatasetError(f"{', '.join(images)}: no images found")
@@ -139,6 +142,10 @@ def parse_args(argv=None, prog: str = "python -m deeplab.predict", description: 
 
 @command
 def main(argv=None) -> int:
+    from .checkpoint import load_checkpoint
+    from .evaluate import resolve_experiment
+    from .inference import model_predictor
+
     args = parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
     exp = resolve_experiment(ckpt.experiment, args)

@@ -11,7 +11,7 @@ import json
 from typing import Optional, Sequence
 
 from deeplab.config import to_plain
-from deeplab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from deeplab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"

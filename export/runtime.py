@@ -469,10 +469,12 @@ class ModelInfo:
 class ModelRunner:
     """A model file opened for inference. Call it on a normalized (N, 3, H, W) float32 batch (numpy or torch)
     for float32 numpy logits (N, classes, H, W) at the input size; ``labels`` gives the argmax as uint8 (N, H, W),
-    computed where the logits are (the GPU for CUDA backends). ``info`` is the file's metadata."""
+    computed where the logits are (the GPU for CUDA backends). ``info`` is the file's metadata. ``numpy_io``:
+    ``forward`` takes and returns numpy arrays (ONNX Runtime, OpenVINO), so a numpy batch stays in numpy and
+    running an exported model never loads torch (segment's actors and serve's replicas start faster)."""
 
-    def __init__(self, forward, info: ModelInfo):
-        self._forward, self.info = forward, info
+    def __init__(self, forward, info: ModelInfo, numpy_io: bool = False):
+        self._forward, self.info, self.numpy_io = forward, info, numpy_io
 
     def _logits(self, images):
         import torch
@@ -482,9 +484,13 @@ class ModelRunner:
         return out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
 
     def __call__(self, images) -> np.ndarray:
+        if self.numpy_io and isinstance(images, np.ndarray):
+            return np.asarray(self._forward(images), np.float32)
         return self._logits(images).float().cpu().numpy()
 
     def labels(self, images) -> np.ndarray:
+        if self.numpy_io and isinstance(images, np.ndarray):  # the first maximum on ties, as torch's argmax
+            return np.asarray(self._forward(images)).argmax(1).astype(np.uint8)
         import torch
 
         return self._logits(images).argmax(1).to(torch.uint8).cpu().numpy()
@@ -492,7 +498,7 @@ class ModelRunner:
 
 def _check_normalization(path, mean, std) -> None:
     """Callers feed images normalized as deeplab.data.normalize does (ImageNet mean/std); refuse other files."""
-    from deeplab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from deeplab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
     if not (np.allclose(mean, IMAGENET_MEAN, atol=1e-6) and np.allclose(std, IMAGENET_STD, atol=1e-6)):
         raise ModelFileError(f"{path}: expects inputs normalized with mean {list(mean)} / std {list(std)}; "
@@ -518,6 +524,8 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
 
     from .metadata import dataset_meta, file_sha256, project_version
 
+    if threads:
+        torch.set_num_threads(int(threads))
     device = _pick_device(device)
     ckpt = load_checkpoint(path)
     model = ckpt.model.eval().to(device)
@@ -596,7 +604,7 @@ def _onnx_runner(path: Path, output_stride, device, providers=None, threads=None
         providers = ["CPUExecutionProvider"]
     runner = OnnxRunner(path, providers, threads)
     info.backend = f"onnxruntime ({runner.providers[0]})"
-    return ModelRunner(runner, info)
+    return ModelRunner(runner, info, numpy_io=True)
 
 
 def _openvino_info(path: Path, output_stride, model=None) -> ModelInfo:
@@ -611,7 +619,7 @@ def _openvino_runner(path: Path, output_stride, device, providers=None, threads=
     if device == "cuda":
         raise ModelFileError(f"{path}: this project runs OpenVINO IRs on the CPU, not on device cuda")
     runner = OpenVINORunner(path, threads=threads)
-    return ModelRunner(runner, _openvino_info(path, output_stride, runner.model))
+    return ModelRunner(runner, _openvino_info(path, output_stride, runner.model), numpy_io=True)
 
 
 def _tensorrt_runner(path: Path, output_stride, device, providers=None, threads=None) -> ModelRunner:

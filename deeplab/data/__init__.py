@@ -6,11 +6,11 @@ the rest (torch) on first use, so a process that only decodes images (cluster.se
 tasks) never loads torch and its thread runtimes."""
 from .io import DatasetError, read_image, read_mask
 
-_LAZY = {name: ".datasets" for name in ("ADE20K_CLASSES", "CITYSCAPES_CLASSES", "FORMATS", "VOC_CLASSES", "DatasetInfo",
-                                        "build_dataset", "dataset_for_model", "dataset_info", "detect_format",
-                                        "find_pairs", "label_map", "palette_for_classes")}
-_LAZY.update({name: ".transforms" for name in ("IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "TrainTransform",
-                                               "denormalize", "normalize")})
+_LAZY = {name: ".datasets" for name in ("FORMATS", "DatasetInfo", "build_dataset", "dataset_for_model", "dataset_info",
+                                        "detect_format", "find_pairs", "label_map")}
+_LAZY.update({name: ".classes" for name in ("ADE20K_CLASSES", "CITYSCAPES_CLASSES", "VOC_CLASSES", "palette_for_classes")})
+_LAZY.update({name: ".transforms" for name in ("EvalTransform", "TrainTransform", "denormalize", "normalize")})
+_LAZY.update({name: ".imagenet" for name in ("IMAGENET_MEAN", "IMAGENET_STD", "normalize_array")})
 
 __all__ = sorted(["DatasetError", "read_image", "read_mask", *_LAZY])
 

@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from ..palette import CITYSCAPES_COLORS, voc_palette
+from .classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES, palette_for_classes  # noqa: F401
 from . import synthetic
 from .formats import DATASETS
 from .io import DatasetError, LabelMap, load_pair, read_mask
@@ -34,32 +35,9 @@ from .transforms import EvalTransform, TrainTransform
 FORMATS = DATASETS  # the layouts --format names
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-               "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-               "train", "tvmonitor"]
 # Official cityscapesScripts labels.py: labelId -> trainId (19 classes; everything else ignored).
 CITYSCAPES_TRAIN_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                         25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-CITYSCAPES_CLASSES = ["road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
-                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
-                      "motorcycle", "bicycle"]
-ADE20K_CLASSES = [
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand",
-    "path", "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge",
-    "bookcase", "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove",
-    "palm", "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus",
-    "towel", "light", "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver",
-    "airplane", "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle",
-    "buffet", "poster", "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything",
-    "swimming pool", "stool", "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven",
-    "ball", "food", "step", "tank", "trade name", "microwave", "pot", "animal", "bicycle", "lake",
-    "dishwasher", "screen", "blanket", "sculpture", "hood", "sconce", "vase", "traffic light", "tray",
-    "ashcan", "fan", "pier", "crt screen", "plate", "monitor", "bulletin board", "shower", "radiator",
-    "glass", "clock", "flag"]
 
 
 @dataclass
@@ -286,17 +264,6 @@ def dataset_for_model(cfg, num_classes: int, where: str, hint: str = "") -> Data
         raise ConfigError(f"{where}: the model predicts {num_classes} classes but the {cfg.dataset} dataset has "
                           f"{info.num_classes}{hint}")
     return info
-
-
-def palette_for_classes(class_names) -> np.ndarray:
-    """The colours ``dataset_info`` gives these classes, from their names alone (an exported model carries
-    names, not colours): Cityscapes and ADE20K keep their own, every other set the VOC palette."""
-    names = list(class_names)
-    if names == list(CITYSCAPES_CLASSES):
-        return np.array(CITYSCAPES_COLORS, np.uint8)
-    if names == list(ADE20K_CLASSES):
-        return voc_palette(151)[1:]
-    return voc_palette(len(names))
 
 
 def label_map(cfg, info: DatasetInfo) -> LabelMap:

@@ -11,25 +11,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, normalize_array, normalize_into as _normalize_into
+
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _INV_STD = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
-# uint8 -> normalized float per channel: one table lookup instead of convert, subtract, multiply.
-_LUT = ((np.arange(256)[None] - np.array(IMAGENET_MEAN)[:, None] * 255)
-        / (np.array(IMAGENET_STD)[:, None] * 255)).astype(np.float32)
-
-
-def _normalize_into(out: np.ndarray, image: np.ndarray) -> None:
-    for c in range(3):
-        np.take(_LUT[c], image[..., c], out=out[c])
 
 
 def normalize(image: np.ndarray) -> torch.Tensor:
     """HxWx3 uint8 -> 3xHxW float32 with ImageNet mean/std (what ImageNet-pretrained ResNets expect)."""
-    out = np.empty((3,) + image.shape[:2], np.float32)
-    _normalize_into(out, image)
-    return torch.from_numpy(out)
+    return torch.from_numpy(normalize_array(image))
 
 
 def denormalize(image: torch.Tensor) -> np.ndarray:
