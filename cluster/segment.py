@@ -547,7 +547,8 @@ def startup_phases(pipeline_start: float, first_results: float, actors: list) ->
     """Seconds per phase before the first results (epoch times): from the pipeline's start to the first ready
     actor's constructor (Ray Data's start, scheduling, the worker process and its imports), its model load
     (imports, open, compile), then the first batch (reading, decoding, the model, writing, the hop back).
-    ``actors``: the startup records of the actors seen so far."""
+    ``actors``: the startup records of the actors seen so far (the block carrying an actor's record may arrive
+    after the first results)."""
     if not actors:
         return {}
     first = min(actors, key=lambda a: a["ready"])
@@ -658,8 +659,7 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
             if records and not summary.first_count:
                 summary.first_result_s, summary.first_count = time.perf_counter() - start, len(records)
                 first_results = time.time()
-            if summary.first_count and actors and "actor start" not in summary.startup:
-                # the block carrying an actor's start-up record may arrive after the first results
+            if summary.first_count and actors and "actor start" not in summary.startup:  # may come after them
                 summary.startup.update(startup_phases(epoch + summary.startup["ship model"], first_results, actors))
             manifest.append(records)
             summary.count(records)

@@ -506,10 +506,12 @@ def _check_normalization(path, mean, std) -> None:
 
 
 def _pick_device(device: Optional[str]) -> str:
-    import torch
-
     if device not in (None, "cpu", "cuda"):
         raise ModelFileError(f"device {device!r}: use cpu or cuda")
+    if device == "cpu":  # no torch needed to know it: an exported model's worker never loads it
+        return device
+    import torch
+
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelFileError("device cuda: torch sees no CUDA GPU here")
     return device or ("cuda" if torch.cuda.is_available() else "cpu")

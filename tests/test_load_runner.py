@@ -3,14 +3,22 @@ each carrying the metadata the file itself holds. References are computed indepe
 model called directly, and onnxruntime sessions on the exported files. Tests that export ONNX are slow (10-40 s)."""
 import hashlib
 import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from deeplab import load_checkpoint
 from export.runtime import EngineError, ModelFileError, load_runner, read_model_info
 from inference_files import photo, tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +150,38 @@ def test_checkpoint_and_its_onnx_describe_the_same_data(tmp_path):
     assert from_ckpt["data_config"] == from_onnx["data_config"] == to_plain(exp.data)
     for key in ("dataset", "class_names", "mean", "std", "num_classes", "output_stride", "align_corners"):
         assert from_ckpt[key] == from_onnx[key], key
+
+
+@pytest.mark.slow
+def test_segment_worker_runs_an_exported_model_without_loading_torch(files, tmp_path):
+    """cluster.segment's read task and model actor on an ONNX file, in a fresh interpreter as a Ray worker runs
+    them: the record and PNG come out, equal to the runner's torch path, and torch is never imported (loading
+    it cost each of segment's worker processes ~1.1 s of start-up on this machine)."""
+    image = tmp_path / "a.png"
+    Image.fromarray(photo((41, 57), 5)).save(image)
+    out = tmp_path / "out"
+    code = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        import pyarrow.fs
+        from cluster.segment import SegmentWorker, read_and_decode
+        row = read_and_decode({{"path": {str(image)!r}, "uri": "a.png", "name": "a"}}, pyarrow.fs.LocalFileSystem(),
+                              None)
+        worker = SegmentWorker({str(files["onnx"])!r}, {str(out)!r}, color=True, alpha=0.5, output_stride=None,
+                               num_gpus=0, cpus=1)
+        result = worker({{key: np.array([value], dtype=object) for key, value in row.items()}})
+        print(json.dumps({{"record": json.loads(result["record"][0]), "torch": "torch" in sys.modules}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    answer = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["record"]["status"] == "ok", answer
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "a_color.png", "a_overlay.png"]
+    from deeplab.data import normalize, read_mask
+
+    x = normalize(np.asarray(Image.open(image).convert("RGB")))[None]
+    reference = load_runner(files["onnx"], device="cpu").labels(x)[0]  # a torch tensor: the torch path
+    np.testing.assert_array_equal(read_mask(out / "a.png"), reference)
+    assert len(np.unique(reference)) > 1
+    assert answer["torch"] is False
