@@ -182,7 +182,7 @@ def test_serve_opens_every_format_on_both_nodes_from_what_was_shipped(models, cl
     model = own_copy(models, kind, tmp_path)
     start(model, ServeConfig(port=serve_port, replicas=2, cpus_per_replica=0.6), timeout_s=300)
     assert ship_then_remove == [model] and not model.parent.exists()
-    replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=60)
+    replicas = [a for a in list_actors(address=cluster[0], filters=[("state", "=", "ALIVE")], timeout=60)
                 if "SegmentService" in a.class_name]
     assert len({a.node_id for a in replicas}) == 2, replicas
     for name in models["names"]:

@@ -66,11 +66,12 @@ def manifest(out: Path) -> list:
 
 
 def outputs(out: Path) -> dict:
-    """Every output PNG (relative path -> (inode, mtime_ns)): what was written, and whether it was again."""
+    """Every output PNG (relative path -> (inode, mtime_ns)): what was written, and whether it was again. A hidden
+    ``.NAME.tmpPID.png`` is a write in progress, not an output (a killed writer's is removed by the driver)."""
     found = {}
     for folder, _, files in os.walk(out):
         for f in files:
-            if f.endswith(".png"):
+            if f.endswith(".png") and not f.startswith("."):
                 st = os.stat(os.path.join(folder, f))
                 found[os.path.relpath(os.path.join(folder, f), out)] = (st.st_ino, st.st_mtime_ns)
     return found

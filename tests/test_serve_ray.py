@@ -120,8 +120,8 @@ def test_replicas_run_on_both_nodes(endpoint):
 
     ray.init(address=endpoint[3])
     try:
-        replicas = [a for a in list_actors(filters=[("state", "=", "ALIVE")], timeout=60)
-                    if "SegmentService" in a.class_name]
+        alive = list_actors(address=endpoint[3], filters=[("state", "=", "ALIVE")], timeout=60)
+        replicas = [a for a in alive if "SegmentService" in a.class_name]
     finally:
         ray.shutdown()
     assert len(replicas) == 2 and len({a.node_id for a in replicas}) == 2, replicas
