@@ -24,6 +24,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import socket
 import sys
 import time
@@ -377,6 +378,19 @@ class Output:
                 pass
 
 
+    def remove_folder(self, rel: str) -> None:
+        """Delete the folder ``rel`` and everything in it (on S3: batched deletes, and no empty folder marker left,
+        as deleting its last object one by one leaves)."""
+        if self.local:
+            shutil.rmtree(Path(self.path, rel), ignore_errors=True)
+            return
+        try:
+            with self._store(rel):
+                self.folder.filesystem.delete_dir(self._key(rel))
+        except FileNotFoundError:
+            pass
+
+
 def as_output(out) -> Output:
     """OUTPUT as given to the library functions: an Output, or a local folder (Path or str) or URL."""
     return out if isinstance(out, Output) else Output(out)
@@ -445,7 +459,7 @@ class StoreManifest(Manifest):
 
     def __init__(self, output: Output):
         self.output, self.path, self.records = output, output.url_of(MANIFEST), {}
-        self.parts = sorted(f"{MANIFEST_PARTS}/{rel}" for rel in output.files(MANIFEST_PARTS))
+        self.parts = sorted(output.files(MANIFEST_PARTS))  # relative to OUTPUT
         for rel in [MANIFEST, *self.parts]:
             data = self.output.read(rel)
             if data is not None:
@@ -470,13 +484,16 @@ class StoreManifest(Manifest):
         """The last part first (a stop during the merge loses nothing), then one manifest.jsonl, then no parts."""
         self.flush()
         self.output.write(MANIFEST, _lines(self.records.values()).encode())
-        self.output.remove(self.parts)
+        if self.parts:  # every one merged: read when opened, or written since
+            self.output.remove_folder(MANIFEST_PARTS)
         self.parts = []
 
     def clear(self) -> None:
         self.records.clear()
         self._pending = []
-        self.output.remove([MANIFEST, *self.parts])
+        self.output.remove([MANIFEST])
+        if self.parts:
+            self.output.remove_folder(MANIFEST_PARTS)
         self.parts = []
 
 
