@@ -336,8 +336,9 @@ class Output:
                 rel = os.path.relpath(folder, self.path).replace(os.sep, "/")
                 found.update(f if rel == "." else f"{rel}/{f}" for f in files)
             return found
+        selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
         with self._store(under):
-            listed = self.folder.filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+            listed = self.folder.filesystem.get_file_info(selector)
         return {f.path[len(self.path) + 1:] for f in listed if f.type == pafs.FileType.File}
 
     def read(self, rel: str) -> Optional[bytes]:
@@ -376,7 +377,6 @@ class Output:
                     self.folder.filesystem.delete_file(self._key(rel))
             except FileNotFoundError:
                 pass
-
 
     def remove_folder(self, rel: str) -> None:
         """Delete the folder ``rel`` and everything in it (on S3: batched deletes, and no empty folder marker left,
