@@ -3,27 +3,32 @@ on a real S3 server (moto on loopback) and a real 2-node Ray cluster, run as a u
 environment. The masks in the bucket equal deeplab.predict's pixel for pixel, at the inputs' relative paths
 and under keys without the query; the manifest lists every image; the same command again writes no mask
 (the server's request log and the objects' dates say so); another model into the same OUTPUT is refused in
-one line. The manifest's part objects (what a driver killed outright leaves) are read and merged by the next
-run."""
+one line. Ctrl-C mid-run leaves the manifest merged in the bucket and a rerun finishes the rest. The manifest's
+part objects (what a driver killed outright leaves) are read and merged by the next run."""
 import io
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from inference_files import image_collection, reference_predictions, tiny_checkpoint
+from inference_files import image_collection, photo, reference_predictions, tiny_checkpoint
 from ray_nodes import one_cpu_nodes
 from s3_server import s3_server  # noqa: F401 (the fixture)
 
-pytestmark = pytest.mark.slow  # a 2-node Ray cluster and four commands (~1.5 min)
+pytestmark = pytest.mark.slow  # a 2-node Ray cluster and six commands (~2 min)
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET, PREFIX = "bkt", "masks"
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+IMAGES = 40  # the stopped run's: one a call, enough to be stopped mid-run
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +143,69 @@ def test_masks_and_manifest_land_in_the_bucket_a_rerun_writes_nothing_and_anothe
     assert "--overwrite" in error[0]
     assert [m for m, _ in s3_server.requests()[before:] if m in ("PUT", "POST", "DELETE")] == []
     assert objects(s3) == after_second
+
+
+def test_stopped_mid_run_the_bucket_keeps_every_record_and_the_same_command_finishes(
+        s3_server, cluster, collection, tmp_path):
+    """Ctrl-C while the actors write: one line naming OUTPUT's URL and what was kept, manifest.jsonl merged in
+    the bucket (no part left) with a record for every mask there, and the same command does the rest."""
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="stopped")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(IMAGES):
+        Image.fromarray(photo((48, 64), seed=i)).save(photos / f"img{i:02d}.png")
+    url = f"s3://stopped/masks?endpoint_override={s3_server.endpoint}&scheme=http"
+    cmd = [sys.executable, "-m", "cluster.segment", str(collection["ckpt"]), str(photos), "-o", url,
+           "--workers", "1", "--batch-size", "1", "--set", "segment.progress_interval_s=0.2",
+           "--set", f"cluster.address={cluster.address}"]
+    env = {**os.environ, **KEYS, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 240
+        while not any(re.match(r"segment: [1-9]\d*/\d+ images", line) for line in lines):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, "".join(lines)[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=10)
+    stopped = [line.strip() for line in lines if line.startswith("interrupted (SIGINT): ")]
+    assert len(stopped) == 1, "".join(lines)[-3000:]
+    kept = re.fullmatch(rf"interrupted \(SIGINT\): (\d+) of {IMAGES} images segmented in {re.escape(url)} "
+                        r"\(manifest\.jsonl\); the same command skips them and segments the other (\d+)", stopped[0])
+    assert kept, stopped[0]
+    done = int(kept[1])
+    assert 0 < done < IMAGES, stopped[0]  # stopped while working
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="stopped").get("Contents", [])]
+    assert not [k for k in keys if "manifest.parts/" in k and not k.endswith("/")], keys  # merged
+    lines_ = s3.get_object(Bucket="stopped", Key="masks/manifest.jsonl")["Body"].read().decode().splitlines()
+    ok = {json.loads(line)["path"] for line in lines_ if json.loads(line)["status"] == "ok"}
+    masks = {k for k in keys if k.endswith(".png")}
+    assert len(ok) >= done and len(masks) >= len(ok)  # every record has its mask (masks may outrun records)
+
+    while True:  # the stopped job's actors are ended by Ray; a PUT under way when the driver left may land
+        time.sleep(1)
+        listed = {o["Key"] for o in s3.list_objects_v2(Bucket="stopped").get("Contents", []) if ".png" in o["Key"]}
+        if listed == masks:
+            break
+        masks = listed
+
+    before = len(s3_server.requests())
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    assert f"{IMAGES} images: {IMAGES - len(ok)} to segment, {len(ok)} already done" in again.stdout
+    put = [path.split("/stopped/", 1)[1] for path in written_pngs(s3_server, before)]
+    assert sorted(put) == sorted({f"masks/img{i:02d}.png" for i in range(IMAGES)} - masks)  # the rest, once each
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="stopped").get("Contents", [])]
+    assert sorted(k for k in keys if k.endswith(".png")) == [f"masks/img{i:02d}.png" for i in range(IMAGES)]
+    lines_ = s3.get_object(Bucket="stopped", Key="masks/manifest.jsonl")["Body"].read().decode().splitlines()
+    assert sorted(json.loads(line)["status"] for line in lines_) == ["ok"] * IMAGES
 
 
 def test_manifest_parts_left_by_a_killed_driver_are_read_and_merged(s3_server, tmp_path):
