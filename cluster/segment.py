@@ -12,8 +12,9 @@ an object-store prefix such as s3://bucket/photos/.
 For every image OUTPUT gets NAME.png (class ids) and, with --color, NAME_color.png and NAME_overlay.png,
 at the image's relative path, plus manifest.jsonl (one JSON line per image: path, size, seconds, pixels per
 class, or the reason it failed) and model.json (the model, by content hash). OUTPUT is a folder (on a multi-node
-cluster one every node mounts at the same path) or an object-store prefix (s3://bucket/masks, gs://...), which
-the model actors write to directly (see Output, StoreManifest). Running the same command again
+cluster one every node mounts at the same path) or an object-store prefix (s3://bucket/masks, gs://...) that
+the model actors write to with their node's credentials; there the manifest's records go to part objects
+(manifest.parts/) as they arrive, merged into manifest.jsonl at the end or at a stop. Running the same command again
 skips images already done; with another model it stops before any work unless --overwrite (which redoes
 every image). A killed actor is replaced and its images redone, each output written once. Unreadable files are listed as failed and the
 run goes on; it exits 1 at the end if any failed (2 for a bad command line, model or input).
