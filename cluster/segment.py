@@ -11,7 +11,10 @@ an object-store prefix such as s3://bucket/photos/.
 
 For every image OUTPUT gets NAME.png (class ids) and, with --color, NAME_color.png and NAME_overlay.png,
 at the image's relative path, plus manifest.jsonl (one JSON line per image: path, size, seconds, pixels per
-class, or the reason it failed) and model.json (the model, by content hash). Running the same command again
+class, or the reason it failed) and model.json (the model, by content hash). OUTPUT is a folder (on a multi-node
+cluster one every node mounts at the same path) or an object-store prefix (s3://bucket/masks, gs://...) that
+the model actors write to with their node's credentials; there the manifest's records go to part objects
+(manifest.parts/) as they arrive, merged into manifest.jsonl at the end or at a stop. Running the same command again
 skips images already done; with another model it stops before any work unless --overwrite (which redoes
 every image). A killed actor is replaced and its images redone, each output written once. Unreadable files are listed as failed and the
 run goes on; it exits 1 at the end if any failed (2 for a bad command line, model or input).
@@ -22,22 +25,26 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import socket
 import sys
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, fetch_model, model_parser
-from deeplab.cli import UserError, command, error_line, on_interrupt
-from deeplab.config import ALPHA_ALIAS, Alias, ConfigError, InferenceConfig, add_config_args, config_from_args
-from deeplab.fileio import is_uri
+from cluster.train import RunFolder, storage_folder
+from deeplab.cli import OutputError, UserError, command, error_line, on_interrupt
+from deeplab.config import ALPHA_ALIAS, Alias, InferenceConfig, add_config_args, config_from_args
+from deeplab.fileio import atomic_path, ensure_dir, is_uri
 from deeplab.progress import Progress
 
 from cluster.config import SegmentConfig
 
 MANIFEST = "manifest.jsonl"
+MANIFEST_PARTS = "manifest.parts"  # on an object store: the records of a run not yet merged into manifest.jsonl
 # temporary names of atomic writes: deeplab.predict's .NAME.png.PID.tmp and deeplab.fileio's .NAME.tmpPID.png
 STALE_TEMP = re.compile(r"^\..+(\.\d+\.tmp|\.tmp\d+\.png)$")
 
@@ -52,6 +59,7 @@ class InputItem:
     path: str  # on `filesystem` (for s3: bucket/key), as listed: an object store reads the key as written
     uri: str  # as the user knows it, for messages and the manifest
     name: str  # relative output stem, posix, normalized ("city/0001" -> OUTPUT/city/0001.png)
+    kept: str = ""  # kinds of output OUTPUT held when it was listed ("labels,color"): actors on a store keep them
 
 
 @dataclass
@@ -131,12 +139,14 @@ def _walk_local(root: str, exclude: Optional[str]) -> list:
     return [(path, os.path.relpath(path, root).replace(os.sep, "/")) for _, path in files_by_identity.values()]
 
 
-def _walk_store(fs, root: str):
-    """(path, rel or None when the key climbs out of root) of the objects under a prefix, hidden ones skipped."""
+def _walk_store(fs, root: str, exclude: Optional[str] = None):
+    """(path, rel or None when the key climbs out of root) of the objects under a prefix, hidden ones and those
+    under ``exclude`` (OUTPUT's prefix) skipped."""
     import pyarrow.fs as pafs
 
+    skip = exclude.strip("/") + "/" if exclude else None
     for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        if f.type != pafs.FileType.File:
+        if f.type != pafs.FileType.File or (skip and f.path.lstrip("/").startswith(skip)):
             continue
         rel = _relative(f.path, root)
         if rel is None or not any(part.startswith(".") for part in rel.split("/")):
@@ -156,7 +166,7 @@ def _list_folder(source: str, exclude: Optional[str], extensions, fs=None) -> In
             raise InputError(f"{source}: no such folder or prefix")
         if info.type == pafs.FileType.File:  # one object
             return InputSet(fs, [InputItem(root, _uri(scheme, root), PurePosixPath(root).stem)])
-        listed = _walk_local(root, exclude) if local else list(_walk_store(fs, root))
+        listed = _walk_local(root, exclude) if local else list(_walk_store(fs, root, exclude))
     except OSError as e:
         raise InputError(f"{source}: cannot list ({error_line(e)})") from None
     paths, refused, ignored = {}, [], 0
@@ -232,7 +242,7 @@ def _list_file(source: str) -> InputSet:
 
 
 def list_inputs(source: str, exclude: Optional[str] = None, extensions=None, filesystem=None) -> InputSet:
-    """Every input image with its output name. ``exclude``: a local folder never to list (OUTPUT);
+    """Every input image with its output name. ``exclude``: a folder or prefix never to list (OUTPUT);
     ``extensions``: keep only these suffixes (folders and prefixes; a list file is taken as written);
     ``filesystem``: a pyarrow filesystem on which ``source`` is a folder or prefix (tests, custom stores)."""
     extensions = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions or ()}
@@ -255,22 +265,163 @@ def list_inputs(source: str, exclude: Optional[str] = None, extensions=None, fil
     return inputs
 
 
+# ------------------------------------------------------------------------------------------------ output
+class Output:
+    """OUTPUT: a local folder, or a prefix on an object store (s3://bucket/masks, with
+    ?endpoint_override=HOST:PORT&scheme=http for an S3-compatible server; gs://...). A local file is written
+    atomically (temporary name, then rename); an object is one PUT (s3:// opens with allow_delayed_open), so it
+    is whole or absent and needs no temporary. ``url`` names OUTPUT in messages (its query kept, credentials
+    left out); the model actors open it again from ``url`` on their node with that node's credentials (the
+    environment, as Ray Train's storage), so no filesystem object or secret travels from the driver."""
+
+    def __init__(self, location):
+        location = str(location)
+        if location.startswith("file://"):
+            location = location[len("file://"):]
+        try:
+            self.folder: RunFolder = storage_folder(location)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad URIs and unreachable stores
+            raise OutputError(location, f"cannot open it: {error_line(e)}") from None
+        self.local, self.path, self.url = self.folder.local, self.folder.path, self.folder.url
+
+    def __str__(self) -> str:
+        return self.url
+
+    def url_of(self, rel: str) -> str:
+        return self.folder.child(rel).url
+
+    def _key(self, rel: str) -> str:
+        return f"{self.path}/{rel}"
+
+    @contextmanager
+    def _store(self, rel: str = ""):
+        """A store's refusal (credentials, no such bucket, unreachable) as one line naming OUTPUT or the file."""
+        try:
+            yield
+        except (FileNotFoundError, OutputError):
+            raise
+        except OSError as e:
+            raise OutputError(self.url_of(rel) if rel else self.url, error_line(e)) from None
+
+    def exists(self) -> bool:
+        import pyarrow.fs as pafs
+
+        if self.local:
+            return os.path.isdir(self.path)
+        with self._store():
+            return self.folder.filesystem.get_file_info(self.path).type != pafs.FileType.NotFound
+
+    def make(self) -> None:
+        """A local folder is made; a prefix needs nothing but its bucket, which must exist (checked once here,
+        not found by every image failing)."""
+        import pyarrow.fs as pafs
+
+        if self.local:
+            ensure_dir(self.path)
+            return
+        bucket = self.path.split("/", 1)[0]
+        with self._store():
+            missing = self.folder.filesystem.get_file_info(bucket).type == pafs.FileType.NotFound
+        if missing:
+            raise OutputError(self.url, f"no bucket {bucket}; create it first")
+
+    def files(self, under: str = "") -> set:
+        """Every file under OUTPUT (or its folder ``under``), relative (posix): one walk or one listing, not a
+        request per image."""
+        import pyarrow.fs as pafs
+
+        root = self._key(under) if under else self.path
+        if self.local:
+            found = set()
+            for folder, _, files in os.walk(root):
+                rel = os.path.relpath(folder, self.path).replace(os.sep, "/")
+                found.update(f if rel == "." else f"{rel}/{f}" for f in files)
+            return found
+        selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        with self._store(under):
+            listed = self.folder.filesystem.get_file_info(selector)
+        return {f.path[len(self.path) + 1:] for f in listed if f.type == pafs.FileType.File}
+
+    def read(self, rel: str) -> Optional[bytes]:
+        """A file's bytes, or None when it does not exist."""
+        if self.local:
+            path = Path(self.path, rel)
+            return path.read_bytes() if path.is_file() else None
+        try:
+            with self._store(rel), self.folder.filesystem.open_input_stream(self._key(rel)) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def write(self, rel: str, data: bytes) -> None:
+        """Whole or not at all: locally a temporary name renamed over ``rel`` (its folder made), on a store one PUT."""
+        if self.local:
+            path = Path(self.path, rel)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(data)
+            return
+        with self._store(rel), self.folder.filesystem.open_output_stream(self._key(rel)) as f:
+            f.write(data)
+
+    def remove(self, rels, present: Optional[set] = None) -> None:
+        """Delete these files where they exist; ``present``: OUTPUT's listing (files()), so that on a store
+        only the objects there cost a request."""
+        for rel in dict.fromkeys(rels):
+            if present is not None and rel not in present:
+                continue
+            if self.local:
+                Path(self.path, rel).unlink(missing_ok=True)
+                continue
+            try:
+                with self._store(rel):
+                    self.folder.filesystem.delete_file(self._key(rel))
+            except FileNotFoundError:
+                pass
+
+    def remove_folder(self, rel: str) -> None:
+        """Delete the folder ``rel`` and everything in it (on S3: batched deletes, and no empty folder marker left,
+        as deleting its last object one by one leaves)."""
+        if self.local:
+            shutil.rmtree(Path(self.path, rel), ignore_errors=True)
+            return
+        try:
+            with self._store(rel):
+                self.folder.filesystem.delete_dir(self._key(rel))
+        except FileNotFoundError:
+            pass
+
+
+def as_output(out) -> Output:
+    """OUTPUT as given to the library functions: an Output, or a local folder (Path or str) or URL."""
+    return out if isinstance(out, Output) else Output(out)
+
+
 # ---------------------------------------------------------------------------------------------- manifest
+def _parse_records(text: str, records: dict) -> None:
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed driver
+        if isinstance(record, dict) and "path" in record:
+            records[record["path"]] = record
+
+
+def _lines(records) -> str:
+    return "".join(json.dumps(r) + "\n" for r in records)
+
+
 class Manifest:
-    """OUTPUT/manifest.jsonl: one JSON record per image (the last one for a path wins). Appended as results
-    arrive, so a killed driver loses nothing written; rewritten at the end with one line per image."""
+    """OUTPUT/manifest.jsonl in a local folder: one JSON record per image (the last one for a path wins).
+    Appended as results arrive, so a killed driver loses nothing written; rewritten at the end with one line
+    per image."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.records: dict = {}
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a killed driver
-                if isinstance(record, dict) and "path" in record:
-                    self.records[record["path"]] = record
+            _parse_records(self.path.read_text(), self.records)
         self._file = None
 
     def append(self, records: list) -> None:
@@ -288,7 +439,71 @@ class Manifest:
         if self._file is not None:
             self._file.close()
             self._file = None
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.records.values()))
+        write_text_atomic(self.path, _lines(self.records.values()))
+
+    def clear(self) -> None:
+        """--overwrite: every record goes (the file too)."""
+        self.records.clear()
+        self.path.unlink(missing_ok=True)
+
+
+class StoreManifest(Manifest):
+    """manifest.jsonl on an object store, where an object cannot be appended to. Records arriving are put in
+    part objects, OUTPUT/manifest.parts/<run start, ms>-<n>.jsonl, one PUT every PART_SECONDS or PART_RECORDS
+    records; at the end of a run, and at any stop (Ctrl-C, SIGTERM), the rest goes in a last part, then
+    manifest.jsonl and every part are merged into manifest.jsonl (one PUT) and the parts deleted. Whoever reads
+    it (a rerun, this class) takes manifest.jsonl and then the parts in name order, the last record for a path
+    winning: a driver killed outright (SIGKILL) loses at most the records of its last PART_SECONDS, whose masks
+    a rerun finds in its listing and counts again without writing them."""
+
+    PART_SECONDS, PART_RECORDS = 10.0, 2000
+
+    def __init__(self, output: Output):
+        self.output, self.path, self.records = output, output.url_of(MANIFEST), {}
+        self.parts = sorted(output.files(MANIFEST_PARTS))  # relative to OUTPUT
+        for rel in [MANIFEST, *self.parts]:
+            data = self.output.read(rel)
+            if data is not None:
+                _parse_records(data.decode(errors="replace"), self.records)
+        self._pending, self._flushed, self._run = [], time.monotonic(), f"{int(time.time() * 1000):013d}"
+
+    def append(self, records: list) -> None:
+        for r in records:
+            self.records[r["path"]] = r
+        self._pending += records
+        if len(self._pending) >= self.PART_RECORDS or time.monotonic() - self._flushed >= self.PART_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            part = f"{MANIFEST_PARTS}/{self._run}-{len(self.parts):06d}.jsonl"
+            self.output.write(part, _lines(self._pending).encode())
+            self.parts.append(part)
+        self._pending, self._flushed = [], time.monotonic()
+
+    def close(self) -> None:
+        """The last part first (a stop during the merge loses nothing), then one manifest.jsonl, then no parts."""
+        self.flush()
+        self.output.write(MANIFEST, _lines(self.records.values()).encode())
+        if self.parts:  # every one merged: read when opened, or written since
+            self.output.remove_folder(MANIFEST_PARTS)
+        self.parts = []
+
+    def clear(self) -> None:
+        self.records.clear()
+        self._pending = []
+        self.output.remove([MANIFEST])
+        if self.parts:
+            self.output.remove_folder(MANIFEST_PARTS)
+        self.parts = []
+
+
+def open_manifest(out) -> Manifest:
+    output = as_output(out)
+    return Manifest(Path(output.path, MANIFEST)) if output.local else StoreManifest(output)
+
+
+KINDS = ("labels", "color", "overlay")  # deeplab.predict's PREDICTION_KINDS, in expected_outputs' order
 
 
 def expected_outputs(name: str, color: bool) -> list:
@@ -315,33 +530,32 @@ def output_escape(out_dir: Path, name: str, color: bool, folders: Optional[dict]
     return None
 
 
-def existing_files(out_dir: Path) -> set:
-    """Every file under OUTPUT, relative (posix): one walk instead of a stat per image."""
-    found = set()
-    for folder, _, files in os.walk(out_dir):
-        rel = os.path.relpath(folder, out_dir)
-        for f in files:
-            found.add(f if rel == "." else f"{rel}/{f}".replace(os.sep, "/"))
-    return found
-
-
-def split_done(items: list, manifest: Manifest, out_dir: Path, color: bool) -> tuple:
+def split_done(items: list, manifest: Manifest, out, color: bool) -> tuple:
     """(to do, done): done means a manifest record says ok and every output file exists (writes are atomic,
-    so an existing file is a complete one). Outputs without a record are redone by the actors, which keep
-    the files and only compute the record, so nothing is written twice."""
-    files = existing_files(out_dir)
+    so an existing file is a complete one). OUTPUT is listed once, not asked per image. Outputs without a
+    record are redone by the actors, which keep the files and only compute the record, so nothing is written
+    twice: locally they look at the files, on an object store at the listing's (``kept`` of each item to do)."""
+    files = as_output(out).files()
     todo, done = [], []
     for item in items:
+        outputs = expected_outputs(item.name, color)
         record = manifest.records.get(item.uri)
-        ok = record is not None and record.get("status") == "ok"
-        (done if ok and all(f in files for f in expected_outputs(item.name, color)) else todo).append(item)
+        if record is not None and record.get("status") == "ok" and all(f in files for f in outputs):
+            done.append(item)
+        else:
+            kept = [kind for kind, f in zip(KINDS, outputs) if f in files]
+            todo.append(replace(item, kept=",".join(kept)))
     return todo, done
 
 
-def remove_stale_temps(out_dir: Path) -> int:
-    """Temporary files a killed writer left behind (a finished write renames its temporary away)."""
+def remove_stale_temps(out) -> int:
+    """Temporary files a killed writer left in a local OUTPUT (a finished write renames its temporary away);
+    an object store has none (an object is one PUT)."""
+    output = as_output(out)
+    if not output.local:
+        return 0
     removed = 0
-    for folder, _, files in os.walk(out_dir):
+    for folder, _, files in os.walk(output.path):
         for f in files:
             if STALE_TEMP.match(f):
                 Path(folder, f).unlink(missing_ok=True)
@@ -357,12 +571,12 @@ class ModelMismatch(UserError, ValueError):
     """OUTPUT holds another model's results; one line naming both models."""
 
 
-def _recorded_model(out_dir: Path, manifest: Manifest) -> Optional[dict]:
+def _recorded_model(output: Output, manifest: Manifest) -> Optional[dict]:
     """OUTPUT's model record; {} for results a run before the record existed left (no model.json)."""
-    path = out_dir / MODEL_RECORD
-    if path.is_file():
+    data = output.read(MODEL_RECORD)
+    if data is not None:
         try:
-            record = json.loads(path.read_text())
+            record = json.loads(data.decode())
         except (json.JSONDecodeError, UnicodeDecodeError):
             record = None
         if isinstance(record, dict) and "sha256" in record:
@@ -371,36 +585,34 @@ def _recorded_model(out_dir: Path, manifest: Manifest) -> Optional[dict]:
     return {} if manifest.records else None
 
 
-def _clear_outputs(out_dir: Path, items: list, manifest: Manifest) -> None:
+def _clear_outputs(output: Output, items: list, manifest: Manifest) -> None:
     """--overwrite: every result of the other model goes (its PNGs, its manifest) before the new model runs,
     so an interrupted overwrite never leaves the other model's masks to be taken as this one's."""
     names = [f"{item.name}{s}.png" for item in items for s in ("", "_color", "_overlay")]
     names += [out for record in manifest.records.values() for out in record.get("outputs", [])]
-    for rel in names:
-        (out_dir / rel).unlink(missing_ok=True)
-    manifest.records.clear()
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+    output.remove(names, present=None if output.local else output.files())
+    manifest.clear()
 
 
-def claim_output(out_dir: Path, model_path, items: list, manifest: Manifest, overwrite: bool) -> dict:
+def claim_output(out, model_path, items: list, manifest: Manifest, overwrite: bool) -> dict:
     """OUTPUT belongs to one model (by content: cluster.infer.model_identity). The same model resumes; another
     stops here, before any work, unless ``overwrite`` (its results are removed and every image is redone)."""
     from cluster.infer import model_identity
-    from deeplab.fileio import write_text_atomic
 
+    output = as_output(out)
     identity = {"model": os.path.abspath(model_path), **model_identity(model_path)}
-    recorded = _recorded_model(out_dir, manifest)
+    recorded = _recorded_model(output, manifest)
     if recorded is not None and recorded.get("sha256") == identity["sha256"]:
         return identity
     if recorded is not None and not overwrite:
         theirs = (f"model {recorded.get('model')} (sha256 {recorded['sha256'][:12]})" if recorded
                   else "a model it did not record (segmented before OUTPUT recorded its model)")
-        raise ModelMismatch(f"{out_dir}: holds the results of {theirs}, not of {identity['model']} (sha256 "
+        raise ModelMismatch(f"{output}: holds the results of {theirs}, not of {identity['model']} (sha256 "
                             f"{identity['sha256'][:12]}); choose another -o, or add --overwrite to redo every "
                             "image with this model")
     if recorded is not None:
-        _clear_outputs(out_dir, items, manifest)
-    write_text_atomic(out_dir / MODEL_RECORD, json.dumps(identity, indent=2) + "\n")
+        _clear_outputs(output, items, manifest)
+    output.write(MODEL_RECORD, (json.dumps(identity, indent=2) + "\n").encode())
     return identity
 
 
@@ -410,8 +622,8 @@ def read_and_decode(row: dict, filesystem, max_pixels: Optional[int]) -> dict:
     from deeplab.data import DatasetError, read_image
 
     start = time.perf_counter()
-    out = {"path": row["path"], "uri": row["uri"], "name": row["name"], "error": "", "pixels": b"",
-           "height": 0, "width": 0}
+    out = {"path": row["path"], "uri": row["uri"], "name": row["name"], "kept": row.get("kept", ""), "error": "",
+           "pixels": b"", "height": 0, "width": 0}
     try:
         with filesystem.open_input_stream(row["path"]) as f:
             data = f.read()
@@ -427,8 +639,11 @@ def read_and_decode(row: dict, filesystem, max_pixels: Optional[int]) -> dict:
 
 
 class SegmentWorker:
-    """A Ray Data actor: the model, opened once, run on batches; writes the PNGs and returns one JSON record
-    per image. Outputs that already exist (from a killed attempt or an earlier run) are kept, not rewritten."""
+    """A Ray Data actor: the model, opened once, run on batches; writes the PNGs into OUTPUT (``out_dir``: a
+    local folder or an object-store URL, opened here on the node) and returns one JSON record per image.
+    Outputs that already exist are kept, not rewritten: locally those on disk now (an earlier run's, or a
+    killed attempt's), on an object store those OUTPUT's listing held (an image a lost actor had written is
+    PUT again, whole, with the same pixels: a HEAD per output would cost as much as the PUT)."""
 
     def __init__(self, model, out_dir: str, color: bool, alpha: float, output_stride: Optional[int],
                  num_gpus: float, cpus: float, max_batch_pixels: Optional[int] = None):
@@ -442,7 +657,7 @@ class SegmentWorker:
         self.names = self.runner.info.class_names
         self.palette = palette_for_classes(self.names)
         self.kinds = PREDICTION_KINDS if color else ("labels",)
-        self.out_dir, self.alpha = Path(out_dir), alpha
+        self.output, self.alpha = Output(out_dir), alpha
         self.max_batch_pixels = max_batch_pixels  # same-size images share a call up to this many pixels
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.startup["ready"] = time.time()
@@ -455,7 +670,7 @@ class SegmentWorker:
         rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["uri"]))]
         good = [row for row in rows if not row["error"]]
         images = [np.frombuffer(r["pixels"], np.uint8).reshape(int(r["height"]), int(r["width"]), 3) for r in good]
-        missing = [self._missing(str(r["name"])) for r in good]
+        missing = [self._missing(str(r["name"]), str(r.get("kept", ""))) for r in good]
         run = [i for i, m in enumerate(missing) if m]  # images with outputs to write
         start = time.perf_counter()
         labels = dict(zip(run, predict_labels(self.runner, [images[i] for i in run], keep_errors=True,
@@ -479,36 +694,67 @@ class SegmentWorker:
         return {"record": np.array([json.dumps(records[str(row["uri"])]) for row in rows], dtype=object),
                 "startup": np.array(startup, dtype=object)}
 
-    def _missing(self, name: str) -> list:
-        from deeplab.predict import prediction_paths
-
-        paths = prediction_paths(self.out_dir / PurePosixPath(name).parent, PurePosixPath(name).name)
-        return [k for k in self.kinds if not paths[k].is_file()]
+    def _missing(self, name: str, kept: str) -> list:
+        if not self.output.local:
+            return [k for k in self.kinds if k not in kept.split(",")]
+        outputs = dict(zip(KINDS, expected_outputs(name, color=True)))
+        return [k for k in self.kinds if not os.path.isfile(os.path.join(self.output.path, outputs[k]))]
 
     def _finish(self, uri: str, name: str, image, labels, missing: list, seconds: float) -> dict:
         from cluster.infer import class_pixels
-        from deeplab.data import read_mask
-        from deeplab.predict import prediction_paths, write_prediction
 
-        rel = PurePosixPath(name)
-        folder = self.out_dir / rel.parent
         start = time.perf_counter()
-        escape = output_escape(self.out_dir, name, len(self.kinds) > 1)  # a link made under OUTPUT mid-run
-        if escape:
-            return {"path": uri, "status": "failed", "error": f"{uri}: {escape}"}
+        if self.output.local:
+            escape = output_escape(Path(self.output.path), name, len(self.kinds) > 1)  # a link made under OUTPUT
+            if escape:  # mid-run
+                return {"path": uri, "status": "failed", "error": f"{uri}: {escape}"}
         try:
-            if labels is None:  # every output exists already: count the pixels of the label map on disk
-                labels = read_mask(prediction_paths(folder, rel.name)["labels"])
+            if labels is None:  # every output exists already: count the pixels of the label map there
+                labels = self._read_labels(name)
             else:
-                folder.mkdir(parents=True, exist_ok=True)
-                write_prediction(folder, rel.name, image, labels, self.palette, self.alpha, kinds=missing)
+                self._write(name, image, labels, missing)
         except (OSError, ValueError) as e:
             return {"path": uri, "status": "failed", "error": f"{uri}: cannot write its outputs ({e})"}
         outputs = expected_outputs(name, color=len(self.kinds) > 1)
-        written = [out for kind, out in zip(("labels", "color", "overlay"), outputs) if kind in missing]
+        written = [out for kind, out in zip(KINDS, outputs) if kind in missing]
         return {"path": uri, "status": "ok", "outputs": outputs, "width": int(image.shape[1]),
                 "height": int(image.shape[0]), "seconds": round(seconds + time.perf_counter() - start, 4),
                 "pixels": class_pixels(labels, self.names), "written": written, "worker": self.worker}
+
+    def _write(self, name: str, image, labels, kinds: list) -> None:
+        """The pictures of ``kinds``: locally with deeplab.predict's atomic writer, on a store one PUT each."""
+        import io
+
+        from deeplab.predict import prediction_images, write_prediction
+
+        rel = PurePosixPath(name)
+        if self.output.local:
+            folder = Path(self.output.path, rel.parent)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_prediction(folder, rel.name, image, labels, self.palette, self.alpha, kinds=kinds)
+            return
+        outputs = dict(zip(KINDS, expected_outputs(name, color=True)))
+        for kind, picture in prediction_images(image, labels, self.palette, self.alpha, kinds).items():
+            data = io.BytesIO()
+            picture.save(data, format="PNG")
+            self.output.write(outputs[kind], data.getvalue())
+
+    def _read_labels(self, name: str):
+        import io
+
+        import numpy as np
+        from PIL import Image
+
+        from deeplab.data import read_mask
+
+        rel = expected_outputs(name, color=False)[0]
+        if self.output.local:
+            return read_mask(Path(self.output.path, rel))
+        data = self.output.read(rel)
+        if data is None:
+            raise FileNotFoundError(f"{self.output.url_of(rel)}: gone since OUTPUT was listed")
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as im:  # our own grayscale PNG of class ids
+            return np.asarray(im)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -560,11 +806,12 @@ def startup_line(phases: dict) -> str:
     return "start-up: " + ", ".join(f"{name} {seconds:.1f}s" for name, seconds in phases.items())
 
 
-def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentConfig, inference: InferenceConfig):
-    """The Ray Data pipeline: items -> read + decode tasks -> model actor pool -> JSON records."""
+def build_dataset(inputs: list, filesystem, model, output: Output, cfg: SegmentConfig, inference: InferenceConfig):
+    """The Ray Data pipeline: items -> read + decode tasks -> model actor pool -> JSON records. The actors get
+    OUTPUT as its URL (they open it on their node), never the driver's filesystem object."""
     import ray.data
 
-    rows = [{"path": i.path, "uri": i.uri, "name": i.name} for i in inputs]
+    rows = [{"path": i.path, "uri": i.uri, "name": i.name, "kept": i.kept} for i in inputs]
     blocks = max(1, min(len(rows), -(-len(rows) // cfg.batch_size), 4096))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map(read_and_decode, fn_kwargs={"filesystem": filesystem, "max_pixels": cfg.max_pixels},
@@ -573,7 +820,7 @@ def build_dataset(inputs: list, filesystem, model, out_dir: Path, cfg: SegmentCo
         SegmentWorker, batch_size=cfg.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
         num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker or None,
-        fn_constructor_kwargs={"model": model, "out_dir": str(out_dir), "color": cfg.color, "alpha": inference.alpha,
+        fn_constructor_kwargs={"model": model, "out_dir": output.url, "color": cfg.color, "alpha": inference.alpha,
                                "output_stride": inference.output_stride, "num_gpus": cfg.gpus_per_worker,
                                "cpus": cfg.cpus_per_worker, "max_batch_pixels": cfg.max_batch_pixels})
 
@@ -597,13 +844,17 @@ def size_pool(cfg: SegmentConfig, resources: dict, log=print) -> int:
     return cfg.workers
 
 
-def refuse_escaping(todo: list, refused: list, out_dir: Path, color: bool) -> tuple:
+def refuse_escaping(todo: list, refused: list, out, color: bool) -> tuple:
     """(items to run, (uri, reason) of every input never to read nor write): the listing's refusals plus the
-    items whose outputs would resolve outside OUTPUT."""
+    items whose outputs would resolve outside a local OUTPUT (an object store has no links, and output names
+    are normalized keys without '..')."""
+    output = as_output(out)
+    if not output.local:
+        return list(todo), list(refused)
     folders: dict = {}
     run, refused = [], list(refused)
     for item in todo:
-        why = output_escape(out_dir, item.name, color, folders)
+        why = output_escape(Path(output.path), item.name, color, folders)
         if why:
             refused.append((item.uri, f"{item.uri}: {why}"))
         else:
@@ -620,14 +871,13 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
 
     from cluster.infer import ship_model
 
-    from deeplab.fileio import ensure_dir
-
-    out_dir = ensure_dir(out_dir)
-    manifest = Manifest(out_dir / MANIFEST)
-    claim_output(out_dir, model_path, inputs.items, manifest, overwrite)
-    remove_stale_temps(out_dir)
-    todo, done = split_done(inputs.items, manifest, out_dir, cfg.color)
-    todo, refused = refuse_escaping(todo, inputs.refused, out_dir, cfg.color)
+    output = as_output(out_dir)
+    output.make()
+    manifest = open_manifest(output)
+    claim_output(output, model_path, inputs.items, manifest, overwrite)
+    remove_stale_temps(output)
+    todo, done = split_done(inputs.items, manifest, output, cfg.color)
+    todo, refused = refuse_escaping(todo, inputs.refused, output, cfg.color)
     summary = Summary(total=len(inputs.items) + len(inputs.refused), skipped=len(done))
     log(f"{summary.total} images: {len(todo)} to segment, {len(done)} already done"
         + (f", {len(refused)} refused" if refused else "")
@@ -638,7 +888,7 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     if not todo:
         manifest.close()
         return summary
-    _say_kept(summary, out_dir)
+    _say_kept(summary, output)
     size_pool(cfg, ray.cluster_resources(), log)
     log(f"{cfg.workers} model actor{'s' * (cfg.workers != 1)} ({cfg.cpus_per_worker:g} CPU"
         f"{f', {cfg.gpus_per_worker:g} GPU' if cfg.gpus_per_worker else ''} each), batches of {cfg.batch_size}")
@@ -647,7 +897,7 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     start, epoch = time.perf_counter(), time.time()
     shipped = ship_model(model_path)
     summary.startup["ship model"] = time.perf_counter() - start
-    ds = build_dataset(todo, inputs.filesystem, shipped, out_dir, cfg, inference or InferenceConfig())
+    ds = build_dataset(todo, inputs.filesystem, shipped, output, cfg, inference or InferenceConfig())
     wanted, actors, first_results = {i.uri for i in todo}, [], 0.0
     bar = Progress(len(todo), "segment", interval=cfg.progress_interval_s, redraw=False)  # lines: Ray's console
     try:
@@ -664,30 +914,30 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
             manifest.append(records)
             summary.count(records)
             bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed")
-            _say_kept(summary, out_dir)
+            _say_kept(summary, output)
     finally:
         summary.seconds = time.perf_counter() - start
         manifest.close()
-        remove_stale_temps(out_dir)
+        remove_stale_temps(output)
     bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed", final=True)
     return summary
 
 
-def _say_kept(summary: Summary, out_dir: Path) -> None:
+def _say_kept(summary: Summary, output: Output) -> None:
     """What a stop now keeps (every image segmented: manifest record and files) and what the same command does
     then (a failed image is tried again)."""
     kept = summary.skipped + summary.ok
-    on_interrupt(f"{kept} of {summary.total} images segmented in {out_dir} (manifest.jsonl); the same command "
+    on_interrupt(f"{kept} of {summary.total} images segmented in {output} (manifest.jsonl); the same command "
                  f"skips them and segments the other {summary.total - kept}")
 
 
-def _stop_actors(out_dir: str) -> None:
+def _stop_actors(output: Output) -> None:
     """After a stop: this job's actors end with Ray (a cluster this command started goes entirely), then the
     temporary files of writes they had under way go too; every finished output is whole (written atomically)."""
     import ray
 
     ray.shutdown()
-    remove_stale_temps(Path(out_dir))
+    remove_stale_temps(output)
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -709,7 +959,8 @@ def parse_args(argv):
                    "s3://bucket/prefix/")
     p.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                    help="folder for the PNGs and manifest.jsonl (on a multi-node cluster: a folder every node "
-                        "mounts at the same path)")
+                        "mounts at the same path), or an object-store prefix such as s3://bucket/masks (credentials "
+                        "from each node's environment)")
     p.add_argument("--extensions", help="only files with these suffixes in a folder or prefix, e.g. jpg,png "
                    "(default: every file; a file that is not an image is listed as failed)")
     p.add_argument("--overwrite", action="store_true",
@@ -728,24 +979,23 @@ def main(argv=None) -> int:
 
     exp = config_from_args(args)
     cfg = exp.segment
-    if is_uri(args.output):
-        raise ConfigError(f"-o {args.output}: OUTPUT must be a folder (on a multi-node cluster, one every node "
-                          "mounts at the same path); object-store output is not supported")
+    output = Output(args.output)
     if is_uri(args.model):  # the driver fetches it once, then ships it to the nodes as any local model
         print(f"fetching {args.model}", flush=True)
         args.model = fetch_model(args.model)
     phases, clock = {}, time.perf_counter()
     info = read_model_info(args.model, exp.inference.output_stride)
     phases["model info"], clock = time.perf_counter() - clock, time.perf_counter()
-    out_dir = os.path.abspath(args.output)
-    on_interrupt(f"{out_dir} is as it was (nothing segmented by this run yet); the same command starts again")
+    on_interrupt(f"{output} is as it was (nothing segmented by this run yet); the same command starts again")
     extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
-    inputs = list_inputs(args.input, exclude=out_dir, extensions=extensions)
+    same_store = not output.local and args.input.split("://", 1)[0] == output.folder.scheme
+    inputs = list_inputs(args.input, exclude=output.path if output.local or same_store else None,
+                         extensions=extensions)
     phases["listing"] = time.perf_counter() - clock
     print(f"model: {args.model} ({info.backend.split(' ')[0]}, {info.precision}, {info.num_classes} classes, "
           f"output stride {info.output_stride})", flush=True)
-    if os.path.isdir(out_dir):  # another model's OUTPUT stops here, before Ray starts
-        claim_output(Path(out_dir), args.model, inputs.items, Manifest(Path(out_dir) / MANIFEST), args.overwrite)
+    if output.exists():  # another model's OUTPUT stops here, before Ray starts
+        claim_output(output, args.model, inputs.items, open_manifest(output), args.overwrite)
 
     from cluster.console import ACTOR_ARGUMENTS_NOISE, quiet_ray_data, quiet_stderr, ray_init_options
     from cluster.train import init_ray
@@ -756,13 +1006,13 @@ def main(argv=None) -> int:
     quiet_ray_data(args.verbose)
     try:
         with quiet_stderr(ACTOR_ARGUMENTS_NOISE, args.verbose):
-            summary = segment(args.model, inputs, out_dir, cfg, log=lambda m: print(m, flush=True),
+            summary = segment(args.model, inputs, output, cfg, log=lambda m: print(m, flush=True),
                               overwrite=args.overwrite, inference=exp.inference)
     except KeyboardInterrupt:
-        _stop_actors(out_dir)
+        _stop_actors(output)
         raise
     done = summary.ok + summary.failed
-    manifest = os.path.join(out_dir, MANIFEST)
+    manifest = output.url_of(MANIFEST)
     print(f"segmented {done} images in {summary.seconds:.1f}s: {summary.images_per_s:.2f} images/s "
           f"({summary.ok} ok, {summary.failed} failed, {summary.skipped} already done); manifest: {manifest}",
           flush=True)

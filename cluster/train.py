@@ -75,18 +75,24 @@ class RunFolder:
         return replace(self, path=f"{self.path.rstrip('/')}/{name}")
 
 
-def run_folder(storage_path: str, name: str) -> RunFolder:
-    """The run folder ``<storage_path>/<name>`` (see RunFolder); remote filesystems as Ray Train opens them."""
+def storage_folder(location: str) -> RunFolder:
+    """A local folder or an object-store URL as a RunFolder, opened as Ray Train opens its storage_path: run
+    storage here, cluster.segment's OUTPUT."""
     import pyarrow.fs
 
-    storage = resolve_storage_path(storage_path)
+    storage = resolve_storage_path(location)
     if not is_uri(storage):
-        return RunFolder(pyarrow.fs.LocalFileSystem(), storage).child(name)
+        return RunFolder(pyarrow.fs.LocalFileSystem(), storage)
     from deeplab.checkpoint import _remote_filesystem  # pyarrow's own (s3, gs, file), else fsspec's
 
     filesystem, path = _remote_filesystem(storage)
     parts = urlsplit(storage)
-    return RunFolder(filesystem, path, parts.scheme, parts.query).child(name)
+    return RunFolder(filesystem, path.rstrip("/"), parts.scheme, parts.query)
+
+
+def run_folder(storage_path: str, name: str) -> RunFolder:
+    """The run folder ``<storage_path>/<name>`` (see RunFolder); remote filesystems as Ray Train opens them."""
+    return storage_folder(storage_path).child(name)
 
 
 def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:

@@ -5,7 +5,8 @@ repository on the laptop with only cluster/onprem.yaml's CHANGE lines filled in 
 existing environment) chosen: `python -m cluster.check_config`, `ray up`, every node up, `ray dashboard` on
 the README's port, `ray job submit` of `cluster.train` (2 workers, one per host) with runs in the bucket, the
 worker host's raylet killed with SIGKILL mid-run (the run resumes and finishes), best.ckpt and summary.json
-where the README says, `cluster.segment` of that best.ckpt on the same cluster, `python -m cluster.down`, and
+where the README says, `cluster.segment` of that best.ckpt on the same cluster with its masks into the bucket,
+`python -m cluster.down`, and
 then no Ray process on any host. Prints each step's time (they go in the README, measured under load).
 """
 import json
@@ -93,7 +94,7 @@ def _lines(path: Path) -> list:
 
 def _s3(laptop, code: str, ip: str) -> str:
     """Python with boto3 on the laptop, `s3` a client of the bucket's server (the test's own looks)."""
-    prelude = (f"import boto3, json; s3 = boto3.client('s3', endpoint_url='http://{ip}:{S3_PORT}', "
+    prelude = (f"import boto3, io, json; s3 = boto3.client('s3', endpoint_url='http://{ip}:{S3_PORT}', "
                f"region_name='us-east-1', aws_access_key_id='testing', aws_secret_access_key='testing')\n")
     return laptop.run(["python", "-c", prelude + code]).stdout
 
@@ -203,17 +204,27 @@ for i in range(3):
     assert summary["iterations"] == MAX_IT and summary["run"] == run_url and summary["best_checkpoint"] == best_url
     assert summary["resumes"] and summary["resumes"][0]["checkpoint_iteration"] >= EVAL, summary["resumes"]
 
-    # the best checkpoint segments the bucket's photos on the same cluster; masks on the cluster's shared folder
+    # the best checkpoint segments the bucket's photos on the same cluster, masks into the bucket
     seg_log = logs / "segment_job.log"
     photos = f"s3://{BUCKET}/photos/?endpoint_override={s3.ip}:{S3_PORT}&scheme=http"
+    masks_url = f"s3://{BUCKET}/masks?endpoint_override={s3.ip}:{S3_PORT}&scheme=http"
     start = time.monotonic()
     seg = laptop.popen(["ray", "job", "submit", "--address", address, "--working-dir", ".", *env, "--",
-                        "python", "-m", "cluster.segment", best_url, photos, "-o", "/mnt/masks", "--workers", "2"],
+                        "python", "-m", "cluster.segment", best_url, photos, "-o", masks_url, "--workers", "2"],
                        seg_log, cwd=here)
     assert seg.wait(timeout=300) == 0, seg_log.read_text()[-5000:]
     times["segment job"] = time.monotonic() - start
-    masks = sorted(p.name for p in (hosts.base / "shared" / "masks").glob("*.png"))
-    assert masks == ["p0.png", "p1.png", "p2.png"], masks
+    keys = json.loads(_s3(laptop, f"print(json.dumps([o['Key'] for o in s3.list_objects_v2(Bucket='{BUCKET}', "
+                                  f"Prefix='masks/').get('Contents', [])]))", s3.ip))
+    assert sorted(k for k in keys if not k.endswith("/")) == [
+        "masks/manifest.jsonl", "masks/model.json", "masks/p0.png", "masks/p1.png", "masks/p2.png"], keys
+    manifest = _s3(laptop, f"print(s3.get_object(Bucket='{BUCKET}', Key='masks/manifest.jsonl')['Body'].read()"
+                           f".decode(), end='')", s3.ip).splitlines()
+    assert sorted(json.loads(line)["status"] for line in manifest) == ["ok"] * 3, manifest
+    sizes = json.loads(_s3(laptop, f"""from PIL import Image
+print(json.dumps([Image.open(io.BytesIO(s3.get_object(Bucket='{BUCKET}', Key=f'masks/p{{i}}.png')['Body'].read())).size
+                  for i in range(3)]))""", s3.ip))
+    assert sizes == [[48, 40], [48, 41], [48, 42]], sizes  # one mask per photo, at the photo's size
 
     # Ctrl-C in `ray dashboard`'s terminal (it and its ssh), then down
     tunnel = [str(pid) for pid, _, args in laptop.processes()

@@ -6,17 +6,12 @@ here against a real S3 server (moto, on loopback) with the functions cluster.tra
 """
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
-import pytest
-
 from cluster.train import BEST_FILE, SUMMARY_FILE, _write_summary, copy_checkpoint, run_folder
+from s3_server import s3_server  # noqa: F401 (the fixture)
 
 
 def test_run_folder_keeps_query_out_of_paths_and_in_urls(tmp_path, monkeypatch):
@@ -33,46 +28,6 @@ def test_run_folder_keeps_query_out_of_paths_and_in_urls(tmp_path, monkeypatch):
     assert local.child(BEST_FILE).path == str(tmp_path / "runs" / "demo" / "best.ckpt")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3_server(tmp_path):
-    """moto's S3 server on loopback, for the test's own process. The port answers as moto (S3's bucket list), not
-    merely accepts: a free port can be taken by another process before moto binds it, and a server that is not
-    S3 answers 200 to uploads it never stores."""
-    if not shutil.which("moto_server"):
-        pytest.skip("moto_server not installed (pip install 'moto[server]')")
-    for attempt in range(3):
-        port = _free_port()
-        log = open(tmp_path / f"moto{attempt}.log", "w")
-        server = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)
-        try:
-            if _answers_as_s3(server, port):
-                yield f"127.0.0.1:{port}"
-                return
-        finally:
-            server.kill()
-            server.wait()
-            log.close()
-    pytest.fail("moto_server did not come up as S3 on three free ports: " + (tmp_path / "moto2.log").read_text())
-
-
-def _answers_as_s3(server, port: int, timeout_s: float = 30) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while server.poll() is None and time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as reply:
-                body = reply.read()
-            return server.poll() is None and b"ListAllMyBucketsResult" in body
-        except OSError:
-            time.sleep(0.2)
-    return False
-
-
 def test_best_and_summary_land_in_the_run_folder_on_s3(s3_server, tmp_path):
     """In a fresh interpreter, as cluster.train runs it. The run folder's filesystem opens s3:// with
     allow_delayed_open, so summary.json is one PUT: moto answered pyarrow's multipart completions with replies
@@ -81,7 +36,7 @@ def test_best_and_summary_land_in_the_run_folder_on_s3(s3_server, tmp_path):
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "PYTHONPATH": f"{root}{os.pathsep}{root / 'tests'}"}
     code = "import sys, test_run_folder as t; t.land_on_s3(sys.argv[1], sys.argv[2])"
-    proc = subprocess.run([sys.executable, "-c", code, s3_server, str(tmp_path)], env=env, cwd=root,
+    proc = subprocess.run([sys.executable, "-c", code, s3_server.endpoint, str(tmp_path)], env=env, cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 

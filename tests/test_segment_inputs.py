@@ -131,7 +131,7 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path):
     (["MODEL", "nowhere", "-o", "OUT"], "nowhere: no such folder or list file"),
     (["MODEL", "IN", "-o", "OUT", "--output-stride", "8", "--set", "segment.batch_size=0"], "segment.batch_size=0"),
     (["model.txt", "IN", "-o", "OUT"], "unknown model file type '.txt'"),
-    (["MODEL", "IN", "-o", "s3://bucket/out"], "object-store output is not supported"),
+    (["MODEL", "IN", "-o", "nosuch://bucket/out"], "nosuch://bucket/out: cannot write (cannot open it: "),
 ])
 def test_command_line_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch, args, message):
     from inference_files import tiny_checkpoint
