@@ -35,8 +35,14 @@ _interrupt_note = [NOTHING_LOST]
 
 def on_interrupt(note: str) -> None:
     """Say, as the command goes, what a stop now would keep and what running it again does: printed after
-    ``interrupted (SIGINT): `` if a stop comes. Reset to "nothing half-written" for each command."""
+    ``interrupted (SIGINT): `` if a stop comes. Reset to "nothing half-written" for each command.
+
+    Also where a stop that was lost is delivered again: a signal that lands while Python runs a finalizer or
+    an extension module's import raises ``Stopped`` where it is only reported ("Exception ignored ...") and
+    the command would run on. Outside any ``except`` block, a stop received earlier is raised here."""
     _interrupt_note[0] = note
+    if _received[0] is not None and sys.exc_info()[0] is None:
+        raise Stopped(_received[0])
 
 
 _received = [None]  # the stop signal that came: a KeyboardInterrupt raised inside ray.get reaches us as a new,
