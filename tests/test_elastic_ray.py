@@ -30,9 +30,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the callback 
 BATCH, EVAL_INTERVAL = 8, 8
 # Ray takes its time to see a node come or go (its free-resource view is refreshed every 20 s): the run must
 # still be training when the group has grown and when the node leaves. On an idle 2-core machine the group grew
-# at iteration 56 (25 s) and shrank at iteration 88 (68 s), most of it restarts, not training; under load (~7)
-# it grew at 56 and shrank at 96; 2 workers then train about 4 iterations/s. 240 iterations leave 2.5x the
-# iterations the resizes need; every iteration after the shrink is only waiting for the end (about a minute
+# at iteration 56 (25 s) and shrank at iteration 88 (68 s), most of it restarts, not training; in three more runs
+# (load 2 to 7) it shrank at 48, 96 and 118; 2 workers then train about 4 iterations/s. 240 iterations leave 2x
+# the most the resizes took; every iteration after the shrink is only waiting for the end (about a minute
 # more at 480, and more time for a spurious restart: one 2 -> 2 at iteration 408 was seen under load).
 MAX_ITERATIONS = 240
 
