@@ -154,14 +154,17 @@ def _int8_gemm_rates(n: int, threads: int) -> dict:
     return {**rates, **_onnx_gemm_rates(n, threads, int8=True)}
 
 
-def measured_limits(threads: int, n: int = 2048) -> dict:
+def measured_limits(threads: int, n: Optional[int] = None) -> dict:
     """What dense arithmetic reaches here in GFLOP/s (GOP/s for int8), measured now with `threads` (reported
-    beside `peak_limits`; engines beat these GEMMs, so they are no limit):
+    beside `peak_limits`; engines beat these GEMMs, so they are no limit). n (default 1024, 2048 above 4
+    threads): a 1024^3 GEMM is ~20 ms on one core, long enough for a steady rate; on 1 thread 1024 and 2048
+    gave the same rates while 2048 took 7.6 s of every benchmark instead of 1.2 s.
     fp32 = the fastest of an n^3 GEMM (torch, onnxruntime, OpenVINO at f32) and a 3x3 256-channel convolution at
     65x65 (NCHW or channels_last),
     bf16 = a bf16 GEMM where the CPU has native bf16, int8 = the fastest int8 GEMM any engine here runs."""
     import torch
 
+    n = n or (1024 if threads <= 4 else 2048)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

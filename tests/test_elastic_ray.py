@@ -30,10 +30,11 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the callback 
 BATCH, EVAL_INTERVAL = 8, 8
 # Ray takes its time to see a node come or go (its free-resource view is refreshed every 20 s): the run must
 # still be training when the group has grown and when the node leaves. On an idle 2-core machine the group grew
-# at iteration 56 (25 s) and shrank at iteration 88 (68 s), most of it restarts, not training; 2 workers then
-# train about 4 iterations/s. 480 iterations leave more than 4x the iterations the resizes need, and every
-# iteration after the shrink is only waiting for the end (a busy machine trains slower, which adds margin).
-MAX_ITERATIONS = 480
+# at iteration 56 (25 s) and shrank at iteration 88 (68 s), most of it restarts, not training; in three more runs
+# (load 2 to 7) it shrank at 48, 96 and 118; 2 workers then train about 4 iterations/s. 240 iterations leave 2x
+# the most the resizes took; every iteration after the shrink is only waiting for the end (about a minute
+# more at 480, and more time for a spurious restart: one 2 -> 2 at iteration 408 was seen under load).
+MAX_ITERATIONS = 240
 
 
 class Log(UserCallback):
