@@ -41,8 +41,7 @@ def on_interrupt(note: str) -> None:
     an extension module's import raises ``Stopped`` where it is only reported ("Exception ignored ...") and
     the command would run on. Outside any ``except`` block, a stop received earlier is raised here."""
     _interrupt_note[0] = note
-    if _received[0] is not None and sys.exc_info()[0] is None:
-        raise Stopped(_received[0])
+    _deliver_lost_stop()
 
 
 _received = [None]  # the stop signal that came: a KeyboardInterrupt raised inside ray.get reaches us as a new,
@@ -52,6 +51,23 @@ _received = [None]  # the stop signal that came: a KeyboardInterrupt raised insi
 def _raise_stopped(signum, _frame):
     _received[0] = signum
     raise Stopped(signum)
+
+
+def _deliver_lost_stop() -> None:
+    """Raise a stop received earlier whose ``Stopped`` Python dropped; never inside an ``except`` block, where
+    the stop being handled is that one."""
+    if _received[0] is not None and sys.exc_info()[0] is None:
+        raise Stopped(_received[0])
+
+
+def _quiet_lost_stop(hook):
+    """``sys.unraisablehook`` that drops a ``Stopped`` Python could not raise (it is delivered later: one line,
+    no traceback) and passes anything else to ``hook``."""
+    def quiet(unraisable):
+        if not isinstance(unraisable.exc_value, Stopped):
+            hook(unraisable)
+
+    return quiet
 
 
 def answer_stop_signals() -> dict:
@@ -73,13 +89,15 @@ def keeps_stop_signals(start):
         if signal.getsignal(signal.SIGTERM) is not _raise_stopped:  # not inside a command: leave them be
             return start(*args, **kwargs)
         try:
-            return start(*args, **kwargs)
+            started = start(*args, **kwargs)
         except SystemExit as e:
             if e.code == signal.SIGTERM:
                 raise Stopped(signal.SIGTERM) from None
             raise
         finally:
             answer_stop_signals()
+        _deliver_lost_stop()  # a signal in the library's compiled imports (Ray's) is dropped by Python
+        return started
 
     return run
 
@@ -134,7 +152,8 @@ def command(main):
     @functools.wraps(main)
     def run(argv=None) -> int:
         _interrupt_note[0], _received[0] = NOTHING_LOST, None
-        replaced = answer_stop_signals()
+        replaced, unraisable = answer_stop_signals(), sys.unraisablehook
+        sys.unraisablehook = _quiet_lost_stop(unraisable)
         try:
             return main(argv)
         except UserError as e:
@@ -143,6 +162,7 @@ def command(main):
         except KeyboardInterrupt as e:
             return interrupted_exit(e)
         finally:
+            sys.unraisablehook = unraisable
             for sig, handler in replaced.items():
                 signal.signal(sig, handler)
 

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from deeplab.cli import _raise_stopped, command, on_interrupt
+from deeplab.cli import _raise_stopped, command, keeps_stop_signals, on_interrupt
 
 # the dropped exception is the point of these tests: pytest reports it as a warning
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -35,8 +35,9 @@ def test_a_stop_lost_in_a_finalizer_is_delivered_at_the_next_progress_point(caps
     steps = []
     assert _main_with_lost_stop(steps)() == 130
     assert steps == ["after the lost stop"]
-    last = capsys.readouterr().err.splitlines()[-1]
-    assert last == "interrupted (SIGINT): 3 of 9 images kept; the same command does the rest"
+    # one line: the dropped Stopped's "Exception ignored ... Traceback" is not shown to the user
+    assert capsys.readouterr().err.splitlines() == [
+        "interrupted (SIGINT): 3 of 9 images kept; the same command does the rest"]
 
 
 def test_a_note_set_while_handling_the_stop_does_not_raise_again(capsys):
@@ -65,3 +66,26 @@ def test_a_fresh_command_starts_without_an_old_stop():
         return 0
 
     assert main() == 0
+
+
+def test_a_stop_lost_while_a_library_starts_is_delivered_when_it_returns(capsys):
+    """init_ray (keeps_stop_signals) imports Ray, whose compiled modules drop a Stopped raised in their import:
+    the stop comes out when it returns, with the note of the phase it came in (nothing done yet)."""
+    @keeps_stop_signals
+    def start_library():
+        victim = _FinalizerHitBySignal()
+        del victim
+        gc.collect()
+        return "started"
+
+    steps = []
+
+    @command
+    def main(argv=None) -> int:
+        on_interrupt("OUT is as it was")
+        steps.append(start_library())
+        on_interrupt("2 of 9 images kept")
+        return 0
+
+    assert main() == 130 and steps == []
+    assert capsys.readouterr().err.splitlines() == ["interrupted (SIGINT): OUT is as it was"]
