@@ -39,6 +39,7 @@ from cluster.train import RunFolder, storage_folder
 from deeplab.cli import OutputError, UserError, command, error_line, on_interrupt
 from deeplab.config import ALPHA_ALIAS, Alias, InferenceConfig, add_config_args, config_from_args
 from deeplab.fileio import atomic_path, ensure_dir, is_uri
+from deeplab.predict import PREDICTION_KINDS  # in expected_outputs' order; deeplab.predict loads no torch
 from deeplab.progress import Progress
 
 from cluster.config import SegmentConfig
@@ -503,9 +504,6 @@ def open_manifest(out) -> Manifest:
     return Manifest(Path(output.path, MANIFEST)) if output.local else StoreManifest(output)
 
 
-KINDS = ("labels", "color", "overlay")  # deeplab.predict's PREDICTION_KINDS, in expected_outputs' order
-
-
 def expected_outputs(name: str, color: bool) -> list:
     """Output files of one image, relative to OUTPUT (posix)."""
     suffixes = ("", "_color", "_overlay") if color else ("",)
@@ -543,7 +541,7 @@ def split_done(items: list, manifest: Manifest, out, color: bool) -> tuple:
         if record is not None and record.get("status") == "ok" and all(f in files for f in outputs):
             done.append(item)
         else:
-            kept = [kind for kind, f in zip(KINDS, outputs) if f in files]
+            kept = [kind for kind, f in zip(PREDICTION_KINDS, outputs) if f in files]
             todo.append(replace(item, kept=",".join(kept)))
     return todo, done
 
@@ -650,8 +648,6 @@ class SegmentWorker:
         self.startup = {"init": time.time()}  # for the driver's start-up phases
         from cluster.infer import open_model, set_threads, worker_device
         from deeplab.data import palette_for_classes
-        from deeplab.predict import PREDICTION_KINDS
-
         threads = set_threads(cpus)
         self.runner = open_model(model, output_stride=output_stride, device=worker_device(num_gpus), threads=threads)
         self.names = self.runner.info.class_names
@@ -697,7 +693,7 @@ class SegmentWorker:
     def _missing(self, name: str, kept: str) -> list:
         if not self.output.local:
             return [k for k in self.kinds if k not in kept.split(",")]
-        outputs = dict(zip(KINDS, expected_outputs(name, color=True)))
+        outputs = dict(zip(PREDICTION_KINDS, expected_outputs(name, color=True)))
         return [k for k in self.kinds if not os.path.isfile(os.path.join(self.output.path, outputs[k]))]
 
     def _finish(self, uri: str, name: str, image, labels, missing: list, seconds: float) -> dict:
@@ -716,7 +712,7 @@ class SegmentWorker:
         except (OSError, ValueError) as e:
             return {"path": uri, "status": "failed", "error": f"{uri}: cannot write its outputs ({e})"}
         outputs = expected_outputs(name, color=len(self.kinds) > 1)
-        written = [out for kind, out in zip(KINDS, outputs) if kind in missing]
+        written = [out for kind, out in zip(PREDICTION_KINDS, outputs) if kind in missing]
         return {"path": uri, "status": "ok", "outputs": outputs, "width": int(image.shape[1]),
                 "height": int(image.shape[0]), "seconds": round(seconds + time.perf_counter() - start, 4),
                 "pixels": class_pixels(labels, self.names), "written": written, "worker": self.worker}
@@ -733,7 +729,7 @@ class SegmentWorker:
             folder.mkdir(parents=True, exist_ok=True)
             write_prediction(folder, rel.name, image, labels, self.palette, self.alpha, kinds=kinds)
             return
-        outputs = dict(zip(KINDS, expected_outputs(name, color=True)))
+        outputs = dict(zip(PREDICTION_KINDS, expected_outputs(name, color=True)))
         for kind, picture in prediction_images(image, labels, self.palette, self.alpha, kinds).items():
             data = io.BytesIO()
             picture.save(data, format="PNG")
