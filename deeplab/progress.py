@@ -1,4 +1,4 @@
-"""Progress of long work, the one way every command shows it (DESIGN: iterations or images, rate, ETA).
+"""Progress of long work, the one way every command shows it (docs/design.md: iterations or images, rate, ETA).
 
     bar = Progress(len(files), "predict")          # a terminal: one line rewritten in place
     bar = Progress(n, "segment", redraw=False, interval=5)   # a log or Ray's console: a new line each time

@@ -212,7 +212,7 @@ def test_the_layout_reaches_an_exported_models_metadata(tmp_path):
     assert [u.conv2.dilation[0] for u in model.backbone.layer3] == [2]
 
 
-if __name__ == "__main__":  # the figure in the README: python tests/test_densify.py
+if __name__ == "__main__":  # the figure in docs/model.md: python tests/test_densify.py
     image = torch.randn(1, 3, 129, 129, generator=torch.Generator().manual_seed(1))
     for rule in ("legacy", "exact"):  # legacy: the rule before issue 18; same weights for both
         net = _randomized(ModelConfig(backbone="resnet50", output_stride=16, atrous_layout=rule))

@@ -6,7 +6,7 @@ group shrinks back to 2. The run ends at train.max_iterations with each evaluati
 going down, and every iteration's global batch, summed from what each worker logged it trained on, equal to
 train.batch_size (4 + 4 on two workers, 3 + 3 + 2 on three).
 
-The test prints the time from the node's loss to training again (it goes in the README, measured under load).
+The test prints the time from the node's loss to training again (it goes in docs/benchmarks.md, measured under load).
 """
 import json
 import os

@@ -112,7 +112,7 @@ def run_to_openvino(f):
 
 
 def run_to_tensorrt(f):
-    """No GPU or TensorRT here: the CPU-side file is made, then one line and exit 2 (DESIGN.md)."""
+    """No GPU or TensorRT here: the CPU-side file is made, then one line and exit 2 (docs/design.md)."""
     out = f["root"] / "trt" / "model.engine"
     proc = python(["-m", "export.to_tensorrt", str(f["onnx"]), "--precision", "fp16", "-o", str(out)])
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""The import structure DESIGN.md draws: deeplab <- export <- cluster <- tuning, no circle between project
+"""The import structure docs/design.md draws: deeplab <- export <- cluster <- tuning, no circle between project
 modules (function-level imports included, so a lazy import cannot hide one), and no Ray or ONNX in deeplab."""
 import ast
 from pathlib import Path
@@ -116,7 +116,7 @@ MAX_FUNCTION_LINES = 60
 
 
 def test_no_function_in_product_code_is_longer_than_60_lines():
-    """A reader holds a function in their head (DESIGN: functions < 60 lines); nested functions and classes
+    """A reader holds a function in their head (docs/design.md: functions < 60 lines); nested functions and classes
     count toward the function that holds them, so a class defined inside a function is no way around it."""
     long = []
     for name, path in _modules().items():

@@ -57,4 +57,4 @@ def test_gpu_extra_resolution_cannot_run_here():
     pytest.skip("the gpu extra cannot be resolved on this machine: tensorrt's libraries are wheel stubs that "
                 "download from NVIDIA's own index during resolution, which a PyPI-only machine cannot reach; "
                 "onnxruntime-gpu + nvidia-modelopt[onnx] resolved with pip --dry-run --ignore-installed pull no "
-                "CPU onnxruntime (checked by hand, see README)")
+                "CPU onnxruntime (checked by hand, see docs/export.md)")

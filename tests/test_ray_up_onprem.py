@@ -1,13 +1,13 @@
-"""`ray up` for real: the README's on-prem commands, word for word, on simulated hosts (tests/sim_hosts.py).
+"""`ray up` for real: docs/cluster.md's on-prem commands, word for word, on simulated hosts (tests/sim_hosts.py).
 
 A laptop, a head and a worker (sshd on both), and an S3 server (moto) on one private bridge. From a copy of the
 repository on the laptop with only cluster/onprem.yaml's CHANGE lines filled in and its offline setup (an
 existing environment) chosen: `python -m cluster.check_config`, `ray up`, every node up, `ray dashboard` on
-the README's port, `ray job submit` of `cluster.train` (2 workers, one per host) with runs in the bucket, the
+docs/cluster.md's port, `ray job submit` of `cluster.train` (2 workers, one per host) with runs in the bucket, the
 worker host's raylet killed with SIGKILL mid-run (the run resumes and finishes), best.ckpt and summary.json
-where the README says, `cluster.segment` of that best.ckpt on the same cluster with its masks into the bucket,
+where docs/cluster.md says, `cluster.segment` of that best.ckpt on the same cluster with its masks into the bucket,
 `python -m cluster.down`, and
-then no Ray process on any host. Prints each step's time (they go in the README, measured under load).
+then no Ray process on any host. Prints each step's time (they go in docs/benchmarks.md, measured under load).
 """
 import json
 import re
@@ -24,7 +24,7 @@ from sim_hosts import SimHosts, unavailable  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
-PORT = "8266"  # the README's `ray dashboard --port`
+PORT = "8266"  # docs/cluster.md's `ray dashboard --port`
 BUCKET, S3_PORT = "deeplab", "9000"
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 MAX_IT, EVAL, KILL_AT = 100, 10, 12  # the raylet dies after the first checkpoint; training outlasts Ray noticing it
@@ -38,7 +38,7 @@ TINY = ["--set", "model.backbone=resnet_tiny", "--set", "model.aspp_channels=16"
 
 def onprem_yaml(text: str, head: str, worker: str, venv: str) -> str:
     """cluster/onprem.yaml as a user fills it in: the CHANGE lines, and the offline setup (a) instead of the
-    online one. Fails if the file no longer has exactly the lines the README tells a user to change."""
+    online one. Fails if the file no longer has exactly the lines docs/cluster.md tells a user to change."""
     subs = [(r"head_ip: \S+", f"head_ip: {head}"), (r"worker_ips: \[[^\]]*\]", f"worker_ips: [{worker}]"),
             (r"ssh_user: \S+", "ssh_user: root"), (r"ssh_private_key: \S+", "ssh_private_key: ~/.ssh/id_ed25519")]
     lines = text.splitlines()
@@ -68,7 +68,7 @@ def _clone(dest: Path) -> None:
 
 
 class Times(dict):
-    """Each step's seconds, printed as it is taken (the README quotes them)."""
+    """Each step's seconds, printed as it is taken (docs/benchmarks.md quotes them)."""
 
     def __setitem__(self, step, seconds):
         super().__setitem__(step, seconds)

@@ -35,7 +35,7 @@ class UnsupportedImageFormat(DatasetError):
     """A file in an image format outside IMAGE_FORMATS (serve answers 415; segment lists it as failed)."""
 
 
-# The formats the README names (deeplab.predict.IMAGE_SUFFIXES), Pillow's names. Every decoder here opens files
+# The formats docs/serving.md names (deeplab.predict.IMAGE_SUFFIXES), Pillow's names. Every decoder here opens files
 # with only these plugins, so no other plugin ever parses a user's file: EPS/PS (which Pillow renders by
 # starting Ghostscript), PDF, PSD, FITS, TGA, ... are refused from their first bytes. JPEG includes MPO (the
 # multi-picture JPEG of phone cameras, opened by the JPEG plugin).
