@@ -1,7 +1,11 @@
 """The documentation is a map that must lead somewhere: README.md stays short, every relative link and #anchor in
 README.md and docs/*.md resolves (as GitHub renders them), and every command they show is one the project has
 (tests/entry_points.py COMMANDS, whose --help tests/test_entry_points.py runs in a fresh interpreter)."""
+import os
 import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ README_MAX_LINES = 150
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)|!\[[^\]]*\]\(([^)\s]+)\)")  # [text](target), ![alt](target)
 # `python -m pkg.mod` or `python path/to/script.py`, in prose or in a code block
 COMMAND = re.compile(r"\bpython3? (?:-m ([A-Za-z_][\w.]*)|([\w/]+\.py)\b)")
+FLAG = re.compile(r"(?<![\w-])(--[a-z][\w-]*)")
 
 
 def pages() -> list:
@@ -129,3 +134,35 @@ def test_the_pages_do_not_name_the_old_runtime_module():
     """export/runtime.py became export/model_file.py and export/runners.py: the docs name the new ones."""
     stale = [p.relative_to(ROOT).as_posix() for p in pages() if "export.runtime" in p.read_text()]
     assert stale == []
+
+
+def shown_flags() -> dict:
+    """COMMANDS name -> {flag: pages}: the --flags written after a command on its line (a continued line counts)."""
+    by_module = {name.replace("/", ".").removesuffix(".py"): name for name in COMMANDS}
+    found = {}
+    for page in pages():
+        text = page.read_text().replace("\\\n", " ")
+        for m in re.finditer(COMMAND.pattern + r"([^\n`]*)", text):
+            name = by_module.get((m.group(1) or m.group(2) or "").rstrip(".").replace("/", ".").removesuffix(".py"))
+            for flag in FLAG.findall(m.group(3)) if name else ():
+                found.setdefault(name, {}).setdefault(flag, set()).add(page.relative_to(ROOT).as_posix())
+    return found
+
+
+def help_text(name: str) -> str:
+    argv = [*COMMANDS[name], *(["check"] if name == "deeplab.data" else []), "--help"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240).stdout
+
+
+def test_every_flag_shown_after_a_command_is_in_its_help():
+    """A flag renamed in the code leaves the docs stale; each command's --help, in a fresh interpreter, must
+    name every flag the docs write after it."""
+    flags = shown_flags()
+    assert len(flags) >= 10 and "--num-workers" in flags["cluster.train"]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        helps = dict(zip(flags, pool.map(help_text, flags)))
+    unknown = {f"{name} {flag}": sorted(where) for name, used in flags.items() for flag, where in used.items()
+               if flag not in helps[name]}
+    assert unknown == {}, f"flags the docs show that the command's --help does not name: {unknown}"
