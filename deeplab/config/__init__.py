@@ -20,23 +20,23 @@ section registry, ExperimentConfig, loading and saving), ``flags`` (--config, --
 training batch arithmetic lives in deeplab.train_batch, next to the training loop.
 """
 from .experiment import (OWN_SECTIONS, PATH_FIELDS, SECTION_CLASSES, ExperimentConfig, experiment_from_dict,
-                         experiment_with_overrides, load_config, model_config_from_dict, register_section,
-                         save_config, to_plain)
+                         load_config, model_config_from_dict, register_section, save_config, to_plain)
 from .flags import ALPHA_ALIAS, INFERENCE_ALIASES, Alias, add_config_args, config_from_args
 from .sections import (AMP_MODES, ATROUS_LAYOUTS, HEADS, MODEL_STRIDES, PAPER_SCALES, STRIDES_ALLOWED,
                        SYNTHETIC_MAX_CLASSES, DataConfig, InferenceConfig, ModelConfig, Section, TrainConfig)
-from .values import ConfigError, convert_value, describe_type, fail_value, show_value
+from .values import ConfigError, fail_value, show_value
 
 # deeplab.train_batch imports this package's values, so it is loaded on first use here rather than imported:
 # an import at the top would be a circle (deeplab.config -> deeplab.train_batch -> deeplab.config).
 _TRAIN_BATCH = ("split_batch", "per_worker_batch", "bn_momentum_warning", "evaluations_per_run")
 
+# The names deeplab/config.py offered before the split (the helpers its modules share stay in their module).
 __all__ = ["OWN_SECTIONS", "PATH_FIELDS", "SECTION_CLASSES", "ExperimentConfig", "experiment_from_dict",
-           "experiment_with_overrides", "load_config", "model_config_from_dict", "register_section", "save_config",
-           "to_plain", "ALPHA_ALIAS", "INFERENCE_ALIASES", "Alias", "add_config_args", "config_from_args",
+           "load_config", "model_config_from_dict", "register_section", "save_config", "to_plain",
+           "ALPHA_ALIAS", "INFERENCE_ALIASES", "Alias", "add_config_args", "config_from_args",
            "AMP_MODES", "ATROUS_LAYOUTS", "HEADS", "MODEL_STRIDES", "PAPER_SCALES", "STRIDES_ALLOWED",
            "SYNTHETIC_MAX_CLASSES", "DataConfig", "InferenceConfig", "ModelConfig", "Section", "TrainConfig",
-           "ConfigError", "convert_value", "describe_type", "fail_value", "show_value", *_TRAIN_BATCH]
+           "ConfigError", "fail_value", "show_value", *_TRAIN_BATCH]
 
 
 def __getattr__(name):
