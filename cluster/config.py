@@ -9,7 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Tuple, Union
 
-from deeplab.config import ConfigError, ExperimentConfig, Section, per_worker_batch, register_section, show_value
+from deeplab.config import ConfigError, ExperimentConfig, Section, register_section, show_value
+from deeplab.train_batch import per_worker_batch
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 GRAD_COMPRESSIONS = ("none", "bf16")

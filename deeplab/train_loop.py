@@ -37,12 +37,13 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, read_weights_file, save_checkpoint, unwrap
 from .cli import error_line
-from .config import ConfigError, ExperimentConfig, bn_momentum_warning, per_worker_batch, split_batch
+from .config import ConfigError, ExperimentConfig
 from .data import build_dataset, dataset_for_model, dataset_info
 from .inference import align_corners, evaluate, model_predictor
 from .model import build_model, load_backbone_weights
 from .pause import pause_for_test
 from .progress import eta_text, remaining_seconds
+from .train_batch import bn_momentum_warning, per_worker_batch, split_batch
 from .visualize import validation_grid
 
 

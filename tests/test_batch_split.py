@@ -1,10 +1,29 @@
 """The global batch split over any number of workers (elastic training): shares, data order, loss weights.
 Plain single-process references; the synchronized BatchNorm side is in test_syncbn.py (3 gloo processes)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 from torch.utils.data import DistributedSampler
 
-from deeplab.config import split_batch
+from deeplab.train_batch import split_batch
 from deeplab.train_loop import GlobalBatchSampler
+
+ROOT = Path(__file__).parents[1]
+BATCH_FUNCTIONS = ("split_batch", "per_worker_batch", "bn_momentum_warning", "evaluations_per_run")
+
+
+def test_the_batch_arithmetic_loads_without_torch_and_deeplab_config_still_offers_it():
+    """The config checks run it on a driver that need not load torch; deeplab.config (its home before issue 32)
+    gives the same functions, whichever of the two a fresh interpreter imports first."""
+    names = ", ".join(BATCH_FUNCTIONS)
+    same = f"assert ({names},) == tuple(getattr(t, n) for n in {BATCH_FUNCTIONS!r})"
+    for code in (f"import sys, deeplab.train_batch as t; assert 'torch' not in sys.modules, 'torch loaded'; "
+                 f"from deeplab.config import {names}; {same}; print('ok')",
+                 f"from deeplab.config import {names}; import deeplab.train_batch as t; {same}; print('ok')"):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 0 and proc.stdout == "ok\n", proc.stderr
 
 
 def test_shares_differ_by_one_at_most_and_add_up_to_the_global_batch():

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Union
 
-from deeplab.config import ConfigError, ExperimentConfig, Section, evaluations_per_run, register_section
+from deeplab.config import ConfigError, ExperimentConfig, Section, register_section
+from deeplab.train_batch import evaluations_per_run
 
 SCHEDULERS = ("asha", "fifo")
 SEARCH_MODES = ("grid", "sample")

@@ -28,9 +28,9 @@ from typing import Optional
 import yaml
 
 from deeplab.cli import error_line
-from deeplab.config import SECTION_CLASSES, ConfigError, ExperimentConfig, experiment_from_dict, per_worker_batch, \
-    to_plain
+from deeplab.config import SECTION_CLASSES, ConfigError, ExperimentConfig, experiment_from_dict, to_plain
 from deeplab.receptive import degenerate_rates, feature_size
+from deeplab.train_batch import per_worker_batch
 
 # short name -> (section, field); the paper's knobs plus the optional ones the issue names
 SHORT_NAMES = {
