@@ -521,7 +521,7 @@ def main(argv=None) -> int:
 
     from cluster.console import SERVE_SHUTDOWN_NOISE, quiet_ray_reports
     from cluster.serve_stats import TrafficStats
-    from cluster.train import init_ray
+    from cluster.ray_session import init_ray
 
     joins = exp.cluster.address or os.environ.get("RAY_ADDRESS")
     local = {} if joins or cfg.metrics_port is None else {"_metrics_export_port": cfg.metrics_port}
