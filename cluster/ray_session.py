@@ -9,6 +9,7 @@ import os
 import socket
 from typing import Optional
 
+from cluster import ray_internals
 from deeplab.cli import keeps_stop_signals
 from deeplab.config import ExperimentConfig
 
@@ -30,9 +31,7 @@ def _recorded_cluster() -> Optional[str]:
     """The address ``ray start`` / ``ray up`` recorded on this machine (Ray's current-cluster file in its temp
     folder), or None. Not ``ray.init(address="auto")``: that joins *any* Ray instance it sees running here,
     another user's local one too. Ray has no public call for this record."""
-    from ray._private.services import find_bootstrap_address
-
-    return find_bootstrap_address(None)
+    return ray_internals.recorded_cluster_address()
 
 
 # Ray's raylet ends a worker process idle for 1 s while there are more worker processes than CPUs (each new

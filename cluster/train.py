@@ -22,6 +22,7 @@ import sys
 import threading
 from typing import Optional
 
+from cluster import ray_internals
 from cluster.console import project_console, ray_init_options
 from cluster.ray_session import init_ray
 from cluster.storage import RunFolder, resolve_storage_path, run_folder
@@ -101,9 +102,8 @@ def _is_lost_worker(error: BaseException) -> bool:
     """Whether a worker failure may be a lost process or node (retry it) rather than the training code.
     Ray hands the callback what the training code raised as is, and its own errors for dead workers."""
     from ray.exceptions import RayError
-    from ray.train.v2._internal.exceptions import RayTrainError
 
-    if isinstance(error, (RayError, RayTrainError)):
+    if isinstance(error, RayError) or ray_internals.is_ray_train_error(error):
         return True  # a dead actor, a failed health check: the process or its node is gone
     if type(error).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
         return True
