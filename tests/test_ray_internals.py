@@ -199,3 +199,19 @@ def test_rays_validator_rejects_a_broken_cluster_config(break_it, error, words):
     with pytest.raises(Exception, match=words) as rejected:
         ray_internals.validate_cluster_config(config)
     assert type(rejected.value).__name__ == error
+
+
+def test_pyproject_bounds_ray_to_the_minor_version_these_pins_ran_on():
+    """The upper bound on ``ray`` is the first minor version not tested: the installed Ray (the one this module
+    just ran against) is inside the range, and its next minor version is not."""
+    import tomllib
+
+    import ray
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (spec,) = [Requirement(d).specifier for d in project["dependencies"] if Requirement(d).name == "ray"]
+    installed = Version(ray.__version__)
+    assert installed in spec
+    assert Version(f"{installed.major}.{installed.minor + 1}.0") not in spec
