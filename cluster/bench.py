@@ -175,7 +175,7 @@ def run_scaling(args) -> int:
 
     import ray
 
-    from cluster.train import init_ray
+    from cluster.ray_session import init_ray
 
     init_ray(cfg, local=True, num_cpus=cores, log_to_driver=False)
     labels = [f"bare loop, {cores} threads", f"1 worker x {cores} CPUs", f"{cores} workers x 1 CPU"]
@@ -212,7 +212,7 @@ def main(argv=None) -> int:
 
     threads = int(cfg.cluster.cpus_per_worker)
     torch.set_num_threads(threads)
-    from cluster.train import init_ray
+    from cluster.ray_session import init_ray
 
     init_ray(cfg, local=True, num_cpus=threads, log_to_driver=False)
     print(f"{cfg.model.backbone} at {cfg.data.crop_size}x{cfg.data.crop_size}, batch {cfg.train.batch_size}, "

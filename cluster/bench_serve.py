@@ -311,7 +311,7 @@ def row_line(row: dict) -> str:
 def bench_serve(model: str, codes: dict, bodies: list, body_file: Path, args, work: Path) -> list:
     """Every (round, code, batching, replicas) setting, interleaved; the bare runner measured right before each
     setting (batch 1 and the largest batch), its best images/s the ratio's denominator."""
-    from cluster.train import _free_port
+    from cluster.ray_session import free_port
 
     bare = BareRunner(model, max(1, int(args.cpus_per_worker)))
     rows = []
@@ -324,7 +324,7 @@ def bench_serve(model: str, codes: dict, bodies: list, body_file: Path, args, wo
                     best = max(figures.values())
                     print(f"bare   round {rnd}: " + ", ".join(f"batch {b}: {v:.2f} images/s"
                                                           for b, v in figures.items()), flush=True)
-                    port = _free_port()
+                    port = free_port()
                     log = work / f"serve_{label}_{rnd}_{max_batch_size}_{replicas}.log"
                     server = ServeProcess(code, model, port, max_batch_size, args.cpus_per_worker, replicas, log)
                     try:
@@ -509,7 +509,7 @@ def main(argv=None) -> int:
     exp = config_from_args(args)
     codes = code_trees(args.code)
 
-    from cluster.train import _free_port, init_ray
+    from cluster.ray_session import free_port, init_ray
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         work = Path(tmp)
@@ -522,7 +522,7 @@ def main(argv=None) -> int:
         figures = {}
         if args.peak_rss:
             init_ray(exp, local=exp.cluster.address is None)
-            bench_peak_rss(model, exp, args.peak_rss, args.cpus_per_worker, args.port or _free_port())
+            bench_peak_rss(model, exp, args.peak_rss, args.cpus_per_worker, args.port or free_port())
             return 0
         if args.only != "segment":
             figures["serve"] = bench_serve(model, codes, bodies, images[0], args, work)

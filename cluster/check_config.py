@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from cluster import ray_internals
 from deeplab.cli import error_line
 
 # Every port a Ray node and Serve listen on by default, by what listens: (low, high). `ray start` flags in the
@@ -288,11 +289,7 @@ def spot_problems(config: dict) -> list[str]:
 def validate(config: dict) -> dict:
     """Ray's own offline validation (what `ray up` runs before it touches the cloud); returns the
     config merged with the provider's defaults. Raises on an invalid config."""
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    prepared = prepare_config(config)
-    validate_config(prepared)
-    return prepared
+    return ray_internals.validate_cluster_config(config)
 
 
 def check_file(path: str | Path) -> dict:

@@ -18,6 +18,8 @@ import threading
 from contextlib import contextmanager
 from typing import Optional
 
+from cluster import ray_internals
+
 PROJECT_PROCESSES = ("RayTrainWorker", "TrainController")  # the training function and its controller
 _RAY_CORE_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [A-Z] \d+ \d+\] ")  # C++ glog format
 _TRACEBACK_START = ("Traceback (most recent call last)", "Error in training function", "Error in control loop")
@@ -94,15 +96,10 @@ ACTOR_ARGUMENTS_NOISE = re.compile(r"core_worker\.cc:\d+: Actor with class name:
 
 def quiet_ray_reports(noise: re.Pattern, verbose: bool) -> None:
     """The errors Ray reports to this driver (printed as ``(raylet) ...``) without the lines ``noise`` matches,
-    unless ``verbose``. Ray prints them through ``ray._private.worker.print_to_stdstream`` from its error-listener
-    thread; where that private function is gone, Ray prints as it always did."""
-    try:
-        from ray._private import worker as ray_worker
-
-        show = ray_worker.print_to_stdstream
-    except (ImportError, AttributeError):
-        return
-    if verbose or getattr(show, "noise", None) is noise:
+    unless ``verbose``. Ray prints them through its printing hook (cluster.ray_internals.ray_printer) from its
+    error-listener thread; where that private function is gone, Ray prints as it always did."""
+    show = ray_internals.ray_printer()
+    if show is None or verbose or getattr(show, "noise", None) is noise:
         return
 
     def print_to_stdstream(data, ignore_prefix: bool):
@@ -111,7 +108,7 @@ def quiet_ray_reports(noise: re.Pattern, verbose: bool) -> None:
             show({**data, "lines": lines}, ignore_prefix)
 
     print_to_stdstream.noise = noise
-    ray_worker.print_to_stdstream = print_to_stdstream
+    ray_internals.set_ray_printer(print_to_stdstream)
 
 
 _STDERR_FILTER = """import re, signal, sys
@@ -209,12 +206,8 @@ class _Console:
 def _install(verbose: bool, processes: tuple) -> Optional[_Console]:
     """Our handler in place of Ray's ``ray_print_logs`` (None where Ray forwards nothing or has moved the
     private dispatcher: then Ray prints as it always did); ``processes``: whose lines the console shows."""
-    try:
-        from ray._private import worker as ray_worker
-
-        dispatcher = ray_worker.global_worker_stdstream_dispatcher
-        handlers = dict(dispatcher.handlers)
-    except (ImportError, AttributeError):
+    handlers = ray_internals.forwarded_line_handlers()
+    if handlers is None:
         return None
     if "deeplab_console" in handlers:
         console = handlers["deeplab_console"]
@@ -222,21 +215,16 @@ def _install(verbose: bool, processes: tuple) -> Optional[_Console]:
         return console
     if "ray_print_logs" not in handlers:  # ray.init(log_to_driver=False)
         return None
-    console = _Console(ray_worker.print_to_stdstream, verbose, processes)
-    dispatcher.remove_handler("ray_print_logs")
-    dispatcher.add_handler("deeplab_console", console)
+    console = _Console(ray_internals.ray_printer(), verbose, processes)
+    ray_internals.replace_forwarded_line_handler("ray_print_logs", "deeplab_console", console)
     return console
 
 
 def _copy_ray_train_logs(log_dir: str) -> None:
     """Ray Train's own log files (every level) from this machine's session folder into the run dir."""
-    try:
-        from ray._private import worker as ray_worker
-
-        source = os.path.join(ray_worker._global_node.get_session_dir_path(), "logs", "train")
-    except (ImportError, AttributeError):
-        return
-    if os.path.isdir(source):
+    session = ray_internals.session_dir()
+    source = os.path.join(session, "logs", "train") if session else None
+    if source and os.path.isdir(source):
         shutil.copytree(source, os.path.join(log_dir, "ray_train"), dirs_exist_ok=True)
 
 

@@ -18,6 +18,9 @@ import shutil
 import sys
 import time
 
+from cluster.console import ray_init_options
+from cluster.ray_session import init_ray
+from cluster.storage import resolve_storage_path
 from deeplab.cli import command, on_interrupt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,8 +92,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
 
-    from cluster.console import ray_init_options
-    from cluster.train import init_ray, resolve_storage_path, stop_note, train
+    from cluster.train import stop_note, train
 
     run_dir = os.path.join(resolve_storage_path(cfg.cluster.storage_path), cfg.cluster.name)
     if os.path.isdir(run_dir) and not args.resume:

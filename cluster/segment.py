@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import Optional
 
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, fetch_model, model_parser
-from cluster.train import RunFolder, storage_folder
+from cluster.storage import RunFolder, storage_folder
 from deeplab.cli import OutputError, UserError, command, error_line, on_interrupt
 from deeplab.config import ALPHA_ALIAS, Alias, InferenceConfig, add_config_args, config_from_args
 from deeplab.fileio import atomic_path, ensure_dir, is_uri
@@ -994,7 +994,7 @@ def main(argv=None) -> int:
         claim_output(output, args.model, inputs.items, open_manifest(output), args.overwrite)
 
     from cluster.console import ACTOR_ARGUMENTS_NOISE, quiet_ray_data, quiet_stderr, ray_init_options
-    from cluster.train import init_ray
+    from cluster.ray_session import init_ray
 
     clock = time.perf_counter()
     init_ray(exp, **ray_init_options(args.verbose))

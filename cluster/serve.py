@@ -36,6 +36,7 @@ from typing import NoReturn, Optional
 
 import numpy as np
 
+from cluster import ray_internals
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
 from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
@@ -485,15 +486,11 @@ def _watch(stats, interval_s: float) -> NoReturn:
 def where_to_look() -> str:
     """The start line's pointers: the Prometheus endpoint of the head node (where the proxy runs) and the
     folder of Serve's log files (access lines, errors by request id)."""
-    import ray
-
-    head = next((n for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"]), None)
+    head = ray_internals.head_node()
     metrics = (f"http://{head['NodeManagerAddress']}:{head['MetricsExportPort']}/metrics" if head
                else "each node's Ray metrics port")
-    try:
-        logs = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")
-    except AttributeError:
-        logs = "the Ray session's logs/serve folder"
+    logs = ray_internals.logs_dir()
+    logs = os.path.join(logs, "serve") if logs else "the Ray session's logs/serve folder"
     return f"metrics (Prometheus): {metrics}; access lines and errors by request id: {logs}/ on the head node"
 
 
@@ -521,7 +518,7 @@ def main(argv=None) -> int:
 
     from cluster.console import SERVE_SHUTDOWN_NOISE, quiet_ray_reports
     from cluster.serve_stats import TrafficStats
-    from cluster.train import init_ray
+    from cluster.ray_session import init_ray
 
     joins = exp.cluster.address or os.environ.get("RAY_ADDRESS")
     local = {} if joins or cfg.metrics_port is None else {"_metrics_export_port": cfg.metrics_port}

@@ -20,12 +20,13 @@ import math
 import os
 import sys
 import threading
-from dataclasses import dataclass, replace
 from typing import Optional
-from urllib.parse import urlsplit
 
+from cluster import ray_internals
 from cluster.console import project_console, ray_init_options
-from deeplab.cli import command, error_line, keeps_stop_signals, on_interrupt
+from cluster.ray_session import init_ray
+from cluster.storage import RunFolder, resolve_storage_path, run_folder
+from deeplab.cli import command, error_line, on_interrupt
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args
 from deeplab.fileio import copy_file_atomic, ensure_dir, is_uri, write_text_atomic
 from deeplab.pause import pause_for_test
@@ -40,59 +41,6 @@ ALIASES = [
     Alias("--storage-path", "cluster.storage_path", "run storage: a local/NFS folder or s3://...", metavar="P"),
     Alias("--name", "cluster.name", "run name; the same name and storage path resume a run"),
 ]
-
-
-def resolve_storage_path(storage_path: str) -> str:
-    """Remote URIs (s3://, gs://, ...) as given; local paths made absolute against the current directory."""
-    return storage_path if is_uri(storage_path) else os.path.abspath(os.path.expanduser(storage_path))
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    """Where a run lives: ``path`` on ``filesystem`` (pyarrow) and ``url``, the same folder as a user types it.
-
-    Built from the storage path the way Ray Train resolves it (the URL's filesystem), never by appending to
-    the URL's text: ``s3://b/runs?endpoint_override=h:9000&scheme=http`` and NAME give ``b/runs/NAME`` on that
-    filesystem (where Ray writes the checkpoints) and ``s3://b/runs/NAME?endpoint_override=h:9000&scheme=http``
-    for the user, a URL every command that reads ``s3://`` opens on the same server. Credentials written into
-    the URL (``s3://KEY:SECRET@b/...``) are left out of ``url``. A local folder is its absolute path."""
-    filesystem: object
-    path: str
-    scheme: str = ""  # "" for a local folder
-    query: str = ""
-
-    @property
-    def url(self) -> str:
-        if not self.scheme:
-            return self.path
-        return f"{self.scheme}://{self.path}" + (f"?{self.query}" if self.query else "")
-
-    @property
-    def local(self) -> bool:
-        return not self.scheme
-
-    def child(self, name: str) -> "RunFolder":
-        return replace(self, path=f"{self.path.rstrip('/')}/{name}")
-
-
-def storage_folder(location: str) -> RunFolder:
-    """A local folder or an object-store URL as a RunFolder, opened as Ray Train opens its storage_path: run
-    storage here, cluster.segment's OUTPUT."""
-    import pyarrow.fs
-
-    storage = resolve_storage_path(location)
-    if not is_uri(storage):
-        return RunFolder(pyarrow.fs.LocalFileSystem(), storage)
-    from deeplab.checkpoint import _remote_filesystem  # pyarrow's own (s3, gs, file), else fsspec's
-
-    filesystem, path = _remote_filesystem(storage)
-    parts = urlsplit(storage)
-    return RunFolder(filesystem, path.rstrip("/"), parts.scheme, parts.query)
-
-
-def run_folder(storage_path: str, name: str) -> RunFolder:
-    """The run folder ``<storage_path>/<name>`` (see RunFolder); remote filesystems as Ray Train opens them."""
-    return storage_folder(storage_path).child(name)
 
 
 def _absolute_paths(cfg: ExperimentConfig) -> ExperimentConfig:
@@ -154,9 +102,8 @@ def _is_lost_worker(error: BaseException) -> bool:
     """Whether a worker failure may be a lost process or node (retry it) rather than the training code.
     Ray hands the callback what the training code raised as is, and its own errors for dead workers."""
     from ray.exceptions import RayError
-    from ray.train.v2._internal.exceptions import RayTrainError
 
-    if isinstance(error, (RayError, RayTrainError)):
+    if isinstance(error, RayError) or ray_internals.is_ray_train_error(error):
         return True  # a dead actor, a failed health check: the process or its node is gone
     if type(error).__name__ in ("DistBackendError", "DistNetworkError", "DistStoreError"):
         return True
@@ -307,71 +254,6 @@ def _write_summary(summary: dict, folder: RunFolder) -> None:
     else:
         with folder.filesystem.open_output_stream(folder.child(SUMMARY_FILE).path) as f:
             f.write(text.encode())
-
-
-def _port_in_use(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _recorded_cluster() -> Optional[str]:
-    """The address ``ray start`` / ``ray up`` recorded on this machine (Ray's current-cluster file in its temp
-    folder), or None. Not ``ray.init(address="auto")``: that joins *any* Ray instance it sees running here,
-    another user's local one too. Ray has no public call for this record."""
-    from ray._private.services import find_bootstrap_address
-
-    return find_bootstrap_address(None)
-
-
-# Ray's raylet ends a worker process idle for 1 s while there are more worker processes than CPUs (each new
-# actor makes one more). Ray 2.60's exit path for it can abort the exiting process: OpenCensus's metrics
-# harvester thread (in _raylet.so) locks a mutex the exit has already freed ("mutex.cc: Lock: Mutex corrupt" +
-# SIGABRT, seen in segment's decode workers and in a worker that had run no task; issue 20). A cluster we start
-# keeps its idle workers instead: they end with the job, and no worker is started again to replace one ended.
-LOCAL_SYSTEM_CONFIG = {"kill_idle_workers_interval_ms": 0}
-
-
-@keeps_stop_signals  # Ray takes SIGTERM for itself; a command answers it
-def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int] = None, **kwargs) -> None:
-    """Join the cluster named by cluster.address / RAY_ADDRESS / the one started on this machine with ``ray start``
-    or ``ray up``, else start a local one (``local``: always a fresh local one). ``kwargs`` go to ``ray.init``.
-
-    A local cluster gets ``num_cpus`` logical CPUs (default: this machine's), no GPUs unless cluster.use_gpu,
-    its dashboard on 8265 or a free port when that is taken, and its processes are told that address: Ray
-    Train's placement-group cleaner (which frees an early-stopped trial's workers) finds the cluster through the
-    dashboard, and with several local Ray instances on one machine it otherwise picks the newest one, never
-    frees the resources and the next trial waits forever. Its raylet never ends idle workers (LOCAL_SYSTEM_CONFIG).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    if local:  # its processes must not follow RAY_ADDRESS to another cluster
-        os.environ.pop("RAY_ADDRESS", None)
-    elif cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address or os.environ["RAY_ADDRESS"], **kwargs)
-        return
-    elif _recorded_cluster():
-        try:
-            ray.init(address=_recorded_cluster(), **kwargs)
-            return
-        except ConnectionError:  # the record of a cluster since stopped
-            pass
-    port = _free_port() if _port_in_use(8265) else 8265
-    system = {**LOCAL_SYSTEM_CONFIG, **kwargs.pop("_system_config", {})}
-    ray.init(address="local", num_cpus=num_cpus, num_gpus=None if cfg.cluster.use_gpu else 0,
-             dashboard_port=port, runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
-             _system_config=system, **kwargs)
 
 
 STORAGE_MARKER = ".storage-check"

@@ -18,6 +18,7 @@ from typing import Optional
 
 import pyarrow.fs
 
+from cluster import ray_internals
 from cluster.checkpoints import newest_complete, read_progress, remove_incomplete, upload_atomically, write_progress
 from deeplab.config import experiment_from_dict
 
@@ -179,9 +180,7 @@ def _progress_store(run_key: str, fs, run_path: str) -> tuple:
     """(record, read) of how far a run's rank 0 got (deeplab.train_loop.Worker.record_progress), so that the group
     that resumes after a resize or a stop can say how much work it redoes: in the run folder on local/NFS storage
     (cluster.checkpoints.PROGRESS_FILE; it outlives the cluster), else in Ray's key-value store (the GCS; it lives
-    as long as the cluster). Ray has no public key-value store; internal_kv is the one its own libraries use."""
-    from ray.experimental import internal_kv
-
+    as long as the cluster; cluster.ray_internals.kv_put)."""
     key = f"deeplab/progress/{run_key}"
     local = isinstance(fs, pyarrow.fs.LocalFileSystem)
 
@@ -189,12 +188,12 @@ def _progress_store(run_key: str, fs, run_path: str) -> tuple:
         if local:
             write_progress(run_path, progress)
         else:
-            internal_kv._internal_kv_put(key, json.dumps(progress), overwrite=True)
+            ray_internals.kv_put(key, json.dumps(progress))
 
     def read() -> Optional[dict]:
         if local:
             return read_progress(run_path)
-        value = internal_kv._internal_kv_get(key)
+        value = ray_internals.kv_get(key)
         return json.loads(value) if value else None
 
     return record, read

@@ -83,7 +83,7 @@ def test_a_local_start_keeps_idle_workers_and_the_callers_system_config(monkeypa
     entries are kept next to it. A joined cluster gets none (Ray refuses one when joining)."""
     import ray
 
-    from cluster.train import init_ray
+    from cluster.ray_session import init_ray
     from deeplab.config import load_config
 
     calls = []
@@ -125,7 +125,7 @@ def test_init_ray_starts_a_local_cluster_off_a_taken_dashboard_port(monkeypatch,
     idle worker processes kept, not ended by the raylet."""
     import ray
 
-    from cluster.train import init_ray
+    from cluster.ray_session import init_ray
     from deeplab.config import load_config
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

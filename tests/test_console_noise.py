@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cluster import ray_internals
 from cluster.console import ACTOR_ARGUMENTS_NOISE, SERVE_SHUTDOWN_NOISE, quiet_ray_reports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,6 +21,7 @@ SHUTDOWN_LINE = ("Task ServeController.graceful_shutdown failed. There are infin
                  "will be retried. Error: The actor is dead because it was killed by `ray.kill`.")
 
 WRITER = """import os, sys
+from cluster import ray_internals
 from cluster.console import ACTOR_ARGUMENTS_NOISE, quiet_stderr
 verbose = sys.argv[1] == "verbose"
 with quiet_stderr(ACTOR_ARGUMENTS_NOISE, verbose):
@@ -41,17 +43,21 @@ def test_the_actor_arguments_line_written_on_fd_2_is_left_out_unless_verbose(ver
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_serves_shutdown_report_is_left_out_unless_verbose(monkeypatch, verbose):
-    from ray._private import worker as ray_worker
-
+def test_serves_shutdown_report_is_left_out_unless_verbose(verbose):
+    """Through Ray's printing hook (cluster.ray_internals.ray_printer; tests/test_ray_internals.py pins that Ray
+    prints its cluster's reports through it)."""
     shown = []
-    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: shown.append(data["lines"]))
-    quiet_ray_reports(SERVE_SHUTDOWN_NOISE, verbose)
-    quiet_ray_reports(SERVE_SHUTDOWN_NOISE, verbose)  # a second call filters once, not twice over
-    report = ray_worker.print_to_stdstream
-    report({"lines": [SHUTDOWN_LINE], "pid": "raylet", "is_err": False}, ignore_prefix=False)
-    report({"lines": ["A worker died or was killed while executing a task", SHUTDOWN_LINE], "pid": "raylet",
-            "is_err": False}, ignore_prefix=False)
+    original = ray_internals.ray_printer()
+    ray_internals.set_ray_printer(lambda data, ignore_prefix: shown.append(data["lines"]))
+    try:
+        quiet_ray_reports(SERVE_SHUTDOWN_NOISE, verbose)
+        quiet_ray_reports(SERVE_SHUTDOWN_NOISE, verbose)  # a second call filters once, not twice over
+        report = ray_internals.ray_printer()
+        report({"lines": [SHUTDOWN_LINE], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+        report({"lines": ["A worker died or was killed while executing a task", SHUTDOWN_LINE], "pid": "raylet",
+                "is_err": False}, ignore_prefix=False)
+    finally:
+        ray_internals.set_ray_printer(original)
     if verbose:
         assert shown == [[SHUTDOWN_LINE], ["A worker died or was killed while executing a task", SHUTDOWN_LINE]]
     else:

@@ -288,9 +288,9 @@ def get_json(url: str):
 def test_serve_stopped_while_serving(files, sig, verbose):
     """Also: /info carries the checkpoint's data section (as an export of it does), and Serve's own shutdown
     line is off the default console, kept under --verbose."""
-    from cluster.train import _free_port
+    from cluster.ray_session import free_port
 
-    port = _free_port()
+    port = free_port()
     run = Command("-m", "cluster.serve", files["ckpt"], "--port", port, "--set", "serve.metrics_port=null",
                   *(["--verbose"] if verbose else []))
     run.wait_for(r"^serving ")

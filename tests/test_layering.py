@@ -129,3 +129,22 @@ def test_no_function_in_product_code_is_longer_than_60_lines():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == [], "functions over 60 lines: " + "; ".join(long)
+
+
+SERVING = ("cluster.serve", "cluster.serve_batch", "cluster.segment", "cluster.bench_serve", "cluster.infer")
+
+
+def test_serving_and_batch_inference_never_import_training():
+    """Serving, batch inference and their benchmark reach Ray through cluster.ray_session and storage through
+    cluster.storage, not through cluster.train: checked over everything they import, directly or through
+    another project module, function-level imports included."""
+    mods = _modules()
+    graph = {name: {t for t in _imports(name, path, mods) if t in mods} for name, path in mods.items()}
+    for start in SERVING:
+        trail, todo = {start: [start]}, [start]
+        while todo:
+            node = todo.pop()
+            for nxt in graph[node] - trail.keys():
+                trail[nxt] = trail[node] + [nxt]
+                todo.append(nxt)
+        assert "cluster.train" not in trail, "serving imports training: " + " -> ".join(trail["cluster.train"])

@@ -10,7 +10,8 @@ from ray.train import Result
 
 from cluster.checkpoints import (checkpoint_iteration, newest_complete, read_progress, remove_incomplete,
                                  upload_atomically, write_progress)
-from cluster.train import _print_summary, _summary, run_folder
+from cluster.storage import run_folder
+from cluster.train import _print_summary, _summary
 from deeplab.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from deeplab.config import load_config
 from deeplab.train_loop import Worker, train

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.train import BEST_FILE, SUMMARY_FILE, _write_summary, copy_checkpoint, run_folder
+from cluster.storage import run_folder
+from cluster.train import BEST_FILE, SUMMARY_FILE, _write_summary, copy_checkpoint
 from s3_server import s3_server  # noqa: F401 (the fixture)
 
 

@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def cluster():
     saved = os.environ.pop("RAY_ADDRESS", None)  # never join someone else's cluster
-    from cluster.train import _free_port
+    from cluster.ray_session import free_port
 
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
     nodes.add_node(num_cpus=2)
     nodes.wait_for_nodes()
     try:

@@ -24,12 +24,12 @@ SIDE = 64
 def env(tmp_path_factory):
     import os
 
-    from cluster.train import _free_port
+    from cluster.ray_session import free_port
 
     saved = os.environ.pop("RAY_ADDRESS", None)
-    metrics_port, http_port = _free_port(), _free_port()
+    metrics_port, http_port = free_port(), free_port()
     nodes = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 4, "dashboard_port": _free_port(), "metrics_export_port": metrics_port,
+        "num_cpus": 4, "dashboard_port": free_port(), "metrics_export_port": metrics_port,
         "_system_config": {"metrics_report_interval_ms": 1000}})
     ray.init(address=nodes.address)
     try:

@@ -53,13 +53,13 @@ def collection(tmp_path_factory):
 @pytest.fixture(scope="module")
 def endpoint(collection):
     """(host, port) of a running `python -m cluster.serve`; Ctrl-C and the cluster's shutdown at the end."""
-    from cluster.train import _free_port
+    from cluster.ray_session import free_port
 
     saved = os.environ.pop("RAY_ADDRESS", None)
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
     nodes.add_node(num_cpus=2)
     nodes.wait_for_nodes()
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "cluster.serve", str(collection["ckpt"]), "--port", str(port), "--replicas", "2",
                "--batch-wait-ms", "300", "--max-batch-size", "8", "--set", f"serve.max_pixels={MAX_PIXELS}",
                "--set", f"cluster.address={nodes.address}", "--set", f"serve.stats_interval_s={STATS_INTERVAL_S}"]
@@ -253,9 +253,9 @@ def test_endpoint_binds_loopback_only(endpoint):
 def test_a_second_serve_with_other_http_options_is_refused_in_one_line_and_the_first_keeps_serving(endpoint):
     """Serve already runs bound to the first port: Ray would ignore a new port and keep the old proxy, so the
     command refuses in one line and prints no URL; the running endpoint is left alone."""
-    from cluster.train import _free_port
+    from cluster.ray_session import free_port
 
-    other = _free_port()
+    other = free_port()
     done = subprocess.run([sys.executable, "-m", "cluster.serve", "MODEL_UNUSED", "--port", str(other), "--set",
                            f"cluster.address={endpoint[3]}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})

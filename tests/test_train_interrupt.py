@@ -188,7 +188,7 @@ def test_stopped_anywhere_and_run_again_ends_as_the_uninterrupted_run(reference,
 RAY_GET_SCRIPT = """
 import sys, time
 import ray
-from cluster.train import init_ray
+from cluster.ray_session import init_ray
 from deeplab.cli import command
 from deeplab.config import load_config
 
@@ -209,7 +209,7 @@ sys.exit(main())
 
 
 def test_sigterm_during_ray_get_still_exits_143():
-    """A driver started by cluster.train.init_ray (ray.init installs its own SIGTERM handlers, Python's and Ray
+    """A driver started by cluster.ray_session.init_ray (ray.init installs its own SIGTERM handlers, Python's and Ray
     Core's, which aborts) waiting in ray.get, as tuning.search_rates waits in Tune: ray.get checks for signals
     itself and raises a new, plain KeyboardInterrupt in place of the command's Stopped(SIGTERM). The exit must
     still say SIGTERM, 143."""

@@ -83,7 +83,7 @@ def read_log(path):
 
 
 def test_init_ray_joins_the_cluster_started_on_this_machine(two_nodes, tmp_path):
-    from cluster.train import init_ray
+    from cluster.ray_session import init_ray
 
     ray.shutdown()
     try:

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from cluster.console import project_console, quiet_tune, ray_init_options
-from cluster.train import (build_trainer, check_storage_visible, copy_checkpoint, divergence_reason, init_ray,
-                           training_code_reason)
+from cluster.ray_session import init_ray
+from cluster.train import build_trainer, check_storage_visible, copy_checkpoint, divergence_reason, training_code_reason
 from deeplab.cli import Stopped, UserError, command, on_interrupt
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, \
     experiment_from_dict, save_config, to_plain
@@ -113,7 +113,7 @@ def _trial_dirname(trial) -> str:
 
 
 def init_search_ray(cfg: ExperimentConfig, verbose: bool = False) -> None:
-    """`cluster.train.init_ray`, a local cluster counting logical CPUs so that one wave of trials fits (a 2-core
+    """`cluster.ray_session.init_ray`, a local cluster counting logical CPUs so that one wave of trials fits (a 2-core
     laptop holds 1 trial x 2 workers plus the trial's driver)."""
     need = cfg.tune.max_concurrent * (cfg.tune.workers_per_trial * cfg.cluster.cpus_per_worker + 0.01)
     init_ray(cfg, num_cpus=max(os.cpu_count() or 1, math.ceil(need)), **ray_init_options(verbose))

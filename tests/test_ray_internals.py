@@ -1,0 +1,217 @@
+"""What the project relies on in Ray's private APIs (cluster/ray_internals.py), pinned against the installed Ray
+with a real two-node cluster started here (ray.cluster_utils.Cluster). A failure here after a Ray upgrade names
+the function to fix before the bound on ``ray`` in pyproject.toml is raised.
+
+The cluster lives under its own Ray temp folder (RAY_TMPDIR), so the ``ray start`` record it writes is this
+module's alone: other Ray clusters on the machine neither see it nor disturb it."""
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import ray_internals
+from cluster.ray_session import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _wait_for(condition, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def temp_dir():
+    """A Ray temp folder of this module's own (short: Ray's socket paths must stay under 108 characters)."""
+    folder = tempfile.mkdtemp(prefix="rti", dir="/tmp")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", folder)
+        patch.delenv("RAY_ADDRESS", raising=False)
+        yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_nothing_is_recorded_or_connected_before_a_cluster_starts(temp_dir):
+    import ray
+
+    ray.shutdown()
+    assert ray_internals.recorded_cluster_address() is None
+    assert ray_internals.session_dir() is None and ray_internals.logs_dir() is None
+
+
+@pytest.fixture(scope="module")
+def two_nodes(temp_dir):
+    """A head and one more node, one CPU each, this process connected as a driver."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "dashboard_port": free_port()})
+    nodes.add_node(num_cpus=1)
+    nodes.wait_for_nodes()
+    nodes.connect()
+    try:
+        yield nodes
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+def test_the_recorded_cluster_is_the_one_a_head_start_wrote(two_nodes, temp_dir):
+    assert ray_internals.recorded_cluster_address() == two_nodes.gcs_address
+    assert (Path(temp_dir) / "ray" / "ray_current_cluster").read_text().strip() == two_nodes.gcs_address
+
+
+def test_the_session_and_logs_folders_are_this_drivers_in_the_temp_folder(two_nodes, temp_dir):
+    import ray
+
+    session = Path(ray_internals.session_dir())
+    assert session.parent == Path(temp_dir) / "ray" and session.name.startswith("session_") and session.is_dir()
+    assert Path(ray_internals.logs_dir()) == session / "logs"
+    # where Ray writes its processes' logs: a task's stdout lands in a worker-*.out file there
+    token = f"pinned-{os.getpid()}-{time.time_ns()}"
+    ray.get(ray.remote(num_cpus=0)(lambda: print(token)).remote())
+
+    def written():
+        return any(token in f.read_text(errors="replace") for f in (session / "logs").glob("worker-*.out"))
+
+    assert _wait_for(written)
+
+
+def test_replacing_rays_printer_changes_what_the_driver_prints_of_a_cluster_report(two_nodes):
+    """A worker killed mid-task: the raylet reports it and Ray's error listener prints it through the hook,
+    looked up at each call, so a replaced hook gets the report instead of the terminal."""
+    import ray
+
+    original = ray_internals.ray_printer()
+    assert callable(original)
+    reports = []
+    ray_internals.set_ray_printer(lambda data, ignore_prefix: reports.append(data))
+    try:
+        assert ray_internals.ray_printer() is not original
+
+        @ray.remote(max_retries=0, num_cpus=0)
+        def crash():
+            os._exit(1)
+
+        with pytest.raises(ray.exceptions.WorkerCrashedError):
+            ray.get(crash.remote())
+        assert _wait_for(lambda: any("worker died" in line.lower() for r in reports for line in r["lines"]))
+        report = next(r for r in reports if any("worker died" in line.lower() for line in r["lines"]))
+        assert report["pid"] == "raylet" and report["is_err"] is False
+    finally:
+        ray_internals.set_ray_printer(original)
+    assert ray_internals.ray_printer() is original
+
+
+def test_a_replaced_forwarded_line_handler_gets_each_tasks_printed_lines(two_nodes):
+    import ray
+
+    handlers = ray_internals.forwarded_line_handlers()
+    assert "ray_print_logs" in handlers  # ray.init(log_to_driver=True), the default
+    batches = []
+    ray_internals.replace_forwarded_line_handler("ray_print_logs", "pinned", batches.append)
+    try:
+        assert set(ray_internals.forwarded_line_handlers()) == set(handlers) - {"ray_print_logs"} | {"pinned"}
+
+        @ray.remote(num_cpus=0)
+        def say(token):
+            print(token)
+
+        token = f"forwarded-{time.time_ns()}"
+        ray.get(say.remote(token))
+        assert _wait_for(lambda: any(token in b["lines"] for b in batches))
+        batch = next(b for b in batches if token in b["lines"])
+        assert batch["task_name"] == "say" and batch["pid"] and "actor_name" in batch
+    finally:
+        ray_internals.replace_forwarded_line_handler("pinned", "ray_print_logs", handlers["ray_print_logs"])
+    assert ray_internals.forwarded_line_handlers() == handlers
+
+
+def test_the_key_value_store_is_shared_by_the_driver_and_tasks_and_overwrites(two_nodes):
+    import ray
+
+    key = f"deeplab/pinned/{time.time_ns()}"
+    assert ray_internals.kv_get(key) is None
+    ray_internals.kv_put(key, '{"reached_iteration": 3}')
+    ray.get(ray.remote(num_cpus=0)(ray_internals.kv_put).remote(key, '{"reached_iteration": 7}'))
+    assert ray_internals.kv_get(key) == b'{"reached_iteration": 7}'
+    assert ray.get(ray.remote(num_cpus=0)(ray_internals.kv_get).remote(key)) == b'{"reached_iteration": 7}'
+
+
+def test_the_head_node_is_the_one_cluster_utils_started_first(two_nodes):
+    import ray
+
+    head = ray_internals.head_node()
+    assert head["NodeID"] == two_nodes.head_node.node_id
+    assert len([n for n in ray.nodes() if n["Alive"]]) == 2  # the other node does not pass for the head
+    assert head["NodeManagerAddress"] and head["MetricsExportPort"] > 0  # what cluster.serve prints
+
+
+def test_ray_train_raises_its_own_error_class_and_hands_the_training_codes_error_as_is(two_nodes, temp_dir):
+    """cluster.train tells a lost worker (retry) from the training code's failure (stop) by this class: the error
+    fit() raises is one of Ray Train's, the worker's own error inside it is not."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def fails(config):
+        raise ValueError("a bad file")
+
+    trainer = TorchTrainer(fails, scaling_config=ray.train.ScalingConfig(num_workers=1),
+                           run_config=ray.train.RunConfig(name="fails", storage_path=temp_dir,
+                                                          failure_config=ray.train.FailureConfig(max_failures=0)))
+    with pytest.raises(ray.train.TrainingFailedError) as failed:
+        trainer.fit()
+    assert ray_internals.is_ray_train_error(failed.value)
+    (error,) = failed.value.worker_failures.values()
+    assert isinstance(error, ValueError) and not ray_internals.is_ray_train_error(error)
+    assert ray_internals.is_ray_train_error(ray.train.ControllerError(RuntimeError("x")))
+    assert not ray_internals.is_ray_train_error(ray.exceptions.RayError())
+
+
+def _cluster_yaml(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+@pytest.mark.parametrize("name", ["ray_cluster.yaml", "cluster/onprem.yaml"])
+def test_rays_validator_accepts_the_repositorys_cluster_configs_and_fills_their_defaults(name):
+    config = _cluster_yaml(name)
+    prepared = ray_internals.validate_cluster_config(config)
+    assert prepared["provider"]["type"] == config["provider"]["type"]
+    assert set(config.get("available_node_types", {})) <= set(prepared["available_node_types"])
+    for key in ("head_setup_commands", "worker_setup_commands", "head_start_ray_commands"):
+        assert key in prepared  # merged from the provider's defaults
+    assert prepared["head_start_ray_commands"] and prepared["head_node_type"] in prepared["available_node_types"]
+
+
+@pytest.mark.parametrize("break_it, error, words", [
+    (lambda c: c.update(max_workers="many"), "ValidationError", "'many' is not of type 'integer'"),  # JSON schema
+    (lambda c: c.update(head_node_type="no-such-type"), "ValueError", "head_node_type"),  # checked after it
+], ids=["schema", "head-type"])
+def test_rays_validator_rejects_a_broken_cluster_config(break_it, error, words):
+    config = _cluster_yaml("ray_cluster.yaml")
+    break_it(config)
+    with pytest.raises(Exception, match=words) as rejected:
+        ray_internals.validate_cluster_config(config)
+    assert type(rejected.value).__name__ == error
+
+
+def test_pyproject_bounds_ray_to_the_minor_version_these_pins_ran_on():
+    """The upper bound on ``ray`` is the first minor version not tested: the installed Ray (the one this module
+    just ran against) is inside the range, and its next minor version is not."""
+    import tomllib
+
+    import ray
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (spec,) = [Requirement(d).specifier for d in project["dependencies"] if Requirement(d).name == "ray"]
+    installed = Version(ray.__version__)
+    assert installed in spec
+    assert Version(f"{installed.major}.{installed.minor + 1}.0") not in spec
