@@ -29,8 +29,7 @@ CACHE_ENV = "DEEPLAB_MODEL_CACHE"  # where nodes keep shipped models (default: T
 def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The parser of a command that runs any model file (segment, serve): the module docstring's body as its
     description, and the MODEL argument."""
-    from export.runtime import formats_help
-
+    from export.model_file import formats_help
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", metavar="MODEL", help=formats_help())
@@ -70,11 +69,10 @@ def _identity(name: str, files: dict) -> dict:
 
 
 def model_identity(path) -> dict:
-    """What a model is, by content: every file of it (export.runtime.model_files) with its sha256, and one
+    """What a model is, by content: every file of it (export.model_file.model_files) with its sha256, and one
     sha256 over them all. Two copies of a model in different folders are the same model."""
     from export.metadata import file_sha256
-    from export.runtime import model_files
-
+    from export.model_file import model_files
     return _identity(Path(path).name, {f.name: file_sha256(f) for f in model_files(path)})
 
 
@@ -84,8 +82,7 @@ def ship_model(path) -> dict:
     workers start (it owns the objects)."""
     import ray
 
-    from export.runtime import model_files
-
+    from export.model_file import model_files
     data = {f.name: f.read_bytes() for f in model_files(path)}
     shipped = _identity(Path(path).name, {name: hashlib.sha256(d).hexdigest() for name, d in data.items()})
     shipped["refs"] = {name: ray.put(d) for name, d in data.items()}
@@ -125,9 +122,8 @@ def _materialize(shipped: dict, fetch=None) -> Path:
 
 
 def open_model(shipped, **kwargs):
-    """A `export.runtime.ModelRunner` for a model given as a path or as `ship_model`'s handle."""
-    from export.runtime import load_runner
-
+    """A `export.model_file.ModelRunner` for a model given as a path or as `ship_model`'s handle."""
+    from export.model_file import load_runner
     path = _materialize(shipped) if isinstance(shipped, dict) else shipped
     return load_runner(path, **kwargs)
 

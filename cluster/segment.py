@@ -971,8 +971,7 @@ def parse_args(argv):
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from export.runtime import read_model_info
-
+    from export.model_file import read_model_info
     exp = config_from_args(args)
     cfg = exp.segment
     output = Output(args.output)
