@@ -972,6 +972,7 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from export.model_file import read_model_info
+
     exp = config_from_args(args)
     cfg = exp.segment
     output = Output(args.output)

@@ -511,6 +511,7 @@ def quiet_serve_console(verbose: bool) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from export.model_file import read_model_info
+
     exp = config_from_args(args)
     cfg = exp.serve
     info = read_model_info(args.model, exp.inference.output_stride)

@@ -265,6 +265,7 @@ def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp3
     """onnxruntime with one provider. A GPU provider runs through I/O binding: its input copied to the GPU
     untimed (as torch's and TensorRT's are) and its output left there, so its time is device to device."""
     from export.runners import OnnxRunner, available_providers
+
     if provider not in available_providers():
         raise Skip(f"onnxruntime has no {provider} (available: {', '.join(available_providers())}; "
                    "GPU providers come with onnxruntime-gpu)")
@@ -294,6 +295,7 @@ def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp3
 
 def trt_backend(engine_path) -> Backend:
     from export.runners import EngineError, TensorRTRunner, read_sidecar
+
     try:
         runner = TensorRTRunner(engine_path)
     except (EngineError, ImportError) as e:
@@ -561,6 +563,7 @@ class Artifacts:
         if self.args.openvino_int8:  # opened as every command opens an IR: its .bin checked, one-line errors
             from export.model_file import format_of
             from export.runners import OpenVINORunner
+
             if format_of(self.args.openvino_int8).name != "openvino":
                 raise UserError(f"--openvino-int8 {self.args.openvino_int8}: not an OpenVINO IR (.xml)")
             return OpenVINORunner(self.args.openvino_int8).model
@@ -574,6 +577,7 @@ def onnx_backends(files: Artifacts, wanted: Callable, skipped: dict, shapes: Opt
     shape profile of the benchmark's inputs (``shapes``)."""
     from export.precision import cpu_reduce_range
     from export.runners import trt_provider_options
+
     chosen = cpu_reduce_range()
     why = "no VNNI: 7-bit weights avoid int16 saturation" if chosen else "VNNI: full 8-bit weights"
     candidates = [("ort_cpu_fp32", lambda: files.onnx, "CPUExecutionProvider", "onnxruntime CPU fp32", "fp32"),
@@ -609,6 +613,7 @@ def onnx_input_name(onnx_path) -> str:
 
 def openvino_backend(name: str, model, precision: str, threads: int, note: str, kind: str) -> Backend:
     from export.runners import OpenVINORunner
+
     runner = OpenVINORunner(model, threads=threads, hint="latency", precision=precision)
     return Backend(name, prepare=lambda x: np.ascontiguousarray(x.numpy(), np.float32), run=runner, note=note,
                    logits=lambda x: torch.from_numpy(runner(x)), kind=kind)

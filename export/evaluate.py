@@ -23,6 +23,7 @@ from deeplab.inference import predict_logits
 
 from .cli import show_progress
 from .model_file import format_of, formats_help, load_runner, read_model_info
+
 MODEL_HELP = f"an exported model: {formats_help(exported_only=True)}"
 
 

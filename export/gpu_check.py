@@ -489,6 +489,7 @@ def versions() -> dict:
     import torch
 
     from .runners import tensorrt_version
+
     try:
         import onnxruntime as ort
 

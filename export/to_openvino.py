@@ -31,6 +31,7 @@ from deeplab.fileio import atomic_path, ensure_dir
 from .cli import parse_and_run, say_unwritten_on_stop, source_and_config, source_parser
 from .metadata import read_ir_metadata, read_metadata, set_ir_metadata
 from .runners import require
+
 log = logging.getLogger("export.to_openvino")  # not __name__: run as -m it would be __main__, outside "export"
 PRECISIONS = ("fp32", "int8")
 
@@ -118,6 +119,7 @@ def int8_gate(fp32_model, int8_model, val_batches: list, cfg, force: bool) -> di
     """FP32 vs INT8 IR mIoU through the one evaluator; refuses a drop above export.max_int8_miou_drop."""
     from .precision import accuracy_report, gate_int8
     from .runners import OpenVINORunner
+
     meta_classes = int(read_ir_metadata(fp32_model)["num_classes"])
     report = accuracy_report({"fp32": OpenVINORunner(fp32_model, precision="f32"),
                               "int8": OpenVINORunner(int8_model, precision="f32")},

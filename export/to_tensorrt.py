@@ -30,6 +30,7 @@ from .config import ExportConfig
 from .metadata import file_sha256, read_metadata
 from .opset import TENSORRT_MAX_OPSET
 from .runners import ENGINE_HASH_KEY, device_info, sidecar_path, write_sidecar
+
 log = logging.getLogger("export.to_tensorrt")  # not __name__: run as -m it would be __main__, outside "export"
 PRECISIONS = ExportConfig.PRECISIONS
 
@@ -148,6 +149,7 @@ def engine_parity(engine_path, onnx_path, shape) -> dict:
     import torch
 
     from .runners import OnnxRunner, TensorRTRunner
+
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     ref = OnnxRunner(onnx_path, ["CPUExecutionProvider"])(x)
     out = TensorRTRunner(engine_path, check=False)(x).float().cpu().numpy()

@@ -141,6 +141,7 @@ def test_cpu_features_come_from_the_flags():
 
 def test_engine_profile_is_read_from_the_sidecar_without_a_gpu():
     from export.runners import TensorRTRunner
+
     profile = {"shapes": {"min": [1, 3, 257, 257], "opt": [1, 3, 513, 513], "max": [4, 3, 1025, 1025]}}
     assert TensorRTRunner.outside_profile(profile, (4, 3, 1025, 257)) is None
     assert TensorRTRunner.outside_profile(profile, (1, 3, 1024, 2048)) == \
@@ -160,6 +161,7 @@ def test_inputs_outside_an_engines_profile_are_skipped_with_the_reason_and_the_r
 
     from deeplab.config import load_config
     from export.runners import TensorRTRunner
+
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet_tiny", num_classes=6, aspp_channels=16)).eval()
     fp32 = bench.torch_backends(model, cuda=False, bf16=False)[0]
@@ -249,6 +251,7 @@ def test_io_binding_runs_from_device_input_to_device_output_with_the_sessions_lo
 
 def test_the_tensorrt_provider_gets_a_cache_folder_and_the_benchmarks_shape_profile(tmp_path):
     from export.runners import trt_provider_options
+
     options = trt_provider_options("images", [(1, 3, 513, 513), (8, 3, 513, 513), (2, 3, 257, 321)], tmp_path / "c")
     assert options == {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "c"),
                        "trt_timing_cache_enable": True, "trt_profile_min_shapes": "images:1x3x257x321",

@@ -12,6 +12,7 @@ from deeplab.config import ConfigError, load_config
 from export.config import ExportConfig
 from export import runners, to_tensorrt as trt_cli
 from export.runners import EngineError, check_sidecar, read_sidecar, sidecar_path, write_sidecar
+
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "11.4.0.12"}
 
 

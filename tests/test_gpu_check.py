@@ -17,6 +17,7 @@ import torch
 
 from export import gpu_check
 from export.runners import format_precision, precision_groups
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -184,6 +184,7 @@ def test_a_size_the_engine_cannot_run_fails_alone():
 
     from cluster.infer import predict_labels
     from export.runners import EngineError
+
     class ProfileLimited:
         def labels(self, batch):
             if max(batch.shape[2:]) > 64:
