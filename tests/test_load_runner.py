@@ -116,8 +116,8 @@ def test_files_that_are_not_models_fail_in_one_line_naming_them(files, tmp_path)
 def test_engine_metadata_comes_from_its_sidecar_and_loading_needs_the_gpu_it_was_built_for(files, tmp_path):
     """No TensorRT or GPU here: the sidecar is real JSON as export.to_tensorrt writes it; the engine bytes are
     never parsed because the runner refuses first."""
-    from export.runners import write_sidecar
     from export.metadata import read_metadata
+    from export.runners import write_sidecar
 
     engine = tmp_path / "tiny.engine"
     with pytest.raises(EngineError, match="no sidecar"):

@@ -15,7 +15,7 @@ from cluster.segment import MANIFEST, MODEL_RECORD, InputItem, Manifest, ModelMi
 from export import model_file, runners, to_onnx
 from export.metadata import RECORD_DEFAULTS, read_metadata, set_metadata
 from export.model_file import (ModelFileError, ModelFormat, format_of, formats_help, load_runner, model_files,
-                               read_model_info)
+                               open_model_file, read_model_info)
 from export.runners import EngineError, sidecar_path, write_sidecar
 from inference_files import tiny_checkpoint
 
@@ -87,6 +87,46 @@ def test_adding_a_format_is_one_entry(files, tmp_path, monkeypatch):
     assert load_runner(model, device="cpu")(np.zeros((1, 3, 33, 33), np.float32)).shape == (1, 5, 33, 33)
     assert set(infer.model_identity(model)["files"]) == {"m.fakeonnx", "m.notes"}
     assert fake.label in formats_help()
+
+
+def test_a_model_handle_is_what_each_reader_of_the_path_says(files, tmp_path):
+    """open_model_file reads every file once; its metadata, hashes, identity and shipped bytes are those that
+    read_model_info, sha256 of the files and model_identity give for the same path."""
+    models = [files["ckpt"], files["onnx"], _engine(tmp_path, files)] + ([files["xml"]] if "xml" in files else [])
+    for path in models:
+        handle = open_model_file(path)
+        assert handle.files == model_files(path)
+        assert handle.sha256 == {f.name: _sha(f) for f in model_files(path)}
+        assert handle.data == {f.name: f.read_bytes() for f in model_files(path)}
+        assert handle.info.to_dict() == read_model_info(path).to_dict()
+        assert infer.model_identity(handle) == infer.model_identity(path)
+    assert open_model_file(files["ckpt"], output_stride=8).info.output_stride == 8
+    with pytest.raises(ModelFileError, match="exported at output stride 16"):
+        open_model_file(files["onnx"], output_stride=8)
+
+
+def test_a_model_handle_loads_a_checkpoint_weights_only(tmp_path):
+    """The handle's bytes go through torch.load(weights_only=True): a pickled object is refused, not run."""
+    import torch
+
+    from deeplab.checkpoint import CheckpointError
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"format": "deeplabv3", "payload": _Ran()}, evil)
+    with pytest.raises(CheckpointError, match="refused, it holds pickled objects"):
+        open_model_file(evil)
+    assert not _Ran.ran
+
+
+class _Ran:
+    ran = False
+
+    def __reduce__(self):
+        return (_Ran._mark, ())
+
+    @staticmethod
+    def _mark():
+        _Ran.ran = True
 
 
 # ----------------------------------------------------------------------------------- the metadata record
