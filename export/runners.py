@@ -20,7 +20,6 @@ import numpy as np
 from deeplab.cli import UserError, error_line
 from deeplab.fileio import write_text_atomic
 
-
 # onnxruntime providers, fastest first; the CPU provider is always last and always available.
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SIDECAR_KEYS = ("gpu_name", "compute_capability", "tensorrt_version")
