@@ -29,7 +29,7 @@ CACHE_ENV = "DEEPLAB_MODEL_CACHE"  # where nodes keep shipped models (default: T
 def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The parser of a command that runs any model file (segment, serve): the module docstring's body as its
     description, and the MODEL argument."""
-    from export.runtime import formats_help
+    from export.model_file import formats_help
 
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,26 +69,32 @@ def _identity(name: str, files: dict) -> dict:
     return {"name": name, "sha256": digest, "files": files}
 
 
-def model_identity(path) -> dict:
-    """What a model is, by content: every file of it (export.runtime.model_files) with its sha256, and one
-    sha256 over them all. Two copies of a model in different folders are the same model."""
+def model_identity(model) -> dict:
+    """What a model is, by content: every file of it (export.model_file.model_files) with its sha256, and one
+    sha256 over them all. Two copies of a model in different folders are the same model. ``model``: a path, or
+    export.model_file.open_model_file's handle (its hashes, taken when it was read: no file is read again)."""
     from export.metadata import file_sha256
-    from export.runtime import model_files
+    from export.model_file import ModelHandle, model_files
 
-    return _identity(Path(path).name, {f.name: file_sha256(f) for f in model_files(path)})
+    if isinstance(model, ModelHandle):
+        return _identity(model.path.name, dict(model.sha256))
+    return _identity(Path(model).name, {f.name: file_sha256(f) for f in model_files(model)})
 
 
-def ship_model(path) -> dict:
+def ship_model(model) -> dict:
     """Put every file of a model (an IR's .bin, an engine's sidecar) in Ray's object store once; workers on any
     node open it with `open_model`, with no shared filesystem. The driver that calls this must stay alive while
-    workers start (it owns the objects)."""
+    workers start (it owns the objects). ``model``: a path, or open_model_file's handle (its bytes as read)."""
     import ray
 
-    from export.runtime import model_files
+    from export.model_file import ModelHandle, model_files
 
-    data = {f.name: f.read_bytes() for f in model_files(path)}
-    shipped = _identity(Path(path).name, {name: hashlib.sha256(d).hexdigest() for name, d in data.items()})
-    shipped["refs"] = {name: ray.put(d) for name, d in data.items()}
+    if isinstance(model, ModelHandle):
+        name, data = model.path.name, model.data
+    else:
+        name, data = Path(model).name, {f.name: f.read_bytes() for f in model_files(model)}
+    shipped = _identity(name, {file: hashlib.sha256(d).hexdigest() for file, d in data.items()})
+    shipped["refs"] = {file: ray.put(d) for file, d in data.items()}
     return shipped
 
 
@@ -125,8 +131,8 @@ def _materialize(shipped: dict, fetch=None) -> Path:
 
 
 def open_model(shipped, **kwargs):
-    """A `export.runtime.ModelRunner` for a model given as a path or as `ship_model`'s handle."""
-    from export.runtime import load_runner
+    """A `export.model_file.ModelRunner` for a model given as a path or as `ship_model`'s handle."""
+    from export.model_file import load_runner
 
     path = _materialize(shipped) if isinstance(shipped, dict) else shipped
     return load_runner(path, **kwargs)

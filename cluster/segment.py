@@ -592,13 +592,14 @@ def _clear_outputs(output: Output, items: list, manifest: Manifest) -> None:
     manifest.clear()
 
 
-def claim_output(out, model_path, items: list, manifest: Manifest, overwrite: bool) -> dict:
+def claim_output(out, model, items: list, manifest: Manifest, overwrite: bool) -> dict:
     """OUTPUT belongs to one model (by content: cluster.infer.model_identity). The same model resumes; another
-    stops here, before any work, unless ``overwrite`` (its results are removed and every image is redone)."""
+    stops here, before any work, unless ``overwrite`` (its results are removed and every image is redone).
+    ``model``: a path, or export.model_file.open_model_file's handle (not read again)."""
     from cluster.infer import model_identity
 
     output = as_output(out)
-    identity = {"model": os.path.abspath(model_path), **model_identity(model_path)}
+    identity = {"model": os.path.abspath(getattr(model, "path", model)), **model_identity(model)}
     recorded = _recorded_model(output, manifest)
     if recorded is not None and recorded.get("sha256") == identity["sha256"]:
         return identity
@@ -862,7 +863,8 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
             inference: Optional[InferenceConfig] = None) -> Summary:
     """Run the pipeline over the images of ``inputs`` not done yet; Ray must be initialized. OUTPUT records the
     model (claim_output): another model's OUTPUT is refused unless ``overwrite``. ``inference``: the output
-    stride and overlay alpha (default: the model's own stride, alpha 0.5)."""
+    stride and overlay alpha (default: the model's own stride, alpha 0.5). ``model_path``: a path, or
+    open_model_file's handle (claimed and shipped from the bytes it read)."""
     import ray.data
 
     from cluster.infer import ship_model
@@ -971,7 +973,7 @@ def parse_args(argv):
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from export.runtime import read_model_info
+    from export.model_file import open_model_file
 
     exp = config_from_args(args)
     cfg = exp.segment
@@ -980,7 +982,8 @@ def main(argv=None) -> int:
         print(f"fetching {args.model}", flush=True)
         args.model = fetch_model(args.model)
     phases, clock = {}, time.perf_counter()
-    info = read_model_info(args.model, exp.inference.output_stride)
+    model = open_model_file(args.model, exp.inference.output_stride)  # read once: claimed, shipped, shown
+    info = model.info
     phases["model info"], clock = time.perf_counter() - clock, time.perf_counter()
     on_interrupt(f"{output} is as it was (nothing segmented by this run yet); the same command starts again")
     extensions = [e.strip() for e in args.extensions.split(",") if e.strip()] if args.extensions else None
@@ -991,7 +994,7 @@ def main(argv=None) -> int:
     print(f"model: {args.model} ({info.backend.split(' ')[0]}, {info.precision}, {info.num_classes} classes, "
           f"output stride {info.output_stride})", flush=True)
     if output.exists():  # another model's OUTPUT stops here, before Ray starts
-        claim_output(output, args.model, inputs.items, open_manifest(output), args.overwrite)
+        claim_output(output, model, inputs.items, open_manifest(output), args.overwrite)
 
     from cluster.console import ACTOR_ARGUMENTS_NOISE, quiet_ray_data, quiet_stderr, ray_init_options
     from cluster.ray_session import init_ray
@@ -1002,7 +1005,7 @@ def main(argv=None) -> int:
     quiet_ray_data(args.verbose)
     try:
         with quiet_stderr(ACTOR_ARGUMENTS_NOISE, args.verbose):
-            summary = segment(args.model, inputs, output, cfg, log=lambda m: print(m, flush=True),
+            summary = segment(model, inputs, output, cfg, log=lambda m: print(m, flush=True),
                               overwrite=args.overwrite, inference=exp.inference)
     except KeyboardInterrupt:
         _stop_actors(output)

@@ -369,7 +369,8 @@ def deployment_options(cfg: ServeConfig) -> dict:
 
 
 def build_app(model_path, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None):
-    """The bound Serve application for ``model_path`` (shipped to the replicas through the object store);
+    """The bound Serve application for ``model_path`` (a path or open_model_file's handle; shipped to the
+    replicas through the object store);
     ``stats``: a TrafficStats actor the replicas tell about each request (the console's traffic line)."""
     from cluster.infer import ship_model
 
@@ -507,11 +508,12 @@ def quiet_serve_console(verbose: bool) -> dict:
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from export.runtime import read_model_info
+    from export.model_file import open_model_file
 
     exp = config_from_args(args)
     cfg = exp.serve
-    info = read_model_info(args.model, exp.inference.output_stride)
+    model = open_model_file(args.model, exp.inference.output_stride)  # read once: shipped and shown
+    info = model.info
 
     import ray
     from ray import serve
@@ -527,7 +529,7 @@ def main(argv=None) -> int:
     quiet_ray_reports(SERVE_SHUTDOWN_NOISE, args.verbose)
     stats = ray.remote(num_cpus=0)(TrafficStats).remote()
     try:
-        url, started = start(args.model, cfg, stats=stats, output_stride=exp.inference.output_stride)
+        url, started = start(model, cfg, stats=stats, output_stride=exp.inference.output_stride)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,7 @@ is read as the code that wrote it ran (`_as_written`), so no checkpoint changes 
 """
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,10 +149,15 @@ def _read_remote(uri: str):
     return io.BytesIO(data)
 
 
-def read_weights_file(path, map_location="cpu") -> dict:
+def read_weights_file(path, map_location="cpu", data: Optional[bytes] = None) -> dict:
     """``torch.load(weights_only=True)`` with every failure turned into a one-line CheckpointError. A URI
-    (s3://bucket/best.ckpt) is read through pyarrow."""
-    if is_uri(path):
+    (s3://bucket/best.ckpt) is read through pyarrow. ``data``: the file's bytes where the caller read them already
+    (errors still name ``path``)."""
+    if data is not None:
+        source = io.BytesIO(data)
+        if not data:
+            raise CheckpointError(f"{path}: empty file")
+    elif is_uri(path):
         path = source = str(path)
         source = _read_remote(path)
     else:
@@ -199,9 +205,10 @@ def _without_aux_head(weights: dict) -> dict:
     return {k: v for k, v in weights.items() if not k.startswith("aux_classifier.")}
 
 
-def load_checkpoint(path, map_location="cpu") -> Checkpoint:
-    """Rebuild the model from the file alone and load its weights; never unpickles code."""
-    payload = read_weights_file(path, map_location)
+def load_checkpoint(path, map_location="cpu", data: Optional[bytes] = None) -> Checkpoint:
+    """Rebuild the model from the file alone and load its weights; never unpickles code. ``data``: the file's
+    bytes where the caller read them already."""
+    payload = read_weights_file(path, map_location, data)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""
         if isinstance(payload, dict) and any(isinstance(k, str) and k.startswith(("conv1.", "features.", "backbone.")) for k in payload):

@@ -264,7 +264,7 @@ def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp3
                 options: Optional[dict] = None) -> Backend:
     """onnxruntime with one provider. A GPU provider runs through I/O binding: its input copied to the GPU
     untimed (as torch's and TensorRT's are) and its output left there, so its time is device to device."""
-    from export.runtime import OnnxRunner, available_providers
+    from export.runners import OnnxRunner, available_providers
 
     if provider not in available_providers():
         raise Skip(f"onnxruntime has no {provider} (available: {', '.join(available_providers())}; "
@@ -294,7 +294,7 @@ def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp3
 
 
 def trt_backend(engine_path) -> Backend:
-    from export.runtime import EngineError, TensorRTRunner, read_sidecar
+    from export.runners import EngineError, TensorRTRunner, read_sidecar
 
     try:
         runner = TensorRTRunner(engine_path)
@@ -561,7 +561,8 @@ class Artifacts:
         from export.to_openvino import quantize
 
         if self.args.openvino_int8:  # opened as every command opens an IR: its .bin checked, one-line errors
-            from export.runtime import OpenVINORunner, format_of
+            from export.model_file import format_of
+            from export.runners import OpenVINORunner
 
             if format_of(self.args.openvino_int8).name != "openvino":
                 raise UserError(f"--openvino-int8 {self.args.openvino_int8}: not an OpenVINO IR (.xml)")
@@ -575,7 +576,7 @@ def onnx_backends(files: Artifacts, wanted: Callable, skipped: dict, shapes: Opt
     marked), the GPU providers this build has; the TensorRT provider with an engine cache under --out and the
     shape profile of the benchmark's inputs (``shapes``)."""
     from export.precision import cpu_reduce_range
-    from export.runtime import trt_provider_options
+    from export.runners import trt_provider_options
 
     chosen = cpu_reduce_range()
     why = "no VNNI: 7-bit weights avoid int16 saturation" if chosen else "VNNI: full 8-bit weights"
@@ -611,7 +612,7 @@ def onnx_input_name(onnx_path) -> str:
 
 
 def openvino_backend(name: str, model, precision: str, threads: int, note: str, kind: str) -> Backend:
-    from export.runtime import OpenVINORunner
+    from export.runners import OpenVINORunner
 
     runner = OpenVINORunner(model, threads=threads, hint="latency", precision=precision)
     return Backend(name, prepare=lambda x: np.ascontiguousarray(x.numpy(), np.float32), run=runner, note=note,

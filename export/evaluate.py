@@ -22,7 +22,7 @@ from deeplab.evaluate import (DATA_ALIASES, eval_loader, resolve_experiment, res
 from deeplab.inference import predict_logits
 
 from .cli import show_progress
-from .runtime import format_of, formats_help, load_runner, read_model_info
+from .model_file import format_of, formats_help, load_runner, read_model_info
 
 MODEL_HELP = f"an exported model: {formats_help(exported_only=True)}"
 
@@ -33,7 +33,7 @@ def _refuse_checkpoint(path) -> None:
 
 
 def open_exported(path, output_stride=None):
-    """The exported model opened the one way every command opens model files (export.runtime.load_runner);
+    """The exported model opened the one way every command opens model files (export.model_file.load_runner);
     an --output-stride other than the exported one is refused there in one line."""
     _refuse_checkpoint(path)
     return load_runner(path, output_stride=output_stride)

@@ -25,7 +25,7 @@ any failed section makes the check exit 1. The sections:
    off (recorded);
 4. where tensorrt is installed: FP16 and INT8 engines built by `export.to_tensorrt` itself (the converter it
    picks for this TensorRT: ModelOpt or onnxruntime's quantizer, AutoCast or builder flags), timed with
-   export.runtime.TensorRTRunner, with the TensorRT, CUDA, driver and onnxruntime versions and the precision
+   export.runners.TensorRTRunner, with the TensorRT, CUDA, driver and onnxruntime versions and the precision
    of every layer group of each engine.
 fp32 figures carry the TF32 switches they ran under (torch.backends.cuda.matmul / cudnn.allow_tf32).
 Without a CUDA GPU it prints one line, ``no CUDA GPU``, and exits 2; ``--cpu-dry-run`` runs the same sections
@@ -407,7 +407,7 @@ def onnx_parity(args) -> dict:
     import torch
 
     from .metadata import build_metadata
-    from .runtime import OnnxRunner
+    from .runners import OnnxRunner
     from .to_onnx import compare, export_model
 
     if args.device == "cuda":
@@ -432,7 +432,7 @@ def tensorrt_engines(args) -> dict:
 
     from . import to_tensorrt
     from .metadata import build_metadata
-    from .runtime import TensorRTRunner, engine_precisions, read_sidecar
+    from .runners import TensorRTRunner, engine_precisions, read_sidecar
     from .to_onnx import export_model
 
     model = build(args.backbone, 8).eval()
@@ -488,7 +488,7 @@ def versions() -> dict:
     providers), ModelOpt (which converter to_tensorrt picks)."""
     import torch
 
-    from .runtime import tensorrt_version
+    from .runners import tensorrt_version
 
     try:
         import onnxruntime as ort

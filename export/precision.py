@@ -25,7 +25,7 @@ from deeplab.inference import evaluate
 
 from .cli import ExportError
 from .metadata import read_metadata, set_metadata
-from .runtime import OnnxRunner
+from .runners import OnnxRunner
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from deeplab.fileio import atomic_path, ensure_dir
 from .cli import ExportError, SwitchOff, say_unwritten_on_stop, show_progress
 from .metadata import INPUT_NAME, OUTPUT_NAME, build_metadata, dataset_meta, file_sha256, set_metadata
 from .opset import check_opset
-from .runtime import OnnxRunner
+from .runners import OnnxRunner
 from .samples import parity_inputs
 
 log = logging.getLogger("export.to_onnx")  # not __name__: run as -m it would be __main__, outside "export"

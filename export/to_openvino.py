@@ -30,7 +30,7 @@ from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import parse_and_run, say_unwritten_on_stop, source_and_config, source_parser
 from .metadata import read_ir_metadata, read_metadata, set_ir_metadata
-from .runtime import require
+from .runners import require
 
 log = logging.getLogger("export.to_openvino")  # not __name__: run as -m it would be __main__, outside "export"
 PRECISIONS = ("fp32", "int8")
@@ -58,7 +58,7 @@ def save_ir(model, xml_path) -> Path:
 
 def ir_parity(reference, model, inputs) -> list:
     """`reference` (images -> logits) vs the IR in OpenVINO (f32 inference) on each input batch."""
-    from .runtime import OpenVINORunner
+    from .runners import OpenVINORunner
     from .to_onnx import compare
 
     runner = OpenVINORunner(model, precision="f32")
@@ -118,7 +118,7 @@ def quantize(model, calib: list, val_batches: Optional[list], max_drop: float, n
 def int8_gate(fp32_model, int8_model, val_batches: list, cfg, force: bool) -> dict:
     """FP32 vs INT8 IR mIoU through the one evaluator; refuses a drop above export.max_int8_miou_drop."""
     from .precision import accuracy_report, gate_int8
-    from .runtime import OpenVINORunner
+    from .runners import OpenVINORunner
 
     meta_classes = int(read_ir_metadata(fp32_model)["num_classes"])
     report = accuracy_report({"fp32": OpenVINORunner(fp32_model, precision="f32"),
@@ -134,7 +134,7 @@ def source_onnx(src: Path, ckpt, cfg, workdir: Path) -> tuple:
     `workdir` and referenced by PyTorch; an ONNX file is referenced by onnxruntime."""
     import torch
 
-    from .runtime import OnnxRunner
+    from .runners import OnnxRunner
     from .to_onnx import export_checkpoint
 
     if ckpt is None:

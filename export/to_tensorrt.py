@@ -29,7 +29,7 @@ from .cli import parse_and_run, say_unwritten_on_stop, source_and_config, source
 from .config import ExportConfig
 from .metadata import file_sha256, read_metadata
 from .opset import TENSORRT_MAX_OPSET
-from .runtime import ENGINE_HASH_KEY, device_info, sidecar_path, write_sidecar
+from .runners import ENGINE_HASH_KEY, device_info, sidecar_path, write_sidecar
 
 log = logging.getLogger("export.to_tensorrt")  # not __name__: run as -m it would be __main__, outside "export"
 PRECISIONS = ExportConfig.PRECISIONS
@@ -148,7 +148,7 @@ def engine_parity(engine_path, onnx_path, shape) -> dict:
     """Engine vs the FP32 ONNX in onnxruntime on one seeded input at the profile's opt shape."""
     import torch
 
-    from .runtime import OnnxRunner, TensorRTRunner
+    from .runners import OnnxRunner, TensorRTRunner
 
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     ref = OnnxRunner(onnx_path, ["CPUExecutionProvider"])(x)

@@ -220,7 +220,7 @@ def test_mobilenet_exports_to_onnx_and_openvino_with_parity(tmp_path):
     from deeplab import save_checkpoint
     from export import to_openvino
     from export.metadata import read_ir_metadata
-    from export.runtime import OpenVINORunner
+    from export.runners import OpenVINORunner
 
     torch.manual_seed(0)
     cfg = ModelConfig(backbone=MOBILENET, num_classes=3, aspp_channels=16)

@@ -140,7 +140,7 @@ def test_cpu_features_come_from_the_flags():
 
 
 def test_engine_profile_is_read_from_the_sidecar_without_a_gpu():
-    from export.runtime import TensorRTRunner
+    from export.runners import TensorRTRunner
 
     profile = {"shapes": {"min": [1, 3, 257, 257], "opt": [1, 3, 513, 513], "max": [4, 3, 1025, 1025]}}
     assert TensorRTRunner.outside_profile(profile, (4, 3, 1025, 257)) is None
@@ -160,7 +160,7 @@ def test_inputs_outside_an_engines_profile_are_skipped_with_the_reason_and_the_r
     from types import SimpleNamespace
 
     from deeplab.config import load_config
-    from export.runtime import TensorRTRunner
+    from export.runners import TensorRTRunner
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet_tiny", num_classes=6, aspp_channels=16)).eval()
@@ -235,7 +235,7 @@ def test_io_binding_runs_from_device_input_to_device_output_with_the_sessions_lo
     """The path onnxruntime's GPU rows time, on the device this machine has (the CPU): input bound once, the
     output left as an OrtValue on the device, the same logits as a plain run."""
     from export.metadata import build_metadata
-    from export.runtime import OnnxRunner
+    from export.runners import OnnxRunner
     from export.to_onnx import export_model
 
     model = build_model(ModelConfig(backbone="resnet_tiny", num_classes=3, aspp_channels=16)).eval()
@@ -250,7 +250,7 @@ def test_io_binding_runs_from_device_input_to_device_output_with_the_sessions_lo
 
 
 def test_the_tensorrt_provider_gets_a_cache_folder_and_the_benchmarks_shape_profile(tmp_path):
-    from export.runtime import trt_provider_options
+    from export.runners import trt_provider_options
 
     options = trt_provider_options("images", [(1, 3, 513, 513), (8, 3, 513, 513), (2, 3, 257, 321)], tmp_path / "c")
     assert options == {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "c"),

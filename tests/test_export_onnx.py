@@ -20,7 +20,7 @@ from deeplab.data import synthetic
 from export import precision as prec
 from export import to_tensorrt
 from export.metadata import read_metadata
-from export.runtime import OnnxRunner
+from export.runners import OnnxRunner
 from export.samples import labelled_batches
 from export.to_onnx import check_parity, ExportError
 

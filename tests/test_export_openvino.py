@@ -17,7 +17,8 @@ from export import to_openvino
 from deeplab.cli import UserError
 from export.cpu import has_vnni
 from export.metadata import read_ir_metadata
-from export.runtime import OpenVINORunner, load_runner
+from export.model_file import load_runner
+from export.runners import OpenVINORunner
 from trained import train_tiny
 
 pytest.importorskip("openvino")

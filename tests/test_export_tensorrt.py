@@ -10,8 +10,8 @@ import torch
 from deeplab.config import ConfigError, load_config
 
 from export.config import ExportConfig
-from export import runtime, to_tensorrt as trt_cli
-from export.runtime import EngineError, check_sidecar, read_sidecar, sidecar_path, write_sidecar
+from export import runners, to_tensorrt as trt_cli
+from export.runners import EngineError, check_sidecar, read_sidecar, sidecar_path, write_sidecar
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "11.4.0.12"}
 
@@ -121,37 +121,37 @@ def test_runner_refuses_engine_before_touching_tensorrt(tmp_path):
     engine = tmp_path / "model.engine"
     engine.write_bytes(b"serialized")
     with pytest.raises(EngineError, match="no sidecar model.engine.json"):
-        runtime.TensorRTRunner(engine)
+        runners.TensorRTRunner(engine)
     sidecar_path(engine).write_text("{not json")
     with pytest.raises(EngineError, match="not valid JSON"):
-        runtime.TensorRTRunner(engine)
+        runners.TensorRTRunner(engine)
     write_sidecar(engine, H100)
-    here = runtime.device_info()
+    here = runners.device_info()
     if here["gpu_name"] != H100["gpu_name"] or here["tensorrt_version"] != H100["tensorrt_version"]:
         with pytest.raises(EngineError, match="model.engine"):
-            runtime.TensorRTRunner(engine)
+            runners.TensorRTRunner(engine)
     with pytest.raises(ValueError, match="lacks tensorrt_version"):
         write_sidecar(engine, {"gpu_name": "x", "compute_capability": "8.0"})
 
 
 def test_tensorrt_dtype_names_map_to_torch():
-    assert runtime.torch_dtype_for("DataType.FLOAT") is torch.float32
-    assert runtime.torch_dtype_for("HALF") is torch.float16
-    assert runtime.torch_dtype_for("BF16") is torch.bfloat16
+    assert runners.torch_dtype_for("DataType.FLOAT") is torch.float32
+    assert runners.torch_dtype_for("HALF") is torch.float16
+    assert runners.torch_dtype_for("BF16") is torch.bfloat16
     with pytest.raises(EngineError, match="FP8"):
-        runtime.torch_dtype_for("FP8")
+        runners.torch_dtype_for("FP8")
 
 
 def test_providers_kept_in_order_and_filtered():
     avail = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert runtime.pick_providers(None, avail) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert runtime.pick_providers(["CPUExecutionProvider", "CUDAExecutionProvider"], avail) == \
+    assert runners.pick_providers(None, avail) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert runners.pick_providers(["CPUExecutionProvider", "CUDAExecutionProvider"], avail) == \
         ["CPUExecutionProvider", "CUDAExecutionProvider"]
     with pytest.raises(ValueError, match="none of the providers TensorrtExecutionProvider"):
-        runtime.pick_providers(["TensorrtExecutionProvider"], avail)
+        runners.pick_providers(["TensorrtExecutionProvider"], avail)
     with pytest.raises(ValueError, match="unknown onnxruntime provider"):
-        runtime.pick_providers(["cuda"], avail)
-    assert runtime.pick_providers()[-1] == "CPUExecutionProvider"  # this machine's onnxruntime
+        runners.pick_providers(["cuda"], avail)
+    assert runners.pick_providers()[-1] == "CPUExecutionProvider"  # this machine's onnxruntime
 
 
 def test_int8_other_layers_run_in_fp16_on_both_tensorrt_paths_or_the_sidecar_says_fp32():

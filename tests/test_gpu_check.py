@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from export import gpu_check
-from export.runtime import format_precision, precision_groups
+from export.runners import format_precision, precision_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 

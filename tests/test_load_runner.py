@@ -1,4 +1,4 @@
-"""export.runtime.load_runner: one way to open a checkpoint, an ONNX file (FP32 and INT8 Q/DQ) or an engine,
+"""export.model_file.load_runner: one way to open a checkpoint, an ONNX file (FP32 and INT8 Q/DQ) or an engine,
 each carrying the metadata the file itself holds. References are computed independently: the checkpoint's
 model called directly, and onnxruntime sessions on the exported files. Tests that export ONNX are slow (10-40 s)."""
 import hashlib
@@ -15,7 +15,8 @@ import torch
 from PIL import Image
 
 from deeplab import load_checkpoint
-from export.runtime import EngineError, ModelFileError, load_runner, read_model_info
+from export.model_file import ModelFileError, load_runner, read_model_info
+from export.runners import EngineError
 from inference_files import photo, tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,8 +116,8 @@ def test_files_that_are_not_models_fail_in_one_line_naming_them(files, tmp_path)
 def test_engine_metadata_comes_from_its_sidecar_and_loading_needs_the_gpu_it_was_built_for(files, tmp_path):
     """No TensorRT or GPU here: the sidecar is real JSON as export.to_tensorrt writes it; the engine bytes are
     never parsed because the runner refuses first."""
-    from export.runtime import write_sidecar
     from export.metadata import read_metadata
+    from export.runners import write_sidecar
 
     engine = tmp_path / "tiny.engine"
     with pytest.raises(EngineError, match="no sidecar"):

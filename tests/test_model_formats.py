@@ -1,7 +1,7 @@
-"""One model artifact from checkpoint to node: the table of model formats (export.runtime.FORMATS), the metadata
+"""One model artifact from checkpoint to node: the table of model formats (export.model_file.FORMATS), the metadata
 record every exporter writes and every runner reads, the engine's sidecar hash, the node cache keyed by content
-hash, and cluster.segment's model identity in OUTPUT. Real files made here (checkpoint, ONNX, OpenVINO IR);
-no Ray (tests/test_model_shipping_ray.py runs the same files on a 2-node cluster) and no GPU."""
+hash, and cluster.segment's model identity in OUTPUT. Real files made here (checkpoint, ONNX, OpenVINO IR); no Ray
+(tests/test_model_shipping_ray.py runs the same files on a 2-node cluster) and no GPU."""
 import hashlib
 import json
 import shutil
@@ -12,10 +12,11 @@ import pytest
 
 from cluster import infer
 from cluster.segment import MANIFEST, MODEL_RECORD, InputItem, Manifest, ModelMismatch, claim_output
-from export import runtime, to_onnx
+from export import model_file, runners, to_onnx
 from export.metadata import RECORD_DEFAULTS, read_metadata, set_metadata
-from export.runtime import (EngineError, ModelFileError, ModelFormat, format_of, formats_help, load_runner,
-                            model_files, read_model_info, sidecar_path, write_sidecar)
+from export.model_file import (ModelFileError, ModelFormat, format_of, formats_help, load_runner, model_files,
+                               open_model_file, read_model_info)
+from export.runners import EngineError, sidecar_path, write_sidecar
 from inference_files import tiny_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -66,8 +67,8 @@ def test_every_format_names_all_its_files_and_a_missing_companion_is_one_line(fi
     with pytest.raises(ModelFileError, match="unknown model file type '.pt'"):
         (tmp_path / "weights.pt").write_bytes(b"x")
         format_of(tmp_path / "weights.pt")
-    assert [f.name for f in runtime.FORMATS] == ["checkpoint", "onnx", "openvino", "tensorrt"]
-    for fmt in runtime.FORMATS:  # --help of every command names every format from the table
+    assert [f.name for f in model_file.FORMATS] == ["checkpoint", "onnx", "openvino", "tensorrt"]
+    for fmt in model_file.FORMATS:  # --help of every command names every format from the table
         assert fmt.label in formats_help()
     assert "checkpoint" not in formats_help(exported_only=True)
 
@@ -77,7 +78,7 @@ def test_adding_a_format_is_one_entry(files, tmp_path, monkeypatch):
     onnx_fmt = format_of(files["onnx"])
     fake = ModelFormat("renamed-onnx", (".fakeonnx",), "a test format (.fakeonnx with its .notes)",
                        lambda p: [p.with_suffix(".notes")], onnx_fmt.read_info, onnx_fmt.open_runner)
-    monkeypatch.setattr(runtime, "FORMATS", runtime.FORMATS + (fake,))
+    monkeypatch.setattr(model_file, "FORMATS", model_file.FORMATS + (fake,))
     model = tmp_path / "m.fakeonnx"
     shutil.copy(files["onnx"], model)
     (tmp_path / "m.notes").write_text("notes")
@@ -86,6 +87,46 @@ def test_adding_a_format_is_one_entry(files, tmp_path, monkeypatch):
     assert load_runner(model, device="cpu")(np.zeros((1, 3, 33, 33), np.float32)).shape == (1, 5, 33, 33)
     assert set(infer.model_identity(model)["files"]) == {"m.fakeonnx", "m.notes"}
     assert fake.label in formats_help()
+
+
+def test_a_model_handle_is_what_each_reader_of_the_path_says(files, tmp_path):
+    """open_model_file reads every file once; its metadata, hashes, identity and shipped bytes are those that
+    read_model_info, sha256 of the files and model_identity give for the same path."""
+    models = [files["ckpt"], files["onnx"], _engine(tmp_path, files)] + ([files["xml"]] if "xml" in files else [])
+    for path in models:
+        handle = open_model_file(path)
+        assert handle.files == model_files(path)
+        assert handle.sha256 == {f.name: _sha(f) for f in model_files(path)}
+        assert handle.data == {f.name: f.read_bytes() for f in model_files(path)}
+        assert handle.info.to_dict() == read_model_info(path).to_dict()
+        assert infer.model_identity(handle) == infer.model_identity(path)
+    assert open_model_file(files["ckpt"], output_stride=8).info.output_stride == 8
+    with pytest.raises(ModelFileError, match="exported at output stride 16"):
+        open_model_file(files["onnx"], output_stride=8)
+
+
+def test_a_model_handle_loads_a_checkpoint_weights_only(tmp_path):
+    """The handle's bytes go through torch.load(weights_only=True): a pickled object is refused, not run."""
+    import torch
+
+    from deeplab.checkpoint import CheckpointError
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"format": "deeplabv3", "payload": _Ran()}, evil)
+    with pytest.raises(CheckpointError, match="refused, it holds pickled objects"):
+        open_model_file(evil)
+    assert not _Ran.ran
+
+
+class _Ran:
+    ran = False
+
+    def __reduce__(self):
+        return (_Ran._mark, ())
+
+    @staticmethod
+    def _mark():
+        _Ran.ran = True
 
 
 # ----------------------------------------------------------------------------------- the metadata record
@@ -143,18 +184,18 @@ def test_engine_runs_only_with_the_bytes_its_sidecar_vouches_for(files, tmp_path
     """GPU-free: the hash is checked before TensorRT or the GPU is looked at."""
     engine = _engine(tmp_path, files)
     with pytest.raises(EngineError) as e:  # the right bytes pass the hash check; the machine check comes next
-        runtime.TensorRTRunner(engine)
+        runners.TensorRTRunner(engine)
     assert "sha256" not in str(e.value)
     engine.write_bytes(b"serialized engine, changed")
     with pytest.raises(EngineError) as e:
-        runtime.TensorRTRunner(engine)
+        runners.TensorRTRunner(engine)
     msg = str(e.value)
     assert "sha256" in msg and "run only engines you built" in msg and str(engine) in msg and "\n" not in msg
     info = json.loads(sidecar_path(engine).read_text())
     del info["engine_sha256"]  # a sidecar from before the hash was recorded
     sidecar_path(engine).write_text(json.dumps(info))
     with pytest.raises(EngineError, match="records no engine_sha256"):
-        runtime.TensorRTRunner(engine)
+        runners.TensorRTRunner(engine)
 
 
 # ------------------------------------------------------------------------------------- the node cache

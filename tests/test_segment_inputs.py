@@ -163,7 +163,7 @@ def test_mixed_sizes_run_one_call_per_size_and_equal_each_image_alone(tmp_path, 
 
     from cluster.infer import predict_labels
     from deeplab.data import normalize
-    from export.runtime import load_runner
+    from export.model_file import load_runner
     from inference_files import photo, tiny_checkpoint
 
     runner = load_runner(tiny_checkpoint(tmp_path / "m.ckpt"), device="cpu")
@@ -183,7 +183,7 @@ def test_a_size_the_engine_cannot_run_fails_alone():
     import numpy as np
 
     from cluster.infer import predict_labels
-    from export.runtime import EngineError
+    from export.runners import EngineError
 
     class ProfileLimited:
         def labels(self, batch):

@@ -31,7 +31,7 @@ def test_model_calls_hold_the_pixel_budget_and_never_mix_sizes():
 
 
 def test_predict_labels_under_a_budget_equals_one_image_at_a_time(tmp_path):
-    from export.runtime import load_runner
+    from export.model_file import load_runner
     from inference_files import photo, tiny_checkpoint
 
     runner = load_runner(str(tiny_checkpoint(tmp_path / "tiny.ckpt")))

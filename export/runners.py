@@ -1,6 +1,9 @@
-"""Runners shared by predict, evaluate and bench: a TensorRT engine with torch CUDA tensors as its buffers
-(no pycuda), an ONNX model in onnxruntime with execution providers tried in order, and an OpenVINO IR
-compiled per input shape.
+"""The backend runners, one per engine: a TensorRT engine with torch CUDA tensors as its buffers (no pycuda), an
+ONNX model in onnxruntime with execution providers tried in order, and an OpenVINO IR compiled per input shape;
+with what each needs around it (the engine's sidecar, onnxruntime's providers, the engine's layer precisions).
+
+They are apart from `export.model_file` (which file is which format, its metadata, one way to open any of them)
+because exporters, the GPU check and bench drive a backend directly, with options no other caller needs.
 
 An engine runs only on the TensorRT version and GPU model that built it, so every engine has a JSON sidecar
 (``model.engine.json``) recording both; `TensorRTRunner` refuses an engine whose sidecar disagrees with the
@@ -9,14 +12,12 @@ machine before TensorRT gets a chance to fail obscurely ("Version tag does not m
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from deeplab.cli import UserError, error_line
-from deeplab.config import ConfigError, to_plain
 from deeplab.fileio import write_text_atomic
 
 # onnxruntime providers, fastest first; the CPU provider is always last and always available.
@@ -45,13 +46,14 @@ def write_sidecar(engine_path, info: dict) -> Path:
     return path
 
 
-def read_sidecar(engine_path) -> dict:
+def read_sidecar(engine_path, data: Optional[bytes] = None) -> dict:
+    """The engine's sidecar; ``data``: its bytes where the caller read them already."""
     path = sidecar_path(engine_path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise EngineError(f"{engine_path}: no sidecar {path.name} next to the engine; rebuild it with "
                           "python -m export.to_tensorrt (the sidecar records the GPU and TensorRT version it needs)")
     try:
-        info = json.loads(path.read_text())
+        info = json.loads(path.read_bytes() if data is None else data)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EngineError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(info, dict) or any(k not in info for k in SIDECAR_KEYS):
@@ -354,17 +356,30 @@ OPENVINO_HINTS = ("latency", "throughput")
 OPENVINO_PRECISIONS = ("f32", "bf16", "f16")
 
 
-def _check_ir_root(path: Path) -> None:
+def _check_ir_root(path: Path, data: Optional[bytes] = None) -> None:
     """Refuse an .xml that is not an IR before OpenVINO sees it: OpenVINO would offer it to every frontend it
-    has (TensorFlow's parses text graphs through its own protobuf), which is slow, noisy and can crash."""
+    has (TensorFlow's parses text graphs through its own protobuf), which is slow, noisy and can crash.
+    ``data``: the file's bytes where the caller read them already."""
+    import io
     import xml.etree.ElementTree as ET
 
     try:
-        _, root = next(ET.iterparse(str(path), events=("start",)))
+        _, root = next(ET.iterparse(str(path) if data is None else io.BytesIO(data), events=("start",)))
     except (ET.ParseError, StopIteration) as e:
         raise EngineError(f"{path}: not an OpenVINO IR (not well-formed XML: {e})") from None
     if root.tag != "net" or "version" not in root.attrib:
         raise EngineError(f"{path}: not an OpenVINO IR (its XML root is <{root.tag}>, not <net version=...>)")
+
+
+def read_ir(path: Path, xml: bytes, weights: bytes):
+    """An ov.Model from an IR's bytes already read (the .xml's and the .bin's); one-line errors naming ``path``."""
+    ov = require("openvino", "OpenVINO")
+
+    _check_ir_root(path, xml)
+    try:
+        return ov.Core().read_model(xml.decode(), ov.Tensor(np.frombuffer(weights, np.uint8).copy()))
+    except (RuntimeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{path}: not a readable OpenVINO IR ({error_line(e)})") from None
 
 
 class OpenVINORunner:
@@ -427,292 +442,3 @@ class OpenVINORunner:
         request = self.request(x.shape)
         request.infer({0: x})
         return np.array(request.get_output_tensor(0).data, np.float32)  # a copy: the next call reuses the buffer
-
-
-# ------------------------------------------------------------------------------------- any model, one way
-from dataclasses import dataclass, fields  # noqa: E402  (kept with the code that uses it)
-
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-
-
-class ModelFileError(UserError, ValueError):
-    """A model file that cannot be opened for inference here; ``str(e)`` is one line naming the file."""
-
-
-@dataclass
-class ModelInfo:
-    """What a model file says about itself (export.metadata's record): enough to feed it, read its output, resize
-    as its checkpoint does and show it to a user."""
-
-    path: str
-    backend: str  # e.g. "pytorch (cpu)", "onnxruntime (CPUExecutionProvider)", "tensorrt"
-    precision: str  # fp32 | fp16 | bf16 | int8
-    num_classes: int
-    class_names: list
-    output_stride: int
-    mean: tuple
-    std: tuple
-    backbone: Optional[str] = None
-    val_miou: Optional[float] = None
-    data_config: Optional[dict] = None  # the data section the model was trained with, where the file says
-    align_corners: bool = False  # how multi-scale inference resizes for this model (as its checkpoint does)
-    input_layout: str = "NCHW"
-    dataset: Optional[str] = None
-    source_sha256: Optional[str] = None  # the checkpoint it was exported from
-    project_version: Optional[str] = None  # the project version that wrote it
-
-    def to_dict(self) -> dict:
-        """JSON-ready (tuples as lists)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
-
-class ModelRunner:
-    """A model file opened for inference. Call it on a normalized (N, 3, H, W) float32 batch (numpy or torch)
-    for float32 numpy logits (N, classes, H, W) at the input size; ``labels`` gives the argmax as uint8 (N, H, W),
-    computed where the logits are (the GPU for CUDA backends). ``info`` is the file's metadata. ``numpy_io``:
-    ``forward`` takes and returns numpy arrays (ONNX Runtime, OpenVINO), so a numpy batch stays in numpy and
-    running an exported model never loads torch (segment's actors and serve's replicas start faster)."""
-
-    def __init__(self, forward, info: ModelInfo, numpy_io: bool = False):
-        self._forward, self.info, self.numpy_io = forward, info, numpy_io
-
-    def _logits(self, images):
-        import torch
-
-        x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images, np.float32))
-        out = self._forward(x)
-        return out if isinstance(out, torch.Tensor) else torch.from_numpy(out)
-
-    def __call__(self, images) -> np.ndarray:
-        if self.numpy_io and isinstance(images, np.ndarray):
-            return np.asarray(self._forward(images), np.float32)
-        return self._logits(images).float().cpu().numpy()
-
-    def labels(self, images) -> np.ndarray:
-        if self.numpy_io and isinstance(images, np.ndarray):  # the first maximum on ties, as torch's argmax
-            return np.asarray(self._forward(images)).argmax(1).astype(np.uint8)
-        import torch
-
-        return self._logits(images).argmax(1).to(torch.uint8).cpu().numpy()
-
-
-def _check_normalization(path, mean, std) -> None:
-    """Callers feed images normalized as deeplab.data.normalize does (ImageNet mean/std); refuse other files."""
-    from deeplab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
-
-    if not (np.allclose(mean, IMAGENET_MEAN, atol=1e-6) and np.allclose(std, IMAGENET_STD, atol=1e-6)):
-        raise ModelFileError(f"{path}: expects inputs normalized with mean {list(mean)} / std {list(std)}; "
-                             "this runtime feeds ImageNet's mean/std")
-
-
-def _pick_device(device: Optional[str]) -> str:
-    if device not in (None, "cpu", "cuda"):
-        raise ModelFileError(f"device {device!r}: use cpu or cuda")
-    if device == "cpu":  # no torch needed to know it: an exported model's worker never loads it
-        return device
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelFileError("device cuda: torch sees no CUDA GPU here")
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str], providers=None,
-                  threads=None) -> ModelRunner:
-    import torch
-
-    from deeplab.checkpoint import load_checkpoint
-    from deeplab.inference import model_predictor
-
-    from .metadata import dataset_meta, file_sha256, project_version
-
-    if threads:
-        torch.set_num_threads(int(threads))
-    device = _pick_device(device)
-    ckpt = load_checkpoint(path)
-    model = ckpt.model.eval().to(device)
-    if output_stride is not None:
-        try:
-            model.set_output_stride(output_stride)  # the model's own check: what its config can reach
-        except ConfigError as e:
-            raise ModelFileError(f"{path}: output stride {output_stride}: {e}") from None
-    data = ckpt.experiment.data if ckpt.experiment else None
-    names, mean, std = dataset_meta(data, ckpt.config.num_classes)
-    metrics = ckpt.state.get("metrics") or {}
-    info = ModelInfo(str(path), f"pytorch ({device})", "fp32", ckpt.config.num_classes,
-                     names or [f"class_{i}" for i in range(ckpt.config.num_classes)], model.config.output_stride,
-                     tuple(mean), tuple(std), ckpt.config.backbone,
-                     metrics.get("val_miou") if isinstance(metrics, dict) else None,
-                     to_plain(data) if data is not None else None,  # as an export of it records (build_metadata)
-                     align_corners=bool(ckpt.config.align_corners), dataset=getattr(data, "dataset", None),
-                     source_sha256=file_sha256(path), project_version=project_version())
-
-    predict = model_predictor(model, device=device)  # what deeplab.predict and evaluate run
-
-    @torch.no_grad()
-    def forward(x):
-        return predict(x).float()
-
-    return ModelRunner(forward, info)
-
-
-def _checkpoint_info(path: Path, output_stride) -> ModelInfo:
-    return _torch_runner(path, output_stride, "cpu").info
-
-
-def _info_from_metadata(path: Path, meta: dict, backend: str, output_stride: Optional[int]) -> ModelInfo:
-    """ModelInfo from the deeplab.* record that every exporter writes (export.metadata). A file written before a
-    field existed gets its documented default and one warning line naming the missing fields."""
-    from .metadata import RECORD_DEFAULTS, complete_metadata
-
-    if not isinstance(meta, dict) or "num_classes" not in meta:
-        raise ModelFileError(f"{path}: no deeplab.* metadata (classes, output stride, mean/std); "
-                             "export it with python -m export.to_onnx")
-    meta, missing = complete_metadata(meta)
-    if missing:
-        print(f"warning: {path}: written before the metadata fields {', '.join(missing)}; using the defaults "
-              f"({', '.join(f'{k}={meta[k]!r}' for k in missing if k in RECORD_DEFAULTS)})", file=sys.stderr)
-    n = int(meta["num_classes"])
-    stride = meta["output_stride"]
-    if output_stride is not None and stride is not None and int(output_stride) != int(stride):
-        raise ModelFileError(f"{path}: exported at output stride {stride}; output stride {output_stride} needs "
-                             f"the checkpoint, or export it again with --output-stride {output_stride}")
-    names = meta["class_names"] or []
-    if len(names) != n:
-        names = [f"class_{i}" for i in range(n)]
-    mean, std = tuple(meta["mean"]), tuple(meta["std"])
-    _check_normalization(path, mean, std)
-    return ModelInfo(str(path), backend, str(meta["precision"]), n, list(names),
-                     int(stride) if stride is not None else None, mean, std, meta["backbone"],
-                     meta.get("val_miou"), meta.get("data_config"), bool(meta["align_corners"]),
-                     str(meta["input_layout"]), meta["dataset"], meta["source_sha256"], meta["project_version"])
-
-
-def _onnx_info(path: Path, output_stride, backend: str = "onnxruntime") -> ModelInfo:
-    import onnx
-
-    from .metadata import read_metadata
-
-    try:
-        graph = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf raises several types for a file that is not ONNX
-        raise ModelFileError(f"{path}: not a readable ONNX file ({error_line(e, 160)})") from None
-    return _info_from_metadata(path, read_metadata(graph), backend, output_stride)
-
-
-def _onnx_runner(path: Path, output_stride, device, providers=None, threads=None) -> ModelRunner:
-    info = _onnx_info(path, output_stride)  # metadata first: a file without it fails before a session loads
-    if providers is None and _pick_device(device) == "cpu":
-        providers = ["CPUExecutionProvider"]
-    runner = OnnxRunner(path, providers, threads)
-    info.backend = f"onnxruntime ({runner.providers[0]})"
-    return ModelRunner(runner, info, numpy_io=True)
-
-
-def _openvino_info(path: Path, output_stride, model=None) -> ModelInfo:
-    from .metadata import read_ir_metadata
-
-    if model is None:
-        model = OpenVINORunner(path).model  # one-line errors for a missing .bin or an unreadable IR
-    return _info_from_metadata(path, read_ir_metadata(model), "openvino (CPU)", output_stride)
-
-
-def _openvino_runner(path: Path, output_stride, device, providers=None, threads=None) -> ModelRunner:
-    if device == "cuda":
-        raise ModelFileError(f"{path}: this project runs OpenVINO IRs on the CPU, not on device cuda")
-    runner = OpenVINORunner(path, threads=threads)
-    return ModelRunner(runner, _openvino_info(path, output_stride, runner.model), numpy_io=True)
-
-
-def _tensorrt_runner(path: Path, output_stride, device, providers=None, threads=None) -> ModelRunner:
-    if device == "cpu":
-        raise ModelFileError(f"{path}: a TensorRT engine runs on its GPU only, not on device cpu")
-    info = _engine_info(path, output_stride)
-    return ModelRunner(TensorRTRunner(path), info)
-
-
-def _engine_info(path: Path, output_stride) -> ModelInfo:
-    sidecar = read_sidecar(path)
-    info = _info_from_metadata(path, sidecar.get("metadata"), "tensorrt", output_stride)
-    info.precision = str(sidecar.get("precision", info.precision))
-    return info
-
-
-# --------------------------------------------------------------------------------- every format, one table
-@dataclass(frozen=True)
-class ModelFormat:
-    """One kind of model file the project writes: how it is recognised, the files that make it up (shipped
-    together to every node), how its metadata is read without running it, and how a runner opens it."""
-
-    name: str
-    suffixes: tuple
-    label: str  # how --help and error messages name it
-    companions: Callable[[Path], list]  # files that must lie beside the main one, same folder
-    read_info: Callable[..., ModelInfo]  # (path, output_stride) -> ModelInfo
-    open_runner: Callable[..., ModelRunner]  # (path, output_stride, device, providers, threads) -> ModelRunner
-    exported: bool = True  # written by export/ (not a training checkpoint)
-
-
-FORMATS = (
-    ModelFormat("checkpoint", (".ckpt",), "a checkpoint (.ckpt)", lambda p: [], _checkpoint_info, _torch_runner,
-                exported=False),
-    ModelFormat("onnx", (".onnx",), "an ONNX file (.onnx: FP32, FP16 or INT8 Q/DQ)", lambda p: [], _onnx_info,
-                _onnx_runner),
-    ModelFormat("openvino", (".xml",), "an OpenVINO IR (.xml with its .bin beside it: FP32 or INT8)",
-                lambda p: [p.with_suffix(".bin")], _openvino_info, _openvino_runner),
-    ModelFormat("tensorrt", ENGINE_SUFFIXES, "a TensorRT engine you built (.engine with its .engine.json sidecar)",
-                lambda p: [sidecar_path(p)], _engine_info, _tensorrt_runner),
-)
-
-
-def formats_help(exported_only: bool = False) -> str:
-    """The model files a command takes, for --help: "a checkpoint (.ckpt), ..., or a TensorRT engine ..."."""
-    labels = [f.label for f in FORMATS if f.exported or not exported_only]
-    return ", ".join(labels[:-1]) + ", or " + labels[-1]
-
-
-def format_of(path) -> ModelFormat:
-    """The format of a model file, by suffix (an engine also by its sidecar); one line naming the file if none."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    for fmt in FORMATS:
-        if suffix in fmt.suffixes:
-            return fmt
-    if sidecar_path(path).is_file():
-        return next(f for f in FORMATS if f.name == "tensorrt")
-    raise ModelFileError(f"{path}: unknown model file type {path.suffix or '(no suffix)'!r}; expected "
-                         f"{formats_help()}")
-
-
-def model_files(path) -> list:
-    """Every file that makes up the model at ``path``, the main file first: what is shipped to other nodes.
-    A missing one is an error naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    fmt = format_of(path)
-    files = [path, *fmt.companions(path)]
-    for f in files[1:]:
-        if not f.is_file():
-            raise ModelFileError(f"{path}: {fmt.label.split(' (')[0]} needs {f.name} beside it; it is missing")
-    return files
-
-
-def load_runner(path, *, output_stride: Optional[int] = None, device: Optional[str] = None,
-                providers: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> ModelRunner:
-    """Open any model file the project writes (FORMATS), the one way every consumer does (evaluate, predict,
-    bench, segment, serve). ``output_stride``: checkpoints run at it, exported files must have been exported at
-    it. ``device``: "cpu" or "cuda" (default: cuda when torch sees a GPU). Errors are one line naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    return format_of(path).open_runner(path, output_stride, device, providers, threads)
-
-
-def read_model_info(path, output_stride: Optional[int] = None) -> ModelInfo:
-    """A model file's metadata without a GPU: what a driver checks before it ships the file to workers.
-    Checkpoints are loaded on the CPU; exported files and engines are only read for their metadata."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFileError(f"{path}: no such model file")
-    return format_of(path).read_info(path, output_stride)
