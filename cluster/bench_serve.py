@@ -410,7 +410,8 @@ def bench_segment(model: str, exp, folder: Path, workdir: Path, actors_list, cpu
     """Each actor gets ``cpus``, or less where the cluster cannot hold the actors next to a read task."""
     import ray
 
-    from cluster.segment import list_inputs, segment, startup_line
+    from cluster.segment_inputs import list_inputs
+    from cluster.segment_pipeline import segment, startup_line
 
     rows = []
     total = float(ray.cluster_resources().get("CPU", 1))

@@ -165,7 +165,7 @@ def test_segment_worker_runs_an_exported_model_without_loading_torch(files, tmp_
         import json, sys
         import numpy as np
         import pyarrow.fs
-        from cluster.segment import SegmentWorker, read_and_decode
+        from cluster.segment_pipeline import SegmentWorker, read_and_decode
         row = read_and_decode({{"path": {str(image)!r}, "uri": "a.png", "name": "a"}}, pyarrow.fs.LocalFileSystem(),
                               None)
         worker = SegmentWorker({str(files["onnx"])!r}, {str(out)!r}, color=True, alpha=0.5, output_stride=None,

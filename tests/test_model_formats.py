@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from cluster import infer
-from cluster.segment import MANIFEST, MODEL_RECORD, InputItem, Manifest, ModelMismatch, claim_output
+from cluster.segment_inputs import InputItem
+from cluster.segment_outputs import MANIFEST, MODEL_RECORD, Manifest, ModelMismatch, claim_output
 from export import model_file, runners, to_onnx
 from export.metadata import RECORD_DEFAULTS, read_metadata, set_metadata
 from export.model_file import (ModelFileError, ModelFormat, format_of, formats_help, load_runner, model_files,

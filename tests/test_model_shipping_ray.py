@@ -104,7 +104,8 @@ def ship_then_remove(monkeypatch):
 
 
 def segment(model: Path, models, out: Path, overwrite: bool = False):
-    from cluster.segment import list_inputs, segment as run_segment
+    from cluster.segment_inputs import list_inputs
+    from cluster.segment_pipeline import segment as run_segment
 
     cfg = SegmentConfig(workers=2, batch_size=1, cpus_per_worker=0.6, cpus_per_decode=0.3, progress_interval_s=60)
     return run_segment(model, list_inputs(str(models["images"])), out, cfg, log=lambda m: None, overwrite=overwrite)

@@ -2,11 +2,13 @@
 named, what counts as done on a rerun, and the command line's one-line errors (exit 2 before Ray starts)."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 
-from cluster import segment
-from cluster.segment import InputError, Manifest, list_inputs, split_done
+from cluster import segment, segment_inputs, segment_outputs, segment_pipeline
+from cluster.segment_inputs import InputError, list_inputs
+from cluster.segment_outputs import Manifest, split_done
 
 
 def touch(path, data=b"x"):
@@ -119,7 +121,7 @@ def test_manifest_keeps_the_last_record_per_image_and_is_rewritten_one_line_each
 def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path):
     keep = [touch(tmp_path / "a.png"), touch(tmp_path / ".config"), touch(tmp_path / "sub/b.png")]
     stale = [touch(tmp_path / ".a_color.png.1234.tmp"), touch(tmp_path / "sub/.b.png.99.tmp")]
-    assert segment.remove_stale_temps(tmp_path) == 2
+    assert segment_outputs.remove_stale_temps(tmp_path) == 2
     assert all(p.exists() for p in keep) and not any(p.exists() for p in stale)
 
 
@@ -151,11 +153,11 @@ def test_pool_size_defaults_to_what_the_cluster_holds_and_warns_when_a_request_d
     from cluster.config import SegmentConfig
 
     said = []
-    assert segment.size_pool(SegmentConfig(), {"CPU": 8.0}, said.append) == 7  # 7 x 1 CPU + 0.5 to read
-    assert segment.size_pool(SegmentConfig(gpus_per_worker=1), {"CPU": 8.0, "GPU": 4.0}, said.append) == 4
-    assert segment.size_pool(SegmentConfig(), {"CPU": 1.0}, said.append) == 1 and len(said) == 1
+    assert segment_pipeline.size_pool(SegmentConfig(), {"CPU": 8.0}, said.append) == 7  # 7 x 1 CPU + 0.5 to read
+    assert segment_pipeline.size_pool(SegmentConfig(gpus_per_worker=1), {"CPU": 8.0, "GPU": 4.0}, said.append) == 4
+    assert segment_pipeline.size_pool(SegmentConfig(), {"CPU": 1.0}, said.append) == 1 and len(said) == 1
     assert "waits for an autoscaler" in said[0] and "1.5 CPUs" in said[0]
-    assert segment.size_pool(SegmentConfig(workers=3), {"CPU": 8.0}, said.append) == 3 and len(said) == 1
+    assert segment_pipeline.size_pool(SegmentConfig(workers=3), {"CPU": 8.0}, said.append) == 3 and len(said) == 1
 
 
 def test_mixed_sizes_run_one_call_per_size_and_equal_each_image_alone(tmp_path, one_thread):
@@ -201,7 +203,7 @@ def test_a_size_the_engine_cannot_run_fails_alone():
 # ------------------------------------------------------------------ hostile paths (issue 20): never outside OUTPUT
 def _inside(out, names, color=True):
     root = out.resolve()
-    return all((out / rel).resolve().is_relative_to(root) for n in names for rel in segment.expected_outputs(n, color))
+    return all((out / rel).resolve().is_relative_to(root) for n in names for rel in segment_outputs.expected_outputs(n, color))
 
 
 def test_list_file_uris_with_dotdot_are_named_from_normalized_paths(tmp_path):
@@ -244,9 +246,9 @@ def test_object_store_keys_that_climb_out_of_the_prefix_are_refused(tmp_path):
 
 
 def test_list_file_keys_that_climb_out_of_their_bucket_are_refused():
-    assert segment._normalized("bucket/a/../../x.jpg", store=True) == (None, None)
-    assert segment._normalized("bucket/a/../x.jpg", store=True) == ("bucket/x.jpg", "bucket/x.jpg")
-    assert segment._normalized("/bucket/./a//b.jpg", store=True)[0] == "bucket/a/b.jpg"
+    assert segment_inputs._normalized("bucket/a/../../x.jpg", store=True) == (None, None)
+    assert segment_inputs._normalized("bucket/a/../x.jpg", store=True) == ("bucket/x.jpg", "bucket/x.jpg")
+    assert segment_inputs._normalized("/bucket/./a//b.jpg", store=True)[0] == "bucket/a/b.jpg"
 
 
 def test_link_loops_list_each_file_once(tmp_path):
@@ -274,7 +276,7 @@ def test_outputs_that_resolve_outside_output_are_refused_and_failed_in_the_manif
     (out / "sub").symlink_to(elsewhere)  # OUT/sub/b.png would land in elsewhere/
     (out / "c.png").symlink_to(elsewhere / "c.png")  # a link in place of an output file
     inputs = list_inputs(str(root), exclude=str(out))
-    run, refused = segment.refuse_escaping(inputs.items, [], out, color=False)
+    run, refused = segment_outputs.refuse_escaping(inputs.items, [], out, color=False)
     assert [i.name for i in run] == ["a"]
     reasons = dict(refused)
     assert sorted(reasons) == [str(root / "c.jpg"), str(root / "sub/b.jpg")]
@@ -283,7 +285,7 @@ def test_outputs_that_resolve_outside_output_are_refused_and_failed_in_the_manif
     inputs.items = [i for i in inputs.items if i.name != "a"]
     model = tmp_path / "model.ckpt"  # OUTPUT records the model's hash; never opened as a model here
     model.write_bytes(b"not opened")
-    summary = segment.segment(str(model), inputs, out, SegmentConfig(), log=lambda m: None)
+    summary = segment_pipeline.segment(str(model), inputs, out, SegmentConfig(), log=lambda m: None)
     assert summary.failed == 2 and summary.ok == 0
     lines = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
     assert sorted(r["path"] for r in lines) == sorted(reasons) and all(r["status"] == "failed" for r in lines)
@@ -301,11 +303,11 @@ def test_a_decode_task_loads_neither_torch_nor_an_inference_runtime(tmp_path):
     Image.new("RGB", (9, 7), (10, 20, 30)).save(tmp_path / "a.png")
     code = (
         "import sys, pyarrow.fs as fs\n"
-        "from cluster.segment import read_and_decode\n"
+        "from cluster.segment_pipeline import read_and_decode\n"
         f"row = read_and_decode({{'path': {str(tmp_path / 'a.png')!r}, 'uri': 'a.png', 'name': 'a'}}, fs.LocalFileSystem(), None)\n"
         "assert not row['error'] and (row['height'], row['width']) == (7, 9), row\n"
         "print(sorted(m for m in ('torch', 'onnxruntime', 'openvino', 'tensorrt') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(segment.Path(__file__).resolve().parents[1])})
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -18,7 +18,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from cluster.segment import STALE_TEMP  # noqa: E402
+from cluster.segment_outputs import STALE_TEMP  # noqa: E402
 from inference_files import BAD, image_collection, read_png, reference_predictions, tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -221,7 +221,7 @@ def test_manifest_parts_left_by_a_killed_driver_are_read_and_merged(s3_server, t
 
 
 def parts_round_trip(endpoint: str) -> None:
-    from cluster.segment import MANIFEST, open_manifest, Output
+    from cluster.segment_outputs import MANIFEST, Output, open_manifest
 
     output = Output(f"s3://parts/out?endpoint_override={endpoint}&scheme=http")
     killed = open_manifest(output)

@@ -128,7 +128,7 @@ def test_segment_workers_hold_their_pixel_budget(tmp_path):
     """cluster.segment's model actor (called here as Ray Data calls it) splits a batch of same-size images into
     calls of at most segment.max_batch_pixels, and writes every mask."""
     from cluster.infer import ship_model
-    from cluster.segment import SegmentWorker
+    from cluster.segment_pipeline import SegmentWorker
     from cluster.config import SegmentConfig
     from inference_files import photo, read_png, tiny_checkpoint
 
