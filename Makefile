@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 # python when there is one, else the machine's.
 GPU_PY ?= $(if $(VIRTUAL_ENV),python,$(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3))
 
-.PHONY: install test test-fast demo gpu-check clean
+.PHONY: install lint test test-fast demo gpu-check clean
 
 $(VENV)/bin/python:
 	@if [ -z "$$VIRTUAL_ENV" ]; then python3 -m venv $(VENV); fi
@@ -22,6 +22,10 @@ install: $(if $(VIRTUAL_ENV),,$(VENV)/bin/python)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
+
+# ruff (configured in pyproject.toml): no finding allowed; .ci/run runs it before the tests
+lint: install
+	$(PY) -m ruff check .
 
 test: install
 	$(PY) -m pytest -q --durations=15
