@@ -24,8 +24,11 @@ import sys
 import tempfile
 import time
 
+from cluster.ray_session import init_ray
+from cluster.train import build_trainer
 from deeplab.cli import command
-
+from deeplab.config import Alias, ConfigError, add_config_args, config_from_args, experiment_from_dict
+from deeplab.data import build_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The bench's own starting point, applied before the user's --set and flags (those win).
@@ -33,7 +36,6 @@ BENCH_SETTINGS = ["train.max_iterations=8", "train.batch_size=4", "cluster.cpus_
 
 
 def _aliases():
-    from deeplab.config import Alias
 
     return [Alias("--iterations", "train.max_iterations", "training steps per run (bench default 8)", metavar="N"),
             Alias("--batch", "train.batch_size", "batch size, one worker (bench default 4)", metavar="B"),
@@ -44,7 +46,6 @@ def _aliases():
 
 def _config(args):
     """The experiment both sides run: one worker, one evaluation at the end (excluded from images/s)."""
-    from deeplab.config import ConfigError, config_from_args, experiment_from_dict
 
     args.overrides = BENCH_SETTINGS + list(args.overrides)
     values = config_from_args(args).to_dict()
@@ -66,7 +67,6 @@ def run_plain(cfg) -> tuple:
 
 
 def run_ray(cfg, storage: str, name: str) -> tuple:
-    from cluster.train import build_trainer
 
     start = time.perf_counter()
     result = build_trainer(cfg, name=name, storage_path=storage).fit()
@@ -74,7 +74,6 @@ def run_ray(cfg, storage: str, name: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from deeplab.config import add_config_args
 
     parser = argparse.ArgumentParser(prog="python -m cluster.bench", description=__doc__.split("\n\n")[0])
     add_config_args(parser, aliases=_aliases())
@@ -96,7 +95,6 @@ SCALING_ITERATIONS = 20
 
 def _scaling_config(args, cores: int):
     """The config's model, data and global batch; one evaluation (excluded) at the end of each run."""
-    from deeplab.config import ConfigError, config_from_args
 
     if cores < 1:
         raise ConfigError(f"--cores {cores}: a number of cores >= 1")
@@ -119,9 +117,8 @@ def run_bare(cfg, threads: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    from deeplab.data import build_dataset
-    from deeplab.train_loop import Meter, resolve_amp
     from deeplab.model import build_model
+    from deeplab.train_loop import Meter, resolve_amp
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
@@ -148,7 +145,6 @@ def run_bare(cfg, threads: int) -> float:
 
 def run_workers(cfg, workers: int, cpus: int, storage: str, name: str) -> float:
     """Images/s (median over steps after warm-up) of `cluster.train` with ``workers`` x ``cpus``."""
-    from cluster.train import build_trainer
 
     cfg = copy.deepcopy(cfg)
     cfg.cluster.num_workers, cfg.cluster.cpus_per_worker = workers, cpus
@@ -175,7 +171,6 @@ def run_scaling(args) -> int:
 
     import ray
 
-    from cluster.ray_session import init_ray
 
     init_ray(cfg, local=True, num_cpus=cores, log_to_driver=False)
     labels = [f"bare loop, {cores} threads", f"1 worker x {cores} CPUs", f"{cores} workers x 1 CPU"]
@@ -187,8 +182,8 @@ def run_scaling(args) -> int:
         with tempfile.TemporaryDirectory(prefix="cluster-bench-") as storage:
             for r in range(rounds):
                 for label, run in zip(labels, (lambda: run_bare(cfg, cores),
-                                               lambda: run_workers(cfg, 1, cores, storage, f"one{r}"),
-                                               lambda: run_workers(cfg, cores, 1, storage, f"many{r}"))):
+                                               lambda r=r: run_workers(cfg, 1, cores, storage, f"one{r}"),
+                                               lambda r=r: run_workers(cfg, cores, 1, storage, f"many{r}"))):
                     runs[label].append(run())
                     print(f"round {r + 1}  {label:<26s}{runs[label][-1]:8.2f} img/s", flush=True)
     finally:
@@ -212,7 +207,6 @@ def main(argv=None) -> int:
 
     threads = int(cfg.cluster.cpus_per_worker)
     torch.set_num_threads(threads)
-    from cluster.ray_session import init_ray
 
     init_ray(cfg, local=True, num_cpus=threads, log_to_driver=False)
     print(f"{cfg.model.backbone} at {cfg.data.crop_size}x{cfg.data.crop_size}, batch {cfg.train.batch_size}, "

@@ -37,17 +37,25 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from cluster.infer import open_model, set_threads
+from cluster.ray_session import free_port, init_ray
+from cluster.segment_inputs import list_inputs
+from cluster.segment_pipeline import segment, startup_line
+from cluster.serve import APP_NAME, image_limit, start
 from cluster.serve_batch import PARTS, parse_server_timing
+from deeplab import build_model, save_checkpoint
 from deeplab.cli import UserError, command
 from deeplab.config import ConfigError, add_config_args, config_from_args
+from deeplab.data import normalize
+from deeplab.data.io import read_image
 
 BREAKDOWN = ("proxy",) + PARTS + ("other",)
 
 
 def make_images(folder: Path, count: int, size: int, seed: int = 0) -> list:
     """``count`` JPEGs of size x size (smooth colour fields plus noise, so JPEG sizes are realistic)."""
-    from PIL import Image
 
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -195,15 +203,11 @@ class BareRunner:
     argmax, PNG encode; ``threads`` intra-op threads (a replica's CPUs)."""
 
     def __init__(self, model: str, threads: int):
-        from cluster.infer import open_model, set_threads
 
         self.runner = open_model(model, threads=set_threads(threads))
         self.cpu_ms: dict = {}  # batch -> CPU ms per image of the last measurement (this process: all threads)
 
     def images_per_s(self, bodies: list, batch: int, images: int) -> float:
-        from deeplab.data import normalize
-        from deeplab.data.io import read_image
-        from PIL import Image
 
         def run(count):
             for k in range(0, count, batch):
@@ -311,7 +315,6 @@ def row_line(row: dict) -> str:
 def bench_serve(model: str, codes: dict, bodies: list, body_file: Path, args, work: Path) -> list:
     """Every (round, code, batching, replicas) setting, interleaved; the bare runner measured right before each
     setting (batch 1 and the largest batch), its best images/s the ratio's denominator."""
-    from cluster.ray_session import free_port
 
     bare = BareRunner(model, max(1, int(args.cpus_per_worker)))
     rows = []
@@ -378,11 +381,9 @@ def bench_peak_rss(model: str, exp, uploads: int, cpus: float, port: int) -> dic
     """The replica's peak RSS while ``uploads`` concurrent uploads of serve.max_batch_pixels pixels each (the
     largest image it accepts) arrive: the budget makes them run one model call at a time."""
     import ray
-    from PIL import Image
     from ray import serve
     from ray.util.state import list_actors
 
-    from cluster.serve import APP_NAME, image_limit, start
 
     cfg = exp.serve
     cfg.port, cfg.host, cfg.replicas, cfg.autoscale, cfg.cpus_per_replica = port, "127.0.0.1", 1, None, cpus
@@ -410,8 +411,6 @@ def bench_segment(model: str, exp, folder: Path, workdir: Path, actors_list, cpu
     """Each actor gets ``cpus``, or less where the cluster cannot hold the actors next to a read task."""
     import ray
 
-    from cluster.segment_inputs import list_inputs
-    from cluster.segment_pipeline import segment, startup_line
 
     rows = []
     total = float(ray.cluster_resources().get("CPU", 1))
@@ -440,7 +439,6 @@ def bench_segment(model: str, exp, folder: Path, workdir: Path, actors_list, cpu
 def random_model(exp, folder: Path) -> str:
     import torch
 
-    from deeplab import build_model, save_checkpoint
 
     torch.manual_seed(0)
     path = folder / f"random_{exp.model.backbone}.ckpt"
@@ -510,7 +508,6 @@ def main(argv=None) -> int:
     exp = config_from_args(args)
     codes = code_trees(args.code)
 
-    from cluster.ray_session import free_port, init_ray
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         work = Path(tmp)

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 from contextlib import contextmanager
@@ -128,7 +129,6 @@ def quiet_stderr(noise: re.Pattern, verbose: bool):
     also what C++ libraries write there, such as Ray's core worker), unless ``verbose``. A small filter process
     forwards the rest as it comes, so a line written just before a crash still arrives; on the way out stderr is
     this process's own again and the filter has forwarded everything."""
-    import subprocess
 
     if verbose:
         yield

@@ -21,7 +21,9 @@ import time
 from cluster.console import ray_init_options
 from cluster.ray_session import init_ray
 from cluster.storage import resolve_storage_path
+from deeplab import load_checkpoint
 from deeplab.cli import command, on_interrupt
+from deeplab.data import build_dataset, dataset_info
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PICTURE = "predictions_os8.png"  # in the run folder: what the demo learned, named on the console's last line
@@ -31,8 +33,6 @@ def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
     """mIoU of a checkpoint on its own experiment's validation set at each output stride."""
     from torch.utils.data import DataLoader
 
-    from deeplab import load_checkpoint
-    from deeplab.data import build_dataset
     from deeplab.inference import evaluate, model_predictor
 
     ck = load_checkpoint(path)
@@ -44,8 +44,6 @@ def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
 def write_picture(path: str, output: str, count: int = 4, scale: int = 2) -> str:
     """image | ground truth | prediction at output stride 8 for the first ``count`` validation images of the
     checkpoint's experiment, in its dataset's palette, as one PNG (panels enlarged ``scale`` times)."""
-    from deeplab import load_checkpoint
-    from deeplab.data import build_dataset, dataset_info
     from deeplab.visualize import validation_grid, write_png
 
     ck = load_checkpoint(path)

@@ -21,7 +21,10 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from deeplab.config import Alias
+from deeplab.data.imagenet import normalize_array
 from deeplab.fileio import atomic_path, ensure_dir, is_uri
+from export.metadata import file_sha256
+from export.model_file import ModelHandle, formats_help, load_runner, model_files
 
 CACHE_ENV = "DEEPLAB_MODEL_CACHE"  # where nodes keep shipped models (default: TMPDIR/deeplab-models)
 
@@ -29,7 +32,6 @@ CACHE_ENV = "DEEPLAB_MODEL_CACHE"  # where nodes keep shipped models (default: T
 def model_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The parser of a command that runs any model file (segment, serve): the module docstring's body as its
     description, and the MODEL argument."""
-    from export.model_file import formats_help
 
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,8 +75,6 @@ def model_identity(model) -> dict:
     """What a model is, by content: every file of it (export.model_file.model_files) with its sha256, and one
     sha256 over them all. Two copies of a model in different folders are the same model. ``model``: a path, or
     export.model_file.open_model_file's handle (its hashes, taken when it was read: no file is read again)."""
-    from export.metadata import file_sha256
-    from export.model_file import ModelHandle, model_files
 
     if isinstance(model, ModelHandle):
         return _identity(model.path.name, dict(model.sha256))
@@ -87,7 +87,6 @@ def ship_model(model) -> dict:
     workers start (it owns the objects). ``model``: a path, or open_model_file's handle (its bytes as read)."""
     import ray
 
-    from export.model_file import ModelHandle, model_files
 
     if isinstance(model, ModelHandle):
         name, data = model.path.name, model.data
@@ -99,7 +98,6 @@ def ship_model(model) -> dict:
 
 
 def _cached_ok(target: Path, sha256: str) -> bool:
-    from export.metadata import file_sha256
 
     return target.is_file() and file_sha256(target) == sha256
 
@@ -132,7 +130,6 @@ def _materialize(shipped: dict, fetch=None) -> Path:
 
 def open_model(shipped, **kwargs):
     """A `export.model_file.ModelRunner` for a model given as a path or as `ship_model`'s handle."""
-    from export.model_file import load_runner
 
     path = _materialize(shipped) if isinstance(shipped, dict) else shipped
     return load_runner(path, **kwargs)
@@ -156,7 +153,6 @@ def predict_labels(runner, images: Sequence[np.ndarray], keep_errors: bool = Fal
     """Label maps (HxW uint8) for HxWx3 uint8 images, each at its own size; one model call per size and per
     ``max_batch_pixels`` (see model_calls). ``keep_errors``: a call the model fails on (an engine profile too
     small, out of GPU memory) gets the exception in place of its label maps, and the other calls still run."""
-    from deeplab.data.imagenet import normalize_array
 
     out: list = [None] * len(images)
     for indices in model_calls([image.shape for image in images], max_batch_pixels):

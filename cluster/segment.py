@@ -24,15 +24,16 @@ from __future__ import annotations
 import sys
 import time
 
+from cluster.console import ACTOR_ARGUMENTS_NOISE, quiet_ray_data, quiet_stderr, ray_init_options
 from cluster.infer import CHECKPOINT_STRIDE_ALIAS, fetch_model, model_parser
-from deeplab.cli import command, on_interrupt
-from deeplab.config import ALPHA_ALIAS, Alias, add_config_args, config_from_args
-from deeplab.fileio import is_uri
-
+from cluster.ray_session import init_ray
 from cluster.segment_inputs import list_inputs
 from cluster.segment_outputs import MANIFEST, Output, claim_output, open_manifest
 from cluster.segment_pipeline import segment, startup_line, stop_actors
-
+from deeplab.cli import command, on_interrupt
+from deeplab.config import ALPHA_ALIAS, Alias, add_config_args, config_from_args
+from deeplab.fileio import is_uri
+from export.model_file import open_model_file
 
 ALIASES = [
     Alias("--workers", "segment.workers", "model actors (default: as many as the cluster's CPUs, or GPUs, hold)"),
@@ -68,7 +69,6 @@ def parse_args(argv):
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from export.model_file import open_model_file
 
     exp = config_from_args(args)
     cfg = exp.segment
@@ -91,8 +91,6 @@ def main(argv=None) -> int:
     if output.exists():  # another model's OUTPUT stops here, before Ray starts
         claim_output(output, model, inputs.items, open_manifest(output), args.overwrite)
 
-    from cluster.console import ACTOR_ARGUMENTS_NOISE, quiet_ray_data, quiet_stderr, ray_init_options
-    from cluster.ray_session import init_ray
 
     clock = time.perf_counter()
     init_ray(exp, **ray_init_options(args.verbose))

@@ -13,7 +13,7 @@ from typing import Optional
 
 from deeplab.cli import UserError, error_line
 from deeplab.fileio import is_uri
-
+from deeplab.predict import IMAGE_SUFFIXES
 
 
 class InputError(UserError, ValueError):
@@ -91,8 +91,8 @@ def _walk_local(root: str, exclude: Optional[str]) -> list:
             dirs[:] = []
             continue
         seen_dirs.add(real)
-        links_last = lambda name: (os.path.islink(os.path.join(folder, name)), name)  # noqa: E731
-        dirs[:] = sorted((d for d in dirs if not d.startswith(".")), key=links_last)
+        dirs[:] = sorted((d for d in dirs if not d.startswith(".")),
+                         key=lambda name, folder=folder: (os.path.islink(os.path.join(folder, name)), name))
         for f in (f for f in files if not f.startswith(".")):
             path = os.path.join(folder, f)
             if not os.path.isfile(path):  # regular files (or links to one) only: no FIFOs, no broken links
@@ -176,7 +176,6 @@ def _list_file(source: str) -> InputSet:
     """A text file of paths: blank lines and # comments skipped; relative paths are relative to its folder.
     Outputs are named from the normalized paths relative to their common folder; a file listed twice (also
     through a link or '..') is segmented once; an object-store key that climbs out of its bucket is refused."""
-    from deeplab.predict import IMAGE_SUFFIXES
 
     try:
         text = Path(source).read_text()
@@ -212,7 +211,6 @@ def list_inputs(source: str, exclude: Optional[str] = None, extensions=None, fil
     ``extensions``: keep only these suffixes (folders and prefixes; a list file is taken as written);
     ``filesystem``: a pyarrow filesystem on which ``source`` is a folder or prefix (tests, custom stores)."""
     extensions = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions or ()}
-    from deeplab.predict import IMAGE_SUFFIXES
 
     if not is_uri(source) and os.path.isfile(source):
         if Path(source).suffix.lower() in IMAGE_SUFFIXES:  # one image: a list of one

@@ -16,12 +16,11 @@ from dataclasses import replace
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
+from cluster.infer import model_identity
 from cluster.storage import RunFolder, storage_folder
 from deeplab.cli import OutputError, UserError, error_line
-from deeplab.fileio import atomic_path, ensure_dir
+from deeplab.fileio import atomic_path, ensure_dir, write_text_atomic
 from deeplab.predict import PREDICTION_KINDS  # in expected_outputs' order; deeplab.predict loads no torch
-
-
 
 MANIFEST = "manifest.jsonl"
 
@@ -202,7 +201,6 @@ class Manifest:
 
     def close(self) -> None:
         """One line per image, atomically (temporary name, then rename)."""
-        from deeplab.fileio import write_text_atomic
 
         if self._file is not None:
             self._file.close()
@@ -363,7 +361,6 @@ def claim_output(out, model, items: list, manifest: Manifest, overwrite: bool) -
     """OUTPUT belongs to one model (by content: cluster.infer.model_identity). The same model resumes; another
     stops here, before any work, unless ``overwrite`` (its results are removed and every image is redone).
     ``model``: a path, or export.model_file.open_model_file's handle (not read again)."""
-    from cluster.infer import model_identity
 
     output = as_output(out)
     identity = {"model": os.path.abspath(getattr(model, "path", model)), **model_identity(model)}

@@ -6,6 +6,7 @@ The one part of cluster.segment that needs Ray; the command (cluster/segment.py)
 `segment`, and the inputs and outputs modules decide what is to be done."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -14,21 +15,37 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
-from deeplab.cli import error_line, on_interrupt
-from deeplab.config import InferenceConfig
-from deeplab.predict import PREDICTION_KINDS  # in expected_outputs' order; deeplab.predict loads no torch
-from deeplab.progress import Progress
+import numpy as np
+from PIL import Image
 
 from cluster.config import SegmentConfig
+from cluster.infer import class_pixels, open_model, predict_labels, set_threads, ship_model, worker_device
 from cluster.segment_inputs import InputSet
-from cluster.segment_outputs import (Output, as_output, claim_output, expected_outputs, open_manifest, output_escape,
-                                     refuse_escaping, remove_stale_temps, split_done)
+from cluster.segment_outputs import (
+    Output,
+    as_output,
+    claim_output,
+    expected_outputs,
+    open_manifest,
+    output_escape,
+    refuse_escaping,
+    remove_stale_temps,
+    split_done,
+)
+from deeplab.cli import error_line, on_interrupt
+from deeplab.config import InferenceConfig
+from deeplab.data import DatasetError, palette_for_classes, read_image, read_mask
+from deeplab.predict import (
+    PREDICTION_KINDS,  # in expected_outputs' order; deeplab.predict loads no torch
+    prediction_images,
+    write_prediction,
+)
+from deeplab.progress import Progress
 
 
 # ------------------------------------------------------------------------------------- Ray Data stages
 def read_and_decode(row: dict, filesystem, max_pixels: Optional[int]) -> dict:
     """A Ray Data task: read one file through pyarrow and decode it; a bad file becomes an error string."""
-    from deeplab.data import DatasetError, read_image
 
     start = time.perf_counter()
     out = {"path": row["path"], "uri": row["uri"], "name": row["name"], "kept": row.get("kept", ""), "error": "",
@@ -57,8 +74,6 @@ class SegmentWorker:
     def __init__(self, model, out_dir: str, color: bool, alpha: float, output_stride: Optional[int],
                  num_gpus: float, cpus: float, max_batch_pixels: Optional[int] = None):
         self.startup = {"init": time.time()}  # for the driver's start-up phases
-        from cluster.infer import open_model, set_threads, worker_device
-        from deeplab.data import palette_for_classes
         threads = set_threads(cpus)
         self.runner = open_model(model, output_stride=output_stride, device=worker_device(num_gpus), threads=threads)
         self.names = self.runner.info.class_names
@@ -70,9 +85,7 @@ class SegmentWorker:
         self.startup["ready"] = time.time()
 
     def __call__(self, batch: dict) -> dict:
-        import numpy as np
 
-        from cluster.infer import predict_labels
 
         rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["uri"]))]
         good = [row for row in rows if not row["error"]]
@@ -108,7 +121,6 @@ class SegmentWorker:
         return [k for k in self.kinds if not os.path.isfile(os.path.join(self.output.path, outputs[k]))]
 
     def _finish(self, uri: str, name: str, image, labels, missing: list, seconds: float) -> dict:
-        from cluster.infer import class_pixels
 
         start = time.perf_counter()
         if self.output.local:
@@ -130,9 +142,7 @@ class SegmentWorker:
 
     def _write(self, name: str, image, labels, kinds: list) -> None:
         """The pictures of ``kinds``: locally with deeplab.predict's atomic writer, on a store one PUT each."""
-        import io
 
-        from deeplab.predict import prediction_images, write_prediction
 
         rel = PurePosixPath(name)
         if self.output.local:
@@ -147,12 +157,8 @@ class SegmentWorker:
             self.output.write(outputs[kind], data.getvalue())
 
     def _read_labels(self, name: str):
-        import io
 
-        import numpy as np
-        from PIL import Image
 
-        from deeplab.data import read_mask
 
         rel = expected_outputs(name, color=False)[0]
         if self.output.local:
@@ -259,7 +265,6 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     open_model_file's handle (claimed and shipped from the bytes it read)."""
     import ray.data
 
-    from cluster.infer import ship_model
 
     output = as_output(out_dir)
     output.make()

@@ -32,17 +32,34 @@ import sys
 import time
 import urllib.request
 import uuid
+from email.parser import BytesParser
+from email.policy import HTTP
 from typing import NoReturn, Optional
 
 import numpy as np
 
 from cluster import ray_internals
-from cluster.infer import CHECKPOINT_STRIDE_ALIAS, model_parser
+from cluster.config import ServeConfig
+from cluster.console import SERVE_SHUTDOWN_NOISE, quiet_ray_reports, ray_init_options
+from cluster.infer import (
+    CHECKPOINT_STRIDE_ALIAS,
+    class_pixels,
+    model_parser,
+    open_model,
+    predict_labels,
+    set_threads,
+    ship_model,
+    worker_device,
+)
+from cluster.ray_session import init_ray
+from cluster.serve_batch import DynamicBatcher, server_timing
+from cluster.serve_stats import ReplicaMetrics, TrafficStats, traffic_line
 from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
-
-from cluster.config import ServeConfig
-from cluster.serve_batch import DynamicBatcher, server_timing
+from deeplab.data import normalize, palette_for_classes
+from deeplab.data.io import DatasetError, ImageTooLargeError, UnsupportedImageFormat, read_image
+from deeplab.predict import prediction_images
+from export.model_file import open_model_file
 
 APP_NAME = "deeplab"
 STATS_FLUSH_S = 0.5  # how often a replica sends the console's traffic figures to the stats actor
@@ -84,8 +101,6 @@ async def read_body(request, limit: int, timeout_s: float = math.inf) -> bytes:
 
 def multipart_file(content_type: str, body: bytes) -> bytes:
     """The first file field of a multipart/form-data body (or a field named image/file)."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
 
     message = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") +
                                                   b"\r\n\r\n" + body)
@@ -136,7 +151,6 @@ def route(method: str, path: str, fmt: str) -> str:
 
 def json_answer(image, labels, color_picture, info, batch: int, seconds: float) -> dict:
     """The ?format=json body: size, per-class pixel counts, the colour mask as base64 PNG, how it ran."""
-    from cluster.infer import class_pixels
 
     return {"width": int(image.shape[1]), "height": int(image.shape[0]),
             "pixels": class_pixels(labels, info.class_names), "classes": info.class_names,
@@ -176,7 +190,6 @@ def request_id(request) -> str:
 def warm_up(runner, side: int = 64) -> dict:
     """One model call at start, so the first request does not pay the model's first-call cost (allocations,
     kernel selection, lazy initialization); the replica takes no traffic before it returns."""
-    from cluster.infer import predict_labels
 
     start = time.perf_counter()
     try:
@@ -197,7 +210,6 @@ def image_limit(cfg: ServeConfig) -> tuple:
 def decode_upload(data: bytes, cfg: ServeConfig):
     """The upload's pixels, or a Problem: 413 over the pixel limit (naming the option), 415 an image format
     outside the allow-list (no other decoder ever sees it), 400 not an image or truncated."""
-    from deeplab.data.io import DatasetError, ImageTooLargeError, UnsupportedImageFormat, read_image
 
     limit, option = image_limit(cfg)
     try:
@@ -216,9 +228,6 @@ class Replica:
     routing and answers are the module functions above, so each method stays short."""
 
     def __init__(self, model, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None):
-        from cluster.infer import open_model, set_threads, worker_device
-        from cluster.serve_stats import ReplicaMetrics
-        from deeplab.data import palette_for_classes
 
         num_gpus, cpus = cfg.gpus_per_replica, cfg.cpus_per_replica
         threads = set_threads(cpus)
@@ -244,14 +253,12 @@ class Replica:
 
     def _decode(self, data: bytes) -> tuple:
         """(pixels, the normalized model input): done in a thread while the model runs other requests."""
-        from deeplab.data import normalize
 
         image = decode_upload(data, self.cfg)
         return image, normalize(image).numpy()
 
     def _encode(self, image, labels, fmt: str, images: int, start: float) -> tuple:
         """(body, media type) of the answer: done in a thread, so the event loop keeps feeding the model."""
-        from deeplab.predict import prediction_images
 
         kinds = ("labels",) if fmt == "png" else ("color",)
         picture = prediction_images(image, labels, self.palette, kinds=kinds)[kinds[0]]
@@ -372,7 +379,6 @@ def build_app(model_path, cfg: ServeConfig, stats=None, output_stride: Optional[
     """The bound Serve application for ``model_path`` (a path or open_model_file's handle; shipped to the
     replicas through the object store);
     ``stats``: a TrafficStats actor the replicas tell about each request (the console's traffic line)."""
-    from cluster.infer import ship_model
 
     deployment = _deployment_class().options(**deployment_options(cfg))
     return deployment.bind(ship_model(model_path), cfg, stats, output_stride)
@@ -469,7 +475,6 @@ def _watch(stats, interval_s: float) -> NoReturn:
     ``interval_s``, one console line for the traffic since the last one."""
     import ray
 
-    from cluster.serve_stats import traffic_line
 
     next_line = time.monotonic() + interval_s
     while True:
@@ -498,7 +503,6 @@ def where_to_look() -> str:
 def quiet_serve_console(verbose: bool) -> dict:
     """Serve's lines (an access line per request, deployment INFO lines) stay in its log files unless
     ``verbose``; returns ray.init's options for that."""
-    from cluster.console import ray_init_options
 
     if not verbose:
         logging.getLogger("ray.serve").setLevel(logging.WARNING)
@@ -508,7 +512,6 @@ def quiet_serve_console(verbose: bool) -> dict:
 @command
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from export.model_file import open_model_file
 
     exp = config_from_args(args)
     cfg = exp.serve
@@ -518,9 +521,6 @@ def main(argv=None) -> int:
     import ray
     from ray import serve
 
-    from cluster.console import SERVE_SHUTDOWN_NOISE, quiet_ray_reports
-    from cluster.serve_stats import TrafficStats
-    from cluster.ray_session import init_ray
 
     joins = exp.cluster.address or os.environ.get("RAY_ADDRESS")
     local = {} if joins or cfg.metrics_port is None else {"_metrics_export_port": cfg.metrics_port}

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import sys
 import threading
+import uuid
 from typing import Optional
 
 from cluster import ray_internals
@@ -28,6 +30,7 @@ from cluster.ray_session import init_ray
 from cluster.storage import RunFolder, resolve_storage_path, run_folder
 from deeplab.cli import command, error_line, on_interrupt
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args
+from deeplab.data import build_dataset, dataset_for_model, dataset_info
 from deeplab.fileio import copy_file_atomic, ensure_dir, is_uri, write_text_atomic
 from deeplab.pause import pause_for_test
 
@@ -221,7 +224,6 @@ def _summary(result, folder: RunFolder, best_path: Optional[str]) -> dict:
 
 
 def _print_summary(cfg: ExperimentConfig, summary: dict) -> None:
-    from deeplab.data import dataset_info
     from deeplab.train_loop import describe_resume
 
     names = getattr(dataset_info(cfg.data), "class_names", None) or []
@@ -246,7 +248,6 @@ def _print_summary(cfg: ExperimentConfig, summary: dict) -> None:
 
 def _write_summary(summary: dict, folder: RunFolder) -> None:
     """<run>/summary.json, whole or not at all (a local atomic rename; one object-store put on S3/GCS)."""
-    import json
 
     text = json.dumps(summary, indent=1, default=str)
     if folder.local:
@@ -278,7 +279,6 @@ def check_storage_visible(cfg: ExperimentConfig, storage: str, timeout_s: float 
     driver writes a marker into ``storage`` and a task pinned to each other node looks for it. Object stores
     (s3://, gs://) and a shared filesystem mounted at the same path on every node pass; nodes that join later
     are checked by Ray itself at their first upload."""
-    import uuid
 
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -399,7 +399,6 @@ def preflight(cfg: ExperimentConfig) -> None:
     """Open the datasets and checkpoints once on the driver, so a bad path fails in one line here; remote
     weights (s3://...) are read as the workers will read them (pyarrow)."""
     from deeplab.checkpoint import load_checkpoint, read_weights_file
-    from deeplab.data import build_dataset, dataset_for_model
 
     cfg = _absolute_paths(cfg)
     dataset_for_model(cfg.data, cfg.model.num_classes, f"model.num_classes={cfg.model.num_classes}")

@@ -17,9 +17,12 @@ from contextlib import contextmanager
 from typing import Optional
 
 import pyarrow.fs
+import torch
 
 from cluster import ray_internals
 from cluster.checkpoints import newest_complete, read_progress, remove_incomplete, upload_atomically, write_progress
+from cluster.console import quiet_worker_console
+from deeplab.checkpoint import CHECKPOINT_FILE, unwrap
 from deeplab.config import experiment_from_dict
 
 
@@ -56,9 +59,7 @@ def train_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from cluster.console import quiet_worker_console
     from cluster.syncbn import convert_sync_batchnorm, revert_sync_batchnorm
-    from deeplab.checkpoint import unwrap
     from deeplab.train_loop import Worker, train
 
     cfg = experiment_from_dict(config["experiment"])
@@ -117,7 +118,6 @@ def _newest_checkpoint(fs, run_path: str, rank: int) -> Optional[str]:
     a stopped attempt's upload left (no rank writes there now)."""
     import ray.train
 
-    from deeplab.checkpoint import CHECKPOINT_FILE
 
     if rank == 0:
         remove_incomplete(fs, run_path)
@@ -133,7 +133,6 @@ def _newest_checkpoint(fs, run_path: str, rank: int) -> Optional[str]:
 def set_worker_threads(cpus: float) -> None:
     """One intra-op thread per CPU the worker holds, one inter-op thread: more threads than reserved cores
     make OpenMP's spin-waits and gloo's own threads fight over the same cores."""
-    import torch
 
     torch.set_num_threads(max(1, int(cpus)))
     try:
@@ -161,7 +160,6 @@ def compress_gradients(model, compression: str):
 def _bf16_all_reduce(group, bucket):
     """DDP communication hook: the bucket's mean over workers, sent as bf16. torch's own bf16_compress_hook
     refuses gloo (it asks for NCCL or XCCL); gloo sums bf16 as well."""
-    import torch
     import torch.distributed as dist
 
     group = group or dist.group.WORLD

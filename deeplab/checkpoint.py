@@ -12,6 +12,7 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import torch
 
@@ -115,7 +116,6 @@ def _delayed_open(uri: str) -> str:
     """s3:// URIs open with ``allow_delayed_open``: a small file (a summary, a mask) is then one PUT when it is
     closed instead of a three-request multipart upload, and nothing is started for a write that never closes.
     (moto's server answers multipart completions with bodies pyarrow sometimes takes for embedded errors.)"""
-    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(uri)
     query = parse_qsl(parts.query, keep_blank_values=True)
@@ -127,7 +127,6 @@ def _delayed_open(uri: str) -> str:
 def _read_remote(uri: str):
     """An object-store file (s3://, gs://, file://...) read whole through pyarrow's filesystems, the layer the
     cluster reads remote images and run storage with; pyarrow is imported only for such a path."""
-    import io
 
     import pyarrow.fs
 

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 from .data import denormalize
 from .fileio import atomic_path
@@ -37,7 +38,6 @@ def _grey(image: np.ndarray) -> np.ndarray:
 
 def _titles(grid: np.ndarray, titles: Sequence[str], width: int) -> None:
     """Each column's title, centred in the white strip at the top of ``grid`` (drawn in place)."""
-    from PIL import Image, ImageDraw, ImageFont
 
     strip = Image.fromarray(grid[:TITLE_HEIGHT])
     draw = ImageDraw.Draw(strip)
@@ -55,7 +55,6 @@ def _titles(grid: np.ndarray, titles: Sequence[str], width: int) -> None:
 def _legend(grid: np.ndarray, names: Sequence[str], palette: np.ndarray) -> None:
     """A swatch and the name of every class but the first (background: the photo shows through), in the
     white strip at the bottom of ``grid`` (drawn in place)."""
-    from PIL import Image, ImageDraw, ImageFont
 
     strip = Image.fromarray(grid[-TITLE_HEIGHT:])
     draw, font, x = ImageDraw.Draw(strip), ImageFont.load_default(size=13), 4
@@ -120,7 +119,6 @@ def validation_grid(model, dataset, palette: np.ndarray, count: int = GRID_IMAGE
 
 def write_png(path, picture: np.ndarray) -> Path:
     """An HxWx3 uint8 array as an RGB PNG, written atomically."""
-    from PIL import Image
 
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -40,13 +40,20 @@ from typing import Callable, Optional
 if __package__ in (None, ""):  # `python export/bench.py`: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 
+from deeplab import ModelConfig, build_model, load_checkpoint
 from deeplab.backbones import backbone_names
 from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
+from deeplab.data import DatasetError
 from deeplab.fileio import atomic_path, ensure_dir, write_text_atomic
+from export.metadata import build_metadata, read_metadata
+from export.runners import EngineError, OnnxRunner, TensorRTRunner, available_providers, read_sidecar
+from export.to_openvino import convert, quantize
 
 log = logging.getLogger("export.bench")  # also when run as a script (__name__ is then "__main__")
 
@@ -225,9 +232,7 @@ def torch_backends(model, cuda: bool, bf16: bool = True) -> list:
 def backbone_backends(cfg, names: list) -> list:
     """Eager fp32 rows for other backbones (same head, output stride and size, random weights, which time as
     trained ones): their speed next to the subject's, in the same interleaved rounds."""
-    from dataclasses import replace
 
-    from deeplab import ModelConfig, build_model
     from export.to_onnx import prepare_model
 
     out = []
@@ -264,7 +269,6 @@ def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp3
                 options: Optional[dict] = None) -> Backend:
     """onnxruntime with one provider. A GPU provider runs through I/O binding: its input copied to the GPU
     untimed (as torch's and TensorRT's are) and its output left there, so its time is device to device."""
-    from export.runners import OnnxRunner, available_providers
 
     if provider not in available_providers():
         raise Skip(f"onnxruntime has no {provider} (available: {', '.join(available_providers())}; "
@@ -294,7 +298,6 @@ def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp3
 
 
 def trt_backend(engine_path) -> Backend:
-    from export.runners import EngineError, TensorRTRunner, read_sidecar
 
     try:
         runner = TensorRTRunner(engine_path)
@@ -494,7 +497,6 @@ def parse_args(argv=None):
 def load_subject(args) -> tuple:
     """(model in eval mode at the benchmark's output stride, experiment config): the checkpoint's model and,
     unless --config says otherwise, its own experiment; else the config's model with random weights."""
-    from deeplab import build_model, load_checkpoint
 
     from export.to_onnx import prepare_model
 
@@ -516,7 +518,6 @@ class Artifacts:
 
     @functools.cached_property
     def onnx(self) -> Path:
-        from export.metadata import build_metadata
         from export.to_onnx import export_model
 
         if self.args.onnx:
@@ -527,7 +528,6 @@ class Artifacts:
 
     @functools.cached_property
     def calib(self) -> list:
-        from deeplab.data import DatasetError
         from export.samples import calibration_images
 
         n, size, data = self.cfg.export.calib_images, self.cfg.export.image_size, self.cfg.data
@@ -551,14 +551,11 @@ class Artifacts:
 
     @functools.cached_property
     def ir(self):
-        from export.metadata import read_metadata
-        from export.to_openvino import convert
 
         return convert(self.onnx, read_metadata(self.onnx))
 
     @functools.cached_property
     def ir_int8(self):
-        from export.to_openvino import quantize
 
         if self.args.openvino_int8:  # opened as every command opens an IR: its .bin checked, one-line errors
             from export.model_file import format_of
@@ -623,8 +620,8 @@ def openvino_backends(files: Artifacts, wanted: Callable, skipped: dict, bf16: b
     """OpenVINO on the CPU (latency hint, static shape per input size, torch's thread count): the FP32 IR at
     f32, at bf16 where the CPU has it, NNCF's INT8 IR, and the onnxruntime INT8 Q/DQ ONNX read by OpenVINO."""
     try:
-        import openvino as ov
         import nncf  # noqa: F401
+        import openvino as ov
     except ImportError as e:
         skipped["openvino_*"] = f"{e.name} is not installed (pip install 'deeplabv3-ray[cpu]')"
         return []

@@ -12,6 +12,8 @@ from typing import Optional
 from deeplab.cli import UserError, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
 
+from .opset import check_onnx_file, check_opset
+
 
 class ExportError(UserError, RuntimeError):
     """An exported model failed a check (parity with PyTorch, accuracy); one line saying what and by how much."""
@@ -65,7 +67,6 @@ def source_and_config(args, backend: str) -> tuple:
     ``backend`` (the ONNX file's, or the one the checkpoint will be exported at) before any work."""
     from deeplab.checkpoint import load_checkpoint
 
-    from .opset import check_onnx_file, check_opset
 
     src = Path(args.source)
     if not src.is_file():

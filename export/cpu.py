@@ -12,8 +12,11 @@ cores and clock, explained above it); `measured_limits` is what GEMMs reach now,
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import platform
+import re
+import time
 from typing import Optional
 
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
@@ -76,7 +79,6 @@ def cpu_features() -> dict:
 # ----------------------------------------------------------------------------------------------- limits
 def _best_seconds(fn, repeats: int = 5) -> float:
     """The fastest of `repeats` timed calls after one warm-up: peak throughput, not a typical latency."""
-    import time
 
     fn()
     best = float("inf")
@@ -239,7 +241,6 @@ def ops_per_cycle(flags, amd_family: Optional[int] = None) -> dict:
 
 def _cpuinfo_fields() -> dict:
     """The first processor's vendor and family, the highest "cpu MHz" of all, the model name's GHz."""
-    import re
 
     info = {"vendor": "", "family": None, "mhz": 0.0, "named_ghz": 0.0}
     try:
@@ -262,7 +263,6 @@ def _cpuinfo_fields() -> dict:
 
 def _cpufreq() -> tuple:
     """(the highest cpuinfo_max_freq over the CPUs in Hz, 0 where absent; cpu0's scaling driver)."""
-    import glob
 
     best = 0.0
     for path in glob.glob("/sys/devices/system/cpu/cpu[0-9]*/cpufreq/cpuinfo_max_freq"):

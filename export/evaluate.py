@@ -17,8 +17,7 @@ import torch
 
 from deeplab.cli import UserError, command
 from deeplab.config import INFERENCE_ALIASES, Alias, add_config_args, experiment_from_dict
-from deeplab.evaluate import (DATA_ALIASES, eval_loader, resolve_experiment, result_path,
-                              run_evaluation)
+from deeplab.evaluate import DATA_ALIASES, eval_loader, resolve_experiment, result_path, run_evaluation
 from deeplab.inference import predict_logits
 
 from .cli import show_progress

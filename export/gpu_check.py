@@ -38,19 +38,29 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Optional
 
+from deeplab import build_model
 from deeplab.backbones import backbone_names
 from deeplab.cli import command, error_line, on_interrupt
+from deeplab.config import ModelConfig, load_config
 from deeplab.fileio import ensure_dir, write_text_atomic
+
+from . import to_tensorrt
+from .metadata import build_metadata
+from .runners import OnnxRunner, TensorRTRunner, engine_precisions, read_sidecar, tensorrt_version
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU_EXIT = 2
@@ -216,8 +226,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------ sections
 def build(backbone: str, output_stride: int):
-    from deeplab import build_model
-    from deeplab.config import ModelConfig
 
     small = {"aspp_channels": 16} if backbone == "resnet_tiny" else {}
     return build_model(ModelConfig(backbone=backbone, num_classes=21, output_stride=output_stride, **small))
@@ -251,7 +259,7 @@ def inference(args, variant: str) -> dict:
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size, device=args.device).contiguous(memory_format=torch.channels_last)
 
-        def call():
+        def call(x=x):
             with torch.inference_mode(), torch.autocast(args.device, dtype=dtype or torch.float32,
                                                         enabled=dtype is not None):
                 net(x)
@@ -276,7 +284,6 @@ TRAIN_VARIANTS = {"fp16_channels_last": ("fp16", True), "bf16_channels_last": ("
 def demo_step_config(args, iterations: int):
     """configs/demo.yaml's model, crops, global batch and amp (the step `cluster.bench --scaling` times on CPUs),
     for ``iterations`` steps and one evaluation; the cpu dry run shrinks the model and crops."""
-    from deeplab.config import load_config
 
     tiny = ["model.backbone=resnet_tiny", "model.aspp_channels=16", "data.crop_size=65", "data.synthetic_size=80",
             "train.batch_size=2"] if args.device == "cpu" else []
@@ -288,7 +295,6 @@ def demo_step_config(args, iterations: int):
 def train_config(args, amp: str, channels_last: bool, iterations: int):
     """Synthetic --size crops, --train-batch images per step, one evaluation at the end. deeplab's sections only:
     the loop runs here without Ray, its world size is the Worker's (cluster's section is cluster's business)."""
-    from deeplab.config import load_config
 
     if amp == DEMO_STEP:
         return demo_step_config(args, iterations)
@@ -307,7 +313,6 @@ def train_config(args, amp: str, channels_last: bool, iterations: int):
 def _loop_worker(device, rank: int, world_size: int, keep: Path, resume: Optional[Path], reports: list):
     """deeplab.train_loop's Worker as a runner gives it: SyncBatchNorm converted (DDP across 2+ processes), rank 0's
     checkpoint kept at ``keep``."""
-    import shutil
 
     import torch
 
@@ -375,7 +380,6 @@ def _spawned_rank(rank: int, args, amp: str, channels_last: bool, folder: str) -
     import torch
     import torch.distributed as dist
 
-    from deeplab.fileio import write_text_atomic
 
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{folder}/process_group", rank=rank, world_size=2)
@@ -406,8 +410,6 @@ def onnx_parity(args) -> dict:
     with TF32 off (cuDNN allows it by default), and the entry records the switches it ran under."""
     import torch
 
-    from .metadata import build_metadata
-    from .runners import OnnxRunner
     from .to_onnx import compare, export_model
 
     if args.device == "cuda":
@@ -430,9 +432,6 @@ def tensorrt_engines(args) -> dict:
     sidecar), each timed and described: converter, parity with the FP32 ONNX, precision of every layer group."""
     import torch
 
-    from . import to_tensorrt
-    from .metadata import build_metadata
-    from .runners import TensorRTRunner, engine_precisions, read_sidecar
     from .to_onnx import export_model
 
     model = build(args.backbone, 8).eval()
@@ -449,7 +448,7 @@ def tensorrt_engines(args) -> dict:
                 raise RuntimeError(f"python -m export.to_tensorrt --precision {precision} exited {code}")
             sidecar, runner = read_sidecar(engine), TensorRTRunner(engine)
             x = torch.randn(*shape, device="cuda")
-            row = measure(lambda: runner(x), warmup=5, repeats=args.repeats, sync=torch.cuda.synchronize)
+            row = measure(lambda runner=runner, x=x: runner(x), warmup=5, repeats=args.repeats, sync=torch.cuda.synchronize)
             row.update(converter={k: sidecar[k] for k in ("build_path", "int8_quantizer", "int8_other_layers", "tf32")
                                   if k in sidecar},
                        parity=sidecar.get("parity"), layer_precisions=engine_precisions(runner.engine),
@@ -460,7 +459,6 @@ def tensorrt_engines(args) -> dict:
 
 
 def package_version(name: str) -> Optional[str]:
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(name)
@@ -488,7 +486,6 @@ def versions() -> dict:
     providers), ModelOpt (which converter to_tensorrt picks)."""
     import torch
 
-    from .runners import tensorrt_version
 
     try:
         import onnxruntime as ort
@@ -539,7 +536,6 @@ def _training(variant: str) -> Section:
 
 
 def _tensorrt(args) -> dict:
-    from importlib.util import find_spec
 
     if find_spec("tensorrt") is None:
         return {"skipped": "tensorrt is not installed here"}  # installed but broken: its import fails the section
@@ -581,7 +577,6 @@ def run_one(args) -> int:
         fault(section.name)
         result = section.run(args) if section.name in RESULT_OF else {"figures": section.run(args)}
     except Exception as e:  # the parent records it; the traceback goes to stderr for the log
-        import traceback
 
         traceback.print_exc()
         write_text_atomic(args.figures_to, json.dumps({"error": error_line(e, 300, with_type=True)}))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib.metadata import PackageNotFoundError, version
 from typing import Optional, Sequence
 
 from deeplab.config import to_plain
@@ -38,7 +39,6 @@ RECORD_DEFAULTS = {
 
 def project_version() -> str:
     """This project's installed version (pyproject.toml), or "unknown" when it runs from an uninstalled tree."""
-    from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("deeplabv3-ray")

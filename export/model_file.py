@@ -19,7 +19,17 @@ import numpy as np
 
 from deeplab.cli import UserError, error_line
 from deeplab.config import ConfigError, to_plain
+from deeplab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
+from .metadata import (
+    RECORD_DEFAULTS,
+    complete_metadata,
+    dataset_meta,
+    file_sha256,
+    project_version,
+    read_ir_metadata,
+    read_metadata,
+)
 from .runners import OnnxRunner, OpenVINORunner, TensorRTRunner, read_ir, read_sidecar, sidecar_path
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
@@ -88,7 +98,6 @@ class ModelRunner:
 
 def _check_normalization(path, mean, std) -> None:
     """Callers feed images normalized as deeplab.data.normalize does (ImageNet mean/std); refuse other files."""
-    from deeplab.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
     if not (np.allclose(mean, IMAGENET_MEAN, atol=1e-6) and np.allclose(std, IMAGENET_STD, atol=1e-6)):
         raise ModelFileError(f"{path}: expects inputs normalized with mean {list(mean)} / std {list(std)}; "
@@ -115,7 +124,6 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
     from deeplab.checkpoint import load_checkpoint
     from deeplab.inference import model_predictor
 
-    from .metadata import dataset_meta, file_sha256, project_version
 
     if threads:
         torch.set_num_threads(int(threads))
@@ -155,7 +163,6 @@ def _checkpoint_info(path: Path, output_stride, data: Optional[dict] = None) -> 
 def _info_from_metadata(path: Path, meta: dict, backend: str, output_stride: Optional[int]) -> ModelInfo:
     """ModelInfo from the deeplab.* record that every exporter writes (export.metadata). A file written before a
     field existed gets its documented default and one warning line naming the missing fields."""
-    from .metadata import RECORD_DEFAULTS, complete_metadata
 
     if not isinstance(meta, dict) or "num_classes" not in meta:
         raise ModelFileError(f"{path}: no deeplab.* metadata (classes, output stride, mean/std); "
@@ -183,7 +190,6 @@ def _info_from_metadata(path: Path, meta: dict, backend: str, output_stride: Opt
 def _onnx_info(path: Path, output_stride, data: Optional[dict] = None, backend: str = "onnxruntime") -> ModelInfo:
     import onnx
 
-    from .metadata import read_metadata
 
     try:
         if data:  # the graph only: external weights are not needed for the metadata
@@ -205,7 +211,6 @@ def _onnx_runner(path: Path, output_stride, device, providers=None, threads=None
 
 
 def _openvino_info(path: Path, output_stride, data: Optional[dict] = None, model=None) -> ModelInfo:
-    from .metadata import read_ir_metadata
 
     if model is None and data:
         model = read_ir(path, data[path], data[path.with_suffix(".bin")])

@@ -6,9 +6,10 @@ line naming export.opset.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
-from deeplab.cli import error_line
+from deeplab.cli import UserError, error_line
 from deeplab.config import ConfigError
 
 # TensorRT 10.0's ONNX parser supports opsets 9-20 (onnx-tensorrt docs/operators.md); later TensorRT
@@ -51,7 +52,6 @@ def _backend_refuses(opset: int, backend: str) -> Optional[str]:
     except ImportError:
         return None  # not installed: nothing to check against here
     except Exception as e:
-        import importlib
 
         version = getattr(importlib.import_module(backend), "__version__", "?")
         return f"the installed {backend} {version} does not load opset {opset} ({error_line(e, 120)})"
@@ -82,7 +82,6 @@ def check_onnx_file(path, backend: str) -> None:
     """An ONNX file given to a converter: its opset must be one ``backend`` parses (UserError, one line)."""
     import onnx
 
-    from deeplab.cli import UserError
 
     try:
         model = onnx.load(str(path), load_external_data=False)

@@ -24,6 +24,7 @@ from deeplab.fileio import atomic_path
 from deeplab.inference import evaluate
 
 from .cli import ExportError
+from .cpu import has_vnni
 from .metadata import read_metadata, set_metadata
 from .runners import OnnxRunner
 
@@ -57,7 +58,6 @@ def _calibration_reader(input_name: str, arrays: Sequence[np.ndarray]):
 
 def cpu_reduce_range() -> bool:
     """7-bit weights for onnxruntime on this CPU: needed without VNNI, where u8 x s8 products saturate."""
-    from .cpu import has_vnni
 
     return not has_vnni()
 

@@ -11,7 +11,10 @@ machine before TensorRT gets a chance to fail obscurely ("Version tag does not m
 """
 from __future__ import annotations
 
+import importlib
+import io
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,6 +22,8 @@ import numpy as np
 
 from deeplab.cli import UserError, error_line
 from deeplab.fileio import write_text_atomic
+
+from .metadata import file_sha256
 
 # onnxruntime providers, fastest first; the CPU provider is always last and always available.
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -65,7 +70,6 @@ def check_engine_hash(engine_path, info: dict) -> None:
     """Refuse an engine whose bytes are not the ones its sidecar vouches for. An engine is code-like (TensorRT
     runs what it deserializes, plugins included), so only the file export.to_tensorrt wrote next to its sidecar
     runs: a replaced or tampered engine, or a sidecar from before the hash was recorded, is rebuilt instead."""
-    from .metadata import file_sha256
 
     expected = info.get(ENGINE_HASH_KEY)
     if not expected:
@@ -250,7 +254,6 @@ def engine_precisions(engine) -> dict:
 
 def require(module: str, what: str):
     """Import an optional runtime, or say in one line which extra installs it."""
-    import importlib
 
     try:
         return importlib.import_module(module)
@@ -360,8 +363,6 @@ def _check_ir_root(path: Path, data: Optional[bytes] = None) -> None:
     """Refuse an .xml that is not an IR before OpenVINO sees it: OpenVINO would offer it to every frontend it
     has (TensorFlow's parses text graphs through its own protobuf), which is slow, noisy and can crash.
     ``data``: the file's bytes where the caller read them already."""
-    import io
-    import xml.etree.ElementTree as ET
 
     try:
         _, root = next(ET.iterparse(str(path) if data is None else io.BytesIO(data), events=("start",)))

@@ -12,12 +12,13 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from deeplab.data import DatasetError
+from deeplab.data import DatasetError, build_dataset, normalize, read_image
+
 
 def labelled_batches(data_cfg, split: str, n: int, start: int = 0) -> list:
     """Up to n labelled one-image batches from the data package's evaluation dataset."""
-    from deeplab.data import build_dataset
 
     ds = build_dataset(data_cfg, split, train=False)
     out = []
@@ -55,9 +56,7 @@ def parity_inputs(sizes, batch: int = 2, data_cfg=None, seed: int = 0) -> list:
 
 def folder_images(folder, n: int, size: int) -> list:
     """Calibration images from a plain folder (no labels): n files, resized to size x size, normalized."""
-    from PIL import Image
 
-    from deeplab.data import normalize, read_image
     from deeplab.data.datasets import IMAGE_SUFFIXES
 
     folder = Path(folder)

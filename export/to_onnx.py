@@ -15,6 +15,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,7 +47,6 @@ def prepare_model(model: nn.Module, output_stride: Optional[int] = None) -> nn.M
 
 # ------------------------------------------------------------------------------------------ export
 def _dynamo_export(model, example, path, dynamic, opset):
-    import warnings
 
     from torch.export import Dim
 

@@ -29,8 +29,9 @@ from deeplab.config import Alias
 from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import parse_and_run, say_unwritten_on_stop, source_and_config, source_parser
+from .cpu import has_vnni
 from .metadata import read_ir_metadata, read_metadata, set_ir_metadata
-from .runners import require
+from .runners import OnnxRunner, OpenVINORunner, require
 
 log = logging.getLogger("export.to_openvino")  # not __name__: run as -m it would be __main__, outside "export"
 PRECISIONS = ("fp32", "int8")
@@ -58,7 +59,6 @@ def save_ir(model, xml_path) -> Path:
 
 def ir_parity(reference, model, inputs) -> list:
     """`reference` (images -> logits) vs the IR in OpenVINO (f32 inference) on each input batch."""
-    from .runners import OpenVINORunner
     from .to_onnx import compare
 
     runner = OpenVINORunner(model, precision="f32")
@@ -70,7 +70,6 @@ def overflow_fix():
     """NNCF's overflow fix: on every layer without VNNI (u8 x s8 pairs saturate in int16), else the default."""
     from nncf.quantization.advanced_parameters import OverflowFix
 
-    from .cpu import has_vnni
 
     return OverflowFix.FIRST_LAYER if has_vnni() else OverflowFix.ENABLE
 
@@ -91,7 +90,6 @@ def quantize(model, calib: list, val_batches: Optional[list], max_drop: float, n
     nncf = require("nncf", "NNCF")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
 
-    from .cpu import has_vnni
 
     fix = overflow_fix()
     params = AdvancedQuantizationParameters(overflow_fix=fix)
@@ -118,7 +116,6 @@ def quantize(model, calib: list, val_batches: Optional[list], max_drop: float, n
 def int8_gate(fp32_model, int8_model, val_batches: list, cfg, force: bool) -> dict:
     """FP32 vs INT8 IR mIoU through the one evaluator; refuses a drop above export.max_int8_miou_drop."""
     from .precision import accuracy_report, gate_int8
-    from .runners import OpenVINORunner
 
     meta_classes = int(read_ir_metadata(fp32_model)["num_classes"])
     report = accuracy_report({"fp32": OpenVINORunner(fp32_model, precision="f32"),
@@ -134,7 +131,6 @@ def source_onnx(src: Path, ckpt, cfg, workdir: Path) -> tuple:
     `workdir` and referenced by PyTorch; an ONNX file is referenced by onnxruntime."""
     import torch
 
-    from .runners import OnnxRunner
     from .to_onnx import export_checkpoint
 
     if ckpt is None:

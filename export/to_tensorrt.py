@@ -27,9 +27,9 @@ from deeplab.fileio import atomic_path, ensure_dir
 
 from .cli import parse_and_run, say_unwritten_on_stop, source_and_config, source_parser
 from .config import ExportConfig
-from .metadata import file_sha256, read_metadata
+from .metadata import file_sha256, read_metadata, set_metadata
 from .opset import TENSORRT_MAX_OPSET
-from .runners import ENGINE_HASH_KEY, device_info, sidecar_path, write_sidecar
+from .runners import ENGINE_HASH_KEY, OnnxRunner, TensorRTRunner, device_info, sidecar_path, write_sidecar
 
 log = logging.getLogger("export.to_tensorrt")  # not __name__: run as -m it would be __main__, outside "export"
 PRECISIONS = ExportConfig.PRECISIONS
@@ -148,7 +148,6 @@ def engine_parity(engine_path, onnx_path, shape) -> dict:
     """Engine vs the FP32 ONNX in onnxruntime on one seeded input at the profile's opt shape."""
     import torch
 
-    from .runners import OnnxRunner, TensorRTRunner
 
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     ref = OnnxRunner(onnx_path, ["CPUExecutionProvider"])(x)
@@ -221,7 +220,6 @@ def modelopt_int8(quantize: Callable, fp32_onnx: Path, dst: Path, calib: list, s
     import onnx
     import torch
 
-    from .metadata import set_metadata
 
     # one calibration array: every image at the profile's opt size
     data = torch.cat([torch.nn.functional.interpolate(torch.as_tensor(a), size=(size, size), mode="bilinear",

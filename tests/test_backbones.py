@@ -15,8 +15,8 @@ from deeplab.backbones import BackboneSpec, backbone_names, register_backbone
 from deeplab.backbones.base import Backbone, stage_layout
 from deeplab.checkpoint import CHECKPOINT_FILE
 from deeplab.config import ConfigError, load_config
-from deeplab.train_loop import Worker, param_groups, train
 from deeplab.receptive import feature_size
+from deeplab.train_loop import Worker, param_groups, train
 from mobilenet_reference import REFERENCE, example_input, weights
 
 pytestmark = pytest.mark.usefixtures("one_thread")

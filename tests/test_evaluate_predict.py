@@ -20,7 +20,6 @@ from deeplab.inference import predict_logits
 from deeplab.palette import boundaries, voc_palette
 from deeplab.predict import main as predict_main
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -22,7 +22,7 @@ from export import to_tensorrt
 from export.metadata import read_metadata
 from export.runners import OnnxRunner
 from export.samples import labelled_batches
-from export.to_onnx import check_parity, ExportError
+from export.to_onnx import ExportError, check_parity
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = {"synthetic_size": 65, "synthetic_classes": 6, "synthetic_train": 8, "synthetic_val": 6}

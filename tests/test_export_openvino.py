@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from deeplab import load_checkpoint, save_checkpoint
+from deeplab.cli import UserError
 from deeplab.config import ModelConfig, load_config
 from deeplab.data.synthetic import class_names
 from export import to_openvino
-from deeplab.cli import UserError
 from export.cpu import has_vnni
 from export.metadata import read_ir_metadata
 from export.model_file import load_runner

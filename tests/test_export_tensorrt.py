@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from deeplab.config import ConfigError, load_config
-
+from export import runners
+from export import to_tensorrt as trt_cli
 from export.config import ExportConfig
-from export import runners, to_tensorrt as trt_cli
 from export.runners import EngineError, check_sidecar, read_sidecar, sidecar_path, write_sidecar
 
 H100 = {"gpu_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt_version": "11.4.0.12"}
@@ -165,7 +165,6 @@ def test_tensorrt_11_int8_asks_modelopt_for_fp16_other_layers_and_keeps_the_meta
     """ModelOpt is a GPU-side package this machine does not have: a stand-in with its documented signature
     records the call and writes a real Q/DQ ONNX (onnxruntime's quantizer); the rest is the project's code."""
     from types import SimpleNamespace
-
 
     from deeplab import ModelConfig, build_model
     from export.metadata import read_metadata

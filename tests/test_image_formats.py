@@ -40,7 +40,7 @@ def fake_ghostscript(tmp_path, monkeypatch):
 
 def test_pillow_alone_runs_ghostscript_on_an_eps_file(tmp_path, fake_ghostscript):
     """The reference: what a plain Image.open does with the file the tests below refuse."""
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017  (whatever Pillow makes of the fake program's output)
         Image.open(io.BytesIO(EPS)).load()
     assert fake_ghostscript.is_file()  # Pillow started the program
 
@@ -66,7 +66,7 @@ def test_other_formats_are_refused_before_their_plugin_runs(tmp_path, monkeypatc
     data = EPS if fmt == "EPS" else _saved(fmt)
     opened = []
     Image.init()
-    for other, (factory, accept) in list(Image.OPEN.items()):  # every plugin outside the list records a call
+    for other, (_factory, accept) in list(Image.OPEN.items()):  # every plugin outside the list records a call
         if other not in IMAGE_FORMATS:
             monkeypatch.setitem(Image.OPEN, other, (lambda *a, f=other: opened.append(f), accept))
     path = tmp_path / "picture.png"

@@ -11,7 +11,6 @@ from torch.utils.data import DataLoader
 from deeplab import ConfusionMatrix, ModelConfig, build_model
 from deeplab.inference import PAPER_SCALES, evaluate, model_predictor, predict_logits, scaled_size
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

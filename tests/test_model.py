@@ -157,19 +157,29 @@ def _torchvision_deeplab_keys(depth_units, num_classes=21):
     for li, (units, planes) in enumerate(zip(depth_units, (64, 128, 256, 512)), start=1):
         for u in range(units):
             p = f"backbone.layer{li}.{u}"
-            shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1); bn(f"{p}.bn1", planes)
-            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3); bn(f"{p}.bn2", planes)
-            shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1); bn(f"{p}.bn3", planes * 4)
+            shapes[f"{p}.conv1.weight"] = (planes, inplanes, 1, 1)
+            bn(f"{p}.bn1", planes)
+            shapes[f"{p}.conv2.weight"] = (planes, planes, 3, 3)
+            bn(f"{p}.bn2", planes)
+            shapes[f"{p}.conv3.weight"] = (planes * 4, planes, 1, 1)
+            bn(f"{p}.bn3", planes * 4)
             if u == 0:
-                shapes[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1); bn(f"{p}.downsample.1", planes * 4)
+                shapes[f"{p}.downsample.0.weight"] = (planes * 4, inplanes, 1, 1)
+                bn(f"{p}.downsample.1", planes * 4)
             inplanes = planes * 4
-    shapes["classifier.0.convs.0.0.weight"] = (256, 2048, 1, 1); bn("classifier.0.convs.0.1", 256)
+    shapes["classifier.0.convs.0.0.weight"] = (256, 2048, 1, 1)
+    bn("classifier.0.convs.0.1", 256)
     for i in (1, 2, 3):
-        shapes[f"classifier.0.convs.{i}.0.weight"] = (256, 2048, 3, 3); bn(f"classifier.0.convs.{i}.1", 256)
-    shapes["classifier.0.convs.4.1.weight"] = (256, 2048, 1, 1); bn("classifier.0.convs.4.2", 256)
-    shapes["classifier.0.project.0.weight"] = (256, 1280, 1, 1); bn("classifier.0.project.1", 256)
-    shapes["classifier.1.weight"] = (256, 256, 3, 3); bn("classifier.2", 256)
-    shapes["classifier.4.weight"] = (num_classes, 256, 1, 1); shapes["classifier.4.bias"] = (num_classes,)
+        shapes[f"classifier.0.convs.{i}.0.weight"] = (256, 2048, 3, 3)
+        bn(f"classifier.0.convs.{i}.1", 256)
+    shapes["classifier.0.convs.4.1.weight"] = (256, 2048, 1, 1)
+    bn("classifier.0.convs.4.2", 256)
+    shapes["classifier.0.project.0.weight"] = (256, 1280, 1, 1)
+    bn("classifier.0.project.1", 256)
+    shapes["classifier.1.weight"] = (256, 256, 3, 3)
+    bn("classifier.2", 256)
+    shapes["classifier.4.weight"] = (num_classes, 256, 1, 1)
+    shapes["classifier.4.bias"] = (num_classes,)
     return shapes
 
 

@@ -15,8 +15,16 @@ from cluster.segment_inputs import InputItem
 from cluster.segment_outputs import MANIFEST, MODEL_RECORD, Manifest, ModelMismatch, claim_output
 from export import model_file, runners, to_onnx
 from export.metadata import RECORD_DEFAULTS, read_metadata, set_metadata
-from export.model_file import (ModelFileError, ModelFormat, format_of, formats_help, load_runner, model_files,
-                               open_model_file, read_model_info)
+from export.model_file import (
+    ModelFileError,
+    ModelFormat,
+    format_of,
+    formats_help,
+    load_runner,
+    model_files,
+    open_model_file,
+    read_model_info,
+)
 from export.runners import EngineError, sidecar_path, write_sidecar
 from inference_files import tiny_checkpoint
 

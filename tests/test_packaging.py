@@ -2,10 +2,10 @@
 runtimes are separate extras, and each extra the suite uses resolves against the installed environment."""
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]

@@ -29,9 +29,9 @@ import tuning  # noqa: F401  (the tune section of the shipped configs)
 from deeplab import ModelConfig, build_model, load_checkpoint, save_checkpoint
 from deeplab.checkpoint import CHECKPOINT_FILE
 from deeplab.config import ConfigError, TrainConfig, load_config
-from deeplab.train_loop import Worker, train
 from deeplab.inference import evaluate, model_predictor
 from deeplab.model import block_layout
+from deeplab.train_loop import Worker, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,9 +173,9 @@ def test_paper_bn_decay_by_default_with_one_warning_for_a_short_run(tmp_path, ca
 def test_short_configs_in_the_repo_set_their_own_bn_decay():
     from pathlib import Path
 
-    from deeplab.config import bn_momentum_warning, experiment_from_dict
-
     import yaml
+
+    from deeplab.config import bn_momentum_warning, experiment_from_dict
 
     for name in ("demo.yaml", "search_demo.yaml", "search_paper.yaml", "voc_stage1.yaml", "voc_stage2.yaml",
                  "cityscapes.yaml"):

@@ -204,9 +204,8 @@ def test_rays_validator_rejects_a_broken_cluster_config(break_it, error, words):
 def test_pyproject_bounds_ray_to_the_minor_version_these_pins_ran_on():
     """The upper bound on ``ray`` is the first minor version not tested: the installed Ray (the one this module
     just ran against) is inside the range, and its next minor version is not."""
-    import tomllib
-
     import ray
+    import tomllib
     from packaging.requirements import Requirement
     from packaging.version import Version
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sim_hosts import SimHosts, unavailable  # noqa: E402
+from sim_hosts import SimHosts, unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

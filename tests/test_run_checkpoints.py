@@ -8,8 +8,14 @@ import pyarrow.fs
 import pytest
 from ray.train import Result
 
-from cluster.checkpoints import (checkpoint_iteration, newest_complete, read_progress, remove_incomplete,
-                                 upload_atomically, write_progress)
+from cluster.checkpoints import (
+    checkpoint_iteration,
+    newest_complete,
+    read_progress,
+    remove_incomplete,
+    upload_atomically,
+    write_progress,
+)
 from cluster.storage import run_folder
 from cluster.train import _print_summary, _summary
 from deeplab.checkpoint import CHECKPOINT_FILE, load_checkpoint

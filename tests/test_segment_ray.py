@@ -122,7 +122,7 @@ def test_segment_matches_predict_lists_failures_and_a_rerun_skips_what_is_done(c
         assert r["status"] == "ok" and (r["height"], r["width"]) == labels.shape and r["seconds"] > 0
         counts = np.bincount(labels.ravel(), minlength=5)
         assert r["pixels"] == {f"class_{k}": int(counts[k]) for k in np.argsort(-counts, kind="stable") if counts[k]}
-    for rel, reason in BAD.items():
+    for rel in BAD:
         r = records[str(collection["input"] / rel)]
         assert r["status"] == "failed" and str(collection["input"] / rel) in r["error"]
     assert "truncated" in records[str(collection["input"] / "broken/half.jpg")]["error"]

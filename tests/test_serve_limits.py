@@ -46,8 +46,8 @@ def env(tmp_path_factory):
 
 
 def deploy(env, **options):
-    from cluster.serve import start
     from cluster.config import ServeConfig
+    from cluster.serve import start
 
     cfg = ServeConfig(port=env["port"], **{"batch_wait_ms": 50, **options})
     start(env["ckpt"], cfg, timeout_s=120)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from cluster import serve
+from cluster.config import ServeConfig
 from cluster.infer import model_calls, predict_labels
 from cluster.serve import Problem, as_problem, image_limit, read_body
 from cluster.serve_stats import TrafficStats, traffic_line
-from cluster.config import ServeConfig
 
 
 def test_model_calls_hold_the_pixel_budget_and_never_mix_sizes():
@@ -127,12 +127,12 @@ def test_traffic_line_summarizes_the_window_and_a_quiet_window_prints_nothing():
 def test_segment_workers_hold_their_pixel_budget(tmp_path):
     """cluster.segment's model actor (called here as Ray Data calls it) splits a batch of same-size images into
     calls of at most segment.max_batch_pixels, and writes every mask."""
+    import ray
+
+    from cluster.config import SegmentConfig
     from cluster.infer import ship_model
     from cluster.segment_pipeline import SegmentWorker
-    from cluster.config import SegmentConfig
     from inference_files import photo, read_png, tiny_checkpoint
-
-    import ray
 
     assert SegmentConfig().max_batch_pixels == ServeConfig().max_batch_pixels == 2048 * 2048
     ray.init(address="local", num_cpus=1, include_dashboard=False)  # ship_model puts the files in the object store

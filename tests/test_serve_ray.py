@@ -22,7 +22,7 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from inference_files import image_collection, jpeg_bytes, photo, read_png, reference_predictions, tiny_checkpoint  # noqa: E402,E501
+from inference_files import image_collection, jpeg_bytes, photo, read_png, reference_predictions, tiny_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

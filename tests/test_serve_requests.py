@@ -3,8 +3,8 @@ flags become Serve's deployment options, and the command line's one-line errors 
 import pytest
 
 from cluster import serve
-from cluster.serve import Problem, deployment_options, upload_bytes
 from cluster.config import ServeConfig
+from cluster.serve import Problem, deployment_options, upload_bytes
 
 
 def form(*parts, boundary="XyZ123"):

@@ -12,7 +12,6 @@ from deeplab.cli import UserError, error_line
 from deeplab.fileio import is_uri
 from deeplab.progress import Progress, eta_text
 
-
 ROOT = Path(__file__).parents[1]
 # deeplab/config/experiment.py (deeplab/config.py before issue 32 split it, moving code unchanged) still has
 # two idioms (a YAML error's first line, a remote data.root) that are to move to error_line/is_uri; this

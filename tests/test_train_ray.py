@@ -145,9 +145,8 @@ def test_nan_loss_fails_the_run_without_retries(two_nodes, tmp_path):
 
 def test_a_bad_file_found_mid_run_ends_the_run_at_once_in_one_line(two_nodes, tmp_path, capsys):
     """A deterministic error in the training code is not a lost node: no retries, one line on the driver."""
-    from data_trees import make_folder
-
     from cluster.train import build_trainer, main
+    from data_trees import make_folder
     from deeplab.config import save_config
 
     root = tmp_path / "ds"

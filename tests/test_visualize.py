@@ -15,8 +15,8 @@ from PIL import Image
 from deeplab import ModelConfig, build_model
 from deeplab.config import load_config
 from deeplab.data import build_dataset, dataset_info, denormalize
-from deeplab.train_loop import Worker, train
 from deeplab.palette import voc_palette
+from deeplab.train_loop import Worker, train
 from deeplab.visualize import GAP, TITLE_HEIGHT, grid_size, prediction_grid, validation_grid, write_png
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -24,8 +24,16 @@ from cluster.console import project_console, quiet_tune, ray_init_options
 from cluster.ray_session import init_ray
 from cluster.train import build_trainer, check_storage_visible, copy_checkpoint, divergence_reason, training_code_reason
 from deeplab.cli import Stopped, UserError, command, on_interrupt
-from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args, \
-    experiment_from_dict, save_config, to_plain
+from deeplab.config import (
+    Alias,
+    ConfigError,
+    ExperimentConfig,
+    add_config_args,
+    config_from_args,
+    experiment_from_dict,
+    save_config,
+    to_plain,
+)
 from deeplab.fileio import is_uri, write_text_atomic
 
 from . import results, spaces

@@ -19,11 +19,33 @@ One module per job, every public name importable from ``deeplab.config`` as befo
 section registry, ExperimentConfig, loading and saving), ``flags`` (--config, --set and shorthand flags). The
 training batch arithmetic lives in deeplab.train_batch, next to the training loop.
 """
-from .experiment import (OWN_SECTIONS, PATH_FIELDS, SECTION_CLASSES, ExperimentConfig, experiment_from_dict,
-                         load_config, model_config_from_dict, register_section, save_config, to_plain)
+from .experiment import (
+    OWN_SECTIONS,
+    PATH_FIELDS,
+    SECTION_CLASSES,
+    ExperimentConfig,
+    experiment_from_dict,
+    load_config,
+    model_config_from_dict,
+    register_section,
+    save_config,
+    to_plain,
+)
 from .flags import ALPHA_ALIAS, INFERENCE_ALIASES, Alias, add_config_args, config_from_args
-from .sections import (AMP_MODES, ATROUS_LAYOUTS, HEADS, MODEL_STRIDES, PAPER_SCALES, STRIDES_ALLOWED,
-                       SYNTHETIC_MAX_CLASSES, DataConfig, InferenceConfig, ModelConfig, Section, TrainConfig)
+from .sections import (
+    AMP_MODES,
+    ATROUS_LAYOUTS,
+    HEADS,
+    MODEL_STRIDES,
+    PAPER_SCALES,
+    STRIDES_ALLOWED,
+    SYNTHETIC_MAX_CLASSES,
+    DataConfig,
+    InferenceConfig,
+    ModelConfig,
+    Section,
+    TrainConfig,
+)
 from .values import ConfigError, fail_value, show_value
 
 # deeplab.train_batch imports this package's values, so it is loaded on first use here rather than imported:

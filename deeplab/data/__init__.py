@@ -4,7 +4,7 @@
 Reading files (`io`: read_image, read_mask, DatasetError) needs only Pillow and numpy and is loaded at once;
 the rest (torch) on first use, so a process that only decodes images (cluster.segment's Ray Data read
 tasks) never loads torch and its thread runtimes."""
-from .io import DatasetError, read_image, read_mask
+from .io import DatasetError, read_image, read_mask  # noqa: F401  (the package's eager names)
 
 _LAZY = {name: ".datasets" for name in ("FORMATS", "DatasetInfo", "build_dataset", "dataset_for_model", "dataset_info",
                                         "detect_format", "find_pairs", "label_map")}

@@ -44,7 +44,7 @@ def check(cfg, split: str, workers: int = 4, out=None, err=None) -> int:
     images_with = np.zeros(256, np.int64)
     bar = Progress(len(pairs), "check", interval=2, stream=err)
     with ThreadPoolExecutor(max(1, workers)) as pool:  # Pillow decodes without the GIL
-        for done, (counts, problem) in enumerate(pool.map(lambda p: _check_one(p, labels), pairs), 1):
+        for counts, problem in pool.map(lambda p: _check_one(p, labels), pairs):
             if problem:
                 problems.append(problem)
                 print(problem, file=out, flush=True)

@@ -82,10 +82,10 @@ def main(argv=None) -> int:
     print(f"decode + normalize whole image (eval)      {whole:7.1f} images/s per core")
     for size in args.synthetic_sizes:
         n = max(8, int(2000 / size))
-        gen = _rate(lambda i: render(0, i, size, 6), n, args.rounds)
+        gen = _rate(lambda i, size=size: render(0, i, size, 6), n, args.rounds)
         dcfg = DataConfig(synthetic_size=size, crop_size=size, synthetic_train=n)
         ds = build_dataset(dcfg, "train", train=True)
-        aug = _rate(lambda i: ds[i], n, args.rounds)
+        aug = _rate(lambda i, ds=ds: ds[i], n, args.rounds)
         print(f"synthetic {size}x{size}: generate {gen:7.1f} images/s per core ({1000 / gen:.1f} ms), "
               f"generate + augment {aug:7.1f} images/s per core ({1000 / aug:.1f} ms)")
     return 0

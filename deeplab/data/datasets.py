@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError
 from ..palette import CITYSCAPES_COLORS, voc_palette
-from .classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES
 from . import synthetic
+from .classes import ADE20K_CLASSES, CITYSCAPES_CLASSES, VOC_CLASSES
 from .formats import DATASETS
 from .io import DatasetError, LabelMap, load_pair, read_mask
 from .transforms import EvalTransform, TrainTransform

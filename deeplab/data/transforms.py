@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .imagenet import IMAGENET_MEAN, IMAGENET_STD, normalize_array, normalize_into as _normalize_into
+from .imagenet import IMAGENET_MEAN, IMAGENET_STD, normalize_array
+from .imagenet import normalize_into as _normalize_into
 
 _MEAN = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
 _INV_STD = 1 / (torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255)
