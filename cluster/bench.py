@@ -28,7 +28,6 @@ from cluster.ray_session import init_ray
 from cluster.train import build_trainer
 from deeplab.cli import command
 from deeplab.config import Alias, ConfigError, add_config_args, config_from_args, experiment_from_dict
-from deeplab.data import build_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The bench's own starting point, applied before the user's --set and flags (those win).
@@ -36,7 +35,6 @@ BENCH_SETTINGS = ["train.max_iterations=8", "train.batch_size=4", "cluster.cpus_
 
 
 def _aliases():
-
     return [Alias("--iterations", "train.max_iterations", "training steps per run (bench default 8)", metavar="N"),
             Alias("--batch", "train.batch_size", "batch size, one worker (bench default 4)", metavar="B"),
             Alias("--threads", "cluster.cpus_per_worker",
@@ -67,14 +65,12 @@ def run_plain(cfg) -> tuple:
 
 
 def run_ray(cfg, storage: str, name: str) -> tuple:
-
     start = time.perf_counter()
     result = build_trainer(cfg, name=name, storage_path=storage).fit()
     return result.metrics["images_per_s"], time.perf_counter() - start
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     parser = argparse.ArgumentParser(prog="python -m cluster.bench", description=__doc__.split("\n\n")[0])
     add_config_args(parser, aliases=_aliases())
     parser.set_defaults(config=os.path.join(ROOT, "configs", "demo.yaml"))
@@ -117,6 +113,7 @@ def run_bare(cfg, threads: int) -> float:
     import torch
     import torch.nn.functional as F
 
+    from deeplab.data import build_dataset
     from deeplab.model import build_model
     from deeplab.train_loop import Meter, resolve_amp
 
@@ -170,7 +167,6 @@ def run_scaling(args) -> int:
     rounds = 2 if args.rounds is None else args.rounds
 
     import ray
-
 
     init_ray(cfg, local=True, num_cpus=cores, log_to_driver=False)
     labels = [f"bare loop, {cores} threads", f"1 worker x {cores} CPUs", f"{cores} workers x 1 CPU"]

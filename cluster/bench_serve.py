@@ -45,11 +45,10 @@ from cluster.segment_inputs import list_inputs
 from cluster.segment_pipeline import segment, startup_line
 from cluster.serve import APP_NAME, image_limit, start
 from cluster.serve_batch import PARTS, parse_server_timing
-from deeplab import build_model, save_checkpoint
 from deeplab.cli import UserError, command
 from deeplab.config import ConfigError, add_config_args, config_from_args
-from deeplab.data import normalize
 from deeplab.data.io import read_image
+from deeplab.fileio import write_text_atomic
 
 BREAKDOWN = ("proxy",) + PARTS + ("other",)
 
@@ -203,11 +202,11 @@ class BareRunner:
     argmax, PNG encode; ``threads`` intra-op threads (a replica's CPUs)."""
 
     def __init__(self, model: str, threads: int):
-
         self.runner = open_model(model, threads=set_threads(threads))
         self.cpu_ms: dict = {}  # batch -> CPU ms per image of the last measurement (this process: all threads)
 
     def images_per_s(self, bodies: list, batch: int, images: int) -> float:
+        from deeplab.data import normalize
 
         def run(count):
             for k in range(0, count, batch):
@@ -384,7 +383,6 @@ def bench_peak_rss(model: str, exp, uploads: int, cpus: float, port: int) -> dic
     from ray import serve
     from ray.util.state import list_actors
 
-
     cfg = exp.serve
     cfg.port, cfg.host, cfg.replicas, cfg.autoscale, cfg.cpus_per_replica = port, "127.0.0.1", 1, None, cpus
     cfg.request_timeout_s = max(cfg.request_timeout_s, 3600.0)  # images at the limit take minutes on a small CPU
@@ -410,7 +408,6 @@ def bench_peak_rss(model: str, exp, uploads: int, cpus: float, port: int) -> dic
 def bench_segment(model: str, exp, folder: Path, workdir: Path, actors_list, cpus: float) -> list:
     """Each actor gets ``cpus``, or less where the cluster cannot hold the actors next to a read task."""
     import ray
-
 
     rows = []
     total = float(ray.cluster_resources().get("CPU", 1))
@@ -439,6 +436,7 @@ def bench_segment(model: str, exp, folder: Path, workdir: Path, actors_list, cpu
 def random_model(exp, folder: Path) -> str:
     import torch
 
+    from deeplab import build_model, save_checkpoint
 
     torch.manual_seed(0)
     path = folder / f"random_{exp.model.backbone}.ckpt"
@@ -508,7 +506,6 @@ def main(argv=None) -> int:
     exp = config_from_args(args)
     codes = code_trees(args.code)
 
-
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         work = Path(tmp)
         model = args.model or random_model(exp, work)
@@ -528,8 +525,6 @@ def main(argv=None) -> int:
             init_ray(exp, local=exp.cluster.address is None)
             figures["segment"] = bench_segment(model, exp, work / "images", work, args.actors, args.cpus_per_worker)
         if args.json:
-            from deeplab.fileio import write_text_atomic
-
             write_text_atomic(args.json, json.dumps(figures, indent=1, default=str) + "\n")
     return 0
 

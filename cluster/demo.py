@@ -21,9 +21,10 @@ import time
 from cluster.console import ray_init_options
 from cluster.ray_session import init_ray
 from cluster.storage import resolve_storage_path
-from deeplab import load_checkpoint
+from cluster.train import stop_note, train
 from deeplab.cli import command, on_interrupt
-from deeplab.data import build_dataset, dataset_info
+from deeplab.config import add_config_args, config_from_args
+from export.cli import show_progress
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PICTURE = "predictions_os8.png"  # in the run folder: what the demo learned, named on the console's last line
@@ -33,6 +34,8 @@ def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
     """mIoU of a checkpoint on its own experiment's validation set at each output stride."""
     from torch.utils.data import DataLoader
 
+    from deeplab import load_checkpoint
+    from deeplab.data import build_dataset
     from deeplab.inference import evaluate, model_predictor
 
     ck = load_checkpoint(path)
@@ -44,6 +47,8 @@ def evaluate_checkpoint(path: str, output_strides=(16, 8)) -> dict:
 def write_picture(path: str, output: str, count: int = 4, scale: int = 2) -> str:
     """image | ground truth | prediction at output stride 8 for the first ``count`` validation images of the
     checkpoint's experiment, in its dataset's palette, as one PNG (panels enlarged ``scale`` times)."""
+    from deeplab import load_checkpoint
+    from deeplab.data import build_dataset, dataset_info
     from deeplab.visualize import validation_grid, write_png
 
     ck = load_checkpoint(path)
@@ -55,13 +60,9 @@ def write_picture(path: str, output: str, count: int = 4, scale: int = 2) -> str
 
 
 def export_and_bench(best: str, out: str) -> None:
-    """ONNX export and a short benchmark, when the export package is there (imported lazily)."""
-    try:
-        from export.cli import show_progress
-        from export.to_onnx import export_checkpoint
-    except ImportError as e:
-        print(f"skipping export: {e}")
-        return
+    """ONNX export and a short benchmark of the trained model."""
+    from export.to_onnx import export_checkpoint
+
     show_progress()
     onnx_path = os.path.join(out, "model_os8.onnx")
     export_checkpoint(best, onnx_path, output_stride=8)
@@ -77,8 +78,6 @@ def export_and_bench(best: str, out: str) -> None:
 
 @command
 def main(argv=None) -> int:
-    from deeplab.config import add_config_args, config_from_args
-
     parser = argparse.ArgumentParser(prog="python -m cluster.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(parser)
@@ -89,8 +88,6 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="Ray's own lines on the console too")
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
-
-    from cluster.train import stop_note, train
 
     run_dir = os.path.join(resolve_storage_path(cfg.cluster.storage_path), cfg.cluster.name)
     if os.path.isdir(run_dir) and not args.resume:

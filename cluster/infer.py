@@ -87,7 +87,6 @@ def ship_model(model) -> dict:
     workers start (it owns the objects). ``model``: a path, or open_model_file's handle (its bytes as read)."""
     import ray
 
-
     if isinstance(model, ModelHandle):
         name, data = model.path.name, model.data
     else:
@@ -98,7 +97,6 @@ def ship_model(model) -> dict:
 
 
 def _cached_ok(target: Path, sha256: str) -> bool:
-
     return target.is_file() and file_sha256(target) == sha256
 
 
@@ -109,7 +107,8 @@ def _materialize(shipped: dict, fetch=None) -> Path:
     if fetch is None:
         import ray
 
-        fetch = lambda name: ray.get(shipped["refs"][name])  # noqa: E731
+        def fetch(name):
+            return ray.get(shipped["refs"][name])
     folder = model_cache() / shipped["sha256"][:32]
     folder.mkdir(parents=True, exist_ok=True)
     for name, sha256 in shipped["files"].items():

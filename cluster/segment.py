@@ -91,7 +91,6 @@ def main(argv=None) -> int:
     if output.exists():  # another model's OUTPUT stops here, before Ray starts
         claim_output(output, model, inputs.items, open_manifest(output), args.overwrite)
 
-
     clock = time.perf_counter()
     init_ray(exp, **ray_init_options(args.verbose))
     phases["Ray start"] = time.perf_counter() - clock

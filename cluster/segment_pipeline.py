@@ -86,7 +86,6 @@ class SegmentWorker:
 
     def __call__(self, batch: dict) -> dict:
 
-
         rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["uri"]))]
         good = [row for row in rows if not row["error"]]
         images = [np.frombuffer(r["pixels"], np.uint8).reshape(int(r["height"]), int(r["width"]), 3) for r in good]
@@ -121,7 +120,6 @@ class SegmentWorker:
         return [k for k in self.kinds if not os.path.isfile(os.path.join(self.output.path, outputs[k]))]
 
     def _finish(self, uri: str, name: str, image, labels, missing: list, seconds: float) -> dict:
-
         start = time.perf_counter()
         if self.output.local:
             escape = output_escape(Path(self.output.path), name, len(self.kinds) > 1)  # a link made under OUTPUT
@@ -143,7 +141,6 @@ class SegmentWorker:
     def _write(self, name: str, image, labels, kinds: list) -> None:
         """The pictures of ``kinds``: locally with deeplab.predict's atomic writer, on a store one PUT each."""
 
-
         rel = PurePosixPath(name)
         if self.output.local:
             folder = Path(self.output.path, rel.parent)
@@ -157,8 +154,6 @@ class SegmentWorker:
             self.output.write(outputs[kind], data.getvalue())
 
     def _read_labels(self, name: str):
-
-
 
         rel = expected_outputs(name, color=False)[0]
         if self.output.local:
@@ -264,7 +259,6 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     stride and overlay alpha (default: the model's own stride, alpha 0.5). ``model_path``: a path, or
     open_model_file's handle (claimed and shipped from the bytes it read)."""
     import ray.data
-
 
     output = as_output(out_dir)
     output.make()

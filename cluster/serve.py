@@ -56,7 +56,7 @@ from cluster.serve_batch import DynamicBatcher, server_timing
 from cluster.serve_stats import ReplicaMetrics, TrafficStats, traffic_line
 from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
-from deeplab.data import normalize, palette_for_classes
+from deeplab.data import palette_for_classes
 from deeplab.data.io import DatasetError, ImageTooLargeError, UnsupportedImageFormat, read_image
 from deeplab.predict import prediction_images
 from export.model_file import open_model_file
@@ -228,7 +228,6 @@ class Replica:
     routing and answers are the module functions above, so each method stays short."""
 
     def __init__(self, model, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None):
-
         num_gpus, cpus = cfg.gpus_per_replica, cfg.cpus_per_replica
         threads = set_threads(cpus)
         self.runner = open_model(model, output_stride=output_stride, device=worker_device(num_gpus),
@@ -253,6 +252,7 @@ class Replica:
 
     def _decode(self, data: bytes) -> tuple:
         """(pixels, the normalized model input): done in a thread while the model runs other requests."""
+        from deeplab.data import normalize
 
         image = decode_upload(data, self.cfg)
         return image, normalize(image).numpy()
@@ -475,7 +475,6 @@ def _watch(stats, interval_s: float) -> NoReturn:
     ``interval_s``, one console line for the traffic since the last one."""
     import ray
 
-
     next_line = time.monotonic() + interval_s
     while True:
         time.sleep(min(0.5, interval_s))
@@ -520,7 +519,6 @@ def main(argv=None) -> int:
 
     import ray
     from ray import serve
-
 
     joins = exp.cluster.address or os.environ.get("RAY_ADDRESS")
     local = {} if joins or cfg.metrics_port is None else {"_metrics_export_port": cfg.metrics_port}

@@ -30,7 +30,6 @@ from cluster.ray_session import init_ray
 from cluster.storage import RunFolder, resolve_storage_path, run_folder
 from deeplab.cli import command, error_line, on_interrupt
 from deeplab.config import Alias, ConfigError, ExperimentConfig, add_config_args, config_from_args
-from deeplab.data import build_dataset, dataset_for_model, dataset_info
 from deeplab.fileio import copy_file_atomic, ensure_dir, is_uri, write_text_atomic
 from deeplab.pause import pause_for_test
 
@@ -224,6 +223,7 @@ def _summary(result, folder: RunFolder, best_path: Optional[str]) -> dict:
 
 
 def _print_summary(cfg: ExperimentConfig, summary: dict) -> None:
+    from deeplab.data import dataset_info
     from deeplab.train_loop import describe_resume
 
     names = getattr(dataset_info(cfg.data), "class_names", None) or []
@@ -399,6 +399,7 @@ def preflight(cfg: ExperimentConfig) -> None:
     """Open the datasets and checkpoints once on the driver, so a bad path fails in one line here; remote
     weights (s3://...) are read as the workers will read them (pyarrow)."""
     from deeplab.checkpoint import load_checkpoint, read_weights_file
+    from deeplab.data import build_dataset, dataset_for_model
 
     cfg = _absolute_paths(cfg)
     dataset_for_model(cfg.data, cfg.model.num_classes, f"model.num_classes={cfg.model.num_classes}")

@@ -118,7 +118,6 @@ def _newest_checkpoint(fs, run_path: str, rank: int) -> Optional[str]:
     a stopped attempt's upload left (no rank writes there now)."""
     import ray.train
 
-
     if rank == 0:
         remove_incomplete(fs, run_path)
     recorded = ray.train.get_checkpoint()

@@ -2,6 +2,8 @@
 
 Nothing here imports Ray or ONNX. Public names are loaded on first use so `--help` stays fast.
 """
+import importlib
+
 from .config import ConfigError, ExperimentConfig, ModelConfig, load_config
 
 _LAZY = {
@@ -18,7 +20,5 @@ __all__ = ["ConfigError", "ExperimentConfig", "ModelConfig", "load_config", *_LA
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'deeplab' has no attribute {name!r}")

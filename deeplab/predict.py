@@ -16,7 +16,7 @@ from PIL import Image
 
 from .cli import command, on_interrupt
 from .config import ALPHA_ALIAS, INFERENCE_ALIASES, add_config_args
-from .data import DatasetError, dataset_info, normalize, read_image
+from .data import DatasetError, read_image
 from .fileio import atomic_path, ensure_dir
 from .palette import overlay, palette_bytes, voc_palette
 from .progress import Progress
@@ -79,6 +79,7 @@ def write_prediction(out_dir: Path, name: str, image: np.ndarray, labels: np.nda
 
 def names_and_palette(exp, num_classes: int) -> tuple:
     """Class names and colours of the experiment's dataset when it has the model's classes, else generic."""
+    from .data import dataset_info
 
     try:
         info = dataset_info(exp.data)
@@ -92,6 +93,7 @@ def names_and_palette(exp, num_classes: int) -> tuple:
 def predict_files(predict, images, output, names, palette, alpha: float = 0.5) -> int:
     """The PNGs of every image (files, or folders of them) into the folder `output`, with a progress bar and a
     line per image; an unreadable image is one error line and the exit code 1, the others are still written."""
+    from .data import normalize
 
     files = _expand(images)
     if not files:

@@ -51,8 +51,19 @@ from deeplab.cli import UserError, command, error_line, on_interrupt
 from deeplab.config import Alias, add_config_args, config_from_args
 from deeplab.data import DatasetError
 from deeplab.fileio import atomic_path, ensure_dir, write_text_atomic
+from export.cli import show_progress
+from export.cpu import cpu_features, has_native_bf16, measured_limits, peak_limits
 from export.metadata import build_metadata, read_metadata
-from export.runners import EngineError, OnnxRunner, TensorRTRunner, available_providers, read_sidecar
+from export.model_file import format_of
+from export.runners import (
+    EngineError,
+    OnnxRunner,
+    OpenVINORunner,
+    TensorRTRunner,
+    available_providers,
+    read_sidecar,
+    trt_provider_options,
+)
 from export.to_openvino import convert, quantize
 
 log = logging.getLogger("export.bench")  # also when run as a script (__name__ is then "__main__")
@@ -298,7 +309,6 @@ def ort_backend(name: str, onnx_path, provider: str, note: str, kind: str = "fp3
 
 
 def trt_backend(engine_path) -> Backend:
-
     try:
         runner = TensorRTRunner(engine_path)
     except (EngineError, ImportError) as e:
@@ -551,16 +561,11 @@ class Artifacts:
 
     @functools.cached_property
     def ir(self):
-
         return convert(self.onnx, read_metadata(self.onnx))
 
     @functools.cached_property
     def ir_int8(self):
-
         if self.args.openvino_int8:  # opened as every command opens an IR: its .bin checked, one-line errors
-            from export.model_file import format_of
-            from export.runners import OpenVINORunner
-
             if format_of(self.args.openvino_int8).name != "openvino":
                 raise UserError(f"--openvino-int8 {self.args.openvino_int8}: not an OpenVINO IR (.xml)")
             return OpenVINORunner(self.args.openvino_int8).model
@@ -573,7 +578,6 @@ def onnx_backends(files: Artifacts, wanted: Callable, skipped: dict, shapes: Opt
     marked), the GPU providers this build has; the TensorRT provider with an engine cache under --out and the
     shape profile of the benchmark's inputs (``shapes``)."""
     from export.precision import cpu_reduce_range
-    from export.runners import trt_provider_options
 
     chosen = cpu_reduce_range()
     why = "no VNNI: 7-bit weights avoid int16 saturation" if chosen else "VNNI: full 8-bit weights"
@@ -609,8 +613,6 @@ def onnx_input_name(onnx_path) -> str:
 
 
 def openvino_backend(name: str, model, precision: str, threads: int, note: str, kind: str) -> Backend:
-    from export.runners import OpenVINORunner
-
     runner = OpenVINORunner(model, threads=threads, hint="latency", precision=precision)
     return Backend(name, prepare=lambda x: np.ascontiguousarray(x.numpy(), np.float32), run=runner, note=note,
                    logits=lambda x: torch.from_numpy(runner(x)), kind=kind)
@@ -647,8 +649,6 @@ def openvino_backends(files: Artifacts, wanted: Callable, skipped: dict, bf16: b
 
 def all_backends(model, cfg, args, skipped: dict) -> list:
     """Every backend this machine can run that --backends asks for; what it cannot run goes to `skipped`."""
-    from export.cpu import has_native_bf16
-
     want = set(args.backends.split(",")) if args.backends else None
 
     def wanted(name):
@@ -729,8 +729,6 @@ def report(result: dict, out: Path) -> None:
 
 
 def benchmark(args) -> int:
-    from export.cpu import cpu_features, measured_limits, peak_limits
-
     model, cfg = load_subject(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -765,8 +763,6 @@ def benchmark(args) -> int:
 
 @command
 def main(argv=None) -> int:
-    from export.cli import show_progress
-
     args = parse_args(argv)
     show_progress()
     return benchmark(args)

@@ -67,7 +67,6 @@ def source_and_config(args, backend: str) -> tuple:
     ``backend`` (the ONNX file's, or the one the checkpoint will be exported at) before any work."""
     from deeplab.checkpoint import load_checkpoint
 
-
     src = Path(args.source)
     if not src.is_file():
         raise UserError(f"{src}: no such file")

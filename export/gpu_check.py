@@ -52,7 +52,6 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable, Optional
 
-from deeplab import build_model
 from deeplab.backbones import backbone_names
 from deeplab.cli import command, error_line, on_interrupt
 from deeplab.config import ModelConfig, load_config
@@ -226,6 +225,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------ sections
 def build(backbone: str, output_stride: int):
+    from deeplab import build_model
 
     small = {"aspp_channels": 16} if backbone == "resnet_tiny" else {}
     return build_model(ModelConfig(backbone=backbone, num_classes=21, output_stride=output_stride, **small))
@@ -380,7 +380,6 @@ def _spawned_rank(rank: int, args, amp: str, channels_last: bool, folder: str) -
     import torch
     import torch.distributed as dist
 
-
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{folder}/process_group", rank=rank, world_size=2)
     try:
@@ -459,7 +458,6 @@ def tensorrt_engines(args) -> dict:
 
 
 def package_version(name: str) -> Optional[str]:
-
     try:
         return version(name)
     except PackageNotFoundError:
@@ -485,7 +483,6 @@ def versions() -> dict:
     """What GPU figures depend on: torch and its CUDA and cuDNN, the driver, TensorRT, onnxruntime (its build's
     providers), ModelOpt (which converter to_tensorrt picks)."""
     import torch
-
 
     try:
         import onnxruntime as ort
@@ -536,7 +533,6 @@ def _training(variant: str) -> Section:
 
 
 def _tensorrt(args) -> dict:
-
     if find_spec("tensorrt") is None:
         return {"skipped": "tensorrt is not installed here"}  # installed but broken: its import fails the section
     return {"figures": tensorrt_engines(args)}
@@ -577,7 +573,6 @@ def run_one(args) -> int:
         fault(section.name)
         result = section.run(args) if section.name in RESULT_OF else {"figures": section.run(args)}
     except Exception as e:  # the parent records it; the traceback goes to stderr for the log
-
         traceback.print_exc()
         write_text_atomic(args.figures_to, json.dumps({"error": error_line(e, 300, with_type=True)}))
         return FAILED_EXIT

@@ -124,7 +124,6 @@ def _torch_runner(path: Path, output_stride: Optional[int], device: Optional[str
     from deeplab.checkpoint import load_checkpoint
     from deeplab.inference import model_predictor
 
-
     if threads:
         torch.set_num_threads(int(threads))
     device = _pick_device(device)
@@ -190,7 +189,6 @@ def _info_from_metadata(path: Path, meta: dict, backend: str, output_stride: Opt
 def _onnx_info(path: Path, output_stride, data: Optional[dict] = None, backend: str = "onnxruntime") -> ModelInfo:
     import onnx
 
-
     try:
         if data:  # the graph only: external weights are not needed for the metadata
             graph = onnx.load_model_from_string(data[path])
@@ -211,7 +209,6 @@ def _onnx_runner(path: Path, output_stride, device, providers=None, threads=None
 
 
 def _openvino_info(path: Path, output_stride, data: Optional[dict] = None, model=None) -> ModelInfo:
-
     if model is None and data:
         model = read_ir(path, data[path], data[path.with_suffix(".bin")])
     elif model is None:

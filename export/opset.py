@@ -52,7 +52,6 @@ def _backend_refuses(opset: int, backend: str) -> Optional[str]:
     except ImportError:
         return None  # not installed: nothing to check against here
     except Exception as e:
-
         version = getattr(importlib.import_module(backend), "__version__", "?")
         return f"the installed {backend} {version} does not load opset {opset} ({error_line(e, 120)})"
     return None
@@ -81,7 +80,6 @@ def check_opset(opset: Optional[int], backend: str) -> int:
 def check_onnx_file(path, backend: str) -> None:
     """An ONNX file given to a converter: its opset must be one ``backend`` parses (UserError, one line)."""
     import onnx
-
 
     try:
         model = onnx.load(str(path), load_external_data=False)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from deeplab.data import DatasetError, build_dataset, normalize, read_image
+from deeplab.data.datasets import IMAGE_SUFFIXES
 
 
 def labelled_batches(data_cfg, split: str, n: int, start: int = 0) -> list:
@@ -56,8 +57,6 @@ def parity_inputs(sizes, batch: int = 2, data_cfg=None, seed: int = 0) -> list:
 
 def folder_images(folder, n: int, size: int) -> list:
     """Calibration images from a plain folder (no labels): n files, resized to size x size, normalized."""
-
-    from deeplab.data.datasets import IMAGE_SUFFIXES
 
     folder = Path(folder)
     if not folder.is_dir():

@@ -47,7 +47,6 @@ def prepare_model(model: nn.Module, output_stride: Optional[int] = None) -> nn.M
 
 # ------------------------------------------------------------------------------------------ export
 def _dynamo_export(model, example, path, dynamic, opset):
-
     from torch.export import Dim
 
     kwargs = dict(input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], external_data=False, dynamo=True,

@@ -70,7 +70,6 @@ def overflow_fix():
     """NNCF's overflow fix: on every layer without VNNI (u8 x s8 pairs saturate in int16), else the default."""
     from nncf.quantization.advanced_parameters import OverflowFix
 
-
     return OverflowFix.FIRST_LAYER if has_vnni() else OverflowFix.ENABLE
 
 
@@ -89,7 +88,6 @@ def quantize(model, calib: list, val_batches: Optional[list], max_drop: float, n
     """NNCF INT8 of an ov.Model; returns (int8 model, quantization record for the metadata)."""
     nncf = require("nncf", "NNCF")
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
-
 
     fix = overflow_fix()
     params = AdvancedQuantizationParameters(overflow_fix=fix)

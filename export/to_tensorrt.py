@@ -148,7 +148,6 @@ def engine_parity(engine_path, onnx_path, shape) -> dict:
     """Engine vs the FP32 ONNX in onnxruntime on one seeded input at the profile's opt shape."""
     import torch
 
-
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     ref = OnnxRunner(onnx_path, ["CPUExecutionProvider"])(x)
     out = TensorRTRunner(engine_path, check=False)(x).float().cpu().numpy()
@@ -219,7 +218,6 @@ def modelopt_int8(quantize: Callable, fp32_onnx: Path, dst: Path, calib: list, s
     with the source's metadata."""
     import onnx
     import torch
-
 
     # one calibration array: every image at the profile's opt size
     data = torch.cat([torch.nn.functional.interpolate(torch.as_tensor(a), size=(size, size), mode="bilinear",

@@ -1,10 +1,14 @@
 """The import structure docs/design.md draws: deeplab <- export <- cluster <- tuning, no circle between project
 modules (function-level imports included, so a lazy import cannot hide one), and no Ray or ONNX in deeplab."""
 import ast
+import importlib
+import importlib.util
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 PACKAGES = ("deeplab", "export", "cluster", "tuning")
+LAZY_PACKAGES = ("deeplab", "deeplab.data")  # packages whose names load their modules on first use
 
 
 def _modules() -> dict:
@@ -16,21 +20,36 @@ def _modules() -> dict:
     return mods
 
 
+def _targets(name: str, path: Path, mods: dict, node) -> list:
+    """The modules one import statement of ``name`` loads: project modules by name (``from pkg import mod`` is
+    ``pkg.mod``), others by their full dotted name."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+    module = ".".join(base + ([node.module] if node.module else []))
+    subs = [f"{module}.{a.name}" for a in node.names]
+    lazy = [_lazy_home(module, a.name) for a in node.names]  # a package's name that loads its module on first use
+    return ([t for t in subs if t in mods] + [t for t in lazy if t]
+            + ([module] if any(t not in mods for t in subs) else []))
+
+
+def _lazy_home(package: str, name: str):
+    """The module a package's ``__getattr__`` loads for ``name`` (deeplab's and deeplab.data's ``_LAZY`` tables:
+    ``from deeplab.data import normalize`` loads deeplab.data.transforms, and torch with it), or None."""
+    if package not in LAZY_PACKAGES:
+        return None
+    table = getattr(importlib.import_module(package), "_LAZY", {})
+    return importlib.util.resolve_name(table[name], package) if name in table else None
+
+
 def _imports(name: str, path: Path, mods: dict) -> set:
     """Every module ``name`` imports anywhere in its file: project modules by name, others by top package."""
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
-            module = ".".join(base + ([node.module] if node.module else []))
-            subs = [f"{module}.{a.name}" for a in node.names]
-            targets = [t for t in subs if t in mods] + ([module] if any(t not in mods for t in subs) else [])
-        else:
+        if not isinstance(node, (ast.Import, ast.ImportFrom)):
             continue
-        for target in targets:
+        for target in _targets(name, path, mods, node):
             while target not in mods and "." in target:
                 target = target.rsplit(".", 1)[0]
             found.add(target)
@@ -148,3 +167,55 @@ def test_serving_and_batch_inference_never_import_training():
                 trail[nxt] = trail[node] + [nxt]
                 todo.append(nxt)
         assert "cluster.train" not in trail, "serving imports training: " + " -> ".join(trail["cluster.train"])
+
+
+def _loaded_at_import(mods: dict) -> dict:
+    """Module -> every module importing it loads (its module-level imports, through project modules): the
+    project's by name, the others by their full dotted name."""
+    direct = {}
+    for name, path in mods.items():
+        tree = ast.parse(path.read_text())
+        top = [n for stmt in tree.body if not isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+               for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        direct[name] = {t for node in top for t in _targets(name, path, mods, node)}
+
+    def closure(name, seen):
+        for target in direct.get(name, ()):
+            for owner in [".".join(target.split(".")[:i]) for i in range(1, target.count(".") + 2)]:
+                if owner not in seen:
+                    seen.add(owner)
+                    closure(owner, seen)
+        return seen
+
+    return {name: closure(name, {name}) for name in mods}
+
+
+def test_an_import_inside_a_function_keeps_a_package_out_of_the_files_import():
+    """docs/design.md: imports stand at the top of a file unless heavy or optional. So an import inside a function
+    must keep something out of the file's own import: a module outside the standard library (torch, ray.data,
+    onnxruntime, openvino, ...) that importing the file does not load already, directly or through the project
+    modules it imports. One that only repeats what the file loads, or loads the standard library, belongs at the
+    top of the file (this rule moved 139 of them there)."""
+    mods = _modules()
+    loaded = _loaded_at_import(mods)
+    stdlib = sys.stdlib_module_names | {"__future__"}
+
+    def outside_stdlib(names):
+        return {n for n in names if n.split(".")[0] not in stdlib and n.split(".")[0] not in PACKAGES}
+
+    misplaced = []
+    for name, path in mods.items():
+        mine = outside_stdlib(loaded[name])
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in (n for stmt in fn.body for n in ast.walk(stmt) if isinstance(n, (ast.Import, ast.ImportFrom))):
+                targets = _targets(name, path, mods, node)
+                if any(name in loaded.get(t, ()) for t in targets):
+                    continue  # breaks a circle: the module it imports imports this one when loaded
+                wanted = set()
+                for target in targets:
+                    wanted |= outside_stdlib(loaded[target] if target in mods else {target})
+                if not any(all(m != w and not m.startswith(w + ".") for m in mine) for w in wanted):
+                    misplaced.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not misplaced, f"imports inside functions that keep nothing out: {sorted(set(misplaced))}"

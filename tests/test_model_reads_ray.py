@@ -38,9 +38,9 @@ runpy.run_module("cluster.segment", run_name="__main__", alter_sys=True)
 @pytest.fixture(scope="module")
 def cluster():
     saved = os.environ.pop("RAY_ADDRESS", None)  # never join someone else's cluster
-    from cluster.train import _free_port
+    from cluster.ray_session import free_port
 
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": _free_port()})
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
     try:
         yield nodes
     finally:

@@ -4,6 +4,8 @@
 Reading files (`io`: read_image, read_mask, DatasetError) needs only Pillow and numpy and is loaded at once;
 the rest (torch) on first use, so a process that only decodes images (cluster.segment's Ray Data read
 tasks) never loads torch and its thread runtimes."""
+import importlib
+
 from .io import DatasetError, read_image, read_mask  # noqa: F401  (the package's eager names)
 
 _LAZY = {name: ".datasets" for name in ("FORMATS", "DatasetInfo", "build_dataset", "dataset_for_model", "dataset_info",
@@ -17,7 +19,5 @@ __all__ = sorted(["DatasetError", "read_image", "read_mask", *_LAZY])
 
 def __getattr__(name):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
     raise AttributeError(f"module 'deeplab.data' has no attribute {name!r}")
