@@ -423,7 +423,8 @@ def bench_segment(model: str, exp, folder: Path, workdir: Path, actors_list, cpu
         rows.append({"actors": actors, "images": summary.ok, "seconds": summary.seconds,
                      "images_per_s": summary.images_per_s, "steady_images_per_s": summary.steady_images_per_s,
                      "failed": summary.failed, "startup": {"listing": listing, **summary.startup}})
-        print(f"segment  actors {actors} ({cfg.cpus_per_worker:.2g} CPU each): {summary.ok} images in {summary.seconds:6.1f}s  "
+        print(f"segment  actors {actors} ({cfg.cpus_per_worker:.2g} CPU each): "
+              f"{summary.ok} images in {summary.seconds:6.1f}s  "
               f"{summary.images_per_s:6.2f} images/s whole run (actor start and model load included), "
               f"{summary.steady_images_per_s:6.2f} images/s after the first results"
               f"{'  FAILED ' + str(summary.failed) if summary.failed else ''}", flush=True)
@@ -467,7 +468,8 @@ def parse_args(argv):
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients (default 1 8)")
     p.add_argument("--client", choices=("python", "ab"), default="python",
                    help="who sends the requests: the built-in Python client (keep-alive connections) or Apache "
-                        "Bench, `ab -c CLIENTS -n REQUESTS` (a connection per request; apt-get install apache2-utils); default: python")
+                        "Bench, `ab -c CLIENTS -n REQUESTS` (a connection per request; apt-get install apache2-utils); "
+                        "default: python")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 1], metavar="N",
                    help="serve.max_batch_size settings to compare (default 8 1: batching on and off)")
     p.add_argument("--replicas", type=int, nargs="+", default=[1], help="replica counts (default 1)")

@@ -73,7 +73,8 @@ def export_and_bench(best: str, out: str) -> None:
         print(f"skipping the benchmark: {e}")
         return
     bench.main(["--checkpoint", best, "--onnx", onnx_path, "--size", "129", "--repeats", "3", "--accuracy-images", "4",
-                "--threads", "1", "--backends", "torch_fp32,torch_channels_last,ort_cpu_fp32", "--out", os.path.join(out, "bench")])
+                "--threads", "1", "--backends", "torch_fp32,torch_channels_last,ort_cpu_fp32",
+                "--out", os.path.join(out, "bench")])
 
 
 @command

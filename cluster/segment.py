@@ -16,8 +16,8 @@ cluster one every node mounts at the same path) or an object-store prefix (s3://
 the model actors write to with their node's credentials; there the manifest's records go to part objects
 (manifest.parts/) as they arrive, merged into manifest.jsonl at the end or at a stop. Running the same command again
 skips images already done; with another model it stops before any work unless --overwrite (which redoes
-every image). A killed actor is replaced and its images redone, each output written once. Unreadable files are listed as failed and the
-run goes on; it exits 1 at the end if any failed (2 for a bad command line, model or input).
+every image). A killed actor is replaced and its images redone, each output written once. Unreadable files are
+listed as failed and the run goes on; it exits 1 at the end if any failed (2 for a bad command line, model or input).
 """
 from __future__ import annotations
 

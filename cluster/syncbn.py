@@ -5,8 +5,9 @@ computes its per-channel count, mean and sum of squared deviations, the workers 
 per layer), and every worker normalizes with the statistics of the global batch; the backward all-reduces the
 two per-channel sums BatchNorm's input gradient needs (one collective per layer) and is otherwise BatchNorm's
 (`_SyncBatchNormFunction`, the native kernels: no float32 copy of a bf16 activation). With N workers of
-batch b the outputs, input gradients and running statistics equal plain BatchNorm2d on the concatenated N*b batch (weight/bias gradients summed over the
-workers equal the concatenated batch's; DDP averages them, as it averages every other gradient).
+batch b the outputs, input gradients and running statistics equal plain BatchNorm2d on the concatenated N*b batch
+(weight/bias gradients summed over the workers equal the concatenated batch's; DDP averages them, as it averages
+every other gradient).
 
 Numerics: statistics are computed in float32 whatever the input dtype (bf16/fp16 autocast), local
 variances two-pass (the native kernel: no cancellation), and the cross-worker combination

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     for s in args.strides:
         ratio = statistics.median(b / a for a, b in zip(times[base], times[s]))
         print(f"{cfg.model.backbone} OS{s} {size}x{size} batch {args.batch} fp32 ({torch.get_num_threads()} threads): "
-              f"median {statistics.median(times[s]):.2f}s, min {min(times[s]):.2f}s, median ratio to OS{base} {ratio:.2f}")
+              f"median {statistics.median(times[s]):.2f}s, min {min(times[s]):.2f}s, "
+              f"median ratio to OS{base} {ratio:.2f}")
     return 0
 
 

@@ -210,8 +210,10 @@ def load_checkpoint(path, map_location="cpu", data: Optional[bytes] = None) -> C
     payload = read_weights_file(path, map_location, data)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         hint = ""
-        if isinstance(payload, dict) and any(isinstance(k, str) and k.startswith(("conv1.", "features.", "backbone.")) for k in payload):
-            hint = " (a torchvision weights file? convert it with: python -m deeplab.import_torchvision FILE -o model.ckpt)"
+        if isinstance(payload, dict) and any(isinstance(k, str) and k.startswith(("conv1.", "features.", "backbone."))
+                                             for k in payload):
+            hint = (" (a torchvision weights file? convert it with: "
+                    "python -m deeplab.import_torchvision FILE -o model.ckpt)")
         raise CheckpointError(f"{path}: not a DeepLabv3 checkpoint{hint}")
     if payload.get("version", 0) > VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {payload['version']} is newer than this code "
@@ -234,7 +236,8 @@ def load_checkpoint(path, map_location="cpu", data: Optional[bytes] = None) -> C
                  f"{len(mismatched)} with other shapes" if mismatched else ""]
         example = (missing or unexpected or mismatched)[0]
         raise CheckpointError(f"{path}: weights were written for another architecture than its config "
-                              f"({cfg.backbone}, head={cfg.head}): {', '.join(p for p in parts if p)} keys, e.g. {example}")
+                              f"({cfg.backbone}, head={cfg.head}): {', '.join(p for p in parts if p)} keys, "
+                              f"e.g. {example}")
     model.load_state_dict(weights)
     model.eval()
     return Checkpoint(model=model, config=cfg, state=payload.get("state") or {}, experiment=experiment,

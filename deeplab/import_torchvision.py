@@ -7,8 +7,8 @@
 A classifier file (resnet50/101/152, mobilenet_v3_large) becomes the backbone of the paper's model (head
 freshly initialized, ready to train); a DeepLabV3 file becomes ``head="torchvision"`` with torchvision's rates
 and atrous layout (ResNet at output stride 8, MobileNetV3 at 16), giving its outputs. The architectures are
-those the backbones register (`deeplab.backbones`). Its auxiliary head (``aux_classifier.*``, an FCN on block3 used only as a training loss)
-is dropped: this project neither trains nor exports it.
+those the backbones register (`deeplab.backbones`). Its auxiliary head (``aux_classifier.*``, an FCN on block3
+used only as a training loss) is dropped: this project neither trains nor exports it.
 """
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ ARCHS = tuple(torchvision_archs())
 
 def _strip(state: dict) -> dict:
     for wrapper in ("state_dict", "model"):  # files saved as {"model": sd} by training scripts
-        if isinstance(state.get(wrapper), dict) and not any(k.startswith(("conv1.", "features.", "backbone.")) for k in state):
+        if isinstance(state.get(wrapper), dict) and not any(k.startswith(("conv1.", "features.", "backbone."))
+                                                            for k in state):
             state = state[wrapper]
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
 

@@ -20,7 +20,8 @@ from .config import ModelConfig
 
 
 def block_layout(cfg: ModelConfig, output_stride: Optional[int] = None) -> list:
-    """The backbone's ``(stride, [rates])`` per stage at an output stride (e.g. `deeplab.backbones.resnet.block_layout`)."""
+    """The backbone's ``(stride, [rates])`` per stage at an output stride
+    (e.g. `deeplab.backbones.resnet.block_layout`)."""
     return backbone_class(cfg.backbone).layout(cfg, output_stride)
 
 

@@ -490,7 +490,8 @@ def parse_args(argv=None):
     p.add_argument("--onnx", help="FP32 ONNX to use (default: exported from the model into --out)")
     p.add_argument("--int8-onnx", help="INT8 Q/DQ ONNX to use (default: quantized from the FP32 ONNX)")
     p.add_argument("--openvino-int8", metavar="MODEL.xml",
-                   help="INT8 IR to use, e.g. from export.to_openvino (default: NNCF on the FP32 IR, no accuracy control)")
+                   help="INT8 IR to use, e.g. from export.to_openvino (default: NNCF on the FP32 IR, "
+                   "no accuracy control)")
     p.add_argument("--engine", action="append", default=[],
                    help="a TensorRT engine you built, with its .engine.json sidecar (repeatable; default: none, "
                    "no TensorRT row)")

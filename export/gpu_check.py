@@ -257,7 +257,8 @@ def inference(args, variant: str) -> dict:
     sync = torch.cuda.synchronize if args.device == "cuda" else None
     out = {}
     for batch in args.batches:
-        x = torch.randn(batch, 3, args.size, args.size, device=args.device).contiguous(memory_format=torch.channels_last)
+        x = torch.randn(batch, 3, args.size, args.size,
+                        device=args.device).contiguous(memory_format=torch.channels_last)
 
         def call(x=x):
             with torch.inference_mode(), torch.autocast(args.device, dtype=dtype or torch.float32,
@@ -447,7 +448,8 @@ def tensorrt_engines(args) -> dict:
                 raise RuntimeError(f"python -m export.to_tensorrt --precision {precision} exited {code}")
             sidecar, runner = read_sidecar(engine), TensorRTRunner(engine)
             x = torch.randn(*shape, device="cuda")
-            row = measure(lambda runner=runner, x=x: runner(x), warmup=5, repeats=args.repeats, sync=torch.cuda.synchronize)
+            row = measure(lambda runner=runner, x=x: runner(x), warmup=5, repeats=args.repeats,
+                          sync=torch.cuda.synchronize)
             row.update(converter={k: sidecar[k] for k in ("build_path", "int8_quantizer", "int8_other_layers", "tf32")
                                   if k in sidecar},
                        parity=sidecar.get("parity"), layer_precisions=engine_precisions(runner.engine),

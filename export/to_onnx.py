@@ -5,9 +5,9 @@
 The model is rebuilt from the checkpoint alone, in eval mode (BatchNorm folded into the convs by the
 exporter), and batch, height and width are dynamic unless ``--static``.
 The ONNX's metadata_props carry what a runtime needs to use it without the checkpoint: classes, class names,
-output stride, align_corners, precision, rates, the source checkpoint's sha256 (export.metadata.RECORD_DEFAULTS). The file is
-written under a temporary name, checked (onnx.checker, then onnxruntime against PyTorch: max absolute logit
-difference and argmax agreement) and only then renamed into place.
+output stride, align_corners, precision, rates, the source checkpoint's sha256 (export.metadata.RECORD_DEFAULTS).
+The file is written under a temporary name, checked (onnx.checker, then onnxruntime against PyTorch: max absolute
+logit difference and argmax agreement) and only then renamed into place.
 """
 from __future__ import annotations
 
@@ -159,7 +159,8 @@ def export_checkpoint(ckpt, out_path, output_stride: int = 8, dynamic: bool = Tr
 
 
 ALIASES = [Alias("--output-stride", "export.output_stride", "inference output stride"),
-           SwitchOff("--static", "export.dynamic", "set it false: fixed batch and size, --parity-size x --parity-batch"),
+           SwitchOff("--static", "export.dynamic",
+                     "set it false: fixed batch and size, --parity-size x --parity-batch"),
            Alias("--dynamic", "export.dynamic", "dynamic batch, height, width", switch=True),
            Alias("--opset", "export.opset", "ONNX opset (null: the exporter's)"),
            Alias("--tolerance", "export.tolerance", "max |logit diff| allowed, relative to max(1, |largest logit|)")]

@@ -290,7 +290,8 @@ def check_accuracy(onnx_files: dict, cfg, num_classes: Optional[int], force: boo
         return None
     if num_classes is None:
         raise UserError(f"{onnx_files['fp32']}: no deeplab.num_classes metadata; export it with export.to_onnx")
-    log.info(f"checking accuracy on {ex.accuracy_images} held-out image(s) of {cfg.data.dataset}/{cfg.data.val_split}...")
+    log.info(f"checking accuracy on {ex.accuracy_images} held-out image(s) of "
+             f"{cfg.data.dataset}/{cfg.data.val_split}...")
     batches = labelled_batches(cfg.data, cfg.data.val_split, ex.accuracy_images)
     accuracy = accuracy_report({k: onnx_files[k] for k in ("fp32", ex.precision)}, batches, num_classes,
                                cfg.data.ignore_index)
@@ -354,7 +355,8 @@ ALIASES = [Alias("--precision", "export.precision", "fp32, fp16, bf16 or int8"),
            Alias("--opt-shape", "export.opt_shape", "NxCxHxW the engine is tuned for", metavar="NxCxHxW"),
            Alias("--max-shape", "export.max_shape", "NxCxHxW, largest input", metavar="NxCxHxW"),
            Alias("--workspace", "export.workspace_gb", "builder workspace in GiB", metavar="GIB"),
-           Alias("--opset", "export.opset", f"ONNX opset for a checkpoint (TensorRT 10.0 parses up to {TENSORRT_MAX_OPSET}; "
+           Alias("--opset", "export.opset",
+                 f"ONNX opset for a checkpoint (TensorRT 10.0 parses up to {TENSORRT_MAX_OPSET}; "
                  "null: the exporter's, capped there)")]
 
 

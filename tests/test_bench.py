@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--set", "model.backbone=resnet_tiny", "--set", "model.aspp_channels=16", "--set", "model.num_classes=6",
         "--set", "data.synthetic_size=65", "--set", "data.synthetic_val=2", "--set", "data.synthetic_train=2"]
 CPU_BACKENDS = {"torch_fp32", "torch_channels_last", "torch_bf16", "torch_bf16_channels_last", "torch_compile",
-                "ort_cpu_fp32", "ort_cpu_int8", "ort_cpu_int8_rr", "openvino_fp32", "openvino_int8", "openvino_int8_qdq"}
+                "ort_cpu_fp32", "ort_cpu_int8", "ort_cpu_int8_rr", "openvino_fp32", "openvino_int8",
+                "openvino_int8_qdq"}
 KINDS = {"torch_bf16": "bf16", "torch_bf16_channels_last": "bf16", "ort_cpu_int8": "int8", "ort_cpu_int8_rr": "int8",
          "openvino_int8": "int8", "openvino_int8_qdq": "int8"}
 
@@ -68,7 +69,8 @@ def test_bench_script_runs_every_cpu_backend(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run([sys.executable, "export/bench.py", *TINY, "--size", "65", "--batch", "1", "2",
                            "--repeats", "2", "--accuracy-images", "2", "--calib-images", "2", "--threads", "1",
-                           "--backends", ",".join(sorted(CPU_BACKENDS)), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--backends", ",".join(sorted(CPU_BACKENDS)), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
     rows = result["rows"]
@@ -120,11 +122,13 @@ def test_bench_help_as_module():
 
 def test_recommendation_is_the_fastest_backend_that_keeps_accuracy():
     def row(name, speedup, device="cpu", batch=1):
-        return {"backend": name, "speedup_vs_fp32": speedup, "device": device, "batch": batch, "median_ms": 100 / speedup}
+        return {"backend": name, "speedup_vs_fp32": speedup, "device": device, "batch": batch,
+                "median_ms": 100 / speedup}
 
     rows = [row("torch_fp32", 1.0), row("torch_bf16", 3.0), row("ort_cpu_int8", 4.0), row("cuda_fp16", 50.0, "cuda"),
             row("ort_cpu_int8", 9.0, batch=2)]
-    acc = {"torch_fp32": {"miou_change": 0.0}, "torch_bf16": {"miou_change": -0.4}, "ort_cpu_int8": {"miou_change": -2.5}}
+    acc = {"torch_fp32": {"miou_change": 0.0}, "torch_bf16": {"miou_change": -0.4},
+           "ort_cpu_int8": {"miou_change": -2.5}}
     assert bench.recommend(rows, acc, 1.0).startswith("fastest CPU path within 1.0 mIoU of fp32: torch_bf16 (3.00x")
     assert "ort_cpu_int8 (4.00x" in bench.recommend(rows, acc, 3.0)
     assert "accuracy not measured" in bench.recommend(rows, {}, 1.0)

@@ -115,7 +115,8 @@ def test_interrupted_save_leaves_previous_checkpoint_intact(tmp_path, tiny_model
         "    fh.write(b'partial'); fh.flush()\n"
         "    os._exit(9)\n"
         "torch.save = dying_save\n"
-        f"save_checkpoint({str(path)!r}, build_model(ModelConfig(backbone='resnet_tiny', num_classes=5, aspp_channels=16)),"
+        f"save_checkpoint({str(path)!r}, "
+        "build_model(ModelConfig(backbone='resnet_tiny', num_classes=5, aspp_channels=16)),"
         " ModelConfig(backbone='resnet_tiny', num_classes=5, aspp_channels=16), iteration=2)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parents[1])

@@ -44,7 +44,8 @@ def test_aws_cluster_passes_rays_validator_offline(no_network):
     (spot_type,) = (workers[name] for name in spot)
     (on_demand,) = (t for name, t in workers.items() if name not in spot)
     assert spot_type["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
-    assert {k: v for k, v in spot_type["node_config"].items() if k != "InstanceMarketOptions"} == on_demand["node_config"]
+    assert ({k: v for k, v in spot_type["node_config"].items() if k != "InstanceMarketOptions"}
+            == on_demand["node_config"])
     assert sum(t["max_workers"] for t in workers.values()) == prepared["max_workers"]
     # prepare_config merged setup_commands into both roles: torch, then the project, on every node
     for role in ("head_setup_commands", "worker_setup_commands"):
@@ -86,7 +87,8 @@ WORLD6 = {"Ipv6Ranges": [{"CidrIpv6": "::/0"}]}
     ({"IpProtocol": "tcp", "FromPort": 8265, "ToPort": 8265, **WORLD4}, "8265"),
     ({"IpProtocol": "tcp", "FromPort": 6000, "ToPort": 7000, **WORLD6}, "6379"),
     ({"IpProtocol": "-1", **WORLD4}, "6379"),  # all traffic
-    ({"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535, "IpRanges": [{"CidrIp": "10.0.0.0/8"}, {"CidrIp": "0.0.0.0/0"}]}, "10001"),
+    ({"IpProtocol": "tcp", "FromPort": 0, "ToPort": 65535,
+      "IpRanges": [{"CidrIp": "10.0.0.0/8"}, {"CidrIp": "0.0.0.0/0"}]}, "10001"),
 ])
 def test_checker_catches_world_open_ray_ports(rule, ports):
     problems = security_problems(_aws_with_rules(rule))
@@ -221,7 +223,8 @@ def test_serve_and_ray_ports_beyond_the_first_three_are_checked(low, high, named
 def test_ports_moved_by_start_commands_are_the_ones_checked(tmp_path):
     config = _load(AWS)
     config["head_start_ray_commands"] = [
-        "ray stop", "ulimit -n 65536; ray start --head --port=7000 --dashboard-port 9265 --ray-client-server-port=11001 "
+        "ray stop",
+        "ulimit -n 65536; ray start --head --port=7000 --dashboard-port 9265 --ray-client-server-port=11001 "
         "--metrics-export-port=9100 --dashboard-host=127.0.0.1 --autoscaling-config=~/ray_bootstrap_config.yaml",
         "nohup python -m cluster.serve /models/m.onnx --host 0.0.0.0 --port 8443 > serve.log 2>&1 &"]
     for port, named in [(7000, "7000 (GCS)"), (9265, "9265 (dashboard/job API)"), (11001, "11001 (Ray client)"),
@@ -243,7 +246,8 @@ def test_ports_moved_by_start_commands_are_the_ones_checked(tmp_path):
 ])
 def test_prefix_lists_and_protocol_minus_one_are_judged(tmp_path, rule):
     path = _write(tmp_path, "rules.yaml", _aws_with_rules(rule))
-    with pytest.raises(ValueError, match=r"pl-0123abcd on .*8265.*: its addresses cannot be checked offline|6379 \(GCS\).* to the internet"):
+    with pytest.raises(ValueError, match=r"pl-0123abcd on .*8265.*: its addresses cannot be checked offline"
+                                         r"|6379 \(GCS\).* to the internet"):
         check_file(path)
 
 

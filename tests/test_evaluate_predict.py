@@ -82,7 +82,8 @@ def test_evaluate_errors_are_one_line(synthetic_ckpt, tmp_path, capsys):
     assert err.count("\n") == 1 and "predicts 4 classes but the voc dataset has 21" in err
     (tmp_path / "results").mkdir()  # -o names a folder: refused before evaluating, nothing written
     assert evaluate_main([str(synthetic_ckpt), "-o", str(tmp_path / "results")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'results'}: cannot write (it is a folder; expected a file name)\n"
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'results'}: "
+                                       "cannot write (it is a folder; expected a file name)\n")
     assert list((tmp_path / "results").iterdir()) == []
     assert evaluate_main([str(synthetic_ckpt), "--split", "test"]) == 2  # synthetic data has train and val
     assert capsys.readouterr().err.count("\n") == 1

@@ -83,7 +83,8 @@ def test_predict_writes_the_same_pictures_as_for_the_checkpoint(models, tmp_path
     for i in range(2):
         image, _ = render(7, i, 49, 4, "val")
         Image.fromarray(image).save(images / f"street{i}.png")
-    assert deeplab_predict([str(models["ckpt"]), str(images), "-o", str(tmp_path / "ckpt"), "--output-stride", "8"]) == 0
+    assert deeplab_predict([str(models["ckpt"]), str(images), "-o", str(tmp_path / "ckpt"),
+                            "--output-stride", "8"]) == 0
     assert export_predict([str(models["onnx"]), str(images), "-o", str(tmp_path / "onnx")]) == 0
     names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "onnx").iterdir()) and len(names) == 6
@@ -100,7 +101,8 @@ def test_mistakes_are_one_line(models, tmp_path):
     del model.metadata_props[:]
     onnx.save(model, str(bare))
     (tmp_path / "junk.onnx").write_bytes(b"junk")
-    for cmd, words in ((["export.evaluate", str(models["onnx"]), "--output-stride", "16"], "exported at output stride 8"),
+    for cmd, words in ((["export.evaluate", str(models["onnx"]), "--output-stride", "16"],
+                        "exported at output stride 8"),
                        (["export.evaluate", str(models["ckpt"])], "deeplab.evaluate"),
                        (["export.evaluate", str(bare)], "no deeplab.* metadata"),
                        (["export.evaluate", str(tmp_path / "junk.onnx")], "junk.onnx: not a readable ONNX file"),

@@ -124,7 +124,8 @@ def test_int8_ir_stays_within_the_gate_on_a_trained_model(irs, tmp_path):
 def test_gate_refuses_a_loss_above_the_limit_and_writes_nothing(irs, tmp_path):
     proc = int8_command(irs["ckpt"], tmp_path / "model.xml", "--set", "export.max_int8_miou_drop=-1000")
     err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 1 and re.match(r"error: INT8 loses -?\d+\.\d+ mIoU points .* --force", err[-1]), proc.stderr
+    assert proc.returncode == 1 and re.match(r"error: INT8 loses -?\d+\.\d+ mIoU points .* --force",
+                                             err[-1]), proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no IR, no temporary file or folder
 
 

@@ -183,8 +183,8 @@ def test_tensorrt_11_int8_asks_modelopt_for_fp16_other_layers_and_keeps_the_meta
 
     monkeypatch.setattr(trt_cli, "modelopt_quantize", lambda: quantize)
     cfg = load_config(None, ["model.num_classes=3", "data.synthetic_classes=3", "data.synthetic_size=40",
-                             "export.precision=int8", "export.calib_images=2", "export.min_shape=1x3x33x33", "export.opt_shape=1x3x49x49",
-                             "export.max_shape=1x3x65x65"])
+                             "export.precision=int8", "export.calib_images=2", "export.min_shape=1x3x33x33",
+                             "export.opt_shape=1x3x49x49", "export.max_shape=1x3x65x65"])
     args = SimpleNamespace(calib_data=None, check_accuracy=False)
     files, record = trt_cli.precision_onnx(fp32, cfg.check(), args, "typed")
     assert calls == [dict(mode="int8", shape=(2, 3, 49, 49), eps=["cpu"], high="fp16", method="max")]

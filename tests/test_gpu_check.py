@@ -99,7 +99,8 @@ def test_cpu_dry_run_in_a_fresh_interpreter_passes_every_section_a_cpu_can_run(t
         assert t["checkpoint"]["saved_iteration"] == 2 and t["checkpoint"]["resumed_to_iteration"] == 3
         assert t["world_size"] == 1 and "group of one runs it as BatchNorm" in t["sync_bn"]
     demo = sections["training_demo_step"]  # configs/demo.yaml's step, shrunk for the dry run
-    assert demo["iterations"] == 3 and demo["images_per_s_median"] > 0 and demo["checkpoint"]["resumed_to_iteration"] == 4
+    assert (demo["iterations"] == 3 and demo["images_per_s_median"] > 0
+            and demo["checkpoint"]["resumed_to_iteration"] == 4)
     assert (demo["backbone"], demo["batch"], demo["crop"]) == ("resnet_tiny", 2, 65)
     assert sections["training_bf16_channels_last"]["autocast"] == "bfloat16"
     assert sections["training_fp32_nchw"]["channels_last"] is False
@@ -144,7 +145,8 @@ def test_a_section_whose_package_is_not_installed_is_a_skip_not_a_failure(tmp_pa
     report = gpu_check.Report(tmp_path / "gpu_check.json", budget_s=120)
     report.run("tensorrt", 1, 120, ["--cpu-dry-run"])
     data = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert (data["skipped"], data["failed"], data["sections"]) == ({"tensorrt": "tensorrt is not installed here"}, {}, {})
+    assert (data["skipped"], data["failed"], data["sections"]) == (
+        {"tensorrt": "tensorrt is not installed here"}, {}, {})
 
 
 def _children(pid: int) -> list:

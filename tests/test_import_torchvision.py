@@ -65,7 +65,8 @@ def test_imagenet_resnet_loads_into_backbone_with_report():
 def test_wrong_file_gives_one_line_error(tmp_path):
     bad = tmp_path / "random.pth"
     torch.save({"foo": torch.zeros(3)}, bad)
-    proc = subprocess.run([sys.executable, "-m", "deeplab.import_torchvision", str(bad), "-o", str(tmp_path / "o.ckpt")],
+    proc = subprocess.run([sys.executable, "-m", "deeplab.import_torchvision", str(bad),
+                           "-o", str(tmp_path / "o.ckpt")],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "random.pth" in proc.stderr

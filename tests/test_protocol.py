@@ -371,7 +371,8 @@ def test_table1_strides_block_layout_against_the_paper():
                 s, rate = 1, rate * 2
             stride *= s
             expected.append((s, rate))
-        block_rates = [(s, rates[0] // cfg.multi_grid[0] if b >= 3 else rates[-1]) for b, (s, rates) in enumerate(layout)]
+        block_rates = [(s, rates[0] // cfg.multi_grid[0] if b >= 3 else rates[-1])
+                       for b, (s, rates) in enumerate(layout)]
         assert block_rates == expected
         for b in (1, 2):
             assert layout[b][1][0] == expected[b - 1][1]  # the first unit: its input's rate

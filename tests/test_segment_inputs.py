@@ -128,7 +128,8 @@ def test_stale_temporary_files_of_a_killed_writer_are_removed(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["missing.ckpt", "IN", "-o", "OUT"], "missing.ckpt: no such model file"),
     (["MODEL", "IN", "-o", "OUT", "--workers", "0"], "segment.workers=0 must be >= 1"),
-    (["MODEL", "IN", "-o", "OUT", "--set", "segment.cpus_per_worker=0"], "must be > 0 unless segment.gpus_per_worker > 0"),
+    (["MODEL", "IN", "-o", "OUT", "--set", "segment.cpus_per_worker=0"],
+     "must be > 0 unless segment.gpus_per_worker > 0"),
     (["MODEL", "IN", "-o", "OUT", "--alpha", "2"], "--alpha 2: inference.alpha=2"),
     (["MODEL", "nowhere", "-o", "OUT"], "nowhere: no such folder or list file"),
     (["MODEL", "IN", "-o", "OUT", "--output-stride", "8", "--set", "segment.batch_size=0"], "segment.batch_size=0"),
@@ -203,7 +204,8 @@ def test_a_size_the_engine_cannot_run_fails_alone():
 # ------------------------------------------------------------------ hostile paths (issue 20): never outside OUTPUT
 def _inside(out, names, color=True):
     root = out.resolve()
-    return all((out / rel).resolve().is_relative_to(root) for n in names for rel in segment_outputs.expected_outputs(n, color))
+    return all((out / rel).resolve().is_relative_to(root)
+               for n in names for rel in segment_outputs.expected_outputs(n, color))
 
 
 def test_list_file_uris_with_dotdot_are_named_from_normalized_paths(tmp_path):
@@ -304,7 +306,8 @@ def test_a_decode_task_loads_neither_torch_nor_an_inference_runtime(tmp_path):
     code = (
         "import sys, pyarrow.fs as fs\n"
         "from cluster.segment_pipeline import read_and_decode\n"
-        f"row = read_and_decode({{'path': {str(tmp_path / 'a.png')!r}, 'uri': 'a.png', 'name': 'a'}}, fs.LocalFileSystem(), None)\n"
+        f"row = read_and_decode({{'path': {str(tmp_path / 'a.png')!r}, 'uri': 'a.png', 'name': 'a'}}, "
+        "fs.LocalFileSystem(), None)\n"
         "assert not row['error'] and (row['height'], row['width']) == (7, 9), row\n"
         "print(sorted(m for m in ('torch', 'onnxruntime', 'openvino', 'tensorrt') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

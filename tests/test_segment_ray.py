@@ -108,7 +108,8 @@ def test_segment_matches_predict_lists_failures_and_a_rerun_skips_what_is_done(c
         stem = os.path.splitext(rel)[0]
         name = os.path.basename(stem)
         for suffix in ("", "_color", "_overlay"):
-            ours, theirs = read_png(out / f"{stem}{suffix}.png"), read_png(collection["reference"] / f"{name}{suffix}.png")
+            ours = read_png(out / f"{stem}{suffix}.png")
+            theirs = read_png(collection["reference"] / f"{name}{suffix}.png")
             assert ours.shape == theirs.shape and np.array_equal(ours, theirs), f"{stem}{suffix}.png differs"
         labels_seen |= set(np.unique(read_png(out / f"{stem}.png")).tolist())
     assert len(labels_seen) > 1

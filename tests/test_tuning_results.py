@@ -18,8 +18,8 @@ def _row(trial, point, miou, iterations, status, checkpoint=None, max_iterations
     base.train.max_iterations = max_iterations
     values = results._values(base, point)
     return {"trial_id": trial, "label": results.spaces.describe(point), "point": point, **values, "miou": miou,
-            "best_miou": miou, "score": miou, "iterations": iterations, "stopped_early": status == "stopped early", "wall_s": 75.0,
-            "status": status, "checkpoint": checkpoint}
+            "best_miou": miou, "score": miou, "iterations": iterations, "stopped_early": status == "stopped early",
+            "wall_s": 75.0, "status": status, "checkpoint": checkpoint}
 
 
 @pytest.fixture
@@ -28,7 +28,8 @@ def rows(tmp_path):
     ck.mkdir()
     (ck / "model.ckpt").write_bytes(b"weights")
     return [
-        _row("a", {"multi_grid": [1, 2, 4], "aspp_rates": [6, 12, 18], "crop_size": 513}, 0.70, 40, "finished", str(ck)),
+        _row("a", {"multi_grid": [1, 2, 4], "aspp_rates": [6, 12, 18], "crop_size": 513}, 0.70, 40, "finished",
+             str(ck)),
         _row("b", {"multi_grid": [1, 1, 1], "aspp_rates": [6, 12, 18], "crop_size": 513}, 0.60, 10, "stopped early"),
         _row("c", {"multi_grid": [2, 2, 2], "aspp_rates": [6, 12, 18], "crop_size": 513}, 0.90, 20,
              "failed: diverged: non-finite loss"),

@@ -128,7 +128,8 @@ def _asha_decisions(trials: list, metric: str, rungs=(2, 1), reduction_factor=2)
 
 
 def test_asha_stopped_some_trials_early_and_they_ran_fewer_iterations(search):
-    ran = sorted((r for r in search["rows"] if r["status"] in ("finished", "stopped early")), key=lambda r: r["trial_id"])
+    ran = sorted((r for r in search["rows"] if r["status"] in ("finished", "stopped early")),
+                 key=lambda r: r["trial_id"])
     reports = {r["trial_id"]: _reported(search["dir"], r["trial_id"]) for r in ran}
     expected = _asha_decisions([(r["trial_id"], reports[r["trial_id"]]) for r in ran], "lr")
     assert [r["status"] for r in ran] == ["finished", "stopped early"]

@@ -103,7 +103,8 @@ def test_yaml_space_grid_and_sample(tmp_path):
     assert all(0.001 <= p["lr"] <= 0.1 and p["model.aspp_channels"] == 16 for p in points)
     assert points == spaces.expand(space, "sample", num_samples=4, seed=3)  # reproducible
     cfg = spaces.apply_point(ExperimentConfig(), points[0])
-    assert cfg.train.lr == points[0]["lr"] and cfg.model.aspp_channels == 16 and cfg.data.crop_size == points[0]["crop_size"]
+    assert (cfg.train.lr == points[0]["lr"] and cfg.model.aspp_channels == 16
+            and cfg.data.crop_size == points[0]["crop_size"])
 
     grid = spaces.expand({"crop_size": [65, 97], "aspp_rates": [(1, 2, 3)]}, "grid", num_samples=2, seed=5)
     assert [(p["crop_size"], p["seed"]) for p in grid] == [(65, 5), (97, 5), (65, 6), (97, 6)]

@@ -1,7 +1,8 @@
 """Search ASPP rates, Multi-Grid and crop size with Ray Tune; every trial is one distributed Ray Train run.
 
     python -m tuning.search_rates --config configs/search_demo.yaml
-    python -m tuning.search_rates --config configs/search_paper.yaml --space paper --workers-per-trial 8 --max-concurrent 8
+    python -m tuning.search_rates --config configs/search_paper.yaml --space paper \\
+        --workers-per-trial 8 --max-concurrent 8
 
 The space is expanded into configurations, impossible ones are pruned with a printed reason, the rest run
 as trials (ASHA stops weak ones early on tune.metric, val mIoU by default). Results land in STORAGE/NAME/:
@@ -42,7 +43,8 @@ STATE_FILE = "search.json"  # what the search was started with: config, kept poi
 ALIASES = [
     Alias("--space", "tune.space", "search space: a preset (paper) or a YAML file", metavar="SPACE"),
     Alias("--num-samples", "tune.num_samples", "grid: repeats with new seeds; sample: points drawn", metavar="N"),
-    Alias("--scheduler", "tune.scheduler", "asha stops weak trials early; fifo runs all to the end", metavar="{asha,fifo}"),
+    Alias("--scheduler", "tune.scheduler", "asha stops weak trials early; fifo runs all to the end",
+          metavar="{asha,fifo}"),
     Alias("--workers-per-trial", "tune.workers_per_trial", "Ray Train workers (GPUs) per trial", metavar="N"),
     Alias("--max-concurrent", "tune.max_concurrent", "trials running at once", metavar="N"),
     Alias("--max-iterations", "tune.max_iterations", "cap every trial's iterations, for a quick look", metavar="N"),
@@ -180,9 +182,11 @@ def _space_name(cfg: ExperimentConfig) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m tuning.search_rates", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="--space ... --output are shorthands for the config fields shown; --set reaches any field.")
+                                epilog="--space ... --output are shorthands for the config fields shown; "
+                                       "--set reaches any field.")
     add_config_args(p, aliases=ALIASES)
-    p.add_argument("--resume", action="store_true", help="continue the search in STORAGE/NAME (the default when it exists)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search in STORAGE/NAME (the default when it exists)")
     p.add_argument("--retry-errored", action="store_true",
                    help="on resume, run failed trials again (diverged ones stay failed)")
     p.add_argument("--dry-run", action="store_true", help="print the configurations and pruning reasons, run nothing")

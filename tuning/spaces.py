@@ -144,7 +144,8 @@ def expand(space: dict, mode: str = "grid", num_samples: int = 1, seed: int = 0)
         return [{**p, "seed": seed + i} for i in range(num_samples) for p in grid]
     rng = random.Random(seed)
     grid = grid or [dict(zip(lists, combo)) for combo in itertools.product(*lists.values())]
-    picks = rng.sample(grid, num_samples) if num_samples <= len(grid) else [rng.choice(grid) for _ in range(num_samples)]
+    picks = (rng.sample(grid, num_samples) if num_samples <= len(grid)
+             else [rng.choice(grid) for _ in range(num_samples)])
     points = []
     for p in picks:
         p = dict(p)

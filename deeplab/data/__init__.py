@@ -10,7 +10,8 @@ from .io import DatasetError, read_image, read_mask  # noqa: F401  (the package'
 
 _LAZY = {name: ".datasets" for name in ("FORMATS", "DatasetInfo", "build_dataset", "dataset_for_model", "dataset_info",
                                         "detect_format", "find_pairs", "label_map")}
-_LAZY.update({name: ".classes" for name in ("ADE20K_CLASSES", "CITYSCAPES_CLASSES", "VOC_CLASSES", "palette_for_classes")})
+_LAZY.update({name: ".classes" for name in ("ADE20K_CLASSES", "CITYSCAPES_CLASSES", "VOC_CLASSES",
+                                            "palette_for_classes")})
 _LAZY.update({name: ".transforms" for name in ("EvalTransform", "TrainTransform", "denormalize", "normalize")})
 _LAZY.update({name: ".imagenet" for name in ("IMAGENET_MEAN", "IMAGENET_STD", "normalize_array")})
 

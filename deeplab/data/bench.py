@@ -2,8 +2,8 @@
 
 Images/s per core of the input pipeline: decode + the paper's augmentation (random scale 0.5-2.0, pad,
 random 513 crop, flip, normalize) on VOC-sized (500x375) JPEGs with palette-PNG masks that it writes to a
-temporary VOC tree, one process, one thread, measured in CPU time. Also times synthetic scene generation at the demo's sizes.
-A GPU consuming N images/s needs about N / (this figure) loader cores.
+temporary VOC tree, one process, one thread, measured in CPU time. Also times synthetic scene generation at the
+demo's sizes. A GPU consuming N images/s needs about N / (this figure) loader cores.
 """
 from __future__ import annotations
 
