@@ -54,9 +54,9 @@ def fetch_model(model: str) -> str:
     a local path is returned as given."""
     if not is_uri(model):
         return model
-    from deeplab.checkpoint import _read_remote  # one-line errors naming the URL
+    from deeplab.checkpoint import read_remote  # one-line errors naming the URL
 
-    data = _read_remote(model).getvalue()
+    data = read_remote(model).getvalue()
     target = model_cache() / "fetched" / hashlib.sha256(model.encode()).hexdigest()[:16]
     target = ensure_dir(target) / (PurePosixPath(urlsplit(model).path).name or "model")
     with atomic_path(target) as tmp:

@@ -2,8 +2,10 @@
 
 Ray has no public call for a few things the commands need: the cluster ``ray start`` recorded on this machine,
 this driver's session folder, the hook through which Ray prints what its cluster reports, the base class of Ray
-Train's errors, ``ray up``'s offline validation, a key-value store in the GCS, and which node is the head. They
-live in ``ray._private``, ``ray.*._internal`` and ``ray.autoscaler._private`` and may change in any Ray release,
+Train's errors, ``ray up``'s offline validation, a key-value store in the GCS, which node is the head, the id
+of the request a Serve replica is handling and where a running Serve listens. They live in ``ray._private``,
+``ray.*._internal``, ``ray.autoscaler._private`` and underscored ``ray.serve.context`` functions and may change
+in any Ray release,
 so they are called here and nowhere else: each function's docstring says what the project relies on, and
 tests/test_ray_internals.py pins each of those behaviours against the installed Ray (pyproject.toml bounds
 ``ray`` to the minor versions tested). Functions that a command can do without answer None where Ray has moved
@@ -153,3 +155,22 @@ def head_node() -> Optional[dict]:
     import ray
 
     return next((n for n in ray.nodes() if n["Alive"] and HEAD_RESOURCE in n["Resources"]), None)
+
+
+def serve_request_id() -> Optional[str]:
+    """Serve's id of the request this replica is handling (the proxy's ``x-request-id`` answer header), None
+    outside a request. Relies on: ``ray.serve.context._get_serve_request_context()`` returning the request's
+    context, with ``request_id``, inside a replica's handler (an empty id outside one)."""
+    from ray.serve.context import _get_serve_request_context
+
+    return _get_serve_request_context().request_id or None
+
+
+def running_serve_address() -> Optional[tuple]:
+    """(host, port) of the HTTP proxy of the Serve running on the connected cluster, None when none runs. Relies
+    on: ``ray.serve.context._get_global_client(raise_if_no_controller_running=False)`` answering None without a
+    Serve controller, else a client whose ``http_config`` holds the host and port Serve was started with."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    return None if client is None else (client.http_config.host, client.http_config.port)

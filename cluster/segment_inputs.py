@@ -41,10 +41,10 @@ def _filesystem(location: str):
     import pyarrow.fs as pafs
 
     if is_uri(location):
-        from deeplab.checkpoint import _remote_filesystem  # torch: not in the workers that only decode
+        from deeplab.checkpoint import remote_filesystem  # torch: not in the workers that only decode
 
         try:
-            return _remote_filesystem(location)
+            return remote_filesystem(location)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for bad URIs and unreachable stores
             raise InputError(f"{location}: cannot open ({error_line(e)})") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(location))

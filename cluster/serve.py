@@ -180,9 +180,7 @@ def error_response(problem: Problem, fmt: str):
 def request_id(request) -> str:
     """Serve's id for this request (the proxy's x-request-id answer header), or a fresh one."""
     try:
-        from ray.serve.context import _get_serve_request_context
-
-        return _get_serve_request_context().request_id or uuid.uuid4().hex
+        return ray_internals.serve_request_id() or uuid.uuid4().hex
     except Exception:  # outside a replica
         return request.headers.get("x-request-id") or uuid.uuid4().hex
 
@@ -412,17 +410,16 @@ def start_serve(cfg: ServeConfig) -> bool:
     call started it (so only then does the command stop it). A Serve bound elsewhere is refused (ServeConflict):
     serve.start would ignore the new options, log that, and the endpoint would not be where the user asked."""
     from ray import serve
-    from ray.serve.context import _get_global_client
 
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
+    running = ray_internals.running_serve_address()
+    if running is None:
         serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
         return True
-    running = client.http_config
-    if (running.host, running.port) != (cfg.host, cfg.port):
-        raise ServeConflict(f"Serve already runs on this cluster bound to {running.host}:{running.port}, not "
-                            f"{cfg.host}:{cfg.port} as asked (serve.host/serve.port): use --host {running.host} "
-                            f"--port {running.port}, or stop it first (serve shutdown)")
+    if running != (cfg.host, cfg.port):
+        host, port = running
+        raise ServeConflict(f"Serve already runs on this cluster bound to {host}:{port}, not "
+                            f"{cfg.host}:{cfg.port} as asked (serve.host/serve.port): use --host {host} "
+                            f"--port {port}, or stop it first (serve shutdown)")
     return False
 
 

@@ -54,9 +54,9 @@ def storage_folder(location: str) -> RunFolder:
     storage = resolve_storage_path(location)
     if not is_uri(storage):
         return RunFolder(pyarrow.fs.LocalFileSystem(), storage)
-    from deeplab.checkpoint import _remote_filesystem  # pyarrow's own (s3, gs, file), else fsspec's
+    from deeplab.checkpoint import remote_filesystem  # pyarrow's own (s3, gs, file), else fsspec's
 
-    filesystem, path = _remote_filesystem(storage)
+    filesystem, path = remote_filesystem(storage)
     parts = urlsplit(storage)
     return RunFolder(filesystem, path.rstrip("/"), parts.scheme, parts.query)
 

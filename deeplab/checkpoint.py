@@ -97,7 +97,7 @@ def save_checkpoint(path, model: torch.nn.Module, cfg, **state) -> Path:
     return path
 
 
-def _remote_filesystem(uri: str) -> tuple:
+def remote_filesystem(uri: str) -> tuple:
     """(pyarrow filesystem, path on it), as Ray Train resolves its storage_path: pyarrow's own (s3, gs, hdfs,
     file), else an fsspec one (abfs, memory, ...) wrapped for pyarrow."""
     import pyarrow
@@ -124,14 +124,14 @@ def _delayed_open(uri: str) -> str:
     return urlunsplit(parts._replace(query=urlencode(query + [("allow_delayed_open", "true")])))
 
 
-def _read_remote(uri: str):
+def read_remote(uri: str):
     """An object-store file (s3://, gs://, file://...) read whole through pyarrow's filesystems, the layer the
     cluster reads remote images and run storage with; pyarrow is imported only for such a path."""
 
     import pyarrow.fs
 
     try:
-        fs, where = _remote_filesystem(uri)
+        fs, where = remote_filesystem(uri)
         info = fs.get_file_info(where)
         if info.type == pyarrow.fs.FileType.NotFound:
             raise CheckpointError(f"{uri}: no such file")
@@ -158,7 +158,7 @@ def read_weights_file(path, map_location="cpu", data: Optional[bytes] = None) ->
             raise CheckpointError(f"{path}: empty file")
     elif is_uri(path):
         path = source = str(path)
-        source = _read_remote(path)
+        source = read_remote(path)
     else:
         path = source = Path(path)
         if not path.is_file():

@@ -214,3 +214,11 @@ def test_pyproject_bounds_ray_to_the_minor_version_these_pins_ran_on():
     installed = Version(ray.__version__)
     assert installed in spec
     assert Version(f"{installed.major}.{installed.minor + 1}.0") not in spec
+
+
+def test_outside_a_serve_request_there_is_no_request_id_and_no_serve_running(two_nodes):
+    """Inside a replica serve_request_id names the request in Serve's logs (tests/test_serve_ray.py finds an error
+    by it) and a running Serve's address is checked by cluster.serve's start; here, outside a request and with no
+    Serve started on this cluster, both answer None rather than raise."""
+    assert ray_internals.serve_request_id() is None
+    assert ray_internals.running_serve_address() is None
