@@ -139,22 +139,22 @@ class Output:
                 continue
             if self.local:
                 Path(self.path, rel).unlink(missing_ok=True)
-                continue
-            try:
-                with self._store(rel):
-                    self.folder.filesystem.delete_file(self._key(rel))
-            except FileNotFoundError:
-                pass
+            else:
+                self._delete_on_store(rel, self.folder.filesystem.delete_file)
 
     def remove_folder(self, rel: str) -> None:
         """Delete the folder ``rel`` and everything in it (on S3: batched deletes, and no empty folder marker left,
         as deleting its last object one by one leaves)."""
         if self.local:
             shutil.rmtree(Path(self.path, rel), ignore_errors=True)
-            return
+        else:
+            self._delete_on_store(rel, self.folder.filesystem.delete_dir)
+
+    def _delete_on_store(self, rel: str, delete) -> None:
+        """``delete`` (the store's delete_file or delete_dir) on ``rel``'s key; already gone is fine."""
         try:
             with self._store(rel):
-                self.folder.filesystem.delete_dir(self._key(rel))
+                delete(self._key(rel))
         except FileNotFoundError:
             pass
 
