@@ -20,7 +20,8 @@ from PIL import Image
 ray = pytest.importorskip("ray")
 pytest.importorskip("openvino")
 
-from cluster import infer  # noqa: E402
+from cluster import infer, segment_pipeline  # noqa: E402
+from cluster import serve as serve_module  # noqa: E402
 from cluster.config import SegmentConfig, ServeConfig  # noqa: E402
 from inference_files import SIZES, photo, read_png, reference_predictions, tiny_checkpoint  # noqa: E402
 from ray_nodes import free_port, one_cpu_nodes  # noqa: E402
@@ -89,7 +90,8 @@ def own_copy(models, kind: str, tmp_path) -> Path:
 
 @pytest.fixture
 def ship_then_remove(monkeypatch):
-    """cluster.infer.ship_model as it is, then the model's folder removed: nodes have only what was shipped."""
+    """cluster.infer.ship_model as it is, then the model's folder removed: nodes have only what was shipped
+    (patched in segment's pipeline and in serve, which import it)."""
     ship = infer.ship_model
     shipped_from = []
 
@@ -99,7 +101,8 @@ def ship_then_remove(monkeypatch):
         shipped_from.append(Path(path))
         return handle
 
-    monkeypatch.setattr(infer, "ship_model", ship_and_remove)
+    for consumer in (segment_pipeline, serve_module):  # where the commands' code calls it
+        monkeypatch.setattr(consumer, "ship_model", ship_and_remove)
     return shipped_from
 
 
