@@ -40,3 +40,22 @@ def one_cpu_nodes(count: int, added_nodes_cwd=None):
         os.environ.pop("RAY_ADDRESS", None)
         if saved is not None:
             os.environ["RAY_ADDRESS"] = saved
+
+
+@contextmanager
+def nodes_for_commands(cpus: int, count: int = 1):
+    """``count`` nodes of ``cpus`` CPUs each that commands run in subprocesses join (by ``nodes.address``); this
+    process stays unconnected. Never joins another cluster; the dashboard gets a free port."""
+    from ray.cluster_utils import Cluster
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": cpus, "dashboard_port": free_port()})
+    try:
+        for _ in range(count - 1):
+            nodes.add_node(num_cpus=cpus)
+        nodes.wait_for_nodes()
+        yield nodes
+    finally:
+        nodes.shutdown()
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
-
 from inference_files import image_collection, tiny_checkpoint  # noqa: E402
+from ray_nodes import nodes_for_commands  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,16 +36,8 @@ runpy.run_module("cluster.segment", run_name="__main__", alter_sys=True)
 
 @pytest.fixture(scope="module")
 def cluster():
-    saved = os.environ.pop("RAY_ADDRESS", None)  # never join someone else's cluster
-    from cluster.ray_session import free_port
-
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
-    try:
+    with nodes_for_commands(cpus=2) as nodes:
         yield nodes
-    finally:
-        nodes.shutdown()
-        if saved is not None:
-            os.environ["RAY_ADDRESS"] = saved
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
-
 from cluster.segment_outputs import STALE_TEMP  # noqa: E402
 from inference_files import BAD, image_collection, read_png, reference_predictions, tiny_checkpoint  # noqa: E402
+from ray_nodes import nodes_for_commands  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,18 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def cluster():
-    saved = os.environ.pop("RAY_ADDRESS", None)  # never join someone else's cluster
-    from cluster.ray_session import free_port
-
-    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "dashboard_port": free_port()})
-    nodes.add_node(num_cpus=2)
-    nodes.wait_for_nodes()
-    try:
+    with nodes_for_commands(cpus=2, count=2) as nodes:
         yield nodes
-    finally:
-        nodes.shutdown()
-        if saved is not None:
-            os.environ["RAY_ADDRESS"] = saved
 
 
 @pytest.fixture(scope="module")
