@@ -233,7 +233,8 @@ def _stat(pid: str) -> tuple:
 
 def tree_cpu(root: int) -> dict:
     """CPU seconds used so far by ``root`` and its descendants, by role: the replica(s) (Ray names their
-    processes ServeReplica), Serve's HTTP proxy, and the rest (the serve command, Ray's own processes)."""
+    processes ServeReplica), the ingress ("proxy": Serve's HTTP proxy and HAProxy, whichever serves), and the
+    rest (the serve command, Ray's own processes)."""
     parents, cpu = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -252,7 +253,8 @@ def tree_cpu(root: int) -> dict:
                 name = f.read().decode(errors="replace")
         except OSError:
             continue
-        role = "replica" if "ServeReplica" in name else "proxy" if "ProxyActor" in name else "ray"
+        ingress = "ProxyActor" in name or os.path.basename(name.split("\0", 1)[0]) == "haproxy"
+        role = "replica" if "ServeReplica" in name else "proxy" if ingress else "ray"
         out[role] += cpu.get(pid, 0.0)
     return out
 

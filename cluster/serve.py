@@ -37,6 +37,7 @@ from email.policy import HTTP
 from typing import NoReturn, Optional
 
 import numpy as np
+from PIL import Image
 
 from cluster import ray_internals
 from cluster.config import ServeConfig
@@ -51,7 +52,7 @@ from cluster.infer import (
     ship_model,
     worker_device,
 )
-from cluster.ray_session import init_ray
+from cluster.ray_session import free_port, init_ray
 from cluster.serve_batch import DynamicBatcher, server_timing
 from cluster.serve_stats import ReplicaMetrics, TrafficStats, traffic_line
 from deeplab.cli import UserError, command, error_line, on_interrupt
@@ -62,6 +63,10 @@ from deeplab.predict import prediction_images
 from export.model_file import open_model_file
 
 APP_NAME = "deeplab"
+HAPROXY_WRAPPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "haproxy_loopback.sh")
+INGRESS_KEY = "deeplab_serve_ingress_env"  # the running Serve's replica environment, for a later command's replicas
+INGRESS_NAMES = {"haproxy": "HAProxy ingress", "proxy": "Serve's Python proxy"}
+DRAIN_S = 1  # a stopping replica (Ctrl-C, scale-down) answers this long after HAProxy stops sending it requests
 STATS_FLUSH_S = 0.5  # how often a replica sends the console's traffic figures to the stats actor
 RAW_TYPES = ("application/octet-stream", "")  # and image/*
 USAGE = ("send the image as the raw body with Content-Type: image/jpeg (curl --data-binary @photo.jpg "
@@ -237,11 +242,22 @@ class Replica:
         self.batcher = DynamicBatcher(self._run_call, cfg.max_batch_size, cfg.batch_wait_ms / 1000,
                                       cfg.max_batch_pixels, on_call=self._count_call)
         self.ready = warm_up(self.runner)
+        self._warm_codecs()
         self.info = {**self.runner.info.to_dict(), "max_batch_size": cfg.max_batch_size,
                      "batch_wait_ms": cfg.batch_wait_ms, "max_pixels": image_limit(cfg)[0],
                      "max_batch_pixels": cfg.max_batch_pixels, "max_upload_bytes": self.max_upload_bytes,
                      "request_timeout_s": cfg.request_timeout_s, "read_timeout_s": cfg.read_timeout_s, **self.ready}
         self.info["path"] = os.path.basename(self.info["path"])
+
+    def _warm_codecs(self) -> None:
+        """Decode a small JPEG and encode both answers once at start: the first request otherwise pays the
+        decoders' and encoders' first use (about a second here, docs/serving.md)."""
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (120, 60, 30)).save(buffer, "JPEG")
+        image, _ = self._decode(buffer.getvalue())
+        labels = np.zeros(image.shape[:2], np.uint8)
+        for fmt in ("png", "json"):
+            self._encode(image, labels, fmt, 1, time.perf_counter())
 
     def _run_call(self, inputs: list) -> list:
         """One model call (on the batcher's model thread): normalized images of one size -> label maps."""
@@ -355,13 +371,14 @@ def _deployment_class():
     return serve.deployment(name="SegmentService")(Replica)
 
 
-def deployment_options(cfg: ServeConfig) -> dict:
-    """Replicas (fixed, or autoscaled on requests in flight: one full batch per replica), their resources,
-    room for a full batch plus the next one in each replica, and at most serve.max_queued_requests waiting at
-    the proxy beyond that (more: 503 with Retry-After)."""
+def deployment_options(cfg: ServeConfig, env: Optional[dict] = None) -> dict:
+    """Replicas (fixed, or autoscaled on requests in flight: one full batch per replica), their resources and
+    environment (``env``), room for a full batch plus the next one in each replica, and at most
+    serve.max_queued_requests waiting at the proxy beyond that (more: 503 with Retry-After)."""
     from ray.serve.config import BackpressureConfig
 
-    options = {"ray_actor_options": {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica},
+    actor = {"num_cpus": cfg.cpus_per_replica, "num_gpus": cfg.gpus_per_replica}
+    options = {"ray_actor_options": {**actor, "runtime_env": {"env_vars": env}} if env else actor,
                "max_ongoing_requests": max(8, 2 * cfg.max_batch_size),
                "max_queued_requests": cfg.max_queued_requests,
                "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.retry_after_s)}
@@ -373,12 +390,14 @@ def deployment_options(cfg: ServeConfig) -> dict:
     return options
 
 
-def build_app(model_path, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None):
+def build_app(model_path, cfg: ServeConfig, stats=None, output_stride: Optional[int] = None,
+              env: Optional[dict] = None):
     """The bound Serve application for ``model_path`` (a path or open_model_file's handle; shipped to the
     replicas through the object store);
-    ``stats``: a TrafficStats actor the replicas tell about each request (the console's traffic line)."""
+    ``stats``: a TrafficStats actor the replicas tell about each request (the console's traffic line);
+    ``env``: the replicas' environment for Serve's ingress (start_serve)."""
 
-    deployment = _deployment_class().options(**deployment_options(cfg))
+    deployment = _deployment_class().options(**deployment_options(cfg, env))
     return deployment.bind(ship_model(model_path), cfg, stats, output_stride)
 
 
@@ -405,42 +424,79 @@ class ServeConflict(UserError):
     """Serve already runs on the cluster with other HTTP options: Ray would keep them and serve elsewhere."""
 
 
-def start_serve(cfg: ServeConfig) -> bool:
-    """Start Serve's HTTP proxy on serve.host:serve.port, or join a running Serve bound there; True when this
-    call started it (so only then does the command stop it). A Serve bound elsewhere is refused (ServeConflict):
-    serve.start would ignore the new options, log that, and the endpoint would not be where the user asked."""
+def chosen_ingress(cfg: ServeConfig) -> str:
+    """How HTTP reaches the replicas (serve.ingress). haproxy: Serve's HAProxy ingress forwards each request to the
+    HTTP server of a replica; proxy: Serve's Python HTTP proxy calls the replica as a Ray actor, which then fetches
+    the body from the proxy in another call (about 6 ms of CPU more per request: docs/serving.md). auto: haproxy on
+    a Ray instance this command started (every replica on this machine), else proxy, since a replica on another
+    node answers HAProxy only where serve.host makes it reachable (0.0.0.0)."""
+    if cfg.ingress != "auto":
+        return cfg.ingress
+    return "haproxy" if ray_internals.started_here() else "proxy"
+
+
+def haproxy_env() -> dict:
+    """The environment of Serve's controller (and so of HAProxy's manager) and of the replicas for the HAProxy
+    ingress: Ray's switches; HAProxy started through haproxy_loopback.sh, so its stats and metrics listeners are
+    on 127.0.0.1, each on a free port (two endpoints on one machine do not collide); a stopping replica drains
+    DRAIN_S, not Serve's 30 s; each access line is written when its request ends (the optimized mode holds
+    1000 of them, so the log folder the start line names would lag far behind)."""
+    return {**ray_internals.HAPROXY_INGRESS_SWITCHES,
+            ray_internals.HAPROXY_BINARY_ENV: HAPROXY_WRAPPER, "DEEPLAB_HAPROXY_BINARY": ray_internals.haproxy_binary(),
+            ray_internals.HAPROXY_STATS_PORT_ENV: str(free_port()),
+            ray_internals.HAPROXY_METRICS_PORT_ENV: str(free_port()), ray_internals.DRAIN_ENV: str(DRAIN_S),
+            ray_internals.LOG_BUFFER_ENV: "1"}
+
+
+def start_serve(cfg: ServeConfig) -> tuple:
+    """Start Serve on serve.host:serve.port with the chosen ingress, or join a running Serve bound there; returns
+    (whether this call started it, so only then does the command stop it; the environment our replicas need for
+    that Serve's ingress). A Serve bound elsewhere, or with another ingress than serve.ingress names, is refused
+    (ServeConflict): serve.start would ignore the new options, log that, and the endpoint would not be what the
+    user asked for."""
     from ray import serve
 
     running = ray_internals.running_serve_address()
     if running is None:
-        serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly")
-        return True
+        env = haproxy_env() if chosen_ingress(cfg) == "haproxy" else {}
+        serve.start(http_options={"host": cfg.host, "port": cfg.port}, proxy_location="HeadOnly",
+                    controller_options={"runtime_env": {"env_vars": env}} if env else None)
+        ray_internals.kv_put(INGRESS_KEY, json.dumps(env))
+        return True, env
     if running != (cfg.host, cfg.port):
         host, port = running
         raise ServeConflict(f"Serve already runs on this cluster bound to {host}:{port}, not "
                             f"{cfg.host}:{cfg.port} as asked (serve.host/serve.port): use --host {host} "
                             f"--port {port}, or stop it first (serve shutdown)")
-    return False
+    env = json.loads(ray_internals.kv_get(INGRESS_KEY) or b"{}")
+    ingress = "haproxy" if env else "proxy"
+    if cfg.ingress not in ("auto", ingress):
+        raise ServeConflict(f"Serve already runs on this cluster with the {ingress} ingress, not {cfg.ingress} as "
+                            f"asked (serve.ingress): use --ingress {ingress}, or stop it first (serve shutdown)")
+    return False, env
 
 
 def start(model_path, cfg: ServeConfig, timeout_s: float = 300, stats=None, output_stride: Optional[int] = None
           ) -> tuple:
     """Deploy (Ray must be initialized) and wait until /healthz answers; returns (the local URL, whether this
-    call started Serve itself)."""
+    call started Serve itself, the ingress: haproxy or proxy)."""
     from ray import serve
 
-    started = start_serve(cfg)
-    serve.run(build_app(model_path, cfg, stats, output_stride), name=APP_NAME, route_prefix="/")
+    started, env = start_serve(cfg)
+    serve.run(build_app(model_path, cfg, stats, output_stride, env), name=APP_NAME, route_prefix="/")
     url = local_url(cfg)
     if not wait_healthy(url, timeout_s):
         raise RuntimeError(f"{url}/healthz did not answer within {timeout_s:.0f}s")
-    return url, started
+    return url, started, "haproxy" if env else "proxy"
 
 
 # --------------------------------------------------------------------------------------------------- CLI
 ALIASES = [
     Alias("--host", "serve.host", "address to bind (127.0.0.1: this machine only)"),
     Alias("--port", "serve.port", "HTTP port"),
+    Alias("--ingress", "serve.ingress", "how HTTP reaches a replica: haproxy (Serve's HAProxy, straight to the "
+          "replica's HTTP server), proxy (Serve's Python proxy, an actor call), auto (haproxy on a Ray instance this "
+          "command starts, else proxy)"),
     Alias("--replicas", "serve.replicas", "fixed number of replicas"),
     Alias("--autoscale", "serve.autoscale", "autoscale between MIN and MAX replicas on the requests in flight",
           nargs=2, metavar=("MIN", "MAX")),
@@ -524,14 +580,15 @@ def main(argv=None) -> int:
     quiet_ray_reports(SERVE_SHUTDOWN_NOISE, args.verbose)
     stats = ray.remote(num_cpus=0)(TrafficStats).remote()
     try:
-        url, started = start(model, cfg, stats=stats, output_stride=exp.inference.output_stride)
+        url, started, ingress = start(model, cfg, stats=stats, output_stride=exp.inference.output_stride)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     scale = (f"autoscaling {cfg.autoscale[0]}-{cfg.autoscale[1]} replicas" if cfg.autoscale is not None
              else f"{cfg.replicas} replica{'s' * (cfg.replicas != 1)}")
     print(f"serving {args.model} ({info.backend.split(' ')[0]}, {info.num_classes} classes, output stride "
-          f"{info.output_stride}; {scale}, batches of up to {cfg.max_batch_size}) at {url}: POST /segment, "
+          f"{info.output_stride}; {scale}, batches of up to {cfg.max_batch_size}; {INGRESS_NAMES[ingress]}) at "
+          f"{url}: POST /segment, "
           f"GET /info, GET /healthz, GET /readyz; Ctrl-C stops", flush=True)
     print(where_to_look(), flush=True)
     on_interrupt(f"the endpoint at {url} stopped ("
@@ -542,6 +599,7 @@ def main(argv=None) -> int:
     finally:
         if started:
             serve.shutdown()
+            ray_internals.kv_put(INGRESS_KEY, "{}")  # no Serve runs: a later one is not ours until we start it
         else:  # Serve was running before: only this command's application goes
             serve.delete(APP_NAME)
 

@@ -222,3 +222,29 @@ def test_outside_a_serve_request_there_is_no_request_id_and_no_serve_running(two
     Serve started on this cluster, both answer None rather than raise."""
     assert ray_internals.serve_request_id() is None
     assert ray_internals.running_serve_address() is None
+
+
+def test_a_driver_that_joined_a_cluster_did_not_start_it(two_nodes):
+    """cluster.serve's serve.ingress=auto picks HAProxy only on a Ray instance the command started: this driver
+    joined cluster_utils' head, so it did not (the started case runs in tests/test_serve_haproxy.py)."""
+    assert ray_internals.started_here() is False
+
+
+def test_serve_reads_the_haproxy_ingress_settings_cluster_serve_gives_it():
+    """The environment names cluster.serve sets for the HAProxy ingress are settings of the installed Serve, the
+    config Serve renders binds the stats page and the metrics where cluster/haproxy_loopback.sh rewrites them
+    (`bind *:PORT`, `bind :PORT`), Serve starts the binary as `BINARY -db -f CONFIG`, and the bundled binary runs."""
+    import inspect
+    import subprocess
+
+    from ray.serve._private import constants, haproxy, haproxy_templates
+
+    for name in [*ray_internals.HAPROXY_INGRESS_SWITCHES, ray_internals.HAPROXY_BINARY_ENV,
+                 ray_internals.HAPROXY_STATS_PORT_ENV, ray_internals.HAPROXY_METRICS_PORT_ENV, ray_internals.DRAIN_ENV,
+                 ray_internals.LOG_BUFFER_ENV]:
+        assert hasattr(constants, name) and f'"{name}"' in inspect.getsource(constants), name
+    template = haproxy_templates.HAPROXY_CONFIG_TEMPLATE
+    assert "bind *:{{ config.stats_port }}" in template and "bind :{{ config.metrics_port }}" in template
+    assert 'args = [haproxy_bin, "-db", "-f", self.config_file_path]' in inspect.getsource(haproxy)
+    version = subprocess.run([ray_internals.haproxy_binary(), "-v"], capture_output=True, text=True, timeout=30)
+    assert version.returncode == 0 and "HAProxy" in version.stdout

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.slow
 SIDE = 64
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
+@pytest.fixture(scope="module", params=["proxy", "haproxy"])
+def env(request, tmp_path_factory):
+    """A one-node cluster this process joins, served through each ingress in turn (serve.ingress; auto would be
+    proxy here: the test did not start the cluster from this process)."""
     import os
 
     from cluster.ray_session import free_port
@@ -34,6 +36,7 @@ def env(tmp_path_factory):
     ray.init(address=nodes.address)
     try:
         yield {"ckpt": tiny_checkpoint(tmp_path_factory.mktemp("limits") / "tiny.ckpt"), "port": http_port,
+               "ingress": request.param,
                "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
     finally:
         from ray import serve
@@ -49,7 +52,7 @@ def deploy(env, **options):
     from cluster.config import ServeConfig
     from cluster.serve import start
 
-    cfg = ServeConfig(port=env["port"], **{"batch_wait_ms": 50, **options})
+    cfg = ServeConfig(port=env["port"], ingress=env["ingress"], **{"batch_wait_ms": 50, **options})
     start(env["ckpt"], cfg, timeout_s=120)
     return cfg
 
@@ -132,8 +135,8 @@ def test_metrics_and_the_pixel_budget(env):
 
 
 def test_overload_64_requests_against_a_queue_of_16_get_200_or_503_and_none_hangs(env):
-    """One replica holds 16 requests (two batches of 8), the proxy queues 16 more; the rest are told 503 with
-    Retry-After at once. A 1 s batch wait keeps the replica busy while all 64 arrive."""
+    """One replica holds 16 requests (two batches of 8), 16 more queue (at Serve's proxy, or at the replica behind
+    HAProxy); the rest are told 503 with Retry-After at once. A 1 s batch wait keeps the replica busy while all 64 arrive."""
     deploy(env, max_queued_requests=16, max_batch_size=8, batch_wait_ms=1000, request_timeout_s=60, retry_after_s=2)
     body = jpeg_bytes(photo((SIDE, SIDE), seed=1))
     answers = concurrently(64, lambda i: request(env, "POST", "/segment", body, timeout=90))

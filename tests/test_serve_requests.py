@@ -54,6 +54,7 @@ def test_replicas_or_autoscaling_from_the_flags():
     (["MODEL", "--autoscale", "3", "1"], "serve.autoscale=[3, 1]"),
     (["MODEL", "--replicas", "0"], "serve.replicas=0 must be >= 1"),
     (["MODEL", "--port", "70000"], "serve.port=70000"),
+    (["MODEL", "--ingress", "nginx"], "serve.ingress='nginx' is unknown; allowed: auto, haproxy, proxy"),
     (["MODEL", "--max-batch-size", "0"], "serve.max_batch_size=0"),
     (["MODEL", "--max-batch-size", "eight"], "serve.max_batch_size='eight' must be an integer"),
     (["MODEL", "--replicas", "2", "--autoscale", "1", "3"], "set one"),
