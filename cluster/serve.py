@@ -429,10 +429,11 @@ def chosen_ingress(cfg: ServeConfig) -> str:
     HTTP server of a replica; proxy: Serve's Python HTTP proxy calls the replica as a Ray actor, which then fetches
     the body from the proxy in another call (about 6 ms of CPU more per request: docs/serving.md). auto: haproxy on
     a Ray instance this command started (every replica on this machine), else proxy, since a replica on another
-    node answers HAProxy only where serve.host makes it reachable (0.0.0.0)."""
+    node answers HAProxy only where serve.host makes it reachable (0.0.0.0); proxy too where there is no HAProxy
+    binary (ray[serve] ships one on Linux only)."""
     if cfg.ingress != "auto":
         return cfg.ingress
-    return "haproxy" if ray_internals.started_here() else "proxy"
+    return "haproxy" if ray_internals.started_here() and ray_internals.haproxy_binary() else "proxy"
 
 
 def haproxy_env() -> dict:
@@ -441,8 +442,12 @@ def haproxy_env() -> dict:
     on 127.0.0.1, each on a free port (two endpoints on one machine do not collide); a stopping replica drains
     DRAIN_S, not Serve's 30 s; each access line is written when its request ends (the optimized mode holds
     1000 of them, so the log folder the start line names would lag far behind)."""
+    binary = ray_internals.haproxy_binary()
+    if binary is None:
+        raise UserError("serve.ingress=haproxy: no HAProxy binary here (ray[serve] ships one on Linux; elsewhere put "
+                        "haproxy on PATH), or use --ingress proxy")
     return {**ray_internals.HAPROXY_INGRESS_SWITCHES,
-            ray_internals.HAPROXY_BINARY_ENV: HAPROXY_WRAPPER, "DEEPLAB_HAPROXY_BINARY": ray_internals.haproxy_binary(),
+            ray_internals.HAPROXY_BINARY_ENV: HAPROXY_WRAPPER, "DEEPLAB_HAPROXY_BINARY": binary,
             ray_internals.HAPROXY_STATS_PORT_ENV: str(free_port()),
             ray_internals.HAPROXY_METRICS_PORT_ENV: str(free_port()), ray_internals.DRAIN_ENV: str(DRAIN_S),
             ray_internals.LOG_BUFFER_ENV: "1"}

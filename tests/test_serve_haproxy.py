@@ -165,3 +165,18 @@ def test_the_wrapper_moves_the_listeners_bound_everywhere_to_loopback_and_keeps_
     done = subprocess.run([str(WRAPPER), "-c", "-f", str(config)], env={k: v for k, v in env.items()
                           if k != "DEEPLAB_HAPROXY_BINARY"}, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "DEEPLAB_HAPROXY_BINARY" in done.stderr
+
+
+def test_without_a_haproxy_binary_auto_serves_through_the_proxy_and_asking_for_haproxy_is_one_line():
+    """Where Ray finds no HAProxy (ray[serve] ships one on Linux only; here Ray is pointed at a missing one),
+    serve.ingress=auto falls back to Serve's proxy and the HAProxy environment refuses in one line."""
+    code = ("import ray\nfrom cluster import ray_internals\nfrom cluster.config import ServeConfig\n"
+            "from cluster.serve import chosen_ingress, haproxy_env\nassert ray_internals.haproxy_binary() is None\n"
+            "ray.init(num_cpus=1, include_dashboard=False)\nassert ray_internals.started_here()\n"
+            "assert chosen_ingress(ServeConfig()) == 'proxy', chosen_ingress(ServeConfig())\nray.shutdown()\n"
+            "try:\n    haproxy_env()\nexcept Exception as e:\n    print(type(e).__name__, e)\n")
+    env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": "/nonexistent/haproxy", "RAY_ADDRESS": "local"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("UserError serve.ingress=haproxy: no HAProxy binary here"), done.stdout

@@ -136,7 +136,8 @@ def test_metrics_and_the_pixel_budget(env):
 
 def test_overload_64_requests_against_a_queue_of_16_get_200_or_503_and_none_hangs(env):
     """One replica holds 16 requests (two batches of 8), 16 more queue (at Serve's proxy, or at the replica behind
-    HAProxy); the rest are told 503 with Retry-After at once. A 1 s batch wait keeps the replica busy while all 64 arrive."""
+    HAProxy); the rest are told 503 with Retry-After at once. A 1 s batch wait keeps the replica busy while all 64
+    arrive."""
     deploy(env, max_queued_requests=16, max_batch_size=8, batch_wait_ms=1000, request_timeout_s=60, retry_after_s=2)
     body = jpeg_bytes(photo((SIDE, SIDE), seed=1))
     answers = concurrently(64, lambda i: request(env, "POST", "/segment", body, timeout=90))
