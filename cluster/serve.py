@@ -1,4 +1,5 @@
-"""python -m cluster.serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas N | --autoscale MIN MAX] [--verbose]
+"""python -m cluster.serve MODEL [--host 127.0.0.1] [--port 8000] [--replicas N | --autoscale MIN MAX]
+                         [--ingress auto|haproxy|proxy] [--verbose]
 
 A Ray Serve HTTP endpoint for a model file (.ckpt, .onnx FP32/FP16/INT8, OpenVINO IR .xml + .bin, TensorRT
 engine + sidecar; every file of it is shipped to the replicas' nodes):
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -428,12 +430,22 @@ def chosen_ingress(cfg: ServeConfig) -> str:
     """How HTTP reaches the replicas (serve.ingress). haproxy: Serve's HAProxy ingress forwards each request to the
     HTTP server of a replica; proxy: Serve's Python HTTP proxy calls the replica as a Ray actor, which then fetches
     the body from the proxy in another call (about 6 ms of CPU more per request: docs/serving.md). auto: haproxy on
-    a Ray instance this command started (every replica on this machine), else proxy, since a replica on another
-    node answers HAProxy only where serve.host makes it reachable (0.0.0.0); proxy too where there is no HAProxy
-    binary (ray[serve] ships one on Linux only)."""
+    a Ray instance this command started (every replica on this machine) serving on loopback, else proxy: a
+    replica's own HTTP server binds serve.host too, so on 0.0.0.0 its port (30000-31000) would be open beside the
+    one asked for, and a replica on another node answers HAProxy only where serve.host makes it reachable; proxy
+    too where there is no HAProxy binary (ray[serve] ships one on Linux only)."""
     if cfg.ingress != "auto":
         return cfg.ingress
-    return "haproxy" if ray_internals.started_here() and ray_internals.haproxy_binary() else "proxy"
+    here = ray_internals.started_here() and is_loopback(cfg.host)
+    return "haproxy" if here and ray_internals.haproxy_binary() else "proxy"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether serve.host is this machine's loopback (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def haproxy_env() -> dict:
@@ -501,7 +513,7 @@ ALIASES = [
     Alias("--port", "serve.port", "HTTP port"),
     Alias("--ingress", "serve.ingress", "how HTTP reaches a replica: haproxy (Serve's HAProxy, straight to the "
           "replica's HTTP server), proxy (Serve's Python proxy, an actor call), auto (haproxy on a Ray instance this "
-          "command starts, else proxy)"),
+          "command starts serving on loopback, else proxy)"),
     Alias("--replicas", "serve.replicas", "fixed number of replicas"),
     Alias("--autoscale", "serve.autoscale", "autoscale between MIN and MAX replicas on the requests in flight",
           nargs=2, metavar=("MIN", "MAX")),

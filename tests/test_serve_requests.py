@@ -49,6 +49,13 @@ def test_replicas_or_autoscaling_from_the_flags():
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 16}
 
 
+def test_only_a_loopback_endpoint_counts_as_loopback_for_the_ingress_choice():
+    for host in ("127.0.0.1", "127.0.1.1", "::1", "[::1]", "localhost"):
+        assert serve.is_loopback(host), host
+    for host in ("0.0.0.0", "::", "192.0.2.2", "head.example", ""):
+        assert not serve.is_loopback(host), host
+
+
 @pytest.mark.parametrize("args, message", [
     (["missing.onnx"], "missing.onnx: no such model file"),
     (["MODEL", "--autoscale", "3", "1"], "serve.autoscale=[3, 1]"),
