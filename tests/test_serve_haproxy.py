@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -53,15 +52,9 @@ def endpoint(collection):
                "--set", f"serve.stats_interval_s={http_tests.STATS_INTERVAL_S}"]
     # RAY_ADDRESS=local: a Ray instance of its own even where `ray start` recorded a cluster on this machine
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": "local"}
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    proc, lines = http_tests.serve_command(command, env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while not any(line.startswith("serving ") for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start:\n" + "".join(lines[-40:])
-            time.sleep(0.5)
+        http_tests.wait_for_the_serving_line(proc, lines)
         yield "127.0.0.1", port, lines, proc
     finally:
         if proc.poll() is None:

@@ -41,6 +41,22 @@ def serve_controllers(address) -> list:
         ray.shutdown()
 
 
+def serve_command(command: list, env: dict, **popen) -> tuple:
+    """(process, the list its console lines are appended to as they come) of a started `cluster.serve`."""
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            **popen)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def wait_for_the_serving_line(proc, lines, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(line.startswith("serving ") for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "serve did not start:\n" + "".join(lines[-40:])
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def collection(tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve")
@@ -63,15 +79,9 @@ def endpoint(collection):
     command = [sys.executable, "-m", "cluster.serve", str(collection["ckpt"]), "--port", str(port), "--replicas", "2",
                "--batch-wait-ms", "300", "--max-batch-size", "8", "--set", f"serve.max_pixels={MAX_PIXELS}",
                "--set", f"cluster.address={nodes.address}", "--set", f"serve.stats_interval_s={STATS_INTERVAL_S}"]
-    proc = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines = []
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    proc, lines = serve_command(command, {**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.monotonic() + 300
-        while not any(line.startswith("serving ") for line in lines):
-            assert proc.poll() is None and time.monotonic() < deadline, "serve did not start:\n" + "".join(lines[-40:])
-            time.sleep(0.5)
+        wait_for_the_serving_line(proc, lines)
         yield "127.0.0.1", port, lines, nodes.address
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, "".join(lines[-40:])
