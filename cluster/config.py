@@ -119,7 +119,7 @@ class ServeConfig(Section):
     read_timeout_s: float = 10.0  # to receive an upload's body; slower: 408 and the slot is freed
     stats_interval_s: float = 60.0  # the console's traffic line (requests, latency, batch size, errors)
     metrics_port: Optional[int] = None  # Prometheus /metrics of a local Ray instance (None: Ray picks one)
-    ingress: str = "auto"  # haproxy | proxy | auto: haproxy on a Ray instance the command starts, else proxy
+    ingress: str = "auto"  # haproxy | proxy | auto: haproxy on a Ray the command starts, on loopback; else proxy
 
     def check_values(self) -> None:
         self._need(bool(self.host), "host", "must be an address to bind, e.g. 127.0.0.1")
