@@ -4,13 +4,12 @@ Ray has no public call for a few things the commands need: the cluster ``ray sta
 this driver's session folder, the hook through which Ray prints what its cluster reports, the base class of Ray
 Train's errors, ``ray up``'s offline validation, a key-value store in the GCS, which node is the head, the id
 of the request a Serve replica is handling, where a running Serve listens, whether this process started its
-cluster, and the settings of Serve's HAProxy ingress. They live in ``ray._private``,
-``ray.*._internal``, ``ray.autoscaler._private`` and underscored ``ray.serve.context`` functions and may change
-in any Ray release,
-so they are called here and nowhere else: each function's docstring says what the project relies on, and
-tests/test_ray_internals.py pins each of those behaviours against the installed Ray (pyproject.toml bounds
-``ray`` to the minor versions tested). Functions that a command can do without answer None where Ray has moved
-the private API; the others raise.
+cluster, the settings of Serve's HAProxy ingress, and which of Ray Data's threads outlive an iteration. They
+live in ``ray._private``, ``ray.*._internal``, ``ray.autoscaler._private`` and underscored ``ray.serve.context``
+functions and may change in any Ray release, so they are called here and nowhere else: each function's
+docstring says what the project relies on, and tests/test_ray_internals.py pins each of those behaviours
+against the installed Ray (pyproject.toml bounds ``ray`` to the minor versions tested). Functions that a
+command can do without answer None where Ray has moved the private API; the others raise.
 """
 from __future__ import annotations
 
@@ -183,6 +182,14 @@ def running_serve_address() -> Optional[tuple]:
 
     client = _get_global_client(raise_if_no_controller_running=False)
     return None if client is None else (client.http_config.host, client.http_config.port)
+
+
+# Ray Data's threads in a driver that stay when an iteration ends early (``close()`` on its iterator), and do not
+# touch Ray's core worker after it: the block prefetcher (WaitBlockPrefetcher) parks on a condition for the life
+# of the process and calls Ray only when the iterator hands it blocks, which an ended iterator never does; the
+# usage poller (started on Ray Data's first run where Ray's usage stats are on) queries Prometheus over HTTP
+# every 10 s until the process ends. Every other thread an iteration starts ends.
+RAY_DATA_PARKED_THREADS = ("Prefetcher", "data-usage-metrics-poller")
 
 
 # Ray Serve's HAProxy ingress (Ray >= 2.55): HAProxy takes Serve's HTTP port and forwards each request to the HTTP

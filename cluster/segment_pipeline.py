@@ -10,6 +10,7 @@ import io
 import json
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
@@ -20,6 +21,7 @@ from PIL import Image
 
 from cluster.config import SegmentConfig
 from cluster.infer import class_pixels, open_model, predict_labels, set_threads, ship_model, worker_device
+from cluster.ray_internals import RAY_DATA_PARKED_THREADS
 from cluster.segment_inputs import InputSet
 from cluster.segment_outputs import (
     Output,
@@ -289,8 +291,10 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     ds = build_dataset(todo, inputs.filesystem, shipped, output, cfg, inference or InferenceConfig())
     wanted, actors, first_results = {i.uri for i in todo}, [], 0.0
     bar = Progress(len(todo), "segment", interval=cfg.progress_interval_s, redraw=False)  # lines: Ray's console
+    threads_before = set(threading.enumerate())
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for batch in batches:
             actors += [json.loads(a) for a in batch.get("startup", ()) if a]
             records = [json.loads(r) for r in batch["record"]]
             records = [r for r in records if r["path"] in wanted]  # a re-executed block is counted once
@@ -304,6 +308,9 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
             summary.count(records)
             bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed")
             _say_kept(summary, output)
+    except BaseException:
+        stop_pipeline(batches, threads_before)
+        raise
     finally:
         summary.seconds = time.perf_counter() - start
         manifest.close()
@@ -318,6 +325,21 @@ def _say_kept(summary: Summary, output: Output) -> None:
     kept = summary.skipped + summary.ok
     on_interrupt(f"{kept} of {summary.total} images segmented in {output} (manifest.jsonl); the same command "
                  f"skips them and segments the other {summary.total - kept}")
+
+
+def stop_pipeline(batches, threads_before: set, timeout: float = 10.0) -> None:
+    """After a stop or an error mid-run: shut Ray Data's executor down and wait (at most ``timeout``) for the
+    driver threads it started to end, before anyone shuts Ray down. A thread still inside a Ray call when
+    ``ray.shutdown`` removes the core worker makes Ray end the whole process at once, with exit 1 and no line
+    ("The core worker has already been shutdown ... The process will exit")."""
+    try:
+        batches.close()  # the iterator's ``finally`` shuts the executor down and tells its threads to stop
+    except Exception:  # the run is ending anyway: what stopped it is what the user sees
+        pass
+    deadline = time.monotonic() + timeout
+    for thread in set(threading.enumerate()) - threads_before:
+        if thread.name not in RAY_DATA_PARKED_THREADS:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def stop_actors(output: Output) -> None:

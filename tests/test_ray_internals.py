@@ -230,6 +230,27 @@ def test_a_driver_that_joined_a_cluster_did_not_start_it(two_nodes):
     assert ray_internals.started_here() is False
 
 
+def test_an_iteration_closed_early_leaves_only_the_parked_prefetcher_among_ray_datas_driver_threads(two_nodes):
+    """cluster.segment, stopped mid-run, closes its Ray Data iterator and waits for the threads it started before
+    ray.shutdown (a thread inside a Ray call then would end the process with exit 1): every one of them ends,
+    except those named RAY_DATA_PARKED_THREADS; the prefetcher among them is there and stays parked."""
+    import threading
+
+    import ray.data
+
+    before = set(threading.enumerate())
+    ds = ray.data.range(64, override_num_blocks=16).map_batches(lambda batch: batch, batch_size=4)
+    batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    next(batches)
+    started = set(threading.enumerate()) - before
+    batches.close()
+    parked = [t for t in started if t.name in ray_internals.RAY_DATA_PARKED_THREADS]
+    assert _wait_for(lambda: all(not t.is_alive() for t in started if t not in parked)), \
+        sorted(t.name for t in started if t.is_alive())
+    prefetchers = [t for t in parked if t.name == "Prefetcher"]
+    assert prefetchers and all(t.is_alive() for t in prefetchers), sorted(t.name for t in started)
+
+
 def test_serve_reads_the_haproxy_ingress_settings_cluster_serve_gives_it():
     """The environment names cluster.serve sets for the HAProxy ingress are settings of the installed Serve, the
     config Serve renders binds the stats page and the metrics where cluster/haproxy_loopback.sh rewrites them
