@@ -465,12 +465,13 @@ def haproxy_env() -> dict:
             ray_internals.LOG_BUFFER_ENV: "1"}
 
 
-def start_serve(cfg: ServeConfig) -> tuple:
+def start_serve(cfg: ServeConfig, replace: bool = True) -> tuple:
     """Start Serve on serve.host:serve.port with the chosen ingress, or join a running Serve bound there; returns
     (whether this call started it, so only then does the command stop it; the environment our replicas need for
     that Serve's ingress). A Serve bound elsewhere, or with another ingress than serve.ingress names, is refused
     (ServeConflict): serve.start would ignore the new options, log that, and the endpoint would not be what the
-    user asked for."""
+    user asked for. Without ``replace``, so is a Serve that already serves this project's application: deploying
+    would take another command's endpoint over, and that command's Ctrl-C would then remove this one's."""
     from ray import serve
 
     running = ray_internals.running_serve_address()
@@ -490,16 +491,21 @@ def start_serve(cfg: ServeConfig) -> tuple:
     if cfg.ingress not in ("auto", ingress):
         raise ServeConflict(f"Serve already runs on this cluster with the {ingress} ingress, not {cfg.ingress} as "
                             f"asked (serve.ingress): use --ingress {ingress}, or stop it first (serve shutdown)")
+    if not replace and APP_NAME in serve.status().applications:
+        raise ServeConflict(f"Serve on this cluster already serves application {APP_NAME} at {cfg.host}:{cfg.port} "
+                            f"(another cluster.serve command): stop that command first (its Ctrl-C removes it), or "
+                            f"remove the application (serve shutdown)")
     return False, env
 
 
-def start(model_path, cfg: ServeConfig, timeout_s: float = 300, stats=None, output_stride: Optional[int] = None
-          ) -> tuple:
+def start(model_path, cfg: ServeConfig, timeout_s: float = 300, stats=None, output_stride: Optional[int] = None,
+          replace: bool = True) -> tuple:
     """Deploy (Ray must be initialized) and wait until /healthz answers; returns (the local URL, whether this
-    call started Serve itself, the ingress: haproxy or proxy)."""
+    call started Serve itself, the ingress: haproxy or proxy). ``replace``: deploy over this project's application
+    where it already runs (a new model or options in place); the command refuses that instead (start_serve)."""
     from ray import serve
 
-    started, env = start_serve(cfg)
+    started, env = start_serve(cfg, replace)
     serve.run(build_app(model_path, cfg, stats, output_stride, env), name=APP_NAME, route_prefix="/")
     url = local_url(cfg)
     if not wait_healthy(url, timeout_s):
@@ -597,7 +603,8 @@ def main(argv=None) -> int:
     quiet_ray_reports(SERVE_SHUTDOWN_NOISE, args.verbose)
     stats = ray.remote(num_cpus=0)(TrafficStats).remote()
     try:
-        url, started, ingress = start(model, cfg, stats=stats, output_stride=exp.inference.output_stride)
+        url, started, ingress = start(model, cfg, stats=stats, output_stride=exp.inference.output_stride,
+                                      replace=False)
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -263,7 +263,8 @@ def test_endpoint_binds_loopback_only(endpoint):
 def test_a_second_serve_with_other_http_options_is_refused_in_one_line_and_the_first_keeps_serving(endpoint):
     """Serve already runs bound to the first port: Ray would ignore a new port and keep the old proxy, so the
     command refuses in one line and prints no URL; the same for another ingress than the running Serve's (this
-    cluster was joined, so auto chose Serve's proxy); the running endpoint is left alone."""
+    cluster was joined, so auto chose Serve's proxy), and for the same endpoint while the first command serves
+    there (it would take that command's endpoint over); the running endpoint is left alone."""
     from cluster.ray_session import free_port
 
     other = free_port()
@@ -286,6 +287,15 @@ def test_a_second_serve_with_other_http_options_is_refused_in_one_line_and_the_f
     assert done.returncode == 2 and err[-1].startswith("error: Serve already runs on this cluster with the proxy "
                                                        "ingress, not haproxy"), done.stderr[-2000:]
     assert request(endpoint, "GET", "/healthz")[0] == 200
+    info = request(endpoint, "GET", "/info")
+    done = subprocess.run([sys.executable, "-m", "cluster.serve", model, "--port", str(endpoint[1]),
+                           "--max-batch-size", "2", "--set", f"cluster.address={endpoint[3]}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and err[-1].startswith(f"error: Serve on this cluster already serves application "
+                                                       f"deeplab at 127.0.0.1:{endpoint[1]}"), done.stderr[-2000:]
+    assert "http://" not in done.stdout and "serving" not in done.stdout
+    assert request(endpoint, "GET", "/info") == info  # max_batch_size 8 still: the first command's deployment
 
 
 def test_the_console_keeps_a_traffic_line_and_the_access_lines_go_to_the_log_files(endpoint, collection):
