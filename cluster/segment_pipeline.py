@@ -260,8 +260,6 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
     model (claim_output): another model's OUTPUT is refused unless ``overwrite``. ``inference``: the output
     stride and overlay alpha (default: the model's own stride, alpha 0.5). ``model_path``: a path, or
     open_model_file's handle (claimed and shipped from the bytes it read)."""
-    import ray.data
-
     output = as_output(out_dir)
     output.make()
     manifest = open_manifest(output)
@@ -280,11 +278,7 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
         manifest.close()
         return summary
     _say_kept(summary, output)
-    cfg = replace(cfg, workers=size_pool(cfg, ray.cluster_resources(), log))
-    log(f"{cfg.workers} model actor{'s' * (cfg.workers != 1)} ({cfg.cpus_per_worker:g} CPU"
-        f"{f', {cfg.gpus_per_worker:g} GPU' if cfg.gpus_per_worker else ''} each), batches of {cfg.batch_size}")
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # our one line every few seconds instead of Ray Data's bars
+    cfg = _pool_for_this_cluster(cfg, log)
     start, epoch = time.perf_counter(), time.time()
     shipped = ship_model(model_path)
     summary.startup["ship model"] = time.perf_counter() - start
@@ -317,6 +311,18 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
         remove_stale_temps(output)
     bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed", final=True)
     return summary
+
+
+def _pool_for_this_cluster(cfg: SegmentConfig, log) -> SegmentConfig:
+    """segment.workers sized to the cluster's resources (size_pool), said in one line; Ray Data's progress bars
+    off (the command prints its own line every few seconds)."""
+    import ray.data
+
+    cfg = replace(cfg, workers=size_pool(cfg, ray.cluster_resources(), log))
+    log(f"{cfg.workers} model actor{'s' * (cfg.workers != 1)} ({cfg.cpus_per_worker:g} CPU"
+        f"{f', {cfg.gpus_per_worker:g} GPU' if cfg.gpus_per_worker else ''} each), batches of {cfg.batch_size}")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return cfg
 
 
 def _say_kept(summary: Summary, output: Output) -> None:
