@@ -4,12 +4,13 @@ Ray has no public call for a few things the commands need: the cluster ``ray sta
 this driver's session folder, the hook through which Ray prints what its cluster reports, the base class of Ray
 Train's errors, ``ray up``'s offline validation, a key-value store in the GCS, which node is the head, the id
 of the request a Serve replica is handling, where a running Serve listens, whether this process started its
-cluster, the settings of Serve's HAProxy ingress, and which of Ray Data's threads outlive an iteration. They
-live in ``ray._private``, ``ray.*._internal``, ``ray.autoscaler._private`` and underscored ``ray.serve.context``
-functions and may change in any Ray release, so they are called here and nowhere else: each function's
-docstring says what the project relies on, and tests/test_ray_internals.py pins each of those behaviours
-against the installed Ray (pyproject.toml bounds ``ray`` to the minor versions tested). Functions that a
-command can do without answer None where Ray has moved the private API; the others raise.
+cluster, the settings of Serve's HAProxy ingress, which of Ray Data's threads outlive an iteration, and how a
+driver sends this machine's token. They live in ``ray._private``, ``ray.*._internal``,
+``ray.autoscaler._private`` and underscored ``ray.serve.context`` functions and may change in any Ray release,
+so they are called here and nowhere else: each function's docstring says what the project relies on, and
+tests/test_ray_internals.py pins each of those behaviours against the installed Ray (pyproject.toml bounds
+``ray`` to the minor versions tested). Functions that a command can do without answer None where Ray has moved
+the private API; the others raise.
 """
 from __future__ import annotations
 
@@ -25,6 +26,29 @@ def recorded_cluster_address() -> Optional[str]:
     from ray._private.services import find_bootstrap_address
 
     return find_bootstrap_address(None)
+
+
+def send_this_machines_token() -> bool:
+    """Before joining a running cluster: send this machine's Ray token where one exists (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset; returns whether the token is sent. Ray
+    2.60's ``ray start --head`` turns token authentication on whenever a token exists (one is written by the
+    first local ``ray.init``), but ``ray.init(address=...)`` sends it only with RAY_AUTH_MODE=token: a driver
+    on that machine is refused ("InvalidAuthToken") for a minute, then fails. A cluster without authentication
+    ignores the token. Relies on: ``maybe_enable_token_auth_if_token_available`` in
+    ``ray._private.authentication.authentication_token_setup`` (what ``ray start`` calls: it sets
+    RAY_AUTH_MODE=token for this process and reloads Ray's config), whose "enabled for this cluster" warning,
+    meant for a head, is not shown."""
+    import logging
+
+    from ray._private.authentication import authentication_token_setup as setup
+
+    log = logging.getLogger(setup.__name__)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return setup.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    finally:
+        log.setLevel(level)
 
 
 def _global_node():

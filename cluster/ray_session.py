@@ -10,7 +10,7 @@ import socket
 from typing import Optional
 
 from cluster import ray_internals
-from deeplab.cli import keeps_stop_signals
+from deeplab.cli import UserError, error_line, keeps_stop_signals
 from deeplab.config import ExperimentConfig
 
 
@@ -32,6 +32,24 @@ def _recorded_cluster() -> Optional[str]:
     folder), or None. Not ``ray.init(address="auto")``: that joins *any* Ray instance it sees running here,
     another user's local one too. Ray has no public call for this record."""
     return ray_internals.recorded_cluster_address()
+
+
+class ClusterUnreachable(UserError):
+    """cluster.address / RAY_ADDRESS names a cluster this process cannot join (not running, another address, a
+    port closed between the machines)."""
+
+
+def _check_answers(address: str, named: str, timeout_s: float = 10.0) -> None:
+    """A ``HOST:PORT`` address that nothing answers on fails here in one line: ``ray.init`` would retry for
+    minutes, printing a warning a second. Other forms (``auto``, ``ray://``) are left to Ray."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "/" in host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterUnreachable(f"cannot join the Ray cluster at {address} ({named}): nothing answers there "
+                                 f"({e.strerror or e}); is it running, and is the port open from here?") from None
 
 
 # Ray's raylet ends a worker process idle for 1 s while there are more worker processes than CPUs (each new
@@ -60,9 +78,17 @@ def init_ray(cfg: ExperimentConfig, local: bool = False, num_cpus: Optional[int]
     if local:  # its processes must not follow RAY_ADDRESS to another cluster
         os.environ.pop("RAY_ADDRESS", None)
     elif cfg.cluster.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=cfg.cluster.address or os.environ["RAY_ADDRESS"], **kwargs)
+        address = cfg.cluster.address or os.environ["RAY_ADDRESS"]
+        named = "cluster.address" if cfg.cluster.address else "RAY_ADDRESS"
+        _check_answers(address, named)
+        ray_internals.send_this_machines_token()
+        try:
+            ray.init(address=address, **kwargs)
+        except ConnectionError as e:
+            raise ClusterUnreachable(f"cannot join the Ray cluster at {address} ({named}): {error_line(e)}") from None
         return
     elif _recorded_cluster():
+        ray_internals.send_this_machines_token()
         try:
             ray.init(address=_recorded_cluster(), **kwargs)
             return

@@ -269,3 +269,24 @@ def test_serve_reads_the_haproxy_ingress_settings_cluster_serve_gives_it():
     assert 'args = [haproxy_bin, "-db", "-f", self.config_file_path]' in inspect.getsource(haproxy)
     version = subprocess.run([ray_internals.haproxy_binary(), "-v"], capture_output=True, text=True, timeout=30)
     assert version.returncode == 0 and "HAProxy" in version.stdout
+
+
+@pytest.mark.parametrize("token, mode, expected", [(None, None, "False None"), ("a1b2c3", None, "True token"),
+                                                   ("a1b2c3", "disabled", "False disabled")])
+def test_a_driver_sends_this_machines_token_only_where_one_exists_and_the_mode_is_unset(tmp_path, token, mode,
+                                                                                          expected):
+    """cluster.ray_session joins a `ray start` head (which turns authentication on whenever a token exists) with
+    send_this_machines_token: RAY_AUTH_MODE becomes token exactly when a token exists and the user set no mode
+    (tests/test_ray_join.py joins such a head). A fresh interpreter: the call changes the process's Ray config."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_AUTH", "RAY_ADDRESS"))}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token there
+    env.update({"RAY_AUTH_TOKEN": token} if token else {}, **({"RAY_AUTH_MODE": mode} if mode else {}))
+    done = subprocess.run([sys.executable, "-c", "import os; from cluster import ray_internals; "
+                           "print(ray_internals.send_this_machines_token(), os.environ.get('RAY_AUTH_MODE'))"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == expected
+    assert "Token authentication is enabled for this Ray cluster" not in done.stderr  # a head's warning, not ours
