@@ -14,6 +14,7 @@ the private API; the others raise.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional
 
 
@@ -38,8 +39,6 @@ def send_this_machines_token() -> bool:
     ``ray._private.authentication.authentication_token_setup`` (what ``ray start`` calls: it sets
     RAY_AUTH_MODE=token for this process and reloads Ray's config), whose "enabled for this cluster" warning,
     meant for a head, is not shown."""
-    import logging
-
     from ray._private.authentication import authentication_token_setup as setup
 
     log = logging.getLogger(setup.__name__)
