@@ -91,9 +91,14 @@ def test_a_local_start_keeps_idle_workers_and_the_callers_system_config(monkeypa
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
     init_ray(load_config(None), local=True, _system_config={"metrics_report_interval_ms": 1000})
     assert calls[0]["_system_config"] == {"kill_idle_workers_interval_ms": 0, "metrics_report_interval_ms": 1000}
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
-    init_ray(load_config(None))
-    assert calls[1]["address"] == "127.0.0.1:6379" and "_system_config" not in calls[1]
+    with socket.socket() as listening:  # something answers there: init_ray checks that before ray.init
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's choice: this process's Ray config stays as is
+        init_ray(load_config(None))
+    assert calls[1]["address"] == address and "_system_config" not in calls[1]
 
 
 def _idle_workers_survive(ray, meeting: Path) -> None:
