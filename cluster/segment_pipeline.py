@@ -34,7 +34,7 @@ from cluster.segment_outputs import (
     remove_stale_temps,
     split_done,
 )
-from deeplab.cli import error_line, on_interrupt
+from deeplab.cli import error_line, on_interrupt, stops_held
 from deeplab.config import InferenceConfig
 from deeplab.data import DatasetError, palette_for_classes, read_image, read_mask
 from deeplab.predict import (
@@ -298,10 +298,11 @@ def segment(model_path, inputs: InputSet, out_dir, cfg: SegmentConfig, log=print
                 first_results = time.time()
             if summary.first_count and actors and "actor start" not in summary.startup:  # may come after them
                 summary.startup.update(startup_phases(epoch + summary.startup["ship model"], first_results, actors))
-            manifest.append(records)
-            summary.count(records)
+            with stops_held():  # the stop line counts exactly the records the manifest keeps
+                manifest.append(records)
+                summary.count(records)
+                _say_kept(summary, output)
             bar.update(done=summary.ok + summary.failed, note=f"{summary.failed} failed")
-            _say_kept(summary, output)
     except BaseException:
         stop_pipeline(batches, threads_before)
         raise

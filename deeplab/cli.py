@@ -9,6 +9,7 @@ traceback; Ctrl-C (SIGINT) and SIGTERM become one line saying what was kept and 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import signal
@@ -48,15 +49,31 @@ _received = [None]  # the stop signal that came: a KeyboardInterrupt raised insi
 # plain one (Ray's C++ wait checks for signals and raises its own), without the Stopped's signum
 
 
+_holding = [0]  # how many stops_held blocks the main thread is in
+
+
+@contextlib.contextmanager
+def stops_held():
+    """A stop that comes inside the block is raised when it ends: for a write and the on_interrupt line that
+    counts it, which must agree (a stop between them would say one image less than the manifest keeps)."""
+    _holding[0] += 1
+    try:
+        yield
+    finally:
+        _holding[0] -= 1
+    _deliver_lost_stop()
+
+
 def _raise_stopped(signum, _frame):
     _received[0] = signum
-    raise Stopped(signum)
+    if not _holding[0]:
+        raise Stopped(signum)
 
 
 def _deliver_lost_stop() -> None:
-    """Raise a stop received earlier whose ``Stopped`` Python dropped; never inside an ``except`` block, where
-    the stop being handled is that one."""
-    if _received[0] is not None and sys.exc_info()[0] is None:
+    """Raise a stop received earlier whose ``Stopped`` Python dropped, or that came inside ``stops_held``; never
+    inside an ``except`` block, where the stop being handled is that one, nor inside ``stops_held``."""
+    if _received[0] is not None and not _holding[0] and sys.exc_info()[0] is None:
         raise Stopped(_received[0])
 
 
@@ -151,7 +168,7 @@ def command(main):
 
     @functools.wraps(main)
     def run(argv=None) -> int:
-        _interrupt_note[0], _received[0] = NOTHING_LOST, None
+        _interrupt_note[0], _received[0], _holding[0] = NOTHING_LOST, None, 0
         replaced, unraisable = answer_stop_signals(), sys.unraisablehook
         sys.unraisablehook = _quiet_lost_stop(unraisable)
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cli import command, on_interrupt
+from .cli import command, on_interrupt, stops_held
 from .config import ALPHA_ALIAS, INFERENCE_ALIASES, add_config_args
 from .data import DatasetError, read_image
 from .fileio import atomic_path, ensure_dir
@@ -90,6 +90,11 @@ def names_and_palette(exp, num_classes: int) -> tuple:
     return [f"class_{i}" for i in range(num_classes)], voc_palette(num_classes)
 
 
+def _say_written(written: int, total: int, out_dir) -> None:
+    on_interrupt(f"the PNGs of {written} of {total} images are in {out_dir} (each file whole); the same command "
+                 "writes them all again")
+
+
 def predict_files(predict, images, output, names, palette, alpha: float = 0.5) -> int:
     """The PNGs of every image (files, or folders of them) into the folder `output`, with a progress bar and a
     line per image; an unreadable image is one error line and the exit code 1, the others are still written."""
@@ -99,11 +104,10 @@ def predict_files(predict, images, output, names, palette, alpha: float = 0.5) -
     if not files:
         raise DatasetError(f"{', '.join(images)}: no images found")
     out_dir = ensure_dir(output)
-    failures, used = 0, set()
+    failures, written, used = 0, 0, set()
     bar = Progress(len(files), "predict", enabled=len(files) > 1)
-    for done, path in enumerate(files):
-        on_interrupt(f"the PNGs of {done - failures} of {len(files)} images are in {out_dir} (each file whole); the "
-                     "same command writes them all again")
+    _say_written(written, len(files), out_dir)
+    for path in files:
         try:
             image = read_image(path)
         except DatasetError as e:
@@ -116,7 +120,10 @@ def predict_files(predict, images, output, names, palette, alpha: float = 0.5) -
             name += "_"
         used.add(name)
         labels = predict(normalize(image)[None]).argmax(1)[0].cpu().numpy()
-        paths = write_prediction(out_dir, name, image, labels, palette, alpha)
+        with stops_held():  # the stop line counts exactly the files written
+            paths = write_prediction(out_dir, name, image, labels, palette, alpha)
+            written += 1
+            _say_written(written, len(files), out_dir)
         counts = np.bincount(labels.ravel(), minlength=len(names))
         found = ", ".join(f"{names[k]} {100 * counts[k] / labels.size:.0f}%" for k in np.argsort(-counts)
                           if counts[k])

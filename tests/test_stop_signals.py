@@ -2,11 +2,12 @@
 ``Stopped`` only into "Exception ignored ...", and the command would run to its end. The next ``on_interrupt``
 (every long command calls it as it goes) delivers it."""
 import gc
+import os
 import signal
 
 import pytest
 
-from deeplab.cli import _raise_stopped, command, keeps_stop_signals, on_interrupt
+from deeplab.cli import _raise_stopped, command, keeps_stop_signals, on_interrupt, stops_held
 
 # the dropped exception is the point of these tests: pytest reports it as a warning
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -89,3 +90,41 @@ def test_a_stop_lost_while_a_library_starts_is_delivered_when_it_returns(capsys)
 
     assert main() == 130 and steps == []
     assert capsys.readouterr().err.splitlines() == ["interrupted (SIGINT): OUT is as it was"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_inside_stops_held_comes_when_the_block_ends_with_the_line_the_block_set(sig, capsys):
+    """cluster.segment appends records to the manifest and then says how many it keeps: a stop between the two
+    once said one image less than the manifest kept (CI). A real signal to this process inside the block; the
+    block finishes, and its line is the one printed."""
+    steps = []
+
+    @command
+    def main(argv=None) -> int:
+        on_interrupt("3 of 9 images kept")
+        with stops_held():
+            os.kill(os.getpid(), sig)  # the handler runs here, before the next line: held, not raised
+            steps.append("record 4 written")
+            on_interrupt("4 of 9 images kept")  # a progress point inside the block does not raise either
+            steps.append("line says 4")
+        steps.append("after the block")
+        return 0
+
+    assert main() == 128 + sig
+    assert steps == ["record 4 written", "line says 4"]
+    assert capsys.readouterr().err.splitlines() == [f"interrupted ({signal.Signals(sig).name}): 4 of 9 images kept"]
+
+
+def test_outside_stops_held_a_stop_is_raised_at_once_and_an_error_in_the_block_is_not_hidden():
+    steps = []
+
+    @command
+    def main(argv=None) -> int:
+        with pytest.raises(ZeroDivisionError):
+            with stops_held():
+                raise ZeroDivisionError("a bug in the block")
+        os.kill(os.getpid(), signal.SIGINT)
+        steps.append("ran on")
+        return 0
+
+    assert main() == 130 and steps == []
