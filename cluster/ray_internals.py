@@ -34,7 +34,7 @@ def send_this_machines_token() -> bool:
     RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) and RAY_AUTH_MODE is unset; returns whether the token is sent. Ray
     2.60's ``ray start --head`` turns token authentication on whenever a token exists (one is written by the
     first local ``ray.init``), but ``ray.init(address=...)`` sends it only with RAY_AUTH_MODE=token: a driver
-    on that machine is refused ("InvalidAuthToken") for a minute, then fails. A cluster without authentication
+    on that machine is refused ("InvalidAuthToken", retried once a second), then fails. A cluster without authentication
     ignores the token. Relies on: ``maybe_enable_token_auth_if_token_available`` in
     ``ray._private.authentication.authentication_token_setup`` (what ``ray start`` calls: it sets
     RAY_AUTH_MODE=token for this process and reloads Ray's config), whose "enabled for this cluster" warning,
