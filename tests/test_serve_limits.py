@@ -4,6 +4,7 @@ agent, the pixel budget per model call, 64 concurrent requests against a queue o
 slow uploads losing their slot (408), a request over its timeout (504), and readiness after the warm-up."""
 import http.client
 import json
+import select
 import threading
 import time
 import urllib.request
@@ -151,7 +152,8 @@ def test_overload_64_requests_against_a_queue_of_16_get_200_or_503_and_none_hang
 
 
 def slow_upload(env, size: int, seconds: float) -> tuple:
-    """Headers promising ``size`` bytes, then one byte a second; (status, body, seconds) of the answer."""
+    """Headers promising ``size`` bytes, then one byte a second until the server answers (at most ``seconds``
+    bytes); (status, body, seconds) of the answer."""
     conn = http.client.HTTPConnection("127.0.0.1", env["port"], timeout=60)
     start = time.monotonic()
     try:
@@ -164,7 +166,8 @@ def slow_upload(env, size: int, seconds: float) -> tuple:
                 conn.send(b"\xff")
             except OSError:
                 break
-            time.sleep(1)
+            if select.select([conn.sock], [], [], 1)[0]:  # answered (or closed): no need to dribble on
+                break
         r = conn.getresponse()
         return r.status, r.read().decode(), time.monotonic() - start
     finally:
