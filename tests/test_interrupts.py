@@ -8,6 +8,7 @@ uninterrupted run's. The default console also leaves out the Ray lines a user ca
 --verbose)."""
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -30,6 +31,7 @@ from inference_files import photo, read_png
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = 48
+PREDICT_IMAGES = 500  # deeplab.predict: one image after another in the command's own process
 # start the command with SIGINT ignored, as `cmd &` in a script does; exec keeps the ignored disposition
 IGNORING_SIGINT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
                    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
@@ -274,6 +276,30 @@ def test_evaluate_stopped_while_evaluating(files, tmp_path):
     assert run.interrupted_line(signal.SIGINT) == (f"no results written ({out} is as it was); the same command "
                                                    "evaluates again from the first image")
     assert not out.exists() and temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_predict_stopped_mid_folder_counts_exactly_the_images_whose_pngs_are_there(files, tmp_path, sig):
+    """The line's count is the images with all three PNGs in OUT (written and counted in one stops_held block),
+    none with only some of them, no temporary file; a stop lands anywhere in the loop."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(PREDICT_IMAGES):  # enough that the command is still working when it is stopped
+        Image.fromarray(photo((48, 64), seed=i)).save(photos / f"p{i:03d}.png")
+    out = tmp_path / "out"
+    run = Command("-m", "deeplab.predict", files["ckpt"], photos, "-o", out)
+    run.wait_for(r"p\d{3}\.png -> ")
+    time.sleep(random.uniform(0, 0.3))  # anywhere in an image's read, model, writes or line
+    assert run.stop(sig) == expected_code(sig), run.output[-4000:]
+    kept = re.fullmatch(rf"the PNGs of (\d+) of {PREDICT_IMAGES} images are in {re.escape(str(out))} \(each file "
+                        r"whole\); the same command writes them all again", run.interrupted_line(sig))
+    assert kept, run.interrupted_line(sig)
+    stems = {}
+    for png in out.glob("*.png"):
+        stem = png.name.removesuffix(".png").removesuffix("_color").removesuffix("_overlay")
+        stems[stem] = stems.get(stem, 0) + 1
+    assert set(stems.values()) <= {3}, stems  # all three or none
+    assert 0 < int(kept[1]) == len(stems) < PREDICT_IMAGES and temp_files(out) == []
 
 
 # ------------------------------------------------------------------------------------------------ cluster.serve
